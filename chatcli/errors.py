@@ -1,0 +1,117 @@
+"""One exception tree for chatcli, and the one table that maps it to exit statuses.
+
+    ChatcliError
+    ├── ProtocolError                 a frame or a value breaks the protocol
+    │   ├── LocalProtocolError        we tried to build or send something invalid (our bug or bad usage)
+    │   └── RemoteProtocolError       the peer sent something invalid; carries a stable ``code``
+    │       ├── UnknownFrameType      a well-formed frame of a type we don't know (newer peer)
+    │       └── InvalidUserId         a user id outside the documented charset/length
+    └── ClientError                   what a client command can end with; each has an exit status
+        ├── UsageError                2  bad arguments or input (empty message, no TEXT on a terminal)
+        ├── ConnectError              3  cannot reach the server, or it went away
+        ├── AuthError                 4  the server refused our credentials
+        ├── RefusedError              5  the server refused a message (reason in ``reason``)
+        └── TimedOutError             6  nothing happened in time
+
+Command code raises these and never handles them; ``exit_status_for`` is the only
+place that turns an exception into an exit status (as HTTPie does).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitStatus(IntEnum):
+    """Exit statuses of the client commands; the README has the same table."""
+
+    SUCCESS = 0
+    ERROR = 1
+    USAGE = 2
+    CONNECT = 3
+    AUTH = 4
+    REFUSED = 5
+    TIMEOUT = 6
+    INTERRUPTED = 130
+
+
+class ChatcliError(Exception):
+    """Root of every exception chatcli raises on purpose."""
+
+
+class ProtocolError(ChatcliError):
+    """A frame or value does not follow the protocol."""
+
+    code = "bad-frame"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to build or encode something the protocol forbids."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids."""
+
+
+class UnknownFrameType(RemoteProtocolError):
+    """A well-formed frame whose type this version does not know."""
+
+    code = "unknown-type"
+
+
+class InvalidUserId(RemoteProtocolError):
+    """A user id outside the documented charset or length."""
+
+    code = "bad-user-id"
+
+
+class ClientError(ChatcliError):
+    """An outcome of a client command that has its own exit status."""
+
+    exit_status = ExitStatus.ERROR
+
+
+class UsageError(ClientError):
+    exit_status = ExitStatus.USAGE
+
+
+class ConnectError(ClientError):
+    exit_status = ExitStatus.CONNECT
+
+
+class AuthError(ClientError):
+    exit_status = ExitStatus.AUTH
+
+
+class RefusedError(ClientError):
+    """The server refused a message; ``reason`` is its stable refusal code."""
+
+    exit_status = ExitStatus.REFUSED
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TimedOutError(ClientError):
+    exit_status = ExitStatus.TIMEOUT
+
+
+def exit_status_for(exc: BaseException) -> ExitStatus:
+    """The single mapping from an exception to a process exit status."""
+    if isinstance(exc, KeyboardInterrupt):
+        return ExitStatus.INTERRUPTED
+    if isinstance(exc, ClientError):
+        return exc.exit_status
+    if isinstance(exc, LocalProtocolError):
+        return ExitStatus.USAGE
+    return ExitStatus.ERROR

@@ -1,0 +1,487 @@
+"""The chatcli wire protocols, sans I/O: parse, validate and encode frames.
+
+Two protocols share one WebSocket port:
+
+* ``chatcli.v1`` (negotiated as the WebSocket subprotocol): JSON text frames,
+  one object each, with a ``type`` field. Typed, frozen frame objects below.
+* the seed's legacy frames, spoken by unchanged clients of the old Flutter app
+  (they offer no subprotocol): single-quoted pseudo-JSON with raw, unescaped
+  text, and bare acknowledgements such as ``send:success``.
+
+Nothing here touches a socket or an event loop; the server and every client
+feed text in and get text out. ``docs/protocol.md`` describes both protocols
+with an example of every frame.
+
+Compatibility rules of ``chatcli.v1`` (so later features need no v2): unknown
+fields are ignored, unknown frame types are answered with an ``unknown-type``
+error without closing the session, and new capabilities are announced in the
+server's ``hello`` under ``features``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final, NamedTuple
+from urllib.parse import parse_qsl, unquote
+
+from chatcli.errors import InvalidUserId, LocalProtocolError, RemoteProtocolError, UnknownFrameType
+
+PROTOCOL_VERSION: Final = 1
+SUBPROTOCOL: Final = "chatcli.v1"
+DEFAULT_MAX_TEXT_BYTES: Final = 64 * 1024
+#: Room for the JSON envelope around a maximal text; frames beyond it are closed with 1009.
+FRAME_OVERHEAD_BYTES: Final = 4 * 1024
+CLIENT_ID_MAX_LEN: Final = 128
+
+
+class Status:
+    """Values of an ack's ``status``."""
+
+    DELIVERED: Final = "delivered"  # handed to at least one open session of the recipient
+    STORED: Final = "stored"  # kept for a recipient who is offline (durable servers)
+    REFUSED: Final = "refused"  # not accepted; ``reason`` says why
+
+    ALL: ClassVar[frozenset[str]] = frozenset({"delivered", "stored", "refused"})
+
+
+class Reason:
+    """Stable codes of a refused ack's ``reason``."""
+
+    OFFLINE: Final = "offline"  # recipient has no open session and the server stores nothing
+    TOO_LARGE: Final = "too-large"
+    EMPTY: Final = "empty"
+    BAD_AUTH: Final = "bad-auth"
+    BAD_RECIPIENT: Final = "bad-recipient"
+    RATE_LIMITED: Final = "rate-limited"
+
+
+class ErrorCode:
+    """Stable codes of the ``error`` frame."""
+
+    BAD_JSON: Final = "bad-json"
+    BAD_FRAME: Final = "bad-frame"
+    UNKNOWN_TYPE: Final = "unknown-type"
+    BINARY_UNSUPPORTED: Final = "binary-unsupported"
+
+
+# ---------------------------------------------------------------------------
+# Values: user ids, texts, timestamps
+# ---------------------------------------------------------------------------
+
+USER_ID_MAX_LEN: Final = 64
+USER_ID_RULE: Final = "1-64 characters from A-Z a-z 0-9 . _ - @, starting with a letter or digit"
+_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+
+
+def is_valid_user_id(value: object) -> bool:
+    return isinstance(value, str) and _USER_ID.match(value) is not None
+
+
+def check_user_id(value: object) -> str:
+    """Return ``value`` if it is a valid user id, else raise ``LocalProtocolError``."""
+    if not is_valid_user_id(value):
+        raise LocalProtocolError(f"invalid user id {value!r}: use {USER_ID_RULE}")
+    return value  # type: ignore[return-value]
+
+
+def parse_user_path(target: str) -> tuple[str, dict[str, str]]:
+    """Split a WebSocket request target into the user id and the query parameters.
+
+    The id is the path without its leading ``/``, percent-decoded; the query
+    string is reserved for credentials and is never part of the id.
+    """
+    path, _, query = target.partition("?")
+    raw = path[1:] if path.startswith("/") else path
+    user = unquote(raw, errors="strict") if "%" in raw else raw
+    if not user:
+        raise InvalidUserId(f"no user id in the URL: connect to /<your-id>, with {USER_ID_RULE}")
+    if not is_valid_user_id(user):
+        raise InvalidUserId(f"invalid user id {user[:80]!r}: use {USER_ID_RULE}")
+    return user, dict(parse_qsl(query)) if query else {}
+
+
+def text_size(text: str) -> int:
+    """Size of a text in bytes as UTF-8, the unit of every text limit."""
+    # A character is at most 4 bytes: skip the encoding when even that fits.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_text(text: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> str | None:
+    """The refusal reason for a message text, or ``None`` when it is acceptable."""
+    if not text:
+        return Reason.EMPTY
+    if len(text) > max_bytes or (len(text) * 4 > max_bytes and text_size(text) > max_bytes):
+        return Reason.TOO_LARGE
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings with lone surrogates (JSON ``\\ud800`` escapes), which are not Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def format_ts(epoch_seconds: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-25T19:34:47.123Z``."""
+    moment = datetime.fromtimestamp(epoch_seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_ts(value: str) -> float:
+    """Epoch seconds of an ISO 8601 timestamp with a zone (``Z`` or an offset)."""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (ValueError, AttributeError) as exc:
+        raise LocalProtocolError(f"invalid timestamp {value!r}") from exc
+    if moment.tzinfo is None:
+        raise LocalProtocolError(f"timestamp without a zone: {value!r}")
+    return moment.timestamp()
+
+
+# ---------------------------------------------------------------------------
+# chatcli.v1: frame objects
+# ---------------------------------------------------------------------------
+
+
+def _require_str(name: str, value: object, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise LocalProtocolError(f"{name} must be a {'' if allow_empty else 'non-empty '}string")
+    return value
+
+
+def _require_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise LocalProtocolError(f"{name} must be a non-negative integer")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Server → client, first frame of a native session."""
+
+    TYPE: ClassVar[str] = "hello"
+    user: str
+    session: str
+    server: str
+    protocol: int = PROTOCOL_VERSION
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    features: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_user_id(self.user)
+        _require_str("session", self.session)
+        _require_str("server", self.server)
+        _require_int("protocol", self.protocol)
+        _require_int("max_text_bytes", self.max_text_bytes)
+        if not isinstance(self.features, tuple) or not all(isinstance(f, str) for f in self.features):
+            raise LocalProtocolError("features must be strings")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "protocol": self.protocol,
+            "server": self.server,
+            "user": self.user,
+            "session": self.session,
+            "max_text_bytes": self.max_text_bytes,
+            "features": list(self.features),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Client → server: send ``text`` to user ``to``; ``id`` is chosen by the client and echoed in the ack."""
+
+    TYPE: ClassVar[str] = "send"
+    id: str
+    to: str
+    text: str
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        if len(self.id) > CLIENT_ID_MAX_LEN or not self.id.isprintable():
+            raise LocalProtocolError(f"id must be at most {CLIENT_ID_MAX_LEN} printable characters")
+        check_user_id(self.to)
+        _require_str("text", self.text, allow_empty=True)
+        if not _is_unicode(self.text):
+            raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id, "to": self.to, "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Server → client: the outcome of a ``send``, matched by the client's ``id``."""
+
+    TYPE: ClassVar[str] = "ack"
+    id: str
+    status: str
+    msg_id: int | None = None
+    reason: str | None = None
+    ts: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        if self.status not in Status.ALL:
+            raise LocalProtocolError(f"status must be one of {sorted(Status.ALL)}")
+        if self.status == Status.REFUSED:
+            _require_str("reason", self.reason)
+        elif self.msg_id is None:
+            raise LocalProtocolError("an accepted ack needs msg_id")
+        if self.msg_id is not None:
+            _require_int("msg_id", self.msg_id)
+        if self.ts is not None:
+            _require_str("ts", self.ts)
+
+    @property
+    def accepted(self) -> bool:
+        return self.status != Status.REFUSED
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "status": self.status}
+        if self.msg_id is not None:
+            out["msg_id"] = self.msg_id
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.ts is not None:
+            out["ts"] = self.ts
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Server → client: a message for this user; ``id`` is the server's, increasing (a cursor)."""
+
+    TYPE: ClassVar[str] = "message"
+    id: int
+    sender: str  # "from" on the wire
+    to: str
+    text: str
+    ts: str
+
+    def __post_init__(self) -> None:
+        _require_int("id", self.id)
+        check_user_id(self.sender)
+        check_user_id(self.to)
+        _require_str("text", self.text)
+        _require_str("ts", self.ts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id, "from": self.sender, "to": self.to, "text": self.text,
+                "ts": self.ts}
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Server → client: a frame could not be handled; the session stays open."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require_str("code", self.code)
+        _require_str("message", self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "code": self.code, "message": self.message}
+        out.update(self.details)
+        return out
+
+
+ClientFrame = Send
+ServerFrame = Hello | Ack | Message | Error
+Frame = ClientFrame | ServerFrame
+
+
+def encode(frame: Frame) -> str:
+    """The JSON text of a native frame."""
+    return json.dumps(frame.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+def _load_object(data: str | bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"not JSON: {exc}", ErrorCode.BAD_JSON) from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("a frame must be a JSON object", ErrorCode.BAD_FRAME)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise RemoteProtocolError("a frame needs a string 'type'", ErrorCode.BAD_FRAME)
+    return obj
+
+
+def _build(cls: Callable[..., Frame], **fields: Any) -> Frame:
+    """Build a frame from peer data, turning a validation failure into the peer's fault."""
+    try:
+        return cls(**fields)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"invalid {getattr(cls, 'TYPE', 'frame')} frame: {exc}",
+                                  ErrorCode.BAD_FRAME) from None
+
+
+def _parse_send(obj: dict[str, Any]) -> Frame:
+    return _build(Send, id=obj.get("id"), to=obj.get("to"), text=obj.get("text"))
+
+
+def _parse_hello(obj: dict[str, Any]) -> Frame:
+    features = obj.get("features", [])
+    return _build(Hello, user=obj.get("user"), session=obj.get("session"), server=obj.get("server"),
+                  protocol=obj.get("protocol"), max_text_bytes=obj.get("max_text_bytes", DEFAULT_MAX_TEXT_BYTES),
+                  features=tuple(features) if isinstance(features, list) else None)
+
+
+def _parse_ack(obj: dict[str, Any]) -> Frame:
+    return _build(Ack, id=obj.get("id"), status=obj.get("status"), msg_id=obj.get("msg_id"),
+                  reason=obj.get("reason"), ts=obj.get("ts"))
+
+
+def _parse_message(obj: dict[str, Any]) -> Frame:
+    return _build(Message, id=obj.get("id"), sender=obj.get("from"), to=obj.get("to"), text=obj.get("text"),
+                  ts=obj.get("ts"))
+
+
+def _parse_error(obj: dict[str, Any]) -> Frame:
+    details = {k: v for k, v in obj.items() if k not in ("type", "code", "message")}
+    return _build(Error, code=obj.get("code"), message=obj.get("message"), details=details)
+
+
+_CLIENT_PARSERS: Final = {"send": _parse_send}
+_SERVER_PARSERS: Final = {"hello": _parse_hello, "ack": _parse_ack, "message": _parse_message,
+                          "error": _parse_error}
+
+
+def parse_client_frame(data: str | bytes) -> ClientFrame:
+    """Parse a frame a client sent. Raises ``RemoteProtocolError`` (``UnknownFrameType`` for new types)."""
+    obj = _load_object(data)
+    parser = _CLIENT_PARSERS.get(obj["type"])
+    if parser is None:
+        raise UnknownFrameType(f"unknown frame type {obj['type'][:40]!r}")
+    return parser(obj)  # type: ignore[return-value]
+
+
+def parse_server_frame(data: str | bytes) -> ServerFrame:
+    """Parse a frame the server sent. Clients skip ``UnknownFrameType``: it comes from a newer server."""
+    obj = _load_object(data)
+    parser = _SERVER_PARSERS.get(obj["type"])
+    if parser is None:
+        raise UnknownFrameType(f"unknown frame type {obj['type'][:40]!r}")
+    return parser(obj)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------
+# The seed's legacy frames
+# ---------------------------------------------------------------------------
+
+LEGACY_CONNECTED: Final = "connected"
+LEGACY_SEND_SUCCESS: Final = "send:success"
+LEGACY_SEND_ERROR: Final = "send:error"
+#: The seed's shared key, the default so that unchanged apps keep working.
+DEFAULT_AUTH_KEY: Final = "addauthkeyifrequired"
+
+
+class LegacyCommand(NamedTuple):
+    """A command from a seed client, as sent. A NamedTuple: built once per message on the hot path.
+
+    ``userid`` is the RECIPIENT of a ``send``. Fields the frame lacked are ``None``.
+    """
+
+    cmd: str
+    auth: str | None
+    userid: str | None
+    msgtext: str | None
+
+
+# The Flutter app's template, with the text inserted raw: everything between
+# 'msgtext':' and the final '} is the text, whatever quotes or keys it holds.
+_LEGACY_TEMPLATE = re.compile(
+    r"\{\s*'auth'\s*:\s*'([^']*)'\s*,\s*'cmd'\s*:\s*'([^']*)'\s*,\s*'userid'\s*:\s*'([^']*)'\s*,"
+    r"\s*'msgtext'\s*:\s*'(.*)'\s*\}\s*\Z",
+    re.DOTALL,
+)
+
+
+def parse_legacy_frame(data: str) -> LegacyCommand:
+    """Parse a seed client's frame: the Flutter template, then strict JSON, then the quote-replaced form."""
+    match = _LEGACY_TEMPLATE.match(data)
+    if match is not None:
+        auth, cmd, userid, text = match.groups()
+        return LegacyCommand(cmd, auth, userid, text)
+    for candidate in (data, data.replace("'", '"')):
+        try:
+            obj = json.loads(candidate)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            return _legacy_from_object(obj)
+    raise RemoteProtocolError("not a seed frame: expected {'auth':…,'cmd':…,'userid':…,'msgtext':…}",
+                              ErrorCode.BAD_FRAME)
+
+
+def _legacy_from_object(obj: dict[str, Any]) -> LegacyCommand:
+    values = [obj.get(key) for key in ("cmd", "auth", "userid", "msgtext")]
+    if not isinstance(values[0], str) or not all(v is None or isinstance(v, str) for v in values):
+        raise RemoteProtocolError("seed frame fields must be strings", ErrorCode.BAD_FRAME)
+    return LegacyCommand(*values)
+
+
+_LEGACY_CMD = re.compile(r"[A-Za-z0-9_.-]{0,32}\Z")
+
+
+def legacy_error(cmd: str) -> str:
+    """The ``<cmd>:error`` ack; a cmd that is not a plain word is answered as ``send:error``."""
+    return f"{cmd}:error" if _LEGACY_CMD.match(cmd) else LEGACY_SEND_ERROR
+
+
+_LEGACY_NEEDS_ESCAPE = re.compile(r"['\"\\\x00-\x1f\x7f\u2028\u2029]")
+
+
+def encode_legacy_message(sender: str, text: str) -> str:
+    """The frame that delivers ``text`` from ``sender`` to a seed client.
+
+    The app checks the frame starts with ``{'cmd'``, replaces every ``'`` with
+    ``"`` and decodes strict JSON, reading ``userid`` as the author. So the text
+    is JSON-escaped with its apostrophes as ``\\u0027``: after the app's
+    replacement it decodes to exactly the original text.
+    """
+    if _LEGACY_NEEDS_ESCAPE.search(text) is not None:
+        text = json.dumps(text, ensure_ascii=False)[1:-1].replace("'", "\\u0027")
+    return "{'cmd':'send','userid':'" + sender + "', 'msgtext':'" + text + "'}"
+
+
+def encode_legacy_send(to: str, text: str, auth: str = DEFAULT_AUTH_KEY) -> str:
+    """The frame the Flutter app sends: its template with the text inserted raw."""
+    return "{'auth':'" + auth + "','cmd':'send','userid':'" + to + "', 'msgtext':'" + text + "'}"
+
+
+def decode_legacy_message(data: str) -> tuple[str, str] | None:
+    """What the Flutter app reads from a frame: ``(author, text)``, or ``None`` for a non-message frame.
+
+    Mirrors the app exactly (prefix check, quote replacement, strict JSON), so
+    tests can prove the app would display what was sent. Raises
+    ``RemoteProtocolError`` where the app would throw.
+    """
+    if data in (LEGACY_CONNECTED, LEGACY_SEND_SUCCESS, LEGACY_SEND_ERROR):
+        return None
+    if len(data) < 6:
+        raise RemoteProtocolError(f"frame {data!r} is shorter than 6 characters: the app throws on it")
+    if not data.startswith("{'cmd'"):
+        return None
+    try:
+        obj = json.loads(data.replace("'", '"'))
+    except ValueError as exc:
+        raise RemoteProtocolError(f"the app cannot decode this frame: {exc}") from None
+    author, text = obj.get("userid"), obj.get("msgtext")
+    if not isinstance(author, str) or not isinstance(text, str):
+        raise RemoteProtocolError("the app needs string userid and msgtext")
+    return author, text
