@@ -96,7 +96,10 @@ def parse_user_path(target: str) -> tuple[str, dict[str, str]]:
     """
     path, _, query = target.partition("?")
     raw = path[1:] if path.startswith("/") else path
-    user = unquote(raw, errors="strict") if "%" in raw else raw
+    try:
+        user = unquote(raw, errors="strict") if "%" in raw else raw
+    except UnicodeDecodeError:  # e.g. /%ff: the bytes are not UTF-8, so no id could match
+        raise InvalidUserId(f"invalid user id {raw[:80]!r}: use {USER_ID_RULE}") from None
     if not user:
         raise InvalidUserId(f"no user id in the URL: connect to /<your-id>, with {USER_ID_RULE}")
     if not is_valid_user_id(user):
@@ -238,6 +241,8 @@ class Ack:
             raise LocalProtocolError("an accepted ack needs msg_id")
         if self.msg_id is not None:
             _require_int("msg_id", self.msg_id)
+        if self.reason is not None:
+            _require_str("reason", self.reason)
         if self.ts is not None:
             _require_str("ts", self.ts)
 
@@ -272,11 +277,16 @@ class Message:
         check_user_id(self.sender)
         check_user_id(self.to)
         _require_str("text", self.text)
+        if not _is_unicode(self.text):
+            raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
         _require_str("ts", self.ts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "id": self.id, "from": self.sender, "to": self.to, "text": self.text,
                 "ts": self.ts}
+
+
+_ERROR_FIELDS: Final = frozenset({"type", "code", "message"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +301,8 @@ class Error:
     def __post_init__(self) -> None:
         _require_str("code", self.code)
         _require_str("message", self.message)
+        if not _ERROR_FIELDS.isdisjoint(self.details):  # details must not forge the frame's own fields
+            raise LocalProtocolError(f"details must not contain {sorted(_ERROR_FIELDS)}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "code": self.code, "message": self.message}
@@ -337,7 +349,8 @@ def _parse_send(obj: dict[str, Any]) -> Frame:
 def _parse_hello(obj: dict[str, Any]) -> Frame:
     features = obj.get("features", [])
     return _build(Hello, user=obj.get("user"), session=obj.get("session"), server=obj.get("server"),
-                  protocol=obj.get("protocol"), max_text_bytes=obj.get("max_text_bytes", DEFAULT_MAX_TEXT_BYTES),
+                  protocol=obj.get("protocol"),
+                  max_text_bytes=obj.get("max_text_bytes", DEFAULT_MAX_TEXT_BYTES),
                   features=tuple(features) if isinstance(features, list) else None)
 
 
@@ -352,7 +365,7 @@ def _parse_message(obj: dict[str, Any]) -> Frame:
 
 
 def _parse_error(obj: dict[str, Any]) -> Frame:
-    details = {k: v for k, v in obj.items() if k not in ("type", "code", "message")}
+    details = {k: v for k, v in obj.items() if k not in _ERROR_FIELDS}
     return _build(Error, code=obj.get("code"), message=obj.get("message"), details=details)
 
 
@@ -429,10 +442,10 @@ def parse_legacy_frame(data: str) -> LegacyCommand:
 
 
 def _legacy_from_object(obj: dict[str, Any]) -> LegacyCommand:
-    values = [obj.get(key) for key in ("cmd", "auth", "userid", "msgtext")]
-    if not isinstance(values[0], str) or not all(v is None or isinstance(v, str) for v in values):
+    cmd, auth, userid, msgtext = (obj.get(key) for key in ("cmd", "auth", "userid", "msgtext"))
+    if not isinstance(cmd, str) or not all(v is None or isinstance(v, str) for v in (auth, userid, msgtext)):
         raise RemoteProtocolError("seed frame fields must be strings", ErrorCode.BAD_FRAME)
-    return LegacyCommand(*values)
+    return LegacyCommand(cmd, auth, userid, msgtext)
 
 
 _LEGACY_CMD = re.compile(r"[A-Za-z0-9_.-]{0,32}\Z")
@@ -479,7 +492,7 @@ def decode_legacy_message(data: str) -> tuple[str, str] | None:
         return None
     try:
         obj = json.loads(data.replace("'", '"'))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"the app cannot decode this frame: {exc}") from None
     author, text = obj.get("userid"), obj.get("msgtext")
     if not isinstance(author, str) or not isinstance(text, str):
