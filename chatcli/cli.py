@@ -73,17 +73,19 @@ def serve(
 
 def main() -> None:
     """Console entry point: run the app and map whatever it raised to one exit status."""
-    import click
-
+    # Typer >= 0.20 vendors click: its exceptions derive from typer.TyperException, and in
+    # non-standalone mode Exit (also Ctrl-C, as 130) comes back as the return value.
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+        status = app(standalone_mode=False)
+    except typer.Abort:
         sys.exit(ExitStatus.INTERRUPTED)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(ExitStatus.USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+    except typer.TyperException as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            print(f"chatcli: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(ExitStatus.INTERRUPTED)
     except BrokenPipeError:
@@ -92,7 +94,7 @@ def main() -> None:
         status = exit_status_for(exc)
         print(f"chatcli: {exc}" if str(exc) else f"chatcli: {type(exc).__name__}", file=sys.stderr)
         sys.exit(status)
-    sys.exit(ExitStatus.SUCCESS)
+    sys.exit(status if isinstance(status, int) else ExitStatus.SUCCESS)
 
 
 def _quiet_broken_pipe() -> None:
