@@ -1,0 +1,51 @@
+"""The server's settings, checked once at start-up."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from chatcli.errors import UsageError
+from chatcli.protocol import DEFAULT_AUTH_KEY, DEFAULT_MAX_TEXT_BYTES, FRAME_OVERHEAD_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    ws_port: int = 6060
+    http_port: int = 8000
+    auth_key: str = DEFAULT_AUTH_KEY
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    #: Seconds a connection may take to complete its WebSocket handshake.
+    open_timeout: float = 10.0
+    #: Seconds to wait for sessions to close on shutdown before dropping them.
+    close_timeout: float = 3.0
+
+    @classmethod
+    def build(cls, *, auth_key: str | None = None, **options: object) -> ServerConfig:
+        config = cls(auth_key=auth_key or DEFAULT_AUTH_KEY, **options)  # type: ignore[arg-type]
+        if config.max_text_bytes < 1:
+            raise UsageError("--max-text-bytes must be at least 1")
+        for name in ("ws_port", "http_port"):
+            port = getattr(config, name)
+            if not 0 <= port <= 65535:
+                raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 65535")
+        return config
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Frames larger than this are closed with 1009 before they are even parsed."""
+        return self.max_text_bytes + FRAME_OVERHEAD_BYTES
+
+    @property
+    def uses_default_key(self) -> bool:
+        return self.auth_key == DEFAULT_AUTH_KEY
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False

@@ -1,0 +1,133 @@
+"""Start, run and stop the server: listeners, logging, signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from chatcli import __version__
+from chatcli.server.config import ServerConfig
+from chatcli.server.http_api import Handler, HttpConnection, json_response, text_response
+from chatcli.server.metrics import Metrics
+from chatcli.server.relay import Relay
+from chatcli.server.transport import WebSocketServer
+
+log = logging.getLogger("chatcli.server")
+
+# Attributes every LogRecord has; anything else came in through ``extra=`` and belongs in JSON logs.
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, message, and the record's structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        entry.update((k, v) for k, v in vars(record).items() if k not in _RECORD_FIELDS)
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    root = logging.getLogger("chatcli")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def run(config: ServerConfig, *, log_level: str = "info", log_format: str = "text") -> None:
+    """Run the server until SIGINT or SIGTERM; return normally (exit 0) after a graceful shutdown."""
+    configure_logging(log_level, log_format)
+    try:
+        import uvloop
+    except ImportError:  # platforms without uvloop still work, only slower
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
+
+
+async def serve(config: ServerConfig) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    metrics = Metrics()
+    relay = Relay(config, metrics)
+    ws_server = WebSocketServer(config, relay, metrics)
+    started = time.monotonic()
+    try:
+        ws_listener = await loop.create_server(ws_server.protocol_factory, config.host, config.ws_port,
+                                               backlog=2048, reuse_address=True)
+        routes = _http_routes(ws_server, started)
+        http_listener = await loop.create_server(lambda: HttpConnection(routes), config.host, config.http_port,
+                                                 reuse_address=True)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.host, exc.strerror or exc,
+                  extra={"event": "listen-failed"})
+        raise SystemExit(1) from None
+
+    ws_port = ws_listener.sockets[0].getsockname()[1]
+    http_port = http_listener.sockets[0].getsockname()[1]
+    log.info("listening on ws://%s:%d (HTTP on port %d), chatcli %s", config.host, ws_port, http_port,
+             __version__, extra={"event": "listening", "ws_port": ws_port, "http_port": http_port,
+                                 "host": config.host, "version": __version__})
+    if not config.is_loopback and config.uses_default_key:
+        log.warning("serving %s to other machines with the public default key: anyone can send as anyone; "
+                    "set --auth-key or CHATCLI_AUTH_KEY", config.host, extra={"event": "default-key-exposed"})
+
+    await stop.wait()
+    log.info("shutting down: closing %d sessions", len(ws_server.connections), extra={"event": "shutdown"})
+    ws_listener.close()
+    http_listener.close()
+    await _close_sessions(ws_server, config.close_timeout)
+    log.info("stopped", extra={"event": "stopped"})
+
+
+async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
+    """Ask every session to close with 1001; drop whoever has not finished by the deadline."""
+    ws_server.close_all(1001, "server shutting down")
+    deadline = time.monotonic() + timeout
+    while ws_server.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    for connection in list(ws_server.connections):
+        if connection.transport is not None:
+            with contextlib.suppress(Exception):
+                connection.transport.abort()
+
+
+def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handler]:
+    def health() -> tuple[int, str, bytes]:
+        relay = ws_server.relay
+        return json_response({
+            "status": "ok",
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - started, 3),
+            "connections": len(ws_server.connections),
+            "sessions": relay.session_count,
+            "users_online": len(relay.sessions),
+            "messages_routed": ws_server.metrics.routed,
+        })
+
+    return {
+        "/": lambda: text_response("chatcli server is running\n"),
+        "/healthz": health,
+    }

@@ -1,0 +1,295 @@
+"""WebSocket transport: websockets' sans-I/O ServerProtocol driven by an asyncio.Protocol.
+
+Why not the websockets high-level API: measured here, a relay on it reaches
+0.36x the old Node server, while sans-I/O protocol objects in an
+``asyncio.Protocol`` under uvloop, with outgoing writes coalesced once per
+event-loop tick, reach 1.18x (``../shared/bench/README.md``). So each
+connection queues frames in its ServerProtocol and marks itself dirty; one
+``call_soon`` callback per tick writes every dirty connection's bytes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from websockets.datastructures import Headers
+from websockets.exceptions import NegotiationError
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from chatcli import __version__
+from chatcli import protocol as p
+from chatcli.errors import InvalidUserId
+
+if TYPE_CHECKING:
+    from chatcli.server.config import ServerConfig
+    from chatcli.server.metrics import Metrics
+    from chatcli.server.relay import Relay
+
+log = logging.getLogger("chatcli.server")
+# websockets logs every open and close at INFO; we write our own single line per connection.
+_ws_log = logging.getLogger("chatcli.server.websockets")
+_ws_log.setLevel(logging.WARNING)
+_ws_log.propagate = False
+
+_TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+_OPEN = State.OPEN
+SERVER_NAME = f"chatcli/{__version__}"
+
+
+def _select_subprotocol(_: ServerProtocol, offered: Any) -> Subprotocol | None:
+    """``chatcli.v1`` when offered; no subprotocol (a seed client) when none is offered."""
+    if p.SUBPROTOCOL in offered:
+        return Subprotocol(p.SUBPROTOCOL)
+    if offered:
+        raise NegotiationError(f"unsupported subprotocol; this server speaks {p.SUBPROTOCOL}")
+    return None
+
+
+class WebSocketServer:
+    """State shared by all connections: config, routing, the write-coalescing queue."""
+
+    def __init__(self, config: ServerConfig, relay: Relay, metrics: Metrics) -> None:
+        self.config = config
+        self.relay = relay
+        self.metrics = metrics
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[Connection] = set()
+        self.dirty: list[Connection] = []
+        self.flush_scheduled = False
+        self.boot_id = secrets.token_hex(3)
+        self.session_counter = 0
+        self.closing = False
+
+    def protocol_factory(self) -> Connection:
+        return Connection(self)
+
+    def mark_dirty(self, connection: Connection) -> None:
+        self.dirty.append(connection)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every dirty connection's queued frames: one write per connection per tick."""
+        self.flush_scheduled = False
+        dirty, self.dirty = self.dirty, []
+        for connection in dirty:
+            connection.flush()
+
+    def next_session_id(self) -> str:
+        self.session_counter += 1
+        return f"{self.boot_id}-{self.session_counter}"
+
+    def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
+        self.closing = True
+        for connection in list(self.connections):
+            connection.close(code, reason)
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection: handshake, then a chat session once open."""
+
+    __slots__ = ("dirty", "fragment_is_text", "fragments", "legacy", "open_timer", "peer", "server", "session_id", "transport",
+                 "user", "ws")
+
+    def __init__(self, server: WebSocketServer) -> None:
+        self.server = server
+        self.ws = ServerProtocol(subprotocols=[Subprotocol(p.SUBPROTOCOL)], select_subprotocol=_select_subprotocol,
+                                 max_size=server.config.max_frame_bytes, logger=_ws_log)
+        self.transport: asyncio.Transport | None = None
+        self.user = ""
+        self.legacy = True
+        self.session_id = ""
+        self.peer = ""
+        self.dirty = False
+        self.fragments: list[bytes] | None = None
+        self.fragment_is_text = True
+        self.open_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.server.closing:
+            transport.close()
+            return
+        self.server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.open_timer = self.server.loop.call_later(self.server.config.open_timeout, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.server.metrics.bytes_in += len(data)
+        ws = self.ws
+        ws.receive_data(data)
+        for event in ws.events_received():
+            if type(event) is Frame:
+                self._on_frame(event)
+            else:
+                self._on_request(event)  # type: ignore[arg-type]
+        self._mark_dirty()
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._mark_dirty()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self.server
+        server.connections.discard(self)
+        if self.open_timer is not None:
+            self.open_timer.cancel()
+            self.open_timer = None
+        if self.session_id:
+            server.relay.unregister(self)
+            code = self._close_code()
+            log.info("disconnect user=%s protocol=%s peer=%s session=%s code=%s", self.user, self.protocol_name,
+                     self.peer, self.session_id,
+                     code, extra={"event": "disconnect", "user": self.user, "protocol": self.protocol_name,
+                                  "peer": self.peer, "session": self.session_id, "code": code})
+
+    def _close_code(self) -> int:
+        """The close code of the closing handshake, whoever started it; 1006 when there was none."""
+        close = self.ws.close_rcvd or self.ws.close_sent
+        return close.code if close is not None else 1006
+
+    # -- what routing calls ------------------------------------------------------
+
+    def send_text(self, text: str) -> None:
+        ws = self.ws
+        if ws.state is _OPEN:
+            ws.send_text(text.encode())
+            if not self.dirty:
+                self.dirty = True
+                self.server.mark_dirty(self)
+
+    @property
+    def protocol_name(self) -> str:
+        return "legacy" if self.legacy else p.SUBPROTOCOL
+
+    def close(self, code: int, reason: str) -> None:
+        if self.ws.state is _OPEN:
+            self.ws.send_close(code, reason)
+            self._mark_dirty()
+        elif self.transport is not None:
+            self.transport.close()
+
+    # -- internals -----------------------------------------------------------------
+
+    def _mark_dirty(self) -> None:
+        if not self.dirty:
+            self.dirty = True
+            self.server.mark_dirty(self)
+
+    def flush(self) -> None:
+        self.dirty = False
+        chunks = self.ws.data_to_send()
+        if not chunks or self.transport is None:
+            return
+        eof = chunks[-1] == b""
+        if eof:
+            chunks.pop()
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.server.metrics.bytes_out += len(data)
+            self.transport.write(data)
+        if eof:
+            # The server closes the TCP connection once the closing handshake is done.
+            self.transport.close()
+
+    def _handshake_timeout(self) -> None:
+        self.open_timer = None
+        if self.ws.state is State.CONNECTING and self.transport is not None:
+            self.transport.abort()
+
+    def _on_request(self, request: Request) -> None:
+        response = self._handshake_response(request)
+        self.ws.send_response(response)
+        if response.status_code != 101:
+            self.server.metrics.handshakes_refused[response.status_code] += 1
+            return
+        if self.open_timer is not None:
+            self.open_timer.cancel()
+            self.open_timer = None
+        self._open()
+
+    def _handshake_response(self, request: Request) -> Response:
+        try:
+            self.user, _query = p.parse_user_path(request.path)
+        except InvalidUserId as exc:
+            return self.ws.reject(400, f"{exc}\n")
+        response = self.ws.accept(request)
+        if response.status_code != 101:
+            return response
+        self.legacy = self.ws.subprotocol is None
+        if not self.legacy:
+            refusal = self._check_credentials(request.headers)
+            if refusal is not None:
+                return self.ws.reject(*refusal)
+        return response
+
+    def _check_credentials(self, headers: Headers) -> tuple[int, str] | None:
+        """Native sessions prove the shared key at the handshake; seed clients send it in each frame."""
+        value = headers.get("Authorization")
+        if value is None:
+            return 401, "missing credentials: send the header 'Authorization: Bearer <key>'\n"
+        scheme, _, key = value.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(),
+                                                                 self.server.config.auth_key.encode()):
+            return 403, "authentication refused: wrong key\n"
+        return None
+
+    def _open(self) -> None:
+        server = self.server
+        self.session_id = server.next_session_id()
+        server.relay.register(self)
+        server.metrics.connections_total[self.protocol_name] += 1
+        log.info("connect user=%s protocol=%s peer=%s session=%s", self.user, self.protocol_name, self.peer,
+                 self.session_id, extra={"event": "connect", "user": self.user, "protocol": self.protocol_name,
+                                         "peer": self.peer, "session": self.session_id})
+        if self.legacy:
+            self.send_text(p.LEGACY_CONNECTED)
+        else:
+            hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
+                            max_text_bytes=server.config.max_text_bytes)
+            self.send_text(p.encode(hello))
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is _TEXT or opcode is _BINARY:
+            if not frame.fin:
+                self.fragments = [frame.data]
+                self.fragment_is_text = opcode is _TEXT
+                return
+            self._on_message(opcode is _TEXT, frame.data)
+        elif opcode is _CONT and self.fragments is not None:
+            self.fragments.append(frame.data)
+            if frame.fin:
+                data, self.fragments = b"".join(self.fragments), None
+                self._on_message(self.fragment_is_text, data)
+
+    def _on_message(self, is_text: bool, data: bytes) -> None:
+        if self.ws.state is not _OPEN:
+            return
+        relay = self.server.relay
+        if not is_text:
+            relay.on_binary(self)
+            return
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            self.server.metrics.error("bad-utf8")
+            self.ws.fail(1007, "invalid UTF-8 in a text frame")
+            return
+        if self.legacy:
+            relay.on_legacy_text(self, text)
+        else:
+            relay.on_native_text(self, text)
