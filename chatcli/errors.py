@@ -6,6 +6,8 @@
     │   └── RemoteProtocolError       the peer sent something invalid; carries a stable ``code``
     │       ├── UnknownFrameType      a well-formed frame of a type we don't know (newer peer)
     │       └── InvalidUserId         a user id outside the documented charset/length
+    ├── StorageError                  the server's database is unusable (not a chatcli db, newer schema, I/O)
+    ├── AccountError                  an accounts operation failed (name taken, unknown name)
     └── ClientError                   what a client command can end with; each has an exit status
         ├── UsageError                2  bad arguments or input (empty message, no TEXT on a terminal)
         ├── ConnectError              3  cannot reach the server, or it went away
@@ -72,6 +74,14 @@ class InvalidUserId(RemoteProtocolError):
     """A user id outside the documented charset or length."""
 
     code = "bad-user-id"
+
+
+class StorageError(ChatcliError):
+    """The message/accounts database cannot be opened, migrated or written."""
+
+
+class AccountError(ChatcliError):
+    """An accounts operation failed: the name is taken, or there is no such account."""
 
 
 class ClientError(ChatcliError):
