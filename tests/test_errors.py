@@ -1,0 +1,76 @@
+"""chatcli.errors: each exception ends a command with its documented exit status."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatcli.errors import (
+    AuthError,
+    ChatcliError,
+    ClientError,
+    ConnectError,
+    ExitStatus,
+    InvalidUserId,
+    LocalProtocolError,
+    ProtocolError,
+    RefusedError,
+    RemoteProtocolError,
+    TimedOutError,
+    UnknownFrameType,
+    UsageError,
+    exit_status_for,
+)
+
+
+def test_exit_status_values_are_the_documented_ones() -> None:
+    assert {status.name: int(status) for status in ExitStatus} == {
+        "SUCCESS": 0, "ERROR": 1, "USAGE": 2, "CONNECT": 3, "AUTH": 4, "REFUSED": 5, "TIMEOUT": 6,
+        "INTERRUPTED": 130,
+    }
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (UsageError("empty message"), 2),
+        (ConnectError("cannot reach ws://127.0.0.1:1"), 3),
+        (AuthError("bad key"), 4),
+        (RefusedError("recipient offline", reason="offline"), 5),
+        (TimedOutError("no ack in 5 s"), 6),
+        (ClientError("something else"), 1),
+        (KeyboardInterrupt(), 130),
+        (LocalProtocolError("invalid user id 'a b'"), 2),  # bad usage, e.g. an invalid id on the command line
+        (RemoteProtocolError("garbage from the server"), 1),
+        (UnknownFrameType("unknown frame type 'x'"), 1),
+        (InvalidUserId("invalid user id"), 1),
+        (ProtocolError("protocol"), 1),
+        (ChatcliError("chatcli"), 1),
+        (ValueError("a bug"), 1),
+        (OSError("disk"), 1),
+    ],
+)
+def test_exit_status_for(exc: BaseException, status: int) -> None:
+    assert exit_status_for(exc) == status
+    assert isinstance(exit_status_for(exc), ExitStatus)
+
+
+def test_protocol_error_codes() -> None:
+    assert ProtocolError("x").code == "bad-frame"
+    assert RemoteProtocolError("x", "bad-json").code == "bad-json"
+    assert UnknownFrameType("x").code == "unknown-type"
+    assert InvalidUserId("x").code == "bad-user-id"
+    assert ProtocolError("x").message == "x"
+    assert ProtocolError.__new__(ProtocolError).message == ""
+
+
+def test_refused_error_carries_its_reason() -> None:
+    assert RefusedError("no").reason == "refused"
+    assert RefusedError("no", reason="too-large").reason == "too-large"
+
+
+def test_one_tree() -> None:
+    for cls in (LocalProtocolError, RemoteProtocolError, UnknownFrameType, InvalidUserId, UsageError,
+                ConnectError, AuthError, RefusedError, TimedOutError):
+        assert issubclass(cls, ChatcliError)
+    assert not issubclass(LocalProtocolError, RemoteProtocolError)
+    assert not issubclass(RemoteProtocolError, LocalProtocolError)

@@ -1,0 +1,714 @@
+"""chatcli.protocol, sans I/O: feed frames in, compare the exact text that comes out."""
+
+from __future__ import annotations
+
+import json
+from importlib.util import find_spec
+from typing import Any
+
+import pytest
+
+from chatcli.errors import InvalidUserId, LocalProtocolError, RemoteProtocolError, UnknownFrameType
+from chatcli.protocol import (
+    DEFAULT_AUTH_KEY,
+    DEFAULT_MAX_TEXT_BYTES,
+    LEGACY_CONNECTED,
+    LEGACY_SEND_ERROR,
+    LEGACY_SEND_SUCCESS,
+    USER_ID_RULE,
+    Ack,
+    Error,
+    ErrorCode,
+    Frame,
+    Hello,
+    LegacyCommand,
+    Message,
+    Reason,
+    Send,
+    Status,
+    check_text,
+    check_user_id,
+    decode_legacy_message,
+    encode,
+    encode_legacy_message,
+    encode_legacy_send,
+    format_ts,
+    is_valid_user_id,
+    legacy_error,
+    parse_client_frame,
+    parse_legacy_frame,
+    parse_server_frame,
+    parse_ts,
+    parse_user_path,
+    text_size,
+)
+
+#: hypothesis is in the `test` extra; without it the nasty-string lists below still run.
+HAS_HYPOTHESIS = find_spec("hypothesis") is not None
+
+TS = "2026-11-25T19:34:47.123Z"
+
+#: Texts that broke the seed server or its escaping: quotes, backslashes, braces, fake keys, controls, emoji.
+NASTY_TEXTS = [
+    "hi",
+    "it's",
+    "'",
+    "''",
+    "'''",
+    '"',
+    '"quoted"',
+    '"""',
+    "\\",
+    "\\\\",
+    "\\'",
+    '\\"',
+    "\\u0027",
+    "\\n",
+    "ends with a backslash\\",
+    "{",
+    "}",
+    "{}",
+    "'}",
+    "'}'}",
+    '"}',
+    "{'cmd':'send','userid':'mallory', 'msgtext':'boo'}",
+    '{"cmd":"send","userid":"mallory","msgtext":"boo"}',
+    "x','userid':'mallory",
+    "','auth':'other",
+    "', 'msgtext':'evil'}",
+    "'msgtext':'",
+    "line one\nline two",
+    "\r\n",
+    "\t tab",
+    "\x00nul",
+    "\x1b[31mred\x1b[0m",
+    "\x7f",
+    "\u2028\u2029",
+    "\ufeffbom",
+    "zero\u200bwidth",
+    "é",
+    "日本語のテキスト",
+    "😀",
+    "👩‍👩‍👧 family",
+    "🏳️‍🌈",
+    "  ",
+    " leading",
+    "trailing ",
+    "null",
+    "true",
+    "</script><script>alert(1)</script>",
+    "%00%27",
+    "send:success",
+    "a" * 1000 + "'" + "b" * 1000,
+    "'\"\\{}\n😀" * 200,
+]
+
+
+def test_nasty_texts_are_distinct() -> None:
+    assert len(set(NASTY_TEXTS)) == len(NASTY_TEXTS)
+
+
+# ---------------------------------------------------------------------------
+# User ids
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "user", "query"),
+    [
+        ("/alice", "alice", {}),
+        ("alice", "alice", {}),
+        ("/al%69ce", "alice", {}),
+        ("/a.b_c-d@e", "a.b_c-d@e", {}),
+        ("/555?x=1", "555", {"x": "1"}),
+        ("/bob?token=s3cr%20t&x=1", "bob", {"token": "s3cr t", "x": "1"}),
+        ("/bob?", "bob", {}),
+        ("/constructor", "constructor", {}),
+        ("/toString", "toString", {}),
+        ("/hasOwnProperty", "hasOwnProperty", {}),
+        ("/" + "a" * 64, "a" * 64, {}),
+    ],
+)
+def test_parse_user_path_accepts(target: str, user: str, query: dict[str, str]) -> None:
+    assert parse_user_path(target) == (user, query)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/" + "a" * 65,
+        "/a/b",
+        "/a%2Fb",
+        "//alice",
+        "/.alice",
+        "/-alice",
+        "/_alice",
+        "/@alice",
+        "/al ice",
+        "/al%20ice",
+        "/alice%0A",
+        "/é",
+        "/%C3%A9",
+        "/%ff",
+        "/%zz",
+        "/__proto__",
+        "/alice#x",
+    ],
+)
+def test_parse_user_path_refuses_bad_ids(target: str) -> None:
+    with pytest.raises(InvalidUserId) as info:
+        parse_user_path(target)
+    assert info.value.code == "bad-user-id"
+    assert isinstance(info.value, RemoteProtocolError)
+    assert USER_ID_RULE in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["", "/", "/?token=x"])
+def test_parse_user_path_refuses_empty_ids(target: str) -> None:
+    with pytest.raises(InvalidUserId, match="no user id in the URL"):
+        parse_user_path(target)
+
+
+def test_invalid_id_in_error_message_is_truncated() -> None:
+    with pytest.raises(InvalidUserId) as info:
+        parse_user_path("/" + "x" * 500)
+    assert "x" * 81 not in str(info.value)
+
+
+def test_user_id_checks() -> None:
+    assert check_user_id("alice") == "alice"
+    assert is_valid_user_id("0")
+    assert not is_valid_user_id("alice\n")
+    assert not is_valid_user_id("")
+    assert not is_valid_user_id(None)
+    assert not is_valid_user_id(5)
+    with pytest.raises(LocalProtocolError, match="invalid user id 5"):
+        check_user_id(5)
+    with pytest.raises(LocalProtocolError, match="invalid user id 'a b'"):
+        check_user_id("a b")
+
+
+# ---------------------------------------------------------------------------
+# Texts and timestamps
+# ---------------------------------------------------------------------------
+
+
+def test_text_size_counts_utf8_bytes() -> None:
+    assert text_size("") == 0
+    assert text_size("abc") == 3
+    assert text_size("aé😀") == 1 + 2 + 4
+    assert text_size("\ud800") == 3  # a lone surrogate is counted, never a crash
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "verdict"),
+    [
+        ("", 8, Reason.EMPTY),
+        ("a", 8, None),
+        ("a" * 8, 8, None),
+        ("a" * 9, 8, Reason.TOO_LARGE),
+        ("é" * 4, 8, None),  # 8 bytes, exactly at the limit
+        ("é" * 4 + "a", 8, Reason.TOO_LARGE),  # 9 bytes in 5 characters
+        ("a" * 7 + "é", 8, Reason.TOO_LARGE),  # the 2-byte character straddles the limit
+        ("a" * 6 + "é", 8, None),
+        ("😀" * 2, 8, None),
+        ("a" + "😀" * 2, 8, Reason.TOO_LARGE),
+        ("😀", 3, Reason.TOO_LARGE),  # one character, four bytes
+        ("a" * DEFAULT_MAX_TEXT_BYTES, DEFAULT_MAX_TEXT_BYTES, None),
+        ("a" * (DEFAULT_MAX_TEXT_BYTES + 1), DEFAULT_MAX_TEXT_BYTES, Reason.TOO_LARGE),
+        ("é" * (DEFAULT_MAX_TEXT_BYTES // 2), DEFAULT_MAX_TEXT_BYTES, None),
+        ("é" * (DEFAULT_MAX_TEXT_BYTES // 2) + "a", DEFAULT_MAX_TEXT_BYTES, Reason.TOO_LARGE),
+    ],
+)
+def test_check_text(text: str, limit: int, verdict: str | None) -> None:
+    assert check_text(text, limit) == verdict
+
+
+def test_check_text_default_limit_is_64_kib() -> None:
+    assert check_text("a" * 65536) is None
+    assert check_text("a" * 65537) == "too-large"
+
+
+def test_format_ts() -> None:
+    assert format_ts(0) == "1970-01-01T00:00:00.000Z"
+    assert format_ts(1795635287.5) == "2026-11-25T19:34:47.500Z"
+    assert format_ts(1795635287.0015) == "2026-11-25T19:34:47.001Z"  # truncated to milliseconds
+
+
+@pytest.mark.parametrize(
+    ("value", "epoch"),
+    [
+        ("1970-01-01T00:00:00.000Z", 0.0),
+        ("1970-01-01T01:00:00+01:00", 0.0),
+        ("2026-11-25T19:34:47.500Z", 1795635287.5),
+        ("2026-11-25T14:34:47.500-05:00", 1795635287.5),
+    ],
+)
+def test_parse_ts(value: str, epoch: float) -> None:
+    assert parse_ts(value) == epoch
+
+
+def test_timestamps_round_trip() -> None:
+    for epoch in (0.0, 1.25, 1795635287.5, 4102444800.999):
+        assert parse_ts(format_ts(epoch)) == pytest.approx(epoch, abs=1e-6)
+
+
+@pytest.mark.parametrize("value", ["", "yesterday", "2026-13-01T00:00:00Z", None, 5])
+def test_parse_ts_refuses_garbage(value: Any) -> None:
+    with pytest.raises(LocalProtocolError, match="invalid timestamp"):
+        parse_ts(value)
+
+
+def test_parse_ts_refuses_naive_timestamps() -> None:
+    with pytest.raises(LocalProtocolError, match="without a zone"):
+        parse_ts("2026-11-25T19:34:47")
+
+
+# ---------------------------------------------------------------------------
+# chatcli.v1: exact encodings and round trips
+# ---------------------------------------------------------------------------
+
+HELLO = Hello(user="alice", session="s-1", server="chatcli/0.1.0", features=("store", "history"))
+SEND = Send(id="c1", to="bob", text='say "hi" é 😀\n')
+ACK_DELIVERED = Ack(id="c1", status=Status.DELIVERED, msg_id=7, ts=TS)
+ACK_STORED = Ack(id="c2", status=Status.STORED, msg_id=8, ts=TS)
+MESSAGE = Message(id=7, sender="alice", to="bob", text="it's \\ fine", ts=TS)
+ERROR = Error(code=ErrorCode.UNKNOWN_TYPE, message="unknown frame type 'typing'",
+              details={"frame_type": "typing"})
+
+EXACT_ENCODINGS: list[tuple[Frame, str]] = [
+    (HELLO, '{"type":"hello","protocol":1,"server":"chatcli/0.1.0","user":"alice","session":"s-1",'
+            '"max_text_bytes":65536,"features":["store","history"]}'),
+    (Hello(user="bob", session="s", server="x", protocol=2, max_text_bytes=10),
+     '{"type":"hello","protocol":2,"server":"x","user":"bob","session":"s","max_text_bytes":10,"features":[]}'),
+    (SEND, '{"type":"send","id":"c1","to":"bob","text":"say \\"hi\\" é 😀\\n"}'),
+    (Send(id="c3", to="bob", text=""), '{"type":"send","id":"c3","to":"bob","text":""}'),
+    (ACK_DELIVERED, f'{{"type":"ack","id":"c1","status":"delivered","msg_id":7,"ts":"{TS}"}}'),
+    (ACK_STORED, f'{{"type":"ack","id":"c2","status":"stored","msg_id":8,"ts":"{TS}"}}'),
+    (Ack(id="c4", status=Status.DELIVERED, msg_id=0),
+     '{"type":"ack","id":"c4","status":"delivered","msg_id":0}'),
+    (MESSAGE, f'{{"type":"message","id":7,"from":"alice","to":"bob","text":"it\'s \\\\ fine","ts":"{TS}"}}'),
+    (ERROR, '{"type":"error","code":"unknown-type","message":"unknown frame type \'typing\'",'
+            '"frame_type":"typing"}'),
+    (Error(code=ErrorCode.BAD_JSON, message="not JSON"),
+     '{"type":"error","code":"bad-json","message":"not JSON"}'),
+]
+
+REFUSED_REASONS = [Reason.OFFLINE, Reason.TOO_LARGE, Reason.EMPTY, Reason.BAD_AUTH, Reason.BAD_RECIPIENT,
+                   Reason.RATE_LIMITED]
+
+
+@pytest.mark.parametrize(("frame", "text"), EXACT_ENCODINGS)
+def test_exact_encoding(frame: Frame, text: str) -> None:
+    assert encode(frame) == text
+
+
+@pytest.mark.parametrize(("frame", "text"), EXACT_ENCODINGS)
+def test_native_round_trip(frame: Frame, text: str) -> None:
+    parse = parse_client_frame if isinstance(frame, Send) else parse_server_frame
+    assert parse(text) == frame
+    assert parse(text.encode("utf-8")) == frame
+
+
+@pytest.mark.parametrize("reason", REFUSED_REASONS)
+def test_refused_ack_for_each_reason(reason: str) -> None:
+    ack = Ack(id="c9", status=Status.REFUSED, reason=reason)
+    text = encode(ack)
+    assert text == f'{{"type":"ack","id":"c9","status":"refused","reason":"{reason}"}}'
+    assert parse_server_frame(text) == ack
+    assert not ack.accepted
+
+
+def test_stable_codes() -> None:
+    assert REFUSED_REASONS == ["offline", "too-large", "empty", "bad-auth", "bad-recipient", "rate-limited"]
+    codes = [ErrorCode.BAD_JSON, ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE, ErrorCode.BINARY_UNSUPPORTED]
+    assert codes == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported"]
+    assert sorted(Status.ALL) == ["delivered", "refused", "stored"]
+
+
+def test_accepted_acks() -> None:
+    assert ACK_DELIVERED.accepted
+    assert ACK_STORED.accepted
+
+
+def test_hello_defaults_when_parsed() -> None:
+    frame = parse_server_frame('{"type":"hello","protocol":1,"server":"s","user":"alice","session":"x"}')
+    assert frame == Hello(user="alice", session="x", server="s")
+    assert isinstance(frame, Hello)
+    assert frame.max_text_bytes == DEFAULT_MAX_TEXT_BYTES
+    assert frame.features == ()
+
+
+@pytest.mark.parametrize(("frame", "text"), EXACT_ENCODINGS)
+def test_unknown_fields_are_ignored(frame: Frame, text: str) -> None:
+    obj = json.loads(text)
+    extra = {"priority": "high", "nested": {"a": [1, 2]}, "v2_flag": True}
+    parse = parse_client_frame if isinstance(frame, Send) else parse_server_frame
+    parsed = parse(json.dumps({**obj, **extra}))
+    if isinstance(frame, Error):  # an error's extra fields are its details, kept for the reader
+        assert parsed == Error(frame.code, frame.message, {**frame.details, **extra})
+    else:
+        assert parsed == frame
+
+
+@pytest.mark.parametrize(
+    ("parse", "text"),
+    [
+        (parse_client_frame, '{"type":"typing","to":"bob"}'),
+        (parse_client_frame, '{"type":"hello","protocol":1}'),  # a server frame is not a client frame
+        (parse_server_frame, '{"type":"presence","user":"bob"}'),
+        (parse_server_frame, '{"type":"send","id":"c1","to":"bob","text":"hi"}'),
+        (parse_server_frame, '{"type":""}'),
+    ],
+)
+def test_unknown_type(parse: Any, text: str) -> None:
+    with pytest.raises(UnknownFrameType) as info:
+        parse(text)
+    assert info.value.code == "unknown-type"
+    assert isinstance(info.value, RemoteProtocolError)
+    assert str(info.value) == f"unknown frame type {json.loads(text)['type']!r}"
+
+
+def test_unknown_type_name_is_truncated_in_the_message() -> None:
+    with pytest.raises(UnknownFrameType) as info:
+        parse_client_frame(json.dumps({"type": "t" * 1000}))
+    assert str(info.value) == f"unknown frame type {'t' * 40!r}"
+
+
+@pytest.mark.parametrize("data", ["", "{", "not json", "{'type':'send'}", b"\xff\xfe", "[" * 100_000,
+                                  '{"type":"send"', "1" * 5000])
+@pytest.mark.parametrize("parse", [parse_client_frame, parse_server_frame])
+def test_bad_json(parse: Any, data: str | bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        parse(data)
+    assert info.value.code == "bad-json"
+    assert str(info.value).startswith("not JSON: ")
+
+
+@pytest.mark.parametrize("data", ["[]", '["send"]', '"send"', "1", "null", "true"])
+@pytest.mark.parametrize("parse", [parse_client_frame, parse_server_frame])
+def test_non_object(parse: Any, data: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="must be a JSON object") as info:
+        parse(data)
+    assert info.value.code == "bad-frame"
+
+
+@pytest.mark.parametrize("data", ["{}", '{"type":null}', '{"type":1}', '{"type":["send"]}',
+                                  '{"Type":"send"}'])
+@pytest.mark.parametrize("parse", [parse_client_frame, parse_server_frame])
+def test_missing_type(parse: Any, data: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="needs a string 'type'") as info:
+        parse(data)
+    assert info.value.code == "bad-frame"
+
+
+def _with(base: dict[str, Any], **changes: Any) -> str:
+    obj = {**base, **changes}
+    return json.dumps({k: v for k, v in obj.items() if v is not _DROP})
+
+
+_DROP = object()
+_SEND = {"type": "send", "id": "c1", "to": "bob", "text": "hi"}
+_HELLO = {"type": "hello", "protocol": 1, "server": "s", "user": "alice", "session": "x"}
+_ACK = {"type": "ack", "id": "c1", "status": "delivered", "msg_id": 1}
+_MESSAGE = {"type": "message", "id": 1, "from": "alice", "to": "bob", "text": "hi", "ts": TS}
+_ERROR = {"type": "error", "code": "bad-frame", "message": "m"}
+
+INVALID_CLIENT_FRAMES = [
+    _with(_SEND, id=_DROP),
+    _with(_SEND, id=""),
+    _with(_SEND, id=5),
+    _with(_SEND, id="x" * 129),
+    _with(_SEND, id="c\n1"),
+    _with(_SEND, to=_DROP),
+    _with(_SEND, to="b ob"),
+    _with(_SEND, to=""),
+    _with(_SEND, to="x" * 65),
+    _with(_SEND, text=_DROP),
+    _with(_SEND, text=None),
+    _with(_SEND, text=5),
+    _with(_SEND, text=["hi"]),
+    '{"type":"send","id":"c1","to":"bob","text":"bad \\ud800 surrogate"}',
+    '{"type":"send","id":"c1","to":"bob","text":"\\udfff"}',
+]
+
+INVALID_SERVER_FRAMES = [
+    _with(_HELLO, user=_DROP),
+    _with(_HELLO, user="no such id"),
+    _with(_HELLO, session=""),
+    _with(_HELLO, server=None),
+    _with(_HELLO, protocol=_DROP),
+    _with(_HELLO, protocol=True),
+    _with(_HELLO, protocol="1"),
+    _with(_HELLO, protocol=-1),
+    _with(_HELLO, max_text_bytes=1.5),
+    _with(_HELLO, features="store"),
+    _with(_HELLO, features=[1]),
+    _with(_ACK, id=_DROP),
+    _with(_ACK, status="lost"),
+    _with(_ACK, status=_DROP),
+    _with(_ACK, msg_id=_DROP),
+    _with(_ACK, msg_id="1"),
+    _with(_ACK, msg_id=-1),
+    _with(_ACK, reason=5),
+    _with(_ACK, ts=""),
+    _with(_ACK, ts=0),
+    _with(_ACK, status="refused", msg_id=_DROP),
+    _with(_ACK, status="refused", reason=""),
+    _with(_MESSAGE, id=_DROP),
+    _with(_MESSAGE, id=False),
+    _with(_MESSAGE, **{"from": _DROP}),
+    _with(_MESSAGE, **{"from": "bad id"}),
+    _with(_MESSAGE, to="/bob"),
+    _with(_MESSAGE, text=""),
+    _with(_MESSAGE, ts=_DROP),
+    '{"type":"message","id":1,"from":"alice","to":"bob","text":"\\ud83d","ts":"' + TS + '"}',
+    _with(_ERROR, code=_DROP),
+    _with(_ERROR, message=3),
+]
+
+
+@pytest.mark.parametrize("data", INVALID_CLIENT_FRAMES)
+def test_invalid_client_frame_is_the_peers_fault(data: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_client_frame(data)
+    assert info.value.code == "bad-frame"
+    assert not isinstance(info.value, LocalProtocolError)
+    assert str(info.value).startswith("invalid send frame: ")
+
+
+@pytest.mark.parametrize("data", INVALID_SERVER_FRAMES)
+def test_invalid_server_frame_is_the_peers_fault(data: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_server_frame(data)
+    assert info.value.code == "bad-frame"
+    assert str(info.value).startswith(f"invalid {json.loads(data)['type']} frame: ")
+
+
+def test_empty_send_text_parses_so_the_server_can_refuse_it_with_a_reason() -> None:
+    frame = parse_client_frame(_with(_SEND, text=""))
+    assert frame == Send(id="c1", to="bob", text="")
+    assert check_text(frame.text) == Reason.EMPTY
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Hello(user="bad id", session="s", server="x"),
+        lambda: Hello(user="alice", session="", server="x"),
+        lambda: Hello(user="alice", session="s", server="x", features=["store"]),  # type: ignore[arg-type]
+        lambda: Hello(user="alice", session="s", server="x", max_text_bytes=-1),
+        lambda: Send(id="c1", to="bob", text="\ud800"),
+        lambda: Send(id="", to="bob", text="hi"),
+        lambda: Send(id="c1", to="", text="hi"),
+        lambda: Send(id="c1", to="bob", text=None),  # type: ignore[arg-type]
+        lambda: Ack(id="c1", status="delivered"),
+        lambda: Ack(id="c1", status="refused"),
+        lambda: Ack(id="c1", status="ok", msg_id=1),
+        lambda: Ack(id="c1", status="delivered", msg_id=1, reason=5),  # type: ignore[arg-type]
+        lambda: Message(id=1, sender="alice", to="bob", text="", ts=TS),
+        lambda: Message(id=1, sender="alice", to="bob", text="\udc00", ts=TS),
+        lambda: Message(id=-1, sender="alice", to="bob", text="hi", ts=TS),
+        lambda: Error(code="", message="m"),
+        lambda: Error(code="bad-frame", message="m", details={"type": "hello"}),
+        lambda: Error(code="bad-frame", message="m", details={"code": "other"}),
+    ],
+)
+def test_building_an_invalid_frame_is_a_local_error(build: Any) -> None:
+    with pytest.raises(LocalProtocolError):
+        build()
+
+
+def test_error_details_from_the_wire_never_replace_its_own_fields() -> None:
+    frame = parse_server_frame('{"type":"error","code":"bad-frame","message":"m","limit":8}')
+    assert frame == Error("bad-frame", "m", {"limit": 8})
+    assert encode(frame) == '{"type":"error","code":"bad-frame","message":"m","limit":8}'
+
+
+def test_frames_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        SEND.text = "changed"  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------
+# Legacy (seed) frames
+# ---------------------------------------------------------------------------
+
+
+def test_seed_template_exact() -> None:
+    frame = "{'auth':'addauthkeyifrequired','cmd':'send','userid':'bob', 'msgtext':'hello'}"
+    assert encode_legacy_send("bob", "hello") == frame
+    assert parse_legacy_frame(frame) == LegacyCommand("send", DEFAULT_AUTH_KEY, "bob", "hello")
+
+
+def test_encode_legacy_send_inserts_text_raw_like_the_app() -> None:
+    frame = encode_legacy_send("bob", "it's", auth="k")
+    assert frame == "{'auth':'k','cmd':'send','userid':'bob', 'msgtext':'it's'}"
+
+
+@pytest.mark.parametrize("text", NASTY_TEXTS)
+def test_template_keeps_text_and_recipient(text: str) -> None:
+    command = parse_legacy_frame(encode_legacy_send("bob", text, auth="k3y"))
+    assert command == LegacyCommand(cmd="send", auth="k3y", userid="bob", msgtext=text)
+
+
+@pytest.mark.parametrize(
+    ("frame", "command"),
+    [
+        ("{ 'auth' : 'k' , 'cmd' : 'send' , 'userid' : 'bob' , 'msgtext' : 'hi' } \n",
+         LegacyCommand("send", "k", "bob", "hi")),
+        ("{'auth':'','cmd':'send','userid':'', 'msgtext':''}", LegacyCommand("send", "", "", "")),
+        ("{'auth':'k','cmd':'ping','userid':'bob', 'msgtext':'x'}", LegacyCommand("ping", "k", "bob", "x")),
+        # strict JSON: any key order, escapes honoured
+        ('{"msgtext":"it\'s \\"q\\"","userid":"bob","cmd":"send","auth":"k"}',
+         LegacyCommand("send", "k", "bob", 'it\'s "q"')),
+        ('{"cmd":"send","userid":"bob","msgtext":"hi"}', LegacyCommand("send", None, "bob", "hi")),
+        ('{"cmd":"send","userid":"bob","msgtext":"hi","extra":[1]}',
+         LegacyCommand("send", None, "bob", "hi")),
+        # quote-replaced form: single quotes, other key order or missing keys
+        ("{'cmd':'send','userid':'bob','msgtext':'hi','auth':'k'}", LegacyCommand("send", "k", "bob", "hi")),
+        ("{'cmd':'list'}", LegacyCommand("list", None, None, None)),
+        ("{'cmd':'send','userid':null,'msgtext':'hi'}", LegacyCommand("send", None, None, "hi")),
+    ],
+)
+def test_legacy_forms(frame: str, command: LegacyCommand) -> None:
+    assert parse_legacy_frame(frame) == command
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["", "hello", "{", "}", "send:success", "[1,2]", '"str"', "null", "42", "{'cmd':", "{'auth':'k'",
+     "{'auth':'k','cmd':'send','userid':'bob', 'msgtext':'no closing brace'", "[" * 100_000,
+     "{'auth':'k','cmd':'send','userid':'bob','msgtext':'x'} trailing"],
+)
+def test_legacy_junk(frame: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="not a seed frame") as info:
+        parse_legacy_frame(frame)
+    assert info.value.code == "bad-frame"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ['{"cmd":5,"userid":"bob"}', '{"userid":"bob","msgtext":"hi"}', '{"cmd":null}', "{}",
+     '{"cmd":"send","userid":5,"msgtext":"hi"}', '{"cmd":"send","userid":"bob","msgtext":["hi"]}',
+     '{"cmd":"send","auth":true}', "{'cmd':'send','msgtext':1}"],
+)
+def test_legacy_non_string_fields(frame: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="must be strings") as info:
+        parse_legacy_frame(frame)
+    assert info.value.code == "bad-frame"
+
+
+@pytest.mark.parametrize(
+    ("cmd", "ack"),
+    [
+        ("send", "send:error"),
+        ("foo", "foo:error"),
+        ("get_history-v2.1", "get_history-v2.1:error"),
+        ("c" * 32, "c" * 32 + ":error"),
+        ("", ":error"),
+        ("c" * 33, LEGACY_SEND_ERROR),
+        ("two words", LEGACY_SEND_ERROR),
+        ("foo\n", LEGACY_SEND_ERROR),
+        ("foo:error", LEGACY_SEND_ERROR),
+        ("{'cmd'", LEGACY_SEND_ERROR),
+        ("é", LEGACY_SEND_ERROR),
+    ],
+)
+def test_legacy_error(cmd: str, ack: str) -> None:
+    assert legacy_error(cmd) == ack
+
+
+@pytest.mark.parametrize(
+    ("sender", "text", "frame"),
+    [
+        ("alice", "hi", "{'cmd':'send','userid':'alice', 'msgtext':'hi'}"),
+        ("alice", "é😀", "{'cmd':'send','userid':'alice', 'msgtext':'é😀'}"),
+        ("alice", "it's", "{'cmd':'send','userid':'alice', 'msgtext':'it\\u0027s'}"),
+        ("alice", 'say "hi"', "{'cmd':'send','userid':'alice', 'msgtext':'say \\\"hi\\\"'}"),
+        ("alice", "a\\b", "{'cmd':'send','userid':'alice', 'msgtext':'a\\\\b'}"),
+        ("alice", "1\n2\t\x00", "{'cmd':'send','userid':'alice', 'msgtext':'1\\n2\\t\\u0000'}"),
+        ("alice", "\\'", "{'cmd':'send','userid':'alice', 'msgtext':'\\\\\\u0027'}"),
+    ],
+)
+def test_encode_legacy_message_exact(sender: str, text: str, frame: str) -> None:
+    assert encode_legacy_message(sender, text) == frame
+    assert decode_legacy_message(frame) == (sender, text)
+
+
+def _app_round_trip(sender: str, recipient: str, text: str) -> tuple[str, str] | None:
+    """What the recipient's app shows after ``sender``'s app sent ``text`` through the relay."""
+    command = parse_legacy_frame(encode_legacy_send(recipient, text))
+    assert command.userid == recipient
+    assert command.msgtext is not None
+    return decode_legacy_message(encode_legacy_message(sender, command.msgtext))
+
+
+@pytest.mark.parametrize("text", NASTY_TEXTS)
+def test_legacy_round_trip_nasty_texts(text: str) -> None:
+    assert _app_round_trip("alice", "bob", text) == ("alice", text)
+
+
+if HAS_HYPOTHESIS:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    _FRAGMENTS = ["'", '"', "\\", "{", "}", ",", ":", "'userid':'", "'auth':'", "', 'msgtext':'", "'}",
+                  "\\u0027", "\n", "\x00", "\x7f", "\u2028", "😀", "é", " "]
+    _TEXTS = st.lists(st.sampled_from(_FRAGMENTS) | st.text(max_size=8), max_size=20).map("".join)
+    _IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", fullmatch=True)
+
+    @settings(max_examples=400, deadline=None)
+    @given(sender=_IDS, recipient=_IDS, text=_TEXTS | st.text())
+    def test_legacy_round_trip_property(sender: str, recipient: str, text: str) -> None:
+        assert _app_round_trip(sender, recipient, text) == (sender, text)
+
+    @settings(max_examples=200, deadline=None)
+    @given(cmd=st.text())
+    def test_legacy_error_never_shorter_than_6_property(cmd: str) -> None:
+        assert len(legacy_error(cmd)) >= 6
+        assert decode_legacy_message(legacy_error(cmd)) is None
+
+
+def test_no_legacy_server_frame_is_shorter_than_6_characters() -> None:
+    frames = [LEGACY_CONNECTED, LEGACY_SEND_SUCCESS, LEGACY_SEND_ERROR, encode_legacy_message("a", "x")]
+    frames += [legacy_error(cmd) for cmd in ("", "a", "send", "x" * 33, "\n")]
+    assert min(len(frame) for frame in frames) == len(":error") == 6
+    for frame in frames:
+        decode_legacy_message(frame)  # the app's handler would throw on a shorter frame
+
+
+@pytest.mark.parametrize("frame", [LEGACY_CONNECTED, LEGACY_SEND_SUCCESS, LEGACY_SEND_ERROR, "foo:error",
+                                   "{\"cmd\":\"send\"}", "ping:error"])
+def test_app_ignores_non_message_frames(frame: str) -> None:
+    assert decode_legacy_message(frame) is None
+
+
+@pytest.mark.parametrize("frame", ["", "a", "ok", "{'cmd"])
+def test_app_throws_on_short_frames(frame: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="shorter than 6 characters"):
+        decode_legacy_message(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "{'cmd':'send','userid':'bob', 'msgtext':'it's'}",  # the seed server's raw apostrophe
+        "{'cmd':'send','userid':'bob', 'msgtext':'a\nb'}",  # a raw control character
+        "{'cmd':'send','userid':'bob', 'msgtext':'\\'}",
+        "{'cmd':" + "[" * 100_000,
+    ],
+)
+def test_app_throws_on_undecodable_frames(frame: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="the app cannot decode this frame"):
+        decode_legacy_message(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ["{'cmd':'send','userid':'bob'}", "{'cmd':'send','msgtext':'hi'}",
+     "{'cmd':'send','userid':1, 'msgtext':'x'}"],
+)
+def test_app_throws_without_string_author_and_text(frame: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="needs string userid and msgtext"):
+        decode_legacy_message(frame)
