@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatcli.errors import (
+    AccountError,
     AuthError,
     ChatcliError,
     ClientError,
@@ -15,6 +16,7 @@ from chatcli.errors import (
     ProtocolError,
     RefusedError,
     RemoteProtocolError,
+    StorageError,
     TimedOutError,
     UnknownFrameType,
     UsageError,
@@ -44,6 +46,8 @@ def test_exit_status_values_are_the_documented_ones() -> None:
         (UnknownFrameType("unknown frame type 'x'"), 1),
         (InvalidUserId("invalid user id"), 1),
         (ProtocolError("protocol"), 1),
+        (StorageError("not a chatcli database"), 1),
+        (AccountError("name taken"), 1),
         (ChatcliError("chatcli"), 1),
         (ValueError("a bug"), 1),
         (OSError("disk"), 1),
@@ -69,8 +73,8 @@ def test_refused_error_carries_its_reason() -> None:
 
 
 def test_one_tree() -> None:
-    for cls in (LocalProtocolError, RemoteProtocolError, UnknownFrameType, InvalidUserId, UsageError,
-                ConnectError, AuthError, RefusedError, TimedOutError):
+    for cls in (LocalProtocolError, RemoteProtocolError, UnknownFrameType, InvalidUserId, StorageError,
+                AccountError, UsageError, ConnectError, AuthError, RefusedError, TimedOutError):
         assert issubclass(cls, ChatcliError)
     assert not issubclass(LocalProtocolError, RemoteProtocolError)
     assert not issubclass(RemoteProtocolError, LocalProtocolError)
