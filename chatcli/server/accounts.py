@@ -1,0 +1,152 @@
+"""Per-user access tokens, kept in the server's database file (own table, own schema version).
+
+A token is ``secrets.token_urlsafe(32)`` (256 random bits), shown once when it
+is made. Only ``HMAC-SHA256(salt, token)`` with a random per-user salt is
+stored: for a random 256-bit secret a slow password hash adds nothing but
+latency, and the salt keeps equal tokens from having equal hashes.
+
+Every call reads the file, so ``chatcli accounts rotate`` in another process
+takes effect on the running server's next ``verify``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from chatcli.errors import AccountError, StorageError
+from chatcli.protocol import check_user_id, is_valid_user_id
+from chatcli.server.storage import Migration, migrate, open_database
+
+ACCOUNTS_COMPONENT: Final = "accounts"
+ACCOUNT_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    # v1
+    (
+        """CREATE TABLE accounts (
+            name TEXT PRIMARY KEY,
+            salt BLOB NOT NULL,
+            token_hash BLOB NOT NULL,
+            created_ts REAL NOT NULL
+        ) WITHOUT ROWID""",
+    ),
+)
+
+TOKEN_BYTES: Final = 32
+SALT_BYTES: Final = 16
+# Hashed for unknown names too, so a miss takes as long as a wrong token.
+_DUMMY_SALT: Final = bytes(SALT_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    name: str
+    created_ts: float  # epoch seconds
+
+
+def _token_hash(salt: bytes, token: str) -> bytes:
+    return hmac.new(salt, token.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+
+
+def _new_secret() -> tuple[str, bytes, bytes]:
+    """A fresh token, its salt and its hash."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    salt = secrets.token_bytes(SALT_BYTES)
+    return token, salt, _token_hash(salt, token)
+
+
+class AccountStore:
+    """Accounts in a chatcli database file. Not thread-safe: one call at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        # Account changes are rare and a token is shown only once: always fsync them.
+        self._conn = open_database(path, fsync="full")
+        try:
+            migrate(self._conn, ACCOUNTS_COMPONENT, ACCOUNT_MIGRATIONS)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __enter__(self) -> AccountStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def add(self, name: str) -> str:
+        """Create ``name``'s account; its token, the only time it is available."""
+        check_user_id(name)
+        token, salt, token_hash = _new_secret()
+        try:
+            self._write(
+                "INSERT INTO accounts (name, salt, token_hash, created_ts) VALUES (?, ?, ?, ?)",
+                (name, salt, token_hash, time.time()),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise AccountError(f"account {name!r} already exists (use rotate for a new token)") from exc
+        return token
+
+    def rotate(self, name: str) -> str:
+        """Give ``name`` a new token; the old one stops working at once."""
+        check_user_id(name)
+        token, salt, token_hash = _new_secret()
+        changed = self._write(
+            "UPDATE accounts SET salt = ?, token_hash = ? WHERE name = ?", (salt, token_hash, name)
+        )
+        if not changed:
+            raise AccountError(f"no account {name!r}")
+        return token
+
+    def remove(self, name: str) -> bool:
+        """Delete ``name``'s account; False if there was none."""
+        check_user_id(name)
+        return self._write("DELETE FROM accounts WHERE name = ?", (name,)) > 0
+
+    def list(self) -> list[Account]:
+        """Every account, by name."""
+        rows = self._read("SELECT name, created_ts FROM accounts ORDER BY name", ()).fetchall()
+        return [Account(name, created_ts) for name, created_ts in rows]
+
+    def any_accounts(self) -> bool:
+        return self._read("SELECT 1 FROM accounts LIMIT 1", ()).fetchone() is not None
+
+    def verify(self, name: str, token: str) -> bool:
+        """Whether ``token`` is ``name``'s current token; False for unknown or invalid names."""
+        if not isinstance(token, str):
+            return False
+        row = None
+        if is_valid_user_id(name):
+            row = self._read("SELECT salt, token_hash FROM accounts WHERE name = ?", (name,)).fetchone()
+        salt, expected = row if row is not None else (_DUMMY_SALT, b"")
+        # compare_digest with b"" is False; computing the hash anyway keeps the timing of a miss.
+        return hmac.compare_digest(_token_hash(salt, token), expected) and row is not None
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _read(self, sql: str, params: tuple[object, ...]) -> sqlite3.Cursor:
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read accounts: {exc}") from exc
+
+    def _write(self, sql: str, params: tuple[object, ...]) -> int:
+        """Run one change in its own transaction; the number of rows it changed."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                changed = self._conn.execute(sql, params).rowcount
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot change accounts: {exc}") from exc
+        return changed

@@ -1,0 +1,427 @@
+"""Durable messages in one SQLite file, behind a small interface (``MessageStore``).
+
+Synchronous and I/O-contained: no event loop, no sockets. The relay calls
+``append`` once per event-loop tick with every message it accepted in that tick
+(group commit), so one transaction (and with ``fsync="full"`` one fsync) is paid
+per batch, not per message.
+
+Durability: WAL mode always. ``fsync="normal"`` (``synchronous=NORMAL``) keeps
+every committed batch across a crash of the process (kill -9); ``fsync="full"``
+(``synchronous=FULL``) also across a power loss, at the price of an fsync per
+commit.
+
+The file's schema is versioned per component in the ``schema_versions`` table;
+``open_database`` and ``migrate`` are shared with ``chatcli.server.accounts``,
+which keeps its own tables in the same file.
+
+Message ids are ``INTEGER PRIMARY KEY AUTOINCREMENT``: increasing and never
+reused, even after ``prune`` deleted the newest rows, so they are safe delivery
+cursors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, NamedTuple, Protocol, TypeAlias
+
+from chatcli.errors import StorageError
+
+Fsync: TypeAlias = Literal["normal", "full"]
+#: One schema version: the SQL statements that take the previous version to it.
+Migration: TypeAlias = Sequence[str]
+
+#: How long a write waits for another connection's write lock (e.g. ``chatcli accounts add``
+#: while the server runs) before failing.
+BUSY_TIMEOUT_MS: Final = 5000
+#: Keep the WAL file from staying large after a burst (bytes).
+JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+
+# ---------------------------------------------------------------------------
+# The database file: connection settings and versioned migrations
+# ---------------------------------------------------------------------------
+
+
+def open_database(path: str | os.PathLike[str], fsync: Fsync = "normal") -> sqlite3.Connection:
+    """Open (creating if missing) a chatcli database file in WAL mode, in autocommit mode.
+
+    Transactions are explicit (``BEGIN IMMEDIATE`` … ``COMMIT``), so the sqlite3
+    module never opens one behind our back.
+    """
+    if fsync not in ("normal", "full"):
+        raise ValueError(f"fsync must be 'normal' or 'full', not {fsync!r}")
+    try:
+        # check_same_thread=False: the owner may hand the store to a worker thread; calls
+        # must still be serialised (one at a time), which the owner guarantees.
+        conn = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {os.fspath(path)!r}: {exc}") from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StorageError(f"database {os.fspath(path)!r} cannot use WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {fsync.upper()}")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StorageError(f"cannot use database {os.fspath(path)!r}: {exc}") from exc
+    except StorageError:
+        conn.close()
+        raise
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection, component: str) -> int:
+    """The schema version of ``component`` recorded in the file (0 when absent)."""
+    try:
+        row = conn.execute("SELECT version FROM schema_versions WHERE component = ?", (component,)).fetchone()
+    except sqlite3.OperationalError:  # no schema_versions table yet: a new file
+        return 0
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[Migration]) -> list[int]:
+    """Bring ``component``'s tables to version ``len(migrations)``; the versions applied.
+
+    ``migrations[0]`` creates version 1, ``migrations[1]`` takes 1 to 2, and so on:
+    add a new entry for a change, never edit a released one. Runs in one write
+    transaction, re-checked under the lock, so two processes opening a new file at
+    once migrate it exactly once. An up-to-date file costs one read, no lock.
+    """
+    try:
+        if schema_version(conn, component) == len(migrations):
+            return []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            applied = _apply_migrations(conn, component, migrations)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot migrate the {component} schema: {exc}") from exc
+    return applied
+
+
+def _apply_migrations(conn: sqlite3.Connection, component: str, migrations: Sequence[Migration]) -> list[int]:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+    )
+    current = schema_version(conn, component)
+    if current > len(migrations):
+        raise StorageError(
+            f"the database's {component} schema is v{current}, newer than this chatcli knows "
+            f"(v{len(migrations)}): upgrade chatcli"
+        )
+    for version in range(current + 1, len(migrations) + 1):
+        for statement in migrations[version - 1]:
+            conn.execute(statement)
+    conn.execute(
+        "INSERT INTO schema_versions (component, version) VALUES (?, ?) "
+        "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+        (component, len(migrations)),
+    )
+    return list(range(current + 1, len(migrations) + 1))
+
+
+# ---------------------------------------------------------------------------
+# Records and the interface
+# ---------------------------------------------------------------------------
+
+
+class NewMessage(NamedTuple):
+    """A message accepted by the relay, not stored yet.
+
+    A tuple so that a batch goes to ``executemany`` as it is, with no per-row copy.
+    """
+
+    sender: str
+    recipient: str
+    text: str
+    ts: float  # epoch seconds when the server accepted it
+    client_id: str | None = None  # the sender's idempotency key, if it gave one
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: int  # increasing, never reused: a delivery cursor
+    sender: str
+    recipient: str
+    text: str
+    ts: float
+    client_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """The stored message; for a retried (sender, client_id), the ORIGINAL one, with ``duplicate``."""
+
+    message: StoredMessage
+    duplicate: bool
+
+
+class MessageStore(Protocol):
+    """What the relay needs from durable storage (SQLite now; Redis could follow)."""
+
+    def append(self, batch: Sequence[NewMessage]) -> list[AppendResult]: ...
+    def cursor(self, user: str) -> int: ...
+    def advance_cursor(self, user: str, msg_id: int) -> None: ...
+    def advance_cursors(self, cursors: Mapping[str, int]) -> None: ...
+    def pending(self, user: str, after_id: int | None = None, limit: int = 1000) -> list[StoredMessage]: ...
+    def messages_to(
+        self, user: str, after_id: int | None = None, since_ts: float | None = None, limit: int = 1000
+    ) -> list[StoredMessage]: ...
+    def history(
+        self, user: str, peer: str, limit: int = 50, before_id: int | None = None
+    ) -> list[StoredMessage]: ...
+    def prune(self, older_than_ts: float) -> int: ...
+    def size_bytes(self) -> int: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------
+# SQLite
+# ---------------------------------------------------------------------------
+
+MESSAGES_COMPONENT: Final = "messages"
+MESSAGE_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    # v1
+    (
+        """CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            sender TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            text TEXT NOT NULL,
+            ts REAL NOT NULL,
+            client_id TEXT
+        )""",
+        # pending / messages_to / history: one range scan per recipient, in id order.
+        "CREATE INDEX messages_by_recipient ON messages (recipient, id)",
+        # Idempotent retries; partial, so messages without a client id cost nothing here.
+        "CREATE UNIQUE INDEX messages_by_client_id ON messages (sender, client_id) "
+        "WHERE client_id IS NOT NULL",
+        "CREATE TABLE cursors (user TEXT PRIMARY KEY, last_id INTEGER NOT NULL) WITHOUT ROWID",
+    ),
+    # v2 goes here, e.g. ("ALTER TABLE messages ADD COLUMN edited_ts REAL",).
+)
+
+_COLUMNS: Final = "id, sender, recipient, text, ts, client_id"
+# DO NOTHING turns a retried (sender, client_id) into a skipped row, which ``rowcount`` reveals.
+_INSERT: Final = (
+    "INSERT INTO messages (sender, recipient, text, ts, client_id) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT DO NOTHING"
+)
+_ADVANCE: Final = (
+    "INSERT INTO cursors (user, last_id) VALUES (?, ?) "
+    "ON CONFLICT (user) DO UPDATE SET last_id = excluded.last_id WHERE excluded.last_id > cursors.last_id"
+)
+
+_Row: TypeAlias = tuple[int, str, str, str, float, "str | None"]
+
+
+def _message(row: _Row) -> StoredMessage:
+    return StoredMessage(*row)
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
+
+
+class SQLiteStore:
+    """``MessageStore`` in a SQLite file. Not thread-safe: one call at a time."""
+
+    def __init__(self, path: str | os.PathLike[str], fsync: Fsync = "normal") -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self._conn = open_database(path, fsync)
+        try:
+            migrate(self._conn, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- writing -----------------------------------------------------------
+
+    def append(self, batch: Sequence[NewMessage]) -> list[AppendResult]:
+        """Store a batch in ONE transaction; results in batch order.
+
+        A (sender, client_id) already stored, earlier in the file or earlier in the
+        batch, stores nothing and returns the original message with ``duplicate=True``.
+        On error nothing of the batch is stored and ``StorageError`` is raised.
+        """
+        if not batch:
+            return []
+        try:
+            results = self._append_fast(batch)
+            if results is None:
+                results = self._append_deduplicating(batch)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot store {len(batch)} message(s): {exc}") from exc
+        return results
+
+    def _append_fast(self, batch: Sequence[NewMessage]) -> list[AppendResult] | None:
+        """Insert everything with one executemany; None (rolled back) if any row was a duplicate.
+
+        Under the write lock AUTOINCREMENT hands out consecutive ids, so when every
+        row went in, the ids are the last one and the ``len(batch) - 1`` before it:
+        no RETURNING and no per-row SELECT.
+        """
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            inserted = conn.executemany(_INSERT, batch).rowcount
+            if inserted != len(batch):
+                conn.execute("ROLLBACK")
+                return None
+            last_id: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        first_id = last_id - len(batch) + 1
+        return [AppendResult(StoredMessage(first_id + i, *message), False) for i, message in enumerate(batch)]
+
+    def _append_deduplicating(self, batch: Sequence[NewMessage]) -> list[AppendResult]:
+        """The rare path for batches holding retries: look each client id up, insert row by row."""
+        conn = self._conn
+        seen: dict[tuple[str, str], StoredMessage] = {}
+        results: list[AppendResult] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for message in batch:
+                key = None if message.client_id is None else (message.sender, message.client_id)
+                original = None if key is None else seen.get(key) or self._by_client_id(*key)
+                if original is not None:
+                    results.append(AppendResult(original, True))
+                    continue
+                cursor = conn.execute(_INSERT, message)
+                stored = StoredMessage(int(cursor.lastrowid or 0), *message)
+                if key is not None:
+                    seen[key] = stored
+                results.append(AppendResult(stored, False))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    def _by_client_id(self, sender: str, client_id: str) -> StoredMessage | None:
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE sender = ? AND client_id = ?", (sender, client_id)
+        ).fetchone()
+        return None if row is None else _message(row)
+
+    # -- delivery cursors --------------------------------------------------
+
+    def cursor(self, user: str) -> int:
+        """The highest message id ``user`` acknowledged (0 if none)."""
+        row = self._conn.execute("SELECT last_id FROM cursors WHERE user = ?", (user,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def advance_cursor(self, user: str, msg_id: int) -> None:
+        """Move ``user``'s cursor to ``msg_id``; a lower id than the current one changes nothing."""
+        self.advance_cursors({user: msg_id})
+
+    def advance_cursors(self, cursors: Mapping[str, int]) -> None:
+        """``advance_cursor`` for many users in one transaction."""
+        if not cursors:
+            return
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_ADVANCE, cursors.items())
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot advance delivery cursors: {exc}") from exc
+
+    # -- reading -----------------------------------------------------------
+
+    def pending(self, user: str, after_id: int | None = None, limit: int = 1000) -> list[StoredMessage]:
+        """Messages to ``user`` after ``after_id`` (default: the user's cursor), oldest first."""
+        start = self.cursor(user) if after_id is None else after_id
+        return self.messages_to(user, after_id=start, limit=limit)
+
+    def messages_to(
+        self, user: str, after_id: int | None = None, since_ts: float | None = None, limit: int = 1000
+    ) -> list[StoredMessage]:
+        """Messages to ``user`` with id > ``after_id`` and ts >= ``since_ts`` (if given), oldest first."""
+        _check_limit(limit)
+        rows = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE recipient = ? AND id > ? AND ts >= ? ORDER BY id LIMIT ?",
+            (user, after_id or 0, float("-inf") if since_ts is None else since_ts, limit),
+        ).fetchall()
+        return [_message(row) for row in rows]
+
+    def history(
+        self, user: str, peer: str, limit: int = 50, before_id: int | None = None
+    ) -> list[StoredMessage]:
+        """The last ``limit`` messages between ``user`` and ``peer`` (both ways), oldest first.
+
+        ``before_id`` pages back: only messages with a smaller id count.
+        """
+        _check_limit(limit)
+        # One descending index scan per direction, each stopping after `limit` rows.
+        one_way = (
+            f"SELECT {_COLUMNS} FROM messages WHERE recipient = ? AND sender = ? AND id < ? "
+            "ORDER BY id DESC LIMIT ?"
+        )
+        before = before_id if before_id is not None else 2**63 - 1
+        params: tuple[object, ...]
+        if user == peer:
+            sql, params = one_way, (user, user, before, limit)
+        else:
+            sql = f"SELECT * FROM ({one_way}) UNION ALL SELECT * FROM ({one_way}) ORDER BY id DESC LIMIT ?"
+            params = (peer, user, before, limit, user, peer, before, limit, limit)
+        rows = self._conn.execute(sql, params).fetchall()
+        return [_message(row) for row in reversed(rows)]
+
+    # -- maintenance -------------------------------------------------------
+
+    def prune(self, older_than_ts: float) -> int:
+        """Delete messages with ts < ``older_than_ts``; how many. Scans the table: run it rarely."""
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = conn.execute("DELETE FROM messages WHERE ts < ?", (older_than_ts,)).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot prune messages: {exc}") from exc
+        return deleted
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the database file plus its write-ahead log."""
+        total = 0
+        for file in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += file.stat().st_size
+        return total
+
+    def close(self) -> None:
+        """Close the file; further calls fail. Closing twice is harmless."""
+        # Already closed, or the file went away: closing is all that is left to do.
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA optimize")
+        self._conn.close()

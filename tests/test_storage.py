@@ -1,0 +1,274 @@
+"""The SQLite message store, on real database files."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chatcli.errors import StorageError
+from chatcli.server.storage import (
+    MESSAGE_MIGRATIONS,
+    MESSAGES_COMPONENT,
+    NewMessage,
+    SQLiteStore,
+    StoredMessage,
+    migrate,
+    open_database,
+    schema_version,
+)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "chat.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SQLiteStore]:
+    with SQLiteStore(db_path) as opened:
+        yield opened
+
+
+def msg(
+    sender: str, recipient: str, text: str, ts: float = 1000.0, client_id: str | None = None
+) -> NewMessage:
+    return NewMessage(sender, recipient, text, ts, client_id)
+
+
+def texts(messages: list[StoredMessage]) -> list[str]:
+    return [m.text for m in messages]
+
+
+# -- append ------------------------------------------------------------------
+
+
+def test_append_returns_increasing_ids_and_the_stored_fields(store: SQLiteStore) -> None:
+    first = store.append([msg("alice", "bob", "one", 1.5), msg("bob", "alice", "two", 2.5, "c-1")])
+    second = store.append([msg("alice", "bob", "three")])
+
+    ids = [r.message.id for r in first + second]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert not any(r.duplicate for r in first + second)
+    assert first[1].message == StoredMessage(ids[1], "bob", "alice", "two", 2.5, "c-1")
+    # The ids handed back are the ids in the file.
+    assert store.history("alice", "bob") == [r.message for r in first + second]
+
+
+def test_empty_batch_stores_nothing(store: SQLiteStore) -> None:
+    assert store.append([]) == []
+    assert store.messages_to("bob") == []
+
+
+def test_a_batch_is_one_transaction_a_bad_row_stores_none_of_it(store: SQLiteStore) -> None:
+    store.append([msg("alice", "bob", "before")])
+    bad = NewMessage("alice", "bob", None, 1.0, None)  # type: ignore[arg-type]  # NOT NULL text
+
+    with pytest.raises(StorageError):
+        store.append([msg("alice", "bob", "lost 1"), bad, msg("alice", "bob", "lost 2")])
+
+    assert texts(store.messages_to("bob")) == ["before"]
+    # The store is still usable after the failed batch.
+    store.append([msg("alice", "bob", "after")])
+    assert texts(store.messages_to("bob")) == ["before", "after"]
+
+
+def test_retry_with_the_same_client_id_returns_the_original(store: SQLiteStore) -> None:
+    (original,) = store.append([msg("alice", "bob", "hi", 1.0, "k1")])
+    retry, fresh = store.append(
+        [msg("alice", "bob", "hi again", 2.0, "k1"), msg("alice", "bob", "new", 3.0, "k2")]
+    )
+
+    assert retry.duplicate and retry.message == original.message
+    assert not fresh.duplicate and fresh.message.id > original.message.id
+    assert texts(store.messages_to("bob")) == ["hi", "new"]
+
+
+def test_duplicates_within_one_batch_are_stored_once(store: SQLiteStore) -> None:
+    results = store.append(
+        [
+            msg("alice", "bob", "a", client_id="k1"),
+            msg("alice", "bob", "b"),
+            msg("alice", "bob", "a (retry)", client_id="k1"),
+            msg("alice", "bob", "c"),
+        ]
+    )
+
+    assert [r.duplicate for r in results] == [False, False, True, False]
+    assert results[2].message == results[0].message
+    assert texts(store.messages_to("bob")) == ["a", "b", "c"]
+    ids = [results[i].message.id for i in (0, 1, 3)]
+    assert ids == sorted(ids)
+
+
+def test_client_ids_are_per_sender(store: SQLiteStore) -> None:
+    results = store.append(
+        [msg("alice", "carol", "from alice", client_id="k"), msg("bob", "carol", "from bob", client_id="k")]
+    )
+    assert not any(r.duplicate for r in results)
+    assert texts(store.messages_to("carol")) == ["from alice", "from bob"]
+
+
+# -- cursors and reading ---------------------------------------------------------
+
+
+def test_cursor_starts_at_zero_and_never_moves_back(store: SQLiteStore) -> None:
+    assert store.cursor("bob") == 0
+    store.advance_cursor("bob", 7)
+    store.advance_cursor("bob", 3)
+    assert store.cursor("bob") == 7
+
+    store.advance_cursors({"bob": 5, "carol": 2, "dave": 9})
+    assert (store.cursor("bob"), store.cursor("carol"), store.cursor("dave")) == (7, 2, 9)
+    store.advance_cursors({"bob": 8})
+    assert store.cursor("bob") == 8
+
+
+def test_pending_is_what_follows_the_cursor_in_order(store: SQLiteStore) -> None:
+    results = store.append([msg("alice", "bob", f"m{i}") for i in range(5)] + [msg("bob", "alice", "reply")])
+    ids = [r.message.id for r in results]
+
+    assert texts(store.pending("bob")) == ["m0", "m1", "m2", "m3", "m4"]
+    store.advance_cursor("bob", ids[1])
+    assert texts(store.pending("bob")) == ["m2", "m3", "m4"]
+    assert texts(store.pending("bob", limit=2)) == ["m2", "m3"]
+    assert texts(store.pending("bob", after_id=ids[3])) == ["m4"]
+    assert texts(store.pending("alice")) == ["reply"]
+
+
+def test_messages_to_filters_by_id_and_time(store: SQLiteStore) -> None:
+    results = store.append([msg("alice", "bob", f"t{ts}", ts=float(ts)) for ts in (10, 20, 30, 40)])
+    ids = [r.message.id for r in results]
+
+    assert texts(store.messages_to("bob")) == ["t10", "t20", "t30", "t40"]
+    assert texts(store.messages_to("bob", since_ts=20.0)) == ["t20", "t30", "t40"]
+    assert texts(store.messages_to("bob", after_id=ids[2])) == ["t40"]
+    assert texts(store.messages_to("bob", after_id=ids[0], since_ts=30.0, limit=1)) == ["t30"]
+    assert store.messages_to("nobody") == []
+
+
+def test_history_is_the_last_messages_of_a_conversation_oldest_first(store: SQLiteStore) -> None:
+    batch = []
+    for i in range(6):
+        batch.append(msg("alice", "bob", f"a{i}") if i % 2 == 0 else msg("bob", "alice", f"b{i}"))
+        batch.append(msg("alice", "carol", f"other{i}"))
+        batch.append(msg("carol", "bob", f"other{i}"))
+    results = store.append(batch)
+    conversation = [r.message for r in results if {r.message.sender, r.message.recipient} == {"alice", "bob"}]
+
+    assert texts(store.history("alice", "bob")) == ["a0", "b1", "a2", "b3", "a4", "b5"]
+    assert store.history("bob", "alice") == store.history("alice", "bob")
+    assert texts(store.history("alice", "bob", limit=3)) == ["b3", "a4", "b5"]
+    assert texts(store.history("alice", "bob", limit=2, before_id=conversation[3].id)) == ["b1", "a2"]
+    assert store.history("alice", "nobody") == []
+
+
+def test_history_with_oneself_lists_each_message_once(store: SQLiteStore) -> None:
+    store.append([msg("alice", "alice", "note 1"), msg("alice", "alice", "note 2")])
+    assert texts(store.history("alice", "alice")) == ["note 1", "note 2"]
+
+
+def test_negative_limit_is_refused(store: SQLiteStore) -> None:
+    with pytest.raises(ValueError):
+        store.history("alice", "bob", limit=-1)
+
+
+# -- maintenance ---------------------------------------------------------------
+
+
+def test_prune_deletes_old_messages_and_ids_are_not_reused(store: SQLiteStore) -> None:
+    results = store.append([msg("alice", "bob", f"t{ts}", ts=float(ts)) for ts in (10, 20, 30)])
+    assert store.prune(older_than_ts=25.0) == 2
+    assert texts(store.messages_to("bob")) == ["t30"]
+
+    assert store.prune(older_than_ts=1e12) == 1
+    (later,) = store.append([msg("alice", "bob", "later")])
+    # A cursor pointing at a pruned id must still see newer messages.
+    assert later.message.id > results[-1].message.id
+
+
+def test_size_grows_with_messages(store: SQLiteStore) -> None:
+    before = store.size_bytes()
+    store.append([msg("alice", "bob", "x" * 1000) for _ in range(200)])
+    assert store.size_bytes() > before + 200 * 1000
+
+
+# -- the file --------------------------------------------------------------------
+
+
+def test_reopening_keeps_messages_and_cursors(db_path: Path) -> None:
+    with SQLiteStore(db_path, fsync="full") as store:
+        store.append([msg("alice", "bob", "kept", client_id="k1")])
+        store.advance_cursor("bob", 1)
+    with SQLiteStore(db_path) as store:
+        assert texts(store.messages_to("bob")) == ["kept"]
+        assert store.cursor("bob") == 1
+        (retry,) = store.append([msg("alice", "bob", "kept", client_id="k1")])
+        assert retry.duplicate
+
+
+def test_a_killed_process_keeps_what_append_returned(db_path: Path) -> None:
+    child = textwrap.dedent(
+        """
+        import os, sys
+        from chatcli.server.storage import NewMessage, SQLiteStore
+        store = SQLiteStore(sys.argv[1])
+        store.append([NewMessage("alice", "bob", f"m{i}", 1.0, None) for i in range(100)])
+        store.append([NewMessage("alice", "bob", "last", 2.0, "k")])
+        print("done", flush=True)
+        os.kill(os.getpid(), 9)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", child, str(db_path)], capture_output=True, text=True, timeout=30
+    )
+
+    assert proc.stdout == "done\n", proc.stderr
+    assert proc.returncode == -9
+    with SQLiteStore(db_path) as store:
+        stored = store.messages_to("bob")
+    assert len(stored) == 101 and stored[-1].text == "last"
+
+
+def test_schema_version_is_recorded_and_not_redone(db_path: Path) -> None:
+    SQLiteStore(db_path).close()
+    conn = open_database(db_path)
+    try:
+        assert schema_version(conn, MESSAGES_COMPONENT) == len(MESSAGE_MIGRATIONS) == 1
+        assert migrate(conn, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS) == []
+    finally:
+        conn.close()
+
+
+def test_a_new_migration_upgrades_an_existing_file_once(db_path: Path) -> None:
+    with SQLiteStore(db_path) as store:
+        store.append([msg("alice", "bob", "from v1")])
+    v2 = (*MESSAGE_MIGRATIONS, ("ALTER TABLE messages ADD COLUMN edited_ts REAL",))
+    conn = open_database(db_path)
+    try:
+        assert migrate(conn, MESSAGES_COMPONENT, v2) == [2]
+        assert migrate(conn, MESSAGES_COMPONENT, v2) == []
+        assert conn.execute("SELECT text, edited_ts FROM messages").fetchall() == [("from v1", None)]
+    finally:
+        conn.close()
+
+
+def test_a_file_from_a_newer_chatcli_is_refused(db_path: Path) -> None:
+    SQLiteStore(db_path).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE schema_versions SET version = 99 WHERE component = 'messages'")
+    conn.close()
+
+    with pytest.raises(StorageError, match="newer"):
+        SQLiteStore(db_path)
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(db_path: Path) -> None:
+    db_path.write_bytes(b"this is a text file, not SQLite\n" * 100)
+    with pytest.raises(StorageError, match=r"chat\.db"):
+        SQLiteStore(db_path)
