@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -712,3 +714,39 @@ def test_app_throws_on_undecodable_frames(frame: str) -> None:
 def test_app_throws_without_string_author_and_text(frame: str) -> None:
     with pytest.raises(RemoteProtocolError, match="needs string userid and msgtext"):
         decode_legacy_message(frame)
+
+
+# ---------------------------------------------------------------------------
+# docs/protocol.md shows what the code does
+# ---------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def _doc_json_examples() -> list[str]:
+    blocks = re.findall(r"```json\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+    return [line for block in blocks for line in block.splitlines() if line]
+
+
+def test_doc_json_examples_are_exact_encodings() -> None:
+    examples = _doc_json_examples()
+    assert {json.loads(line)["type"] for line in examples} == {"hello", "send", "ack", "message", "error"}
+    for line in examples:
+        parse = parse_client_frame if json.loads(line)["type"] == "send" else parse_server_frame
+        assert encode(parse(line)) == line
+
+
+def test_doc_legacy_examples_are_exact() -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    indented = [line[4:] for line in doc.splitlines() if line.startswith("    {'")]
+    assert indented == [
+        encode_legacy_send("bob", "it's 5 o'clock"),
+        encode_legacy_message("alice", "it's 5 o'clock"),
+        encode_legacy_message("alice", 'a "quote", a \\ and\na newline'),
+    ]
+    assert decode_legacy_message(indented[1]) == ("alice", "it's 5 o'clock")
+    assert f"`{indented[1].replace(chr(39), chr(34))}`" in doc
+    for inline in ('{"cmd":"send","auth":"addauthkeyifrequired","userid":"bob","msgtext":"hi"}',
+                   "{'cmd':'send','userid':'bob','msgtext':'hi','auth':'k'}"):
+        assert f"`{inline}`" in doc
+        assert parse_legacy_frame(inline).msgtext == "hi"
