@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import sys
 from enum import Enum
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from chatcli import __version__
 from chatcli.errors import ExitStatus, exit_status_for
+
+if TYPE_CHECKING:
+    from chatcli.config import ClientSettings
+    from chatcli.protocol import Ack, Message
 
 app = typer.Typer(
     name="chatcli",
@@ -69,6 +74,116 @@ def serve(
     config = ServerConfig.build(host=host, ws_port=ws_port, http_port=http_port, auth_key=auth_key,
                                 max_text_bytes=max_text_bytes)
     run(config, log_level=log_level.value, log_format=log_format.value)
+
+
+# ---------------------------------------------------------------------------
+# Client commands: send, listen, chat. Settings resolve as flag > environment >
+# profile > default (chatcli.config); imports are lazy so `send` and `listen`
+# never load prompt_toolkit or Rich.
+# ---------------------------------------------------------------------------
+
+UrlOption = Annotated[str | None, typer.Option(
+    "--url", help="Server URL [env CHATCLI_URL; default ws://127.0.0.1:6060].", show_default=False)]
+AuthKeyOption = Annotated[str | None, typer.Option(
+    "--auth-key", help="Shared key. Visible to other local users in argv: prefer CHATCLI_AUTH_KEY "
+    "or --auth-key-file.", show_default=False)]
+AuthKeyFileOption = Annotated[Path | None, typer.Option(
+    "--auth-key-file", help="Read the shared key from this file.", show_default=False, dir_okay=False)]
+ProfileOption = Annotated[str | None, typer.Option(
+    "--profile", help="Profile from $XDG_CONFIG_HOME/chatcli/config.toml [env CHATCLI_PROFILE].",
+    show_default=False)]
+TimeoutOption = Annotated[float | None, typer.Option(
+    "--timeout", min=0.001, help="Seconds to wait for the server (connect, each ack) [default: 10].",
+    show_default=False)]
+MeArgument = Annotated[str, typer.Argument(metavar="ME", help="Your user id.", show_default=False)]
+PeerArgument = Annotated[str, typer.Argument(metavar="PEER", help="The other user's id.", show_default=False)]
+
+
+def _settings(url: str | None, auth_key: str | None, auth_key_file: Path | None, timeout: float | None,
+              profile: str | None) -> ClientSettings:
+    from chatcli.config import resolve_settings
+
+    return resolve_settings(url=url, auth_key=auth_key, auth_key_file=auth_key_file, timeout=timeout,
+                            profile=profile)
+
+
+@app.command()
+def send(
+    me: MeArgument,
+    peer: PeerArgument,
+    text: Annotated[str | None, typer.Argument(
+        metavar="TEXT", help="The message; omitted or '-' reads it from stdin.", show_default=False)] = None,
+    lines: Annotated[bool, typer.Option("--lines", help="Send each stdin line as its own message.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print each ack as a JSON line.")] = False,
+    url: UrlOption = None,
+    auth_key: AuthKeyOption = None,
+    auth_key_file: AuthKeyFileOption = None,
+    timeout: TimeoutOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Send a message to PEER; exit 0 once the server acknowledged it."""
+    import asyncio
+
+    from chatcli import client, render
+
+    settings = _settings(url, auth_key, auth_key_file, timeout, profile)
+    texts = client.read_texts(text, lines=lines, stdin=sys.stdin)
+
+    def on_ack(ack: Ack) -> None:
+        if json_output:
+            render.write_line(sys.stdout, render.ack_json(ack, peer))
+
+    asyncio.run(client.send_messages(settings, me, peer, texts, on_ack))
+
+
+@app.command()
+def listen(
+    me: MeArgument,
+    count: Annotated[int | None, typer.Option(
+        "--count", min=1, help="Exit 0 after this many messages.", show_default=False)] = None,
+    duration: Annotated[float | None, typer.Option(
+        "--timeout", min=0.001, help="Stop after this many seconds (exit 6 if --count was not reached).",
+        show_default=False)] = None,
+    sender: Annotated[str | None, typer.Option(
+        "--from", metavar="PEER", help="Only messages from PEER.", show_default=False)] = None,
+    no_reconnect: Annotated[bool, typer.Option(
+        "--no-reconnect", help="Exit 3 when the connection fails instead of retrying.")] = False,
+    url: UrlOption = None,
+    auth_key: AuthKeyOption = None,
+    auth_key_file: AuthKeyFileOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Print each incoming message as a JSON line: {"id", "from", "to", "text", "ts"}."""
+    import asyncio
+
+    from chatcli import client, render
+
+    settings = _settings(url, auth_key, auth_key_file, None, profile)
+    options = client.ListenOptions(count=count, duration=duration, sender=sender, reconnect=not no_reconnect)
+
+    def on_message(message: Message) -> None:
+        render.write_line(sys.stdout, render.message_json(message))
+
+    def notice(text: str) -> None:
+        print(f"chatcli: {text}", file=sys.stderr, flush=True)
+
+    asyncio.run(client.listen(settings, me, options, on_message, notice))
+
+
+@app.command()
+def chat(
+    me: MeArgument,
+    peer: PeerArgument,
+    url: UrlOption = None,
+    auth_key: AuthKeyOption = None,
+    auth_key_file: AuthKeyFileOption = None,
+    timeout: TimeoutOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Chat with PEER in an interactive prompt (Enter sends, Alt+Enter adds a newline, Ctrl-D leaves)."""
+    from chatcli import repl
+
+    repl.chat(_settings(url, auth_key, auth_key_file, timeout, profile), me, peer)
 
 
 def main() -> None:

@@ -1,0 +1,202 @@
+"""What the clients show: JSON lines, chat lines and the status line.
+
+Rich is used only here, and imported only by the functions that draw with it,
+so ``send`` and ``listen`` (JSON and plain text) start without loading it.
+Text from the network goes through ``safe_text`` before it reaches a terminal:
+a message cannot move the cursor, retitle the window or clear the screen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TextIO
+
+from chatcli.errors import LocalProtocolError
+from chatcli.protocol import Ack, Message, parse_ts
+
+if TYPE_CHECKING:
+    from rich.text import Text
+
+# C0 controls except \t and \n, DEL, C1 controls, and the bidi overrides/isolates
+# that can make a line read differently from what it contains.
+_UNSAFE: Final = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)  # ␛ for ESC, ␍ for CR, …
+    if code == 0x7F:
+        return "\u2421"  # ␡
+    return f"<U+{code:04X}>"
+
+
+def safe_text(text: str) -> str:
+    """``text`` with every terminal control character replaced by a visible stand-in."""
+    return _UNSAFE.sub(_visible, text)
+
+
+# ---------------------------------------------------------------------------
+# JSON lines (send --json, listen): no Rich
+# ---------------------------------------------------------------------------
+
+
+def message_json(message: Message) -> str:
+    """The stable ``listen`` line: ``{"id", "from", "to", "text", "ts"}``; JSON escapes every control."""
+    return json.dumps({"id": message.id, "from": message.sender, "to": message.to, "text": message.text,
+                       "ts": message.ts}, ensure_ascii=False)
+
+
+def ack_json(ack: Ack, to: str) -> str:
+    """A ``send --json`` line: the ack's fields, ``to`` added."""
+    fields = ack.to_dict()
+    del fields["type"]
+    return json.dumps({**fields, "to": to}, ensure_ascii=False)
+
+
+def write_line(stream: TextIO, line: str) -> None:
+    """Write one line and flush it at once.
+
+    If the reader has gone (``| head -1``), stdout is pointed at /dev/null so the
+    interpreter's final flush stays quiet, and ``BrokenPipeError`` is re-raised
+    for the caller to stop.
+    """
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# The chat screen (Rich)
+# ---------------------------------------------------------------------------
+
+_AUTHOR_COLOURS: Final = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan",
+                          "bright_magenta")
+
+
+def wants_colour(stream: TextIO) -> bool:
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set (https://no-color.org)."""
+    return not os.environ.get("NO_COLOR") and stream.isatty()
+
+
+def _to_ansi(text: Text, colour: bool, width: int = 10_000) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+
+    buffer = StringIO()
+    console = Console(file=buffer, force_terminal=colour, no_color=not colour, width=width,
+                      color_system="standard" if colour else None, highlight=False, soft_wrap=True)
+    console.print(text, end="")
+    return buffer.getvalue()
+
+
+def _clock(ts: str | None) -> str:
+    try:
+        moment = parse_ts(ts) if ts else time.time()
+    except LocalProtocolError:
+        moment = time.time()
+    return time.strftime("%H:%M", time.localtime(moment))
+
+
+def author_colour(user: str) -> str:
+    """The same colour for the same user in every session."""
+    return _AUTHOR_COLOURS[zlib.crc32(user.encode()) % len(_AUTHOR_COLOURS)]
+
+
+def _chat_line(clock: str, author: str, style: str, text: str) -> Text:
+    from rich.text import Text
+
+    line = Text()
+    line.append(clock + " ", style="dim")
+    line.append(author, style=f"bold {style}")
+    line.append(": ")
+    # Continuation lines of a multi-line message are indented under the text.
+    indent = "\n" + " " * (len(clock) + len(author) + 3)
+    line.append(safe_text(text).replace("\n", indent))
+    return line
+
+
+def message_ansi(message: Message, *, colour: bool) -> str:
+    """An incoming message: ``HH:MM author: text``, the author in their colour."""
+    return _to_ansi(_chat_line(_clock(message.ts), safe_text(message.sender), author_colour(message.sender),
+                               message.text), colour)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one of our messages."""
+
+    status: str  # "delivered", "stored" or "refused"
+    reason: str | None = None
+    ts: str | None = None
+
+
+def own_message_ansi(me: str, text: str, outcome: Outcome, *, colour: bool) -> str:
+    """Our message once the server answered: ``HH:MM me: text  ✓ delivered`` or ``✗ refused (offline)``."""
+    line = _chat_line(_clock(outcome.ts), me, "white", text)
+    if outcome.status == "refused":
+        line.append(f"  ✗ refused ({safe_text(outcome.reason or 'no reason')})", style="bold red")
+    else:
+        line.append(f"  ✓ {outcome.status}", style="green")
+    return _to_ansi(line, colour)
+
+
+def notice_ansi(text: str, *, colour: bool) -> str:
+    """A line from chatcli itself (help, errors), set apart from messages."""
+    from rich.text import Text
+
+    return _to_ansi(Text("-- " + safe_text(text), style="dim italic"), colour)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    """Everything the status line shows."""
+
+    state: str  # "connecting", "connected", "reconnecting", "authentication refused"
+    url: str
+    me: str
+    peer: str
+    retry_in: float | None = None
+    pending: tuple[str, ...] = ()
+
+
+_STATE_STYLES: Final = {"connected": "bold green", "connecting": "bold yellow", "reconnecting": "bold yellow"}
+
+
+def status_text(view: StatusView) -> str:
+    """The status line as plain text (tests and non-colour terminals read the same words)."""
+    return _status(view).plain
+
+
+def status_ansi(view: StatusView, *, colour: bool, width: int = 10_000) -> str:
+    return _to_ansi(_status(view), colour, width)
+
+
+def _status(view: StatusView) -> Text:
+    from rich.text import Text
+
+    state = view.state
+    if state == "reconnecting" and view.retry_in is not None:
+        state = f"reconnecting in {max(0, round(view.retry_in))} s"
+    line = Text()
+    line.append(f"● {state}", style=_STATE_STYLES.get(view.state, "bold red"))
+    line.append(f"  {view.url}  ", style="dim")
+    line.append(f"{view.me} → {view.peer}", style="bold")
+    if view.pending:
+        line.append(f"  {len(view.pending)} pending", style="yellow")
+        for text in view.pending[-3:]:
+            first_line = safe_text(text).split("\n", 1)[0]
+            line.append(f"\n  … {first_line[:70]}", style="yellow")
+    return line
+

@@ -1,0 +1,220 @@
+"""``chatcli chat``: a prompt_toolkit REPL beside a reconnecting session.
+
+The only module that imports prompt_toolkit. Two tasks share one event loop:
+the prompt (``prompt_async`` inside ``patch_stdout``, so lines printed by the
+other task appear above the input without disturbing it) and ``ChatClient.run``,
+which keeps a session open, sends what was typed, and prints what arrives.
+
+Our messages wait in ``pending`` until the server acknowledges them; whatever
+is pending when a session opens is sent on it, so text typed while offline
+goes out on reconnect. The status line lists them until their ack comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from contextlib import suppress
+from typing import TYPE_CHECKING, Final
+
+from chatcli import render
+from chatcli.client import Backoff, Session, open_session
+from chatcli.config import ClientSettings, state_dir
+from chatcli.errors import AuthError, ConnectError, RefusedError, UsageError
+from chatcli.protocol import Ack, Error, Message, Send, ServerFrame, check_user_id
+
+if TYPE_CHECKING:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import History
+    from prompt_toolkit.input import Input
+    from prompt_toolkit.output import Output
+
+HELP: Final = (
+    "Enter sends · Alt+Enter (or Esc, Enter) adds a newline · Ctrl-D or /quit leaves",
+    "/help shows this · //text sends '/text' · messages typed while offline are sent on reconnect",
+)
+
+
+class ChatClient:
+    """The session side of the chat: connection state, pending messages, what to print."""
+
+    def __init__(self, settings: ClientSettings, me: str, peer: str, *, colour: bool,
+                 show: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self.me = me
+        self.peer = peer
+        self.colour = colour
+        self.show = show
+        self.on_change: Callable[[], None] = lambda: None
+        self.state = "connecting"
+        self.retry_at: float | None = None
+        self.pending: dict[str, str] = {}  # client id → text, in typing order
+        self.auth_error: AuthError | None = None
+        self._session: Session | None = None
+        self._sent: set[str] = set()  # ids sent on the current session
+
+    def view(self) -> render.StatusView:
+        retry_in = None
+        if self.retry_at is not None:
+            retry_in = max(0.0, self.retry_at - asyncio.get_running_loop().time())
+        return render.StatusView(self.state, self.settings.url, self.me, self.peer, retry_in,
+                                 tuple(self.pending.values()))
+
+    def _set_state(self, state: str, retry_at: float | None = None) -> None:
+        self.state, self.retry_at = state, retry_at
+        self.on_change()
+
+    def notice(self, text: str) -> None:
+        self.show(render.notice_ansi(text, colour=self.colour))
+
+    async def run(self) -> None:
+        """Stay connected until cancelled, or until the server refuses our credentials."""
+        backoff = Backoff()
+        while True:
+            try:
+                async with open_session(self.settings, self.me) as session:
+                    backoff.reset()
+                    await self._serve(session)
+            except AuthError as exc:
+                self._session = None
+                self.auth_error = exc
+                self._set_state("authentication refused")
+                self.notice(f"{exc}; /quit to leave")
+                return
+            except ConnectError as exc:
+                self._session = None
+                await self._wait_to_retry(backoff.next_delay(), str(exc))
+
+    async def _serve(self, session: Session) -> None:
+        self._session, self._sent = session, set()
+        self._set_state("connected")
+        for client_id in list(self.pending):
+            await self._send(session, client_id)
+        async for frame in session.frames():
+            self._handle(frame)
+
+    async def _wait_to_retry(self, delay: float, why: str) -> None:
+        loop = asyncio.get_running_loop()
+        retry_at = loop.time() + delay
+        self._set_state("reconnecting", retry_at)
+        self.notice(f"{why}; reconnecting in {delay:.1f} s")
+        while (left := retry_at - loop.time()) > 0:
+            await asyncio.sleep(min(left, 1.0))
+            self.on_change()  # the countdown on the status line
+        self._set_state("connecting")
+
+    async def submit(self, text: str) -> None:
+        """Queue a message and send it now if a session is open."""
+        client_id = Session.new_id()
+        self.pending[client_id] = text
+        self.on_change()
+        if self._session is not None:
+            await self._send(self._session, client_id)
+
+    async def _send(self, session: Session, client_id: str) -> None:
+        if client_id in self._sent or client_id not in self.pending:
+            return
+        self._sent.add(client_id)
+        try:
+            await session.send_frame(Send(id=client_id, to=self.peer, text=self.pending[client_id]))
+        except RefusedError as exc:  # refused before sending, e.g. too large for this server
+            self._resolve(client_id, render.Outcome("refused", exc.reason))
+        except ConnectError:
+            pass  # still pending: the next session sends it
+
+    def _handle(self, frame: ServerFrame) -> None:
+        if isinstance(frame, Message):
+            self.show(render.message_ansi(frame, colour=self.colour))
+        elif isinstance(frame, Ack):
+            self._resolve(frame.id, render.Outcome(frame.status, frame.reason, frame.ts))
+        elif isinstance(frame, Error):
+            self.notice(f"server error {frame.code}: {frame.message}")
+
+    def _resolve(self, client_id: str, outcome: render.Outcome) -> None:
+        text = self.pending.pop(client_id, None)
+        if text is not None:
+            self.show(render.own_message_ansi(self.me, text, outcome, colour=self.colour))
+            self.on_change()
+
+
+def chat(settings: ClientSettings, me: str, peer: str, *, input: Input | None = None,
+         output: Output | None = None) -> None:
+    """Run the REPL until /quit or Ctrl-D; Ctrl-C ends it as an interruption (exit 130)."""
+    check_user_id(me)
+    check_user_id(peer)
+    if input is None and not sys.stdin.isatty():
+        raise UsageError("chat needs a terminal; in scripts use 'chatcli send' and 'chatcli listen'")
+    interrupted, client = asyncio.run(_chat(settings, me, peer, input, output))
+    if client.auth_error is not None:
+        raise client.auth_error
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+async def _chat(settings: ClientSettings, me: str, peer: str, input: Input | None,
+                output: Output | None) -> tuple[bool, ChatClient]:
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    colour = output is None and render.wants_colour(sys.stdout)
+    client = ChatClient(settings, me, peer, colour=colour)
+    with patch_stdout(raw=True):
+        prompt = _prompt_session(client, input, output)
+        client.on_change = prompt.app.invalidate
+        connection = asyncio.create_task(client.run())
+        try:
+            interrupted = await _read_loop(prompt, client)
+        finally:
+            connection.cancel()
+            with suppress(asyncio.CancelledError):
+                await connection
+    return interrupted, client
+
+
+async def _read_loop(prompt: PromptSession[str], client: ChatClient) -> bool:
+    """Read lines until the user leaves; True when that was Ctrl-C."""
+    while True:
+        try:
+            line = await prompt.prompt_async()
+        except EOFError:
+            return False
+        except KeyboardInterrupt:
+            return True
+        if line.strip() == "/quit":
+            return False
+        if line.strip() == "/help":
+            for text in HELP:
+                client.notice(text)
+        elif line.startswith("/") and not line.startswith("//"):
+            client.notice(f"unknown command {line.split()[0]!r}: /help lists them")
+        elif line.strip():
+            await client.submit(line[1:] if line.startswith("//") else line)
+
+
+def _prompt_session(client: ChatClient, input: Input | None, output: Output | None) -> PromptSession[str]:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.formatted_text import ANSI
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event: object) -> None:
+        event.current_buffer.insert_text("\n")  # type: ignore[attr-defined]
+
+    def toolbar() -> ANSI:
+        return ANSI(render.status_ansi(client.view(), colour=client.colour))
+
+    return PromptSession(f"{client.me}> ", history=_history(), bottom_toolbar=toolbar, key_bindings=bindings,
+                         multiline=False, input=input, output=output, erase_when_done=False)
+
+
+def _history() -> History:
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    directory = state_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return InMemoryHistory()  # a read-only home should not stop the chat
+    return FileHistory(str(directory / "history"))
