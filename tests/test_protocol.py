@@ -660,12 +660,12 @@ if HAS_HYPOTHESIS:
     _TEXTS = st.lists(st.sampled_from(_FRAGMENTS) | st.text(max_size=8), max_size=20).map("".join)
     _IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", fullmatch=True)
 
-    @settings(max_examples=400, deadline=None)
+    @settings(max_examples=400, deadline=None, database=None)
     @given(sender=_IDS, recipient=_IDS, text=_TEXTS | st.text())
     def test_legacy_round_trip_property(sender: str, recipient: str, text: str) -> None:
         assert _app_round_trip(sender, recipient, text) == (sender, text)
 
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=200, deadline=None, database=None)
     @given(cmd=st.text())
     def test_legacy_error_never_shorter_than_6_property(cmd: str) -> None:
         assert len(legacy_error(cmd)) >= 6
