@@ -22,7 +22,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
-from websockets.typing import Subprotocol
+from websockets.typing import BytesLike, Subprotocol
 
 from chatcli import __version__
 from chatcli import protocol as p
@@ -97,8 +97,9 @@ class WebSocketServer:
 class Connection(asyncio.Protocol):
     """One TCP connection: handshake, then a chat session once open."""
 
-    __slots__ = ("dirty", "fragment_is_text", "fragments", "legacy", "open_timer", "peer", "server", "session_id", "transport",
-                 "user", "ws")
+    # Slots: thousands of idle connections must stay under a few KB each.
+    __slots__ = ("dirty", "fragment_is_text", "fragments", "legacy", "open_timer", "peer", "server", "session_id",
+                 "transport", "user", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
@@ -110,7 +111,7 @@ class Connection(asyncio.Protocol):
         self.session_id = ""
         self.peer = ""
         self.dirty = False
-        self.fragments: list[bytes] | None = None
+        self.fragments: list[BytesLike] | None = None
         self.fragment_is_text = True
         self.open_timer: asyncio.TimerHandle | None = None
 
@@ -276,7 +277,7 @@ class Connection(asyncio.Protocol):
                 data, self.fragments = b"".join(self.fragments), None
                 self._on_message(self.fragment_is_text, data)
 
-    def _on_message(self, is_text: bool, data: bytes) -> None:
+    def _on_message(self, is_text: bool, data: BytesLike) -> None:
         if self.ws.state is not _OPEN:
             return
         relay = self.server.relay
@@ -284,7 +285,7 @@ class Connection(asyncio.Protocol):
             relay.on_binary(self)
             return
         try:
-            text = data.decode()
+            text = str(data, "utf-8")
         except UnicodeDecodeError:
             self.server.metrics.error("bad-utf8")
             self.ws.fail(1007, "invalid UTF-8 in a text frame")

@@ -1,0 +1,108 @@
+"""Test clients: a native chatcli.v1 client, a stand-in for the seed Flutter app, and a raw socket."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import struct
+from typing import Any
+
+from websockets.sync.client import ClientConnection, connect
+
+from chatcli import protocol as p
+
+
+def native(url: str, user: str, key: str = p.DEFAULT_AUTH_KEY, **kwargs: Any) -> tuple[ClientConnection, p.Hello]:
+    """Open a native session and return it with the server's hello."""
+    ws = connect(f"{url}/{user}", subprotocols=[p.SUBPROTOCOL],  # type: ignore[list-item]
+                 additional_headers={"Authorization": f"Bearer {key}"}, open_timeout=5, legacy=True, **kwargs)
+    hello = p.parse_server_frame(ws.recv(timeout=5))
+    assert isinstance(hello, p.Hello)
+    return ws, hello
+
+
+def legacy(url: str, user: str) -> ClientConnection:
+    """Open a session as the seed Flutter app does: no subprotocol, no headers; expect ``connected``."""
+    ws = connect(f"{url}/{user}", open_timeout=5, legacy=True)
+    assert ws.recv(timeout=5) == p.LEGACY_CONNECTED
+    return ws
+
+
+def recv_frame(ws: ClientConnection, timeout: float = 5) -> p.ServerFrame:
+    return p.parse_server_frame(ws.recv(timeout=timeout))
+
+
+def send_native(ws: ClientConnection, to: str, text: str, client_id: str = "c1") -> p.Ack:
+    ws.send(p.encode(p.Send(client_id, to, text)))
+    ack = recv_frame(ws)
+    assert isinstance(ack, p.Ack), ack
+    return ack
+
+
+class RawClient:
+    """A WebSocket client on a bare socket, to send what well-behaved libraries refuse to."""
+
+    def __init__(self, port: int, path: str, headers: dict[str, str] | None = None) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           f"{extra}\r\n").encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        self.status = int(head.split(b" ", 2)[1])
+        self.response_head = head.decode("latin-1")
+
+    def response_body(self) -> str:
+        data = self.buffer
+        while chunk := self.sock.recv(4096):
+            data += chunk
+        return data.decode()
+
+    def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        mask = os.urandom(4)
+        head = bytes([(0x80 if fin else 0) | opcode])
+        n = len(payload)
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(head + mask + masked)
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def recv_frame(self) -> tuple[int, bytes]:
+        first, second = self._read(2)
+        n = second & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", self._read(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", self._read(8))[0]
+        return first & 0x0F, self._read(n)
+
+    def recv_close_code(self) -> int:
+        """Read frames until the server's close frame; return its code."""
+        while True:
+            opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
+
+    def close(self) -> None:
+        self.sock.close()
