@@ -117,3 +117,85 @@ def tmp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("CHATCLI_URL", "CHATCLI_AUTH_KEY", "CHATCLI_PROFILE", "CHATCLI_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path
+
+
+# ---------------------------------------------------------------------------
+# Client commands (send / listen / chat) run through the real entry point
+# ---------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10, what: str = "condition") -> None:
+    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class ChatcliProcess:
+    """A running ``python -m chatcli …``; its stdout and stderr lines are collected as they come."""
+
+    proc: subprocess.Popen[str]
+    out: list[str] = field(default_factory=list)
+    err: list[str] = field(default_factory=list)
+    pumps: list[threading.Thread] = field(default_factory=list)
+
+    def start_pumps(self) -> None:
+        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            if stream is not None:
+                pump = threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
+                pump.start()
+                self.pumps.append(pump)
+
+    @staticmethod
+    def _pump(stream: object, sink: list[str]) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            sink.append(line.rstrip("\n"))
+
+    def wait_stderr(self, fragment: str, timeout: float = 10, count: int = 1) -> None:
+        wait_until(lambda: sum(fragment in line for line in self.err) >= count, timeout,
+                   f"{fragment!r} on stderr; got {self.err}")
+
+    def wait_stdout_lines(self, n: int, timeout: float = 10) -> list[str]:
+        wait_until(lambda: len(self.out) >= n, timeout, f"{n} stdout lines; got {self.out}, stderr {self.err}")
+        return self.out
+
+    def wait(self, timeout: float = 15) -> int:
+        """The exit status, once the process has ended and all its output has been collected."""
+        status = self.proc.wait(timeout=timeout)
+        for pump in self.pumps:
+            pump.join(timeout)
+        return status
+
+
+@pytest.fixture
+def chatcli(tmp_home: Path) -> Iterator[Callable[..., ChatcliProcess]]:
+    """Factory: ``chatcli("listen", "bob", "--url", url)`` starts the command; all are killed at teardown.
+
+    Keyword ``stdin`` (text, or ``subprocess.PIPE`` to write later) and ``env`` (extra variables).
+    """
+    started: list[ChatcliProcess] = []
+
+    def factory(*args: str, stdin: str | int | None = None, env: dict[str, str] | None = None) -> ChatcliProcess:
+        proc = subprocess.Popen([sys.executable, "-m", "chatcli", *args], text=True,
+                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, **(env or {})})
+        if isinstance(stdin, str):
+            assert proc.stdin is not None
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        running = ChatcliProcess(proc)
+        running.start_pumps()
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        if running.proc.poll() is None:
+            running.proc.kill()
+            running.proc.wait()
