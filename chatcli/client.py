@@ -146,6 +146,7 @@ async def _handshake(url: str, settings: ClientSettings) -> ClientConnection:
             additional_headers={"Authorization": f"Bearer {settings.auth_key}"},
             user_agent_header=f"chatcli/{__version__}",
             open_timeout=settings.timeout,
+            close_timeout=1.0,  # leaving must stay quick, even from a hung server
             max_size=None,
         )
     except InvalidStatus as exc:
