@@ -1,0 +1,88 @@
+"""Client settings: flag > environment > profile > default, and secrets off argv."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from chatcli.config import DEFAULT_URL, resolve_settings
+from chatcli.errors import UsageError
+from chatcli.protocol import DEFAULT_AUTH_KEY
+from tests.conftest import ChatcliProcess, RunningServer
+
+Chatcli = Callable[..., ChatcliProcess]
+
+
+def write_config(home: Path, text: str) -> Path:
+    path = home / "xdg_config_home" / "chatcli" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_flags_environment_or_config(tmp_home: Path) -> None:
+    settings = resolve_settings()
+    assert (settings.url, settings.auth_key, settings.timeout, settings.profile) == \
+        (DEFAULT_URL, DEFAULT_AUTH_KEY, 10.0, None)
+
+
+def test_flag_beats_environment_beats_profile(tmp_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_config(tmp_home, '[profiles.work]\nurl = "ws://profile:1"\nauth_key = "profile-key"\ntimeout = 3\n')
+    monkeypatch.setenv("CHATCLI_PROFILE", "work")
+    from_profile = resolve_settings()
+    assert (from_profile.url, from_profile.auth_key, from_profile.timeout) == ("ws://profile:1", "profile-key", 3)
+    monkeypatch.setenv("CHATCLI_URL", "ws://env:2")
+    monkeypatch.setenv("CHATCLI_AUTH_KEY", "env-key")
+    from_env = resolve_settings()
+    assert (from_env.url, from_env.auth_key) == ("ws://env:2", "env-key")
+    from_flags = resolve_settings(url="ws://flag:3", auth_key="flag-key", timeout=1)
+    assert (from_flags.url, from_flags.auth_key, from_flags.timeout) == ("ws://flag:3", "flag-key", 1)
+
+
+def test_profile_choice_and_key_file(tmp_home: Path) -> None:
+    key_file = tmp_home / "key"
+    key_file.write_text("file-key\n")
+    write_config(tmp_home, f'default_profile = "home"\n[profiles.home]\nauth_key_file = "{key_file}"\n'
+                           '[profiles.default]\nurl = "ws://default:1"\n')
+    assert resolve_settings().auth_key == "file-key"
+    assert resolve_settings(profile="default").url == "ws://default:1"
+    other = tmp_home / "other"
+    other.write_text("flag-file-key")
+    assert resolve_settings(auth_key_file=other).auth_key == "flag-file-key"
+
+
+@pytest.mark.parametrize("config, flags, message", [
+    ('[profiles.a]\nurl = "ws://a:1"\n', {"profile": "b"}, "no profile 'b'"),
+    ("[profiles.a\n", {}, "not valid TOML"),
+    ('[profiles.a]\nurll = "x"\n', {"profile": "a"}, "unknown keys"),
+    ("", {"url": "http://x:1"}, "invalid server URL"),
+    ("", {"timeout": 0}, "positive number"),
+    ("", {"auth_key": "k", "auth_key_file": Path("/k")}, "not both"),
+    ("", {"auth_key_file": Path("/nonexistent/key")}, "cannot read the auth key file"),
+])
+def test_bad_settings_are_usage_errors(tmp_home: Path, config: str, flags: dict[str, object],
+                                       message: str) -> None:
+    write_config(tmp_home, config)
+    with pytest.raises(UsageError, match=message):
+        resolve_settings(**flags)  # type: ignore[arg-type]
+
+
+def test_commands_use_the_profile_and_the_environment(chatcli: Chatcli, tmp_home: Path,
+                                                      start_server: Callable[..., RunningServer]) -> None:
+    server = start_server("--auth-key", "s3cret")
+    key_file = tmp_home / "key"
+    key_file.write_text("s3cret\n")
+    write_config(tmp_home, f'[profiles.lab]\nurl = "{server.ws_url}"\nauth_key_file = "{key_file}"\n'
+                           f'[profiles.wrongkey]\nurl = "{server.ws_url}"\nauth_key = "nope"\n')
+    bob = chatcli("listen", "bob", "--profile", "lab", "--count", "1")
+    bob.wait_stderr("listening as")
+    assert chatcli("send", "alice", "bob", "via profile", env={"CHATCLI_PROFILE": "lab"}).wait() == 0
+    assert bob.wait() == 0
+    # The environment's key beats the profile's wrong one; the flag beats both.
+    assert chatcli("send", "alice", "bob", "x", "--profile", "wrongkey").wait() == 4
+    assert chatcli("send", "alice", "bob", "x", "--profile", "wrongkey", "--auth-key-file", str(key_file)
+                   ).wait() == 5  # authenticated; bob has gone, so: refused, offline
+    assert chatcli("send", "alice", "bob", "x", "--profile", "wrongkey",
+                   env={"CHATCLI_AUTH_KEY": "s3cret"}).wait() == 5
