@@ -13,6 +13,7 @@ import pytest
 
 from chatcli.errors import StorageError
 from chatcli.server.storage import (
+    INBOX_BATCH_ROWS,
     MESSAGE_MIGRATIONS,
     MESSAGES_COMPONENT,
     NewMessage,
@@ -35,9 +36,7 @@ def store(db_path: Path) -> Iterator[SQLiteStore]:
         yield opened
 
 
-def msg(
-    sender: str, recipient: str, text: str, ts: float = 1000.0, client_id: str | None = None
-) -> NewMessage:
+def msg(sender: str, recipient: str, text: str, ts: float = 1000.0, client_id: str | None = None) -> NewMessage:
     return NewMessage(sender, recipient, text, ts, client_id)
 
 
@@ -80,9 +79,7 @@ def test_a_batch_is_one_transaction_a_bad_row_stores_none_of_it(store: SQLiteSto
 
 def test_retry_with_the_same_client_id_returns_the_original(store: SQLiteStore) -> None:
     (original,) = store.append([msg("alice", "bob", "hi", 1.0, "k1")])
-    retry, fresh = store.append(
-        [msg("alice", "bob", "hi again", 2.0, "k1"), msg("alice", "bob", "new", 3.0, "k2")]
-    )
+    retry, fresh = store.append([msg("alice", "bob", "hi again", 2.0, "k1"), msg("alice", "bob", "new", 3.0, "k2")])
 
     assert retry.duplicate and retry.message == original.message
     assert not fresh.duplicate and fresh.message.id > original.message.id
@@ -178,6 +175,22 @@ def test_negative_limit_is_refused(store: SQLiteStore) -> None:
         store.history("alice", "bob", limit=-1)
 
 
+def test_reads_see_every_message_however_much_is_indexed_yet(db_path: Path) -> None:
+    total = INBOX_BATCH_ROWS + 500  # crosses the bulk-indexing threshold once
+    with SQLiteStore(db_path) as writer, SQLiteStore(db_path) as reader:
+        for start in range(0, total, 1000):
+            writer.append([msg("alice", "bob", f"m{i}") for i in range(start, min(start + 1000, total))])
+            # Another connection (another process, say) sees what was just committed.
+            assert reader.messages_to("bob", limit=total)[-1].text == f"m{min(start + 1000, total) - 1}"
+        writer.append([msg("bob", "alice", "reply")])
+
+        got = writer.messages_to("bob", limit=total + 1)
+        assert texts(got) == [f"m{i}" for i in range(total)]
+        assert texts(writer.history("alice", "bob", limit=2)) == [f"m{total - 1}", "reply"]
+        assert writer.prune(older_than_ts=1e12) == total + 1
+        assert reader.messages_to("bob") == [] and writer.history("alice", "bob") == []
+
+
 # -- maintenance ---------------------------------------------------------------
 
 
@@ -224,9 +237,7 @@ def test_a_killed_process_keeps_what_append_returned(db_path: Path) -> None:
         os.kill(os.getpid(), 9)
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", child, str(db_path)], capture_output=True, text=True, timeout=30
-    )
+    proc = subprocess.run([sys.executable, "-c", child, str(db_path)], capture_output=True, text=True, timeout=30)
 
     assert proc.stdout == "done\n", proc.stderr
     assert proc.returncode == -9

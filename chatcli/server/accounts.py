@@ -22,7 +22,7 @@ from typing import Final
 
 from chatcli.errors import AccountError, StorageError
 from chatcli.protocol import check_user_id, is_valid_user_id
-from chatcli.server.storage import Migration, migrate, open_database
+from chatcli.server.storage import Migration, migrate, open_database, write_transaction
 
 ACCOUNTS_COMPONENT: Final = "accounts"
 ACCOUNT_MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -82,22 +82,19 @@ class AccountStore:
         """Create ``name``'s account; its token, the only time it is available."""
         check_user_id(name)
         token, salt, token_hash = _new_secret()
-        try:
-            self._write(
-                "INSERT INTO accounts (name, salt, token_hash, created_ts) VALUES (?, ?, ?, ?)",
-                (name, salt, token_hash, time.time()),
-            )
-        except sqlite3.IntegrityError as exc:
-            raise AccountError(f"account {name!r} already exists (use rotate for a new token)") from exc
+        added = self._write(
+            "INSERT INTO accounts (name, salt, token_hash, created_ts) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (name, salt, token_hash, time.time()),
+        )
+        if not added:
+            raise AccountError(f"account {name!r} already exists (use rotate for a new token)")
         return token
 
     def rotate(self, name: str) -> str:
         """Give ``name`` a new token; the old one stops working at once."""
         check_user_id(name)
         token, salt, token_hash = _new_secret()
-        changed = self._write(
-            "UPDATE accounts SET salt = ?, token_hash = ? WHERE name = ?", (salt, token_hash, name)
-        )
+        changed = self._write("UPDATE accounts SET salt = ?, token_hash = ? WHERE name = ?", (salt, token_hash, name))
         if not changed:
             raise AccountError(f"no account {name!r}")
         return token
@@ -137,16 +134,6 @@ class AccountStore:
 
     def _write(self, sql: str, params: tuple[object, ...]) -> int:
         """Run one change in its own transaction; the number of rows it changed."""
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                changed = self._conn.execute(sql, params).rowcount
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-        except sqlite3.IntegrityError:
-            raise
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot change accounts: {exc}") from exc
+        with write_transaction(self._conn, "change accounts"):
+            changed: int = self._conn.execute(sql, params).rowcount
         return changed

@@ -1,0 +1,112 @@
+"""How much the SQLite message store costs per message.
+
+    .venv/bin/python benchmarks/storage_bench.py [--seconds 0.5] [--dir DIR]
+
+For each fsync mode, with and without client ids, and batch sizes 1, 10, 100
+and 1000 (one ``append`` call = one transaction, as the relay does once per
+event-loop tick), prints microseconds per message and messages per second.
+Then the cost of the reads the relay makes: ``pending``, ``history``, ``prune``.
+
+``--dir`` must be on the disk the server will use: on tmpfs an fsync is free
+and the "full" figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from chatcli.server.storage import Fsync, NewMessage, SQLiteStore
+
+BATCH_SIZES = (1, 10, 100, 1000)
+USERS = 200
+TEXT = "a typical chat message of about sixty bytes, nothing special"
+_serial = itertools.count()
+
+
+def make_batch(size: int, with_client_ids: bool) -> list[NewMessage]:
+    now = time.time()
+    batch = []
+    for _ in range(size):
+        n = next(_serial)
+        client_id = f"c-{n}" if with_client_ids else None
+        batch.append(NewMessage(f"user{n % USERS}", f"user{(n * 7 + 3) % USERS}", TEXT, now, client_id))
+    return batch
+
+
+def time_appends(store: SQLiteStore, batch_size: int, with_client_ids: bool, seconds: float) -> tuple[float, float]:
+    """(µs per message, slowest append in ms), appending batches for about ``seconds``."""
+    batches = 0
+    spent = slowest = 0.0
+    while spent < seconds or batches < 3:
+        batch = make_batch(batch_size, with_client_ids)  # built outside the timed part, like the relay
+        start = time.perf_counter()
+        store.append(batch)
+        took = time.perf_counter() - start
+        spent += took
+        slowest = max(slowest, took)
+        batches += 1
+    return spent / (batches * batch_size) * 1e6, slowest * 1e3
+
+
+def time_call(call: Callable[[], object], repeat: int = 200) -> float:
+    """Microseconds per call."""
+    start = time.perf_counter()
+    for _ in range(repeat):
+        call()
+    return (time.perf_counter() - start) / repeat * 1e6
+
+
+def bench_appends(workdir: Path, seconds: float) -> None:
+    print(f"{'fsync':<7}{'client ids':<12}{'batch':>6}{'µs/msg':>10}{'msg/s':>12}{'slowest ms':>12}")
+    modes: tuple[Fsync, ...] = ("normal", "full")
+    for fsync, with_client_ids in itertools.product(modes, (False, True)):
+        for batch_size in BATCH_SIZES:
+            path = workdir / f"append-{fsync}-{with_client_ids}-{batch_size}.db"
+            with SQLiteStore(path, fsync=fsync) as store:
+                store.append(make_batch(1000, with_client_ids))  # not an empty table
+                micros, slowest = time_appends(store, batch_size, with_client_ids, seconds)
+            ids = "yes" if with_client_ids else "no"
+            print(f"{fsync:<7}{ids:<12}{batch_size:>6}{micros:>10.2f}{1e6 / micros:>12,.0f}{slowest:>12.1f}")
+
+
+def bench_reads(workdir: Path, rows: int) -> None:
+    with SQLiteStore(workdir / "reads.db") as store:
+        for _ in range(rows // 1000):
+            store.append(make_batch(1000, False))
+        print(f"\nreads on {rows:,} messages, {USERS} users ({store.size_bytes() / 1e6:.1f} MB):")
+        cursors = {f"user{i}": 10**6 for i in range(100)}
+        figures = {
+            "pending(user, after_id=0) -> 1000 msgs": time_call(lambda: store.pending("user3", 0)),
+            "pending(user), nothing pending": time_call(lambda: store.pending("user3", 10**9)),
+            "history(user, peer, limit=50)": time_call(lambda: store.history("user3", "user24")),
+            "advance_cursors(100 users)": time_call(lambda: store.advance_cursors(cursors)),
+        }
+        for name, micros in figures.items():
+            print(f"  {name:<40}{micros:>10.0f} µs")
+        start = time.perf_counter()
+        deleted = store.prune(time.time() + 1)
+        print(f"  {f'prune (deletes all {deleted:,})':<40}{(time.perf_counter() - start) * 1e3:>10.0f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=0.5, help="time spent per figure (default 0.5)")
+    parser.add_argument("--rows", type=int, default=200_000, help="messages in the table for the reads")
+    parser.add_argument("--dir", type=Path, default=None, help="where to put the database files")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="chatcli-bench-", dir=args.dir))
+    try:
+        bench_appends(workdir, args.seconds)
+        bench_reads(workdir, args.rows)
+    finally:
+        shutil.rmtree(workdir)
+
+
+if __name__ == "__main__":
+    main()
