@@ -1,0 +1,198 @@
+"""`chatcli chat` in a real pseudo-terminal through the real entry point, against a real server."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from chatcli import render
+from chatcli.protocol import Message
+from tests.conftest import ChatcliProcess, RunningServer, wait_until
+from tests.wsclients import native, recv_frame, send_native
+
+Chatcli = Callable[..., ChatcliProcess]
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[=>]")
+
+
+class Terminal:
+    """``chatcli chat`` on a pty: type into it, read the screen output as it comes."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.controller, terminal = pty.openpty()
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.proc = subprocess.Popen([sys.executable, "-m", "chatcli", "chat", *args], stdin=terminal,
+                                     stdout=terminal, stderr=terminal, start_new_session=True,
+                                     env={**os.environ, "TERM": "xterm-256color",
+                                          **env})
+        os.close(terminal)
+        self.raw = b""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.controller, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.raw += chunk
+            for _ in range(chunk.count(b"\x1b[6n")):  # answer cursor position requests as a terminal does
+                os.write(self.controller, b"\x1b[1;1R")
+
+    @property
+    def screen(self) -> str:
+        """Everything written so far, with terminal escape sequences removed."""
+        return _ANSI.sub("", self.raw.decode("utf-8", "replace"))
+
+    def wait_for(self, text: str, timeout: float = 10, count: int = 1) -> None:
+        wait_until(lambda: self.screen.count(text) >= count, timeout, f"{text!r} on screen:\n{self.screen[-2000:]}")
+
+    def is_restored(self) -> bool:
+        """Line editing and echo are back on, as before the REPL put the terminal in raw mode."""
+        lflag = termios.tcgetattr(self.controller)[3]
+        return bool(lflag & termios.ICANON and lflag & termios.ECHO)
+
+    def type(self, keys: str) -> None:
+        os.write(self.controller, keys.encode())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.controller)
+
+
+@pytest.fixture
+def terminal(tmp_home: Path) -> Iterator[Callable[..., Terminal]]:
+    opened: list[Terminal] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None) -> Terminal:
+        term = Terminal(list(args), env or {})
+        opened.append(term)
+        return term
+
+    yield factory
+    for term in opened:
+        term.close()
+
+
+def test_chat_sends_receives_and_shows_delivery(terminal: Callable[..., Terminal], chatcli: Chatcli,
+                                                server: RunningServer, tmp_home: Path) -> None:
+    bob, _ = native(server.ws_url, "bob")
+    chat = terminal("alice", "bob", "--url", server.ws_url)
+    chat.wait_for("connected")
+    chat.wait_for(f"{server.ws_url}  alice → bob")  # the status line
+    chat.type("hello bob\r")
+    message = recv_frame(bob)
+    assert isinstance(message, Message) and (message.sender, message.text) == ("alice", "hello bob")
+    chat.wait_for("✓ delivered")
+    send_native(bob, "alice", "hi alice")
+    chat.wait_for("bob: hi alice")
+    chat.type("\x04")  # Ctrl-D
+    assert chat.proc.wait(timeout=10) == 0
+    assert chat.is_restored()
+    assert "hello bob" in (tmp_home / "xdg_state_home" / "chatcli" / "history").read_text()
+
+
+def test_alt_enter_adds_a_newline_and_enter_sends_both_lines(terminal: Callable[..., Terminal],
+                                                             server: RunningServer) -> None:
+    bob, _ = native(server.ws_url, "bob")
+    chat = terminal("alice", "bob", "--url", server.ws_url)
+    chat.wait_for("connected")
+    chat.type("line one\x1b\rline two\r")
+    message = recv_frame(bob)
+    assert isinstance(message, Message) and message.text == "line one\nline two"
+
+
+def test_refused_message_shows_the_reason_and_help_and_quit_work(terminal: Callable[..., Terminal],
+                                                                 server: RunningServer) -> None:
+    chat = terminal("alice", "nobody", "--url", server.ws_url)
+    chat.wait_for("connected")
+    chat.type("anyone there?\r")
+    chat.wait_for("✗ refused (offline)")
+    chat.type("/help\r")
+    chat.wait_for("Alt+Enter")
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
+
+
+def test_control_sequences_in_messages_are_shown_not_executed(terminal: Callable[..., Terminal],
+                                                              server: RunningServer) -> None:
+    bob, _ = native(server.ws_url, "bob")
+    chat = terminal("alice", "bob", "--url", server.ws_url)
+    chat.wait_for("connected")
+    send_native(bob, "alice", "title\x1b]0;pwned\x07 clear\x1b[2J bell\x07 end")
+    chat.wait_for(" end")
+    assert b"\x1b]0;pwned" not in chat.raw and b"\x1b[2J bell" not in chat.raw
+    assert "title␛]0;pwned␇ clear␛[2J bell␇ end" in chat.screen
+
+
+def test_typed_while_disconnected_waits_then_goes_out_on_reconnect(
+        terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer]) -> None:
+    first = start_server()
+    chat = terminal("alice", "alice", "--url", first.ws_url)  # to ourselves: our own session receives it
+    chat.wait_for("connected")
+    first.stop()
+    chat.wait_for("reconnecting in")
+    chat.type("typed offline\r")
+    chat.wait_for("1 pending")
+    start_server("--ws-port", str(first.ws_port))
+    chat.wait_for("✓ delivered", timeout=20)
+    chat.wait_for("alice: typed offline", count=2)  # our line, and the message as it arrived
+    chat.type("\x03")  # Ctrl-C leaves as an interruption
+    assert chat.proc.wait(timeout=10) == 130
+    assert chat.is_restored()
+    assert "Traceback" not in chat.screen
+
+
+def test_authentication_refused_is_on_the_status_line_and_exits_4(terminal: Callable[..., Terminal],
+                                                                  start_server: Callable[..., RunningServer]
+                                                                  ) -> None:
+    server = start_server("--auth-key", "secret")
+    chat = terminal("alice", "bob", "--url", server.ws_url)
+    chat.wait_for("● authentication refused")
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 4
+
+
+def test_chat_needs_a_terminal(chatcli: Chatcli, server: RunningServer) -> None:
+    run = chatcli("chat", "alice", "bob", "--url", server.ws_url)
+    assert run.wait() == 2
+    assert "needs a terminal" in run.err[-1]
+
+
+# ---------------------------------------------------------------------------
+# What the screen shows, without a terminal
+# ---------------------------------------------------------------------------
+
+
+def test_safe_text_replaces_every_control_but_newline_and_tab() -> None:
+    assert render.safe_text("a\x1b[31mb\rc\x07\x7f\x9b\u202ed\te\nf") == "a␛[31mb␍c␇␡<U+009B><U+202E>d\te\nf"
+
+
+def test_status_line_names_state_server_and_direction() -> None:
+    view = render.StatusView("reconnecting", "ws://h:1", "alice", "bob", retry_in=2.6, pending=("hi",))
+    assert render.status_text(view) == "● reconnecting in 3 s  ws://h:1  alice → bob  1 pending\n  … hi"
+    assert render.status_text(render.StatusView("connected", "ws://h:1", "alice", "bob")) == \
+        "● connected  ws://h:1  alice → bob"
+
+
+def test_no_colour_means_no_escape_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = Message(1, "bob", "alice", "hi", "2026-01-01T00:00:00.000Z")
+    assert "\x1b" in render.message_ansi(message, colour=True)
+    assert "\x1b" not in render.message_ansi(message, colour=False)
+    assert render.message_json(message) == json.dumps(
+        {"id": 1, "from": "bob", "to": "alice", "text": "hi", "ts": "2026-01-01T00:00:00.000Z"})
