@@ -426,6 +426,9 @@ _LEGACY_TEMPLATE = re.compile(
 
 def parse_legacy_frame(data: str) -> LegacyCommand:
     """Parse a seed client's frame: the Flutter template, then strict JSON, then the quote-replaced form."""
+    exact = _parse_exact_template(data)
+    if exact is not None:
+        return exact
     match = _LEGACY_TEMPLATE.match(data)
     if match is not None:
         auth, cmd, userid, text = match.groups()
@@ -439,6 +442,36 @@ def parse_legacy_frame(data: str) -> LegacyCommand:
             return _legacy_from_object(obj)
     raise RemoteProtocolError("not a seed frame: expected {'auth':…,'cmd':…,'userid':…,'msgtext':…}",
                               ErrorCode.BAD_FRAME)
+
+
+_TEMPLATE_HEAD: Final = "{'auth':'"
+_TEMPLATE_CMD: Final = "','cmd':'"
+_TEMPLATE_USERID: Final = "','userid':'"
+_TEMPLATE_TAIL: Final = "'}"
+
+
+def _parse_exact_template(data: str) -> LegacyCommand | None:
+    """The app's template byte for byte, with plain string searches: the per-message fast path.
+
+    Anything that deviates (other spacing, key order) returns ``None`` for the general parsers.
+    """
+    if not data.startswith(_TEMPLATE_HEAD) or not data.endswith(_TEMPLATE_TAIL):
+        return None
+    cmd_at = data.find(_TEMPLATE_CMD, 9)
+    userid_at = data.find(_TEMPLATE_USERID, cmd_at + 9) if cmd_at >= 0 else -1
+    userid_end = data.find("',", userid_at + 12) if userid_at >= 0 else -1
+    if userid_end < 0:
+        return None
+    if data.startswith(" 'msgtext':'", userid_end + 2):
+        text_at = userid_end + 14
+    elif data.startswith("'msgtext':'", userid_end + 2):
+        text_at = userid_end + 13
+    else:
+        return None
+    auth, cmd, userid = data[9:cmd_at], data[cmd_at + 9:userid_at], data[userid_at + 12:userid_end]
+    if "'" in auth or "'" in cmd or text_at > len(data) - 2:
+        return None
+    return LegacyCommand(cmd, auth, userid, data[text_at:-2])
 
 
 def _legacy_from_object(obj: dict[str, Any]) -> LegacyCommand:
