@@ -1,0 +1,70 @@
+"""Shell completions: the stored scripts match the app, and they complete commands and options."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+COMPLETIONS = Path(__file__).resolve().parent.parent / "completions"
+
+
+def load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("generate_completions", COMPLETIONS / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_stored_scripts_are_up_to_date(shell: str) -> None:
+    generator = load_generator()
+    stored = (COMPLETIONS / generator.SCRIPTS[shell]).read_text()
+    assert stored == generator.generate(shell), "stale: run python completions/generate.py"
+
+
+def complete_bash(words: str) -> list[str]:
+    """What bash would offer after ``words`` (the app's own completion protocol, as the script calls it)."""
+    parts = words.split(" ")
+    run = subprocess.run(
+        [sys.executable, "-c", "from chatcli.cli import app; app(prog_name='chatcli')"],
+        env={**os.environ, "_CHATCLI_COMPLETE": "complete_bash", "COMP_WORDS": words,
+             "COMP_CWORD": str(len(parts) - 1)},
+        capture_output=True, text=True, timeout=30, check=True)
+    return run.stdout.split()
+
+
+def test_commands_and_options_complete() -> None:
+    assert {"send", "listen", "chat", "serve"} <= set(complete_bash("chatcli "))
+    assert {"--count", "--from", "--no-reconnect", "--url", "--auth-key-file"} <= \
+        set(complete_bash("chatcli listen bob --"))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_bash_script_completes_in_bash(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "chatcli").symlink_to(Path(sys.executable).parent / "chatcli")
+    script = (f"source {COMPLETIONS / 'chatcli.bash'}; COMP_WORDS=(chatcli li); COMP_CWORD=1; "
+              "_chatcli_completion chatcli; echo \"${COMPREPLY[@]}\"")
+    run = subprocess.run(["bash", "-c", script], env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"},
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert run.stdout.split() == ["listen"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_install_completion_writes_the_script(tmp_path: Path) -> None:
+    # Run from bash: Typer detects the shell from the parent processes.
+    chatcli = Path(sys.executable).parent / "chatcli"
+    run = subprocess.run(["bash", "-c", f"{chatcli} --install-completion; true"], env={**os.environ,
+                         "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=30)
+    assert "bash completion installed" in run.stdout, run.stdout + run.stderr
+    assert "_chatcli_completion" in (tmp_path / ".bash_completions" / "chatcli.sh").read_text()
+    assert "chatcli.sh" in (tmp_path / ".bashrc").read_text()
