@@ -61,7 +61,7 @@ def test_bash_script_completes_in_bash(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_install_completion_writes_the_script(tmp_path: Path) -> None:
-    # Run from bash: Typer detects the shell from the parent processes.
+    # Typer detects the shell from the parent processes; "; true" keeps bash from exec-ing chatcli.
     chatcli = Path(sys.executable).parent / "chatcli"
     run = subprocess.run(["bash", "-c", f"{chatcli} --install-completion; true"], env={**os.environ,
                          "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=30)

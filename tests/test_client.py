@@ -1,0 +1,88 @@
+"""The client's pure parts: backoff, the message cursor, what ``send`` reads, URLs; and one live session."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+
+from chatcli.client import RESUME_FEATURE, Backoff, MessageCursor, open_session, read_texts, user_url
+from chatcli.config import ClientSettings
+from chatcli.errors import ConnectError, LocalProtocolError, RefusedError, UsageError
+from chatcli.protocol import Hello, Message
+from tests.conftest import RunningServer
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
+    lowest = Backoff(first=0.5, cap=8, rng=lambda: 0.0)
+    highest = Backoff(first=0.5, cap=8, rng=lambda: 0.999999)
+    assert [lowest.next_delay() for _ in range(7)] == [0.25, 0.5, 1, 2, 4, 4, 4]
+    assert [round(highest.next_delay(), 3) for _ in range(7)] == [0.5, 1, 2, 4, 8, 8, 8]
+    highest.reset()
+    assert round(highest.next_delay(), 3) == 0.5
+
+
+def test_backoff_jitter_spreads_clients_apart() -> None:
+    delays = {round(Backoff().next_delay(), 6) for _ in range(50)}
+    assert len(delays) > 40 and all(0.25 <= d <= 0.5 for d in delays)
+
+
+def message(msg_id: int) -> Message:
+    return Message(msg_id, "alice", "bob", "hi", "2026-01-01T00:00:00.000Z")
+
+
+def test_cursor_skips_repeats_only_from_servers_that_resume() -> None:
+    cursor = MessageCursor()
+    cursor.on_hello(Hello("bob", "s1", "chatcli", features=(RESUME_FEATURE,)))
+    assert [cursor.is_new(message(i)) for i in (1, 2, 2, 1, 3)] == [True, True, False, False, True]
+    cursor.on_hello(Hello("bob", "s2", "chatcli", features=(RESUME_FEATURE,)))
+    assert not cursor.is_new(message(3)) and cursor.is_new(message(4))
+    # An in-memory server restarts its ids at 1: nothing may be dropped.
+    cursor.on_hello(Hello("bob", "s3", "chatcli"))
+    assert cursor.is_new(message(1))
+
+
+def test_read_texts_argument_stdin_and_lines() -> None:
+    assert list(read_texts("hi", lines=False, stdin=io.StringIO())) == ["hi"]
+    assert list(read_texts(None, lines=False, stdin=io.StringIO("a\nb\n"))) == ["a\nb"]
+    assert list(read_texts("-", lines=False, stdin=io.StringIO("x\r\n"))) == ["x"]
+    assert list(read_texts(None, lines=True, stdin=io.StringIO("a\n\nb\r\nc"))) == ["a", "b", "c"]
+    with pytest.raises(UsageError, match="--lines reads stdin"):
+        read_texts("hi", lines=True, stdin=io.StringIO())
+    with pytest.raises(UsageError, match="empty"):
+        read_texts(None, lines=False, stdin=io.StringIO("\n"))
+
+
+def test_user_url_percent_encodes_and_checks_the_id() -> None:
+    assert user_url("ws://h:1/", "a@b.c") == "ws://h:1/a%40b.c"
+    with pytest.raises(LocalProtocolError):
+        user_url("ws://h:1", "../etc")
+
+
+def test_session_sends_and_refuses_too_large_texts_locally(start_server: object) -> None:
+    server: RunningServer = start_server("--max-text-bytes", "8")  # type: ignore[operator]
+    settings = ClientSettings(url=server.ws_url, timeout=5)
+
+    async def scenario() -> None:
+        async with open_session(settings, "bob") as bob, open_session(settings, "alice") as alice:
+            assert bob.hello.max_text_bytes == 8
+            ack = await alice.send("bob", "12345678")
+            assert ack.status == "delivered"
+            with pytest.raises(RefusedError, match="at most 8 bytes") as refused:
+                await alice.send("bob", "123456789")
+            assert refused.value.reason == "too-large"
+
+    asyncio.run(scenario())
+
+
+def test_a_stopped_server_is_a_connect_error(server: RunningServer) -> None:
+    url = server.ws_url
+    server.stop()
+
+    async def scenario() -> None:
+        async with open_session(ClientSettings(url=url, timeout=2), "bob"):
+            pass
+
+    with pytest.raises(ConnectError, match="connection refused"):
+        asyncio.run(scenario())
