@@ -87,7 +87,7 @@ def resolve_settings(
 
 def check_url(url: str) -> str:
     parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.netloc.endswith(":"):
         raise UsageError(f"invalid server URL {url!r}: expected ws://HOST:PORT or wss://HOST:PORT")
     if parts.query or parts.fragment:
         raise UsageError(f"invalid server URL {url!r}: no query or fragment, the user id is appended")
