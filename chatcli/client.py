@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -71,6 +72,9 @@ class Session:
     """An open chatcli.v1 session, after the server's hello."""
 
     _ids: Final = itertools.count(1)
+    #: Servers that store messages treat a repeated (sender, id) as a retry of the same message,
+    #: so ids must differ between runs: a random tag per process, then a counter.
+    _tag: Final = os.urandom(6).hex()
 
     def __init__(self, ws: ClientConnection, hello: Hello, timeout: float) -> None:
         self._ws = ws
@@ -79,8 +83,8 @@ class Session:
 
     @staticmethod
     def new_id() -> str:
-        """A client id for a ``send``, unique in this process so acks match even across reconnects."""
-        return f"c{next(Session._ids)}"
+        """A client id for a ``send``: unique per run, and kept when a message is resent after a reconnect."""
+        return f"{Session._tag}-{next(Session._ids)}"
 
     async def send_frame(self, frame: Send) -> None:
         """Send without waiting for the ack (it arrives through ``frames()``)."""

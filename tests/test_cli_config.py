@@ -71,7 +71,7 @@ def test_bad_settings_are_usage_errors(tmp_home: Path, config: str, flags: dict[
 
 def test_commands_use_the_profile_and_the_environment(chatcli: Chatcli, tmp_home: Path,
                                                       start_server: Callable[..., RunningServer]) -> None:
-    server = start_server("--auth-key", "s3cret")
+    server = start_server("--auth-key", "s3cret", "--ephemeral")
     key_file = tmp_home / "key"
     key_file.write_text("s3cret\n")
     write_config(tmp_home, f'[profiles.lab]\nurl = "{server.ws_url}"\nauth_key_file = "{key_file}"\n'

@@ -83,11 +83,23 @@ def test_bad_arguments_exit_2_without_a_traceback(chatcli: Chatcli, server: Runn
         assert not any("Traceback" in line for line in run.err), run.err
 
 
-def test_offline_recipient_exits_5_with_the_reason(chatcli: Chatcli, server: RunningServer) -> None:
+def test_offline_recipient_exits_5_with_the_reason_on_a_server_that_stores_nothing(
+        chatcli: Chatcli, start_server: Callable[..., RunningServer]) -> None:
+    server = start_server("--ephemeral")
     sender = chatcli("send", "alice", "nobody", "hello?", "--json", "--url", server.ws_url)
     assert sender.wait() == 5
     assert json.loads(sender.out[0])["reason"] == "offline"
     assert "offline" in sender.err[-1]
+
+
+def test_offline_recipient_gets_the_message_later_from_a_storing_server(chatcli: Chatcli,
+                                                                       server: RunningServer) -> None:
+    sender = chatcli("send", "alice", "carol", "while you were out", "--json", "--url", server.ws_url)
+    assert sender.wait() == 0
+    assert json.loads(sender.out[0])["status"] == "stored"
+    carol = chatcli("listen", "carol", "--count", "1", "--url", server.ws_url)
+    assert carol.wait() == 0
+    assert json.loads(carol.out[0])["text"] == "while you were out"
 
 
 def test_too_large_message_exits_5(chatcli: Chatcli, start_server: Callable[..., RunningServer]) -> None:

@@ -117,8 +117,9 @@ def test_alt_enter_adds_a_newline_and_enter_sends_both_lines(terminal: Callable[
     assert isinstance(message, Message) and message.text == "line one\nline two"
 
 
-def test_refused_message_shows_the_reason_and_help_and_quit_work(terminal: Callable[..., Terminal],
-                                                                 server: RunningServer) -> None:
+def test_refused_message_shows_the_reason_and_help_and_quit_work(
+        terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer]) -> None:
+    server = start_server("--ephemeral")  # stores nothing: a message to someone offline is refused
     chat = terminal("alice", "nobody", "--url", server.ws_url)
     chat.wait_for("connected")
     chat.type("anyone there?\r")
