@@ -7,7 +7,7 @@ Typer lives here and nowhere else. Errors are not handled in the commands:
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -30,12 +30,17 @@ app = typer.Typer(
 )
 
 
-class LogFormat(str, Enum):
+class LogFormat(StrEnum):
     text = "text"
     json = "json"
 
 
-class LogLevel(str, Enum):
+class Fsync(StrEnum):
+    normal = "normal"
+    full = "full"
+
+
+class LogLevel(StrEnum):
     debug = "debug"
     info = "info"
     warning = "warning"
@@ -64,15 +69,33 @@ def serve(
     auth_key: Annotated[str | None, typer.Option(envvar="CHATCLI_AUTH_KEY", show_envvar=True,
                                                  help="Shared key (default: the seed app's key).")] = None,
     max_text_bytes: Annotated[int, typer.Option(help="Largest message text, in UTF-8 bytes.")] = 64 * 1024,
+    db: Annotated[Path | None, typer.Option(
+        help="SQLite file for stored messages [default: $XDG_DATA_HOME/chatcli/chatcli.db].",
+        show_default=False, dir_okay=False)] = None,
+    ephemeral: Annotated[bool, typer.Option(
+        "--ephemeral", help="Store nothing: messages to offline users are refused.")] = False,
+    fsync: Annotated[Fsync, typer.Option(
+        case_sensitive=False, help="normal: acknowledged messages survive a crash of the server; "
+        "full: also a power loss (slower).")] = Fsync.normal,
+    retention: Annotated[str | None, typer.Option(
+        help="Delete messages older than this, e.g. 30d or 12h [default: keep all].", show_default=False)] = None,
     log_level: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.info,
     log_format: Annotated[LogFormat, typer.Option(case_sensitive=False)] = LogFormat.text,
 ) -> None:
     """Run the relay server."""
     from chatcli.server.config import ServerConfig
     from chatcli.server.main import run
+    from chatcli.units import default_db_path, parse_duration
 
+    if ephemeral and db is not None:
+        raise typer.BadParameter("--db and --ephemeral exclude each other", param_hint="--ephemeral")
+    try:
+        retention_s = parse_duration(retention) if retention is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--retention") from None
     config = ServerConfig.build(host=host, ws_port=ws_port, http_port=http_port, auth_key=auth_key,
-                                max_text_bytes=max_text_bytes)
+                                max_text_bytes=max_text_bytes, db_path=None if ephemeral else db or default_db_path(),
+                                fsync=fsync.value, retention_s=retention_s)
     run(config, log_level=log_level.value, log_format=log_format.value)
 
 

@@ -36,6 +36,18 @@ DEFAULT_MAX_TEXT_BYTES: Final = 64 * 1024
 #: Room for the JSON envelope around a maximal text; frames beyond it are closed with 1009.
 FRAME_OVERHEAD_BYTES: Final = 4 * 1024
 CLIENT_ID_MAX_LEN: Final = 128
+#: Handshake header of a native client resuming after the last message id it handled.
+RESUME_AFTER_HEADER: Final = "Chatcli-After"
+#: Handshake header asking for a replay of the messages since an ISO 8601 time.
+REPLAY_SINCE_HEADER: Final = "Chatcli-Since"
+
+
+class Feature:
+    """Capabilities a server announces in ``hello.features``."""
+
+    STORE: Final = "store"  # offline recipients' messages are stored; acks may say "stored"
+    RESUME: Final = "resume"  # the Chatcli-After / Chatcli-Since headers and the "received" frame
+    HISTORY: Final = "history"  # the "history" request
 
 
 class Status:
@@ -57,6 +69,7 @@ class Reason:
     BAD_AUTH: Final = "bad-auth"
     BAD_RECIPIENT: Final = "bad-recipient"
     RATE_LIMITED: Final = "rate-limited"
+    STORAGE_FAILED: Final = "storage-failed"  # the server could not commit the message; nothing was stored
 
 
 class ErrorCode:
@@ -66,6 +79,7 @@ class ErrorCode:
     BAD_FRAME: Final = "bad-frame"
     UNKNOWN_TYPE: Final = "unknown-type"
     BINARY_UNSUPPORTED: Final = "binary-unsupported"
+    UNAVAILABLE: Final = "unavailable"  # the request needs a feature this server runs without (e.g. history)
 
 
 # ---------------------------------------------------------------------------
@@ -230,9 +244,13 @@ class Ack:
     msg_id: int | None = None
     reason: str | None = None
     ts: str | None = None
+    #: True when this answers a retried ``id`` already stored: msg_id is the original's.
+    duplicate: bool = False
 
     def __post_init__(self) -> None:
         _require_str("id", self.id)
+        if not isinstance(self.duplicate, bool):
+            raise LocalProtocolError("duplicate must be a boolean")
         if self.status not in Status.ALL:
             raise LocalProtocolError(f"status must be one of {sorted(Status.ALL)}")
         if self.status == Status.REFUSED:
@@ -258,6 +276,8 @@ class Ack:
             out["reason"] = self.reason
         if self.ts is not None:
             out["ts"] = self.ts
+        if self.duplicate:
+            out["duplicate"] = True
         return out
 
 
@@ -310,8 +330,74 @@ class Error:
         return out
 
 
-ClientFrame = Send
-ServerFrame = Hello | Ack | Message | Error
+@dataclass(frozen=True, slots=True)
+class Received:
+    """Client → server: every message up to ``id`` has been handled; the server advances the user's cursor.
+
+    A later connection without a resume point gets only messages after the cursor.
+    """
+
+    TYPE: ClassVar[str] = "received"
+    id: int
+
+    def __post_init__(self) -> None:
+        _require_int("id", self.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id}
+
+
+HISTORY_MAX_LIMIT: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    """Client → server: the last ``limit`` messages between me and ``peer`` (before message ``before``)."""
+
+    TYPE: ClassVar[str] = "history"
+    id: str
+    peer: str
+    limit: int = 50
+    before: int | None = None
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        check_user_id(self.peer)
+        _require_int("limit", self.limit)
+        if self.limit > HISTORY_MAX_LIMIT:
+            raise LocalProtocolError(f"limit must be at most {HISTORY_MAX_LIMIT}")
+        if self.before is not None:
+            _require_int("before", self.before)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "peer": self.peer, "limit": self.limit}
+        if self.before is not None:
+            out["before"] = self.before
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Server → client: the answer to a ``history`` request, oldest message first."""
+
+    TYPE: ClassVar[str] = "history"
+    id: str
+    peer: str
+    messages: tuple[Message, ...]
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        check_user_id(self.peer)
+        if not isinstance(self.messages, tuple) or not all(isinstance(m, Message) for m in self.messages):
+            raise LocalProtocolError("messages must be a tuple of Message")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id, "peer": self.peer,
+                "messages": [m.to_dict() for m in self.messages]}
+
+
+ClientFrame = Send | Received | HistoryRequest
+ServerFrame = Hello | Ack | Message | Error | History
 Frame = ClientFrame | ServerFrame
 
 
@@ -356,7 +442,7 @@ def _parse_hello(obj: dict[str, Any]) -> Frame:
 
 def _parse_ack(obj: dict[str, Any]) -> Frame:
     return _build(Ack, id=obj.get("id"), status=obj.get("status"), msg_id=obj.get("msg_id"),
-                  reason=obj.get("reason"), ts=obj.get("ts"))
+                  reason=obj.get("reason"), ts=obj.get("ts"), duplicate=obj.get("duplicate", False))
 
 
 def _parse_message(obj: dict[str, Any]) -> Frame:
@@ -369,9 +455,26 @@ def _parse_error(obj: dict[str, Any]) -> Frame:
     return _build(Error, code=obj.get("code"), message=obj.get("message"), details=details)
 
 
-_CLIENT_PARSERS: Final = {"send": _parse_send}
+def _parse_received(obj: dict[str, Any]) -> Frame:
+    return _build(Received, id=obj.get("id"))
+
+
+def _parse_history_request(obj: dict[str, Any]) -> Frame:
+    return _build(HistoryRequest, id=obj.get("id"), peer=obj.get("peer"), limit=obj.get("limit", 50),
+                  before=obj.get("before"))
+
+
+def _parse_history(obj: dict[str, Any]) -> Frame:
+    items = obj.get("messages")
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise RemoteProtocolError("invalid history frame: messages must be a list of objects", ErrorCode.BAD_FRAME)
+    messages = tuple(_parse_message(item) for item in items)
+    return _build(History, id=obj.get("id"), peer=obj.get("peer"), messages=messages)
+
+
+_CLIENT_PARSERS: Final = {"send": _parse_send, "received": _parse_received, "history": _parse_history_request}
 _SERVER_PARSERS: Final = {"hello": _parse_hello, "ack": _parse_ack, "message": _parse_message,
-                          "error": _parse_error}
+                          "history": _parse_history, "error": _parse_error}
 
 
 def parse_client_frame(data: str | bytes) -> ClientFrame:

@@ -85,12 +85,19 @@ def _start(args: list[str], env: dict[str, str] | None = None, timeout: float = 
 
 
 @pytest.fixture
-def start_server() -> Iterator[Callable[..., RunningServer]]:
-    """Factory: ``start_server("--auth-key", "k")`` starts a server; all are stopped at teardown."""
+def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Factory: ``start_server("--auth-key", "k")`` starts a server; all are stopped at teardown.
+
+    Each server stores messages in ``tmp_path/chatcli.db`` unless ``--db`` or ``--ephemeral`` is
+    given, so a server restarted by a test finds the messages of the one before.
+    """
     started: list[RunningServer] = []
 
     def factory(*args: str, env: dict[str, str] | None = None) -> RunningServer:
-        server = _start(list(args), env)
+        argv = list(args)
+        if "--db" not in argv and "--ephemeral" not in argv:
+            argv += ["--db", str(tmp_path / "chatcli.db")]
+        server = _start(argv, env)
         started.append(server)
         return server
 

@@ -79,7 +79,8 @@ def test_legacy_json_and_quote_replaced_forms(server: RunningServer) -> None:
     assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", "reordered")
 
 
-def test_legacy_offline_recipient_gets_send_error(server: RunningServer) -> None:
+def test_ephemeral_server_refuses_offline_recipient_with_send_error(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server("--ephemeral")
     alice = legacy(server.ws_url, "alice")
     alice.send(p.encode_legacy_send("nobody", "hello?"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_ERROR
@@ -145,7 +146,8 @@ def test_native_and_legacy_talk_both_ways(server: RunningServer) -> None:
     assert (message.sender, message.text) == ("bob", "it's from \"legacy\"")
 
 
-def test_native_refusals_have_reasons(server: RunningServer) -> None:
+def test_native_refusals_have_reasons(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server("--ephemeral")
     alice, _ = native(server.ws_url, "alice")
     assert send_native(alice, "nobody", "hi").reason == p.Reason.OFFLINE
     assert send_native(alice, "alice", "").reason == p.Reason.EMPTY

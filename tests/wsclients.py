@@ -6,6 +6,7 @@ import base64
 import os
 import socket
 import struct
+import uuid
 from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
@@ -13,10 +14,12 @@ from websockets.sync.client import ClientConnection, connect
 from chatcli import protocol as p
 
 
-def native(url: str, user: str, key: str = p.DEFAULT_AUTH_KEY, **kwargs: Any) -> tuple[ClientConnection, p.Hello]:
+def native(url: str, user: str, key: str = p.DEFAULT_AUTH_KEY, headers: dict[str, str] | None = None,
+           **kwargs: Any) -> tuple[ClientConnection, p.Hello]:
     """Open a native session and return it with the server's hello."""
     ws = connect(f"{url}/{user}", subprotocols=[p.SUBPROTOCOL],  # type: ignore[list-item]
-                 additional_headers={"Authorization": f"Bearer {key}"}, open_timeout=5, legacy=True, **kwargs)
+                 additional_headers={"Authorization": f"Bearer {key}", **(headers or {})}, open_timeout=5,
+                 legacy=True, **kwargs)
     hello = p.parse_server_frame(ws.recv(timeout=5))
     assert isinstance(hello, p.Hello)
     return ws, hello
@@ -33,8 +36,9 @@ def recv_frame(ws: ClientConnection, timeout: float = 5) -> p.ServerFrame:
     return p.parse_server_frame(ws.recv(timeout=timeout))
 
 
-def send_native(ws: ClientConnection, to: str, text: str, client_id: str = "c1") -> p.Ack:
-    ws.send(p.encode(p.Send(client_id, to, text)))
+def send_native(ws: ClientConnection, to: str, text: str, client_id: str | None = None) -> p.Ack:
+    """Send and return the ack. Client ids are unique per sender for good (a repeat is a retry): default to a UUID."""
+    ws.send(p.encode(p.Send(client_id or uuid.uuid4().hex, to, text)))
     ack = recv_frame(ws)
     assert isinstance(ack, p.Ack), ack
     return ack

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from chatcli.errors import UsageError
 from chatcli.protocol import DEFAULT_AUTH_KEY, DEFAULT_MAX_TEXT_BYTES, FRAME_OVERHEAD_BYTES
@@ -16,6 +18,11 @@ class ServerConfig:
     http_port: int = 8000
     auth_key: str = DEFAULT_AUTH_KEY
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    #: The SQLite file; None keeps nothing (--ephemeral): offline recipients are refused.
+    db_path: Path | None = None
+    fsync: Literal["normal", "full"] = "normal"
+    #: Messages older than this many seconds are pruned; None keeps them forever.
+    retention_s: float | None = None
     #: Seconds a connection may take to complete its WebSocket handshake.
     open_timeout: float = 10.0
     #: Seconds to wait for sessions to close on shutdown before dropping them.
@@ -24,6 +31,8 @@ class ServerConfig:
     @classmethod
     def build(cls, *, auth_key: str | None = None, **options: object) -> ServerConfig:
         config = cls(auth_key=auth_key or DEFAULT_AUTH_KEY, **options)  # type: ignore[arg-type]
+        if config.retention_s is not None and config.retention_s <= 0:
+            raise UsageError("--retention must be a positive duration, e.g. 30d")
         if config.max_text_bytes < 1:
             raise UsageError("--max-text-bytes must be at least 1")
         for name in ("ws_port", "http_port"):

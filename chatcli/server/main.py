@@ -12,10 +12,12 @@ import time
 from typing import Any
 
 from chatcli import __version__
+from chatcli.errors import StorageError
 from chatcli.server.config import ServerConfig
 from chatcli.server.http_api import Handler, HttpConnection, json_response, text_response
 from chatcli.server.metrics import Metrics
 from chatcli.server.relay import Relay
+from chatcli.server.storage import MessageStore, SQLiteStore
 from chatcli.server.transport import WebSocketServer
 
 log = logging.getLogger("chatcli.server")
@@ -71,7 +73,8 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     metrics = Metrics()
-    relay = Relay(config, metrics)
+    store = _open_store(config)
+    relay = Relay(config, metrics, store, schedule=loop.call_soon)
     ws_server = WebSocketServer(config, relay, metrics)
     started = time.monotonic()
     try:
@@ -83,6 +86,8 @@ async def serve(config: ServerConfig) -> None:
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.host, exc.strerror or exc,
                   extra={"event": "listen-failed"})
+        if store is not None:
+            store.close()
         raise SystemExit(1) from None
 
     ws_port = ws_listener.sockets[0].getsockname()[1]
@@ -94,12 +99,50 @@ async def serve(config: ServerConfig) -> None:
         log.warning("serving %s to other machines with the public default key: anyone can send as anyone; "
                     "set --auth-key or CHATCLI_AUTH_KEY", config.host, extra={"event": "default-key-exposed"})
 
+    if store is not None:
+        log.info("storing messages in %s (fsync %s)", config.db_path, config.fsync,
+                 extra={"event": "storage", "db": str(config.db_path), "fsync": config.fsync})
+    pruning = asyncio.create_task(_prune_forever(store, config.retention_s)) if store and config.retention_s else None
+
     await stop.wait()
     log.info("shutting down: closing %d sessions", len(ws_server.connections), extra={"event": "shutdown"})
     ws_listener.close()
     http_listener.close()
+    if pruning is not None:
+        pruning.cancel()
     await _close_sessions(ws_server, config.close_timeout)
+    if store is not None:
+        await asyncio.sleep(0)  # let a commit scheduled by the last frames run before closing the file
+        store.close()
     log.info("stopped", extra={"event": "stopped"})
+
+
+def _open_store(config: ServerConfig) -> SQLiteStore | None:
+    if config.db_path is None:
+        return None
+    try:
+        config.db_path.parent.mkdir(parents=True, exist_ok=True)
+        return SQLiteStore(config.db_path, config.fsync)
+    except (OSError, StorageError) as exc:
+        log.error("cannot open the message store %s: %s", config.db_path, exc, extra={"event": "storage-error"})
+        raise SystemExit(1) from None
+
+
+PRUNE_EVERY_S = 3600.0
+
+
+async def _prune_forever(store: SQLiteStore, retention_s: float) -> None:
+    """Delete messages past the retention period at start-up, then hourly."""
+    while True:
+        try:
+            deleted = store.prune(time.time() - retention_s)
+        except StorageError as exc:
+            log.error("pruning failed: %s", exc, extra={"event": "storage-error"})
+        else:
+            if deleted:
+                log.info("pruned %d message(s) older than the retention period", deleted,
+                         extra={"event": "pruned", "count": deleted})
+        await asyncio.sleep(PRUNE_EVERY_S)
 
 
 async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
@@ -114,6 +157,12 @@ async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
                 connection.transport.abort()
 
 
+def _storage_health(store: MessageStore | None) -> dict[str, Any]:
+    if store is None:
+        return {"mode": "ephemeral"}
+    return {"mode": "sqlite", "db_bytes": store.size_bytes()}
+
+
 def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handler]:
     def health() -> tuple[int, str, bytes]:
         relay = ws_server.relay
@@ -125,6 +174,8 @@ def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handle
             "sessions": relay.session_count,
             "users_online": len(relay.sessions),
             "messages_routed": ws_server.metrics.routed,
+            "messages_stored_for_offline": ws_server.metrics.stored,
+            "storage": _storage_health(relay.store),
         })
 
     return {

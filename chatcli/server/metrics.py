@@ -11,6 +11,7 @@ class Metrics:
     connections_total: Counter[str] = field(default_factory=Counter)  # by protocol
     handshakes_refused: Counter[int] = field(default_factory=Counter)  # by HTTP status
     routed: int = 0
+    stored: int = 0  # accepted for a recipient with no open session
     refusals: Counter[str] = field(default_factory=Counter)  # by reason
     errors: Counter[str] = field(default_factory=Counter)  # by code
     bytes_in: int = 0

@@ -3,18 +3,34 @@
 Transport-free: sessions are anything with ``user``, ``legacy`` and
 ``send_text()``; the transport turns WebSocket frames into calls of
 ``on_legacy_text`` / ``on_native_text`` and writes what sessions are given.
+
+Two modes:
+
+* durable (a ``MessageStore``): every accepted message is committed before it
+  is acknowledged or delivered. Messages accepted during one event-loop tick
+  are committed together (``schedule`` runs ``commit`` once the tick's reads
+  are done), so durability costs one transaction per tick, not per message.
+  A recipient with no open session gets the message when it connects.
+* ephemeral (no store): delivered at once or refused as ``offline``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from chatcli import protocol as p
-from chatcli.errors import RemoteProtocolError
+from chatcli.errors import RemoteProtocolError, StorageError
 from chatcli.server.config import ServerConfig
 from chatcli.server.metrics import Metrics
+from chatcli.server.storage import MessageStore, NewMessage, StoredMessage
+
+log = logging.getLogger("chatcli.server")
+
+#: Stored messages sent to a connecting session per loop tick, so a long backlog never stalls others.
+REPLAY_PAGE = 500
 
 
 class Session(Protocol):
@@ -25,25 +41,60 @@ class Session(Protocol):
 
     def send_text(self, text: str) -> None: ...
 
+    @property
+    def is_open(self) -> bool: ...
+
+
+class Replay:
+    """A session receiving its backlog; live messages wait in ``held`` so that order is kept."""
+
+    __slots__ = ("after", "held", "since_ts")
+
+    def __init__(self, after: int | None, since_ts: float | None) -> None:
+        self.after = after
+        self.since_ts = since_ts
+        self.held: list[StoredMessage] = []
+
 
 class Relay:
     """The registry of open sessions and the routing of sends between them."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: ServerConfig, metrics: Metrics, store: MessageStore | None = None,
+                 schedule: Callable[[Callable[[], None]], object] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.metrics = metrics
+        self.store = store
+        self.schedule = schedule or (lambda callback: callback())
         self.clock = clock
         # user -> that user's open sessions; a user may be connected several times.
         self.sessions: dict[str, list[Session]] = {}
-        self.last_msg_id = 0
+        self.replays: dict[Session, Replay] = {}
+        self.last_msg_id = 0  # ephemeral mode's id counter
+        # Accepted this tick, committed together: (sender session, client id, message).
+        self.pending: list[tuple[Session, str | None, NewMessage]] = []
+        self.cursor_updates: dict[str, int] = {}
+        self.commit_scheduled = False
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return (p.Feature.STORE, p.Feature.RESUME, p.Feature.HISTORY) if self.store is not None else ()
 
     # -- registry -----------------------------------------------------------
 
-    def register(self, session: Session) -> None:
-        self.sessions.setdefault(session.user, []).append(session)
+    def open_session(self, session: Session, after: int | None = None, since_ts: float | None = None) -> None:
+        """Register a session whose greeting was sent, and start sending it its stored messages.
 
-    def unregister(self, session: Session) -> None:
+        Without ``after``/``since_ts`` it gets what its user has not acknowledged yet.
+        """
+        self.sessions.setdefault(session.user, []).append(session)
+        if self.store is not None:
+            self.replays[session] = Replay(after, since_ts)
+            self._replay_page(session)
+
+    def close_session(self, session: Session) -> None:
         """Remove exactly this session; the user's other sessions stay reachable."""
+        self.replays.pop(session, None)
         mine = self.sessions.get(session.user)
         if mine is None:
             return
@@ -76,15 +127,13 @@ class Relay:
             session.send_text(p.legacy_error(command.cmd))
             return
         if command.auth != self.config.auth_key:
-            self.metrics.refused(p.Reason.BAD_AUTH)
-            session.send_text(p.LEGACY_SEND_ERROR)
+            self.refuse(session, None, p.Reason.BAD_AUTH)
             return
         if command.userid is None or command.msgtext is None:
             self.metrics.error("bad-frame")
             session.send_text(p.LEGACY_SEND_ERROR)
             return
-        status, _ = self.route(session.user, command.userid, command.msgtext)
-        session.send_text(p.LEGACY_SEND_ERROR if status is not None else p.LEGACY_SEND_SUCCESS)
+        self.submit(session, None, command.userid, command.msgtext)
 
     # -- native (chatcli.v1) sessions -----------------------------------------
 
@@ -95,12 +144,12 @@ class Relay:
             self.metrics.error(exc.code)
             session.send_text(p.encode(p.Error(exc.code, exc.message)))
             return
-        reason, msg_id = self.route(session.user, frame.to, frame.text)
-        if reason is not None:
-            ack = p.Ack(frame.id, p.Status.REFUSED, reason=reason)
+        if isinstance(frame, p.Send):
+            self.submit(session, frame.id, frame.to, frame.text)
+        elif isinstance(frame, p.Received):
+            self._received(session, frame.id)
         else:
-            ack = p.Ack(frame.id, p.Status.DELIVERED, msg_id=msg_id, ts=p.format_ts(self.clock()))
-        session.send_text(p.encode(ack))
+            self._history(session, frame)
 
     def on_binary(self, session: Session) -> None:
         self.metrics.error(p.ErrorCode.BINARY_UNSUPPORTED)
@@ -110,36 +159,159 @@ class Relay:
             session.send_text(p.encode(p.Error(p.ErrorCode.BINARY_UNSUPPORTED,
                                                "binary frames are not supported: send JSON text frames")))
 
-    # -- routing ----------------------------------------------------------------
+    def _received(self, session: Session, msg_id: int) -> None:
+        if self.store is not None and msg_id > self.cursor_updates.get(session.user, 0):
+            self.cursor_updates[session.user] = msg_id
+            self._schedule_commit()
 
-    def route(self, sender: str, to: str, text: str) -> tuple[str | None, int]:
-        """Deliver ``text`` to every open session of ``to``.
+    def _history(self, session: Session, request: p.HistoryRequest) -> None:
+        if self.store is None:
+            session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
+                                               "this server stores no messages (--ephemeral): no history")))
+            return
+        stored = self.store.history(session.user, request.peer, request.limit, request.before)
+        messages = tuple(self._message(m) for m in stored)
+        session.send_text(p.encode(p.History(request.id, request.peer, messages)))
 
-        Returns ``(refusal reason, 0)`` or ``(None, message id)``.
-        """
+    # -- accepting a message ---------------------------------------------------------
+
+    def submit(self, session: Session, client_id: str | None, to: str, text: str) -> None:
+        """Accept a message for ``to`` or refuse it; either way the sender gets exactly one ack."""
         reason = p.check_text(text, self.config.max_text_bytes)
-        if reason is None:
-            recipients = self.sessions.get(to)
-            if recipients is None:
-                # The seam for store-and-forward: a durable server stores the message here.
-                reason = p.Reason.BAD_RECIPIENT if not p.is_valid_user_id(to) else p.Reason.OFFLINE
+        if reason is None and not p.is_valid_user_id(to):
+            reason = p.Reason.BAD_RECIPIENT
         if reason is not None:
-            self.metrics.refused(reason)
-            return reason, 0
-        self.last_msg_id += 1
-        self._deliver(self.last_msg_id, sender, to, text, recipients)  # type: ignore[arg-type]
-        self.metrics.routed += 1
-        return None, self.last_msg_id
+            self.refuse(session, client_id, reason)
+        elif self.store is not None:
+            self.pending.append((session, client_id, NewMessage(session.user, to, text, self.clock(), client_id)))
+            self._schedule_commit()
+        else:
+            self._route_ephemeral(session, client_id, to, text)
 
-    def _deliver(self, msg_id: int, sender: str, to: str, text: str, recipients: list[Session]) -> None:
+    def refuse(self, session: Session, client_id: str | None, reason: str) -> None:
+        self.metrics.refused(reason)
+        if session.legacy:
+            session.send_text(p.LEGACY_SEND_ERROR)
+        else:
+            session.send_text(p.encode(p.Ack(client_id or "", p.Status.REFUSED, reason=reason)))
+
+    def _route_ephemeral(self, session: Session, client_id: str | None, to: str, text: str) -> None:
+        recipients = self.sessions.get(to)
+        if recipients is None:
+            self.refuse(session, client_id, p.Reason.OFFLINE)
+            return
+        self.last_msg_id += 1
+        message = StoredMessage(self.last_msg_id, session.user, to, text, self.clock(), client_id)
+        self._deliver(message, recipients)
+        self._ack(session, client_id, message, p.Status.DELIVERED)
+
+    def _schedule_commit(self) -> None:
+        if not self.commit_scheduled:
+            self.commit_scheduled = True
+            self.schedule(self.commit)
+
+    def commit(self) -> None:
+        """Store this tick's messages in one transaction, then deliver and acknowledge each."""
+        self.commit_scheduled = False
+        store = self.store
+        assert store is not None
+        batch, self.pending = self.pending, []
+        if batch:
+            try:
+                results = store.append([new for _, _, new in batch])
+            except StorageError as exc:
+                log.error("could not store %d message(s): %s", len(batch), exc, extra={"event": "storage-error"})
+                for session, client_id, _ in batch:
+                    self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
+                return
+            for (session, client_id, _), result in zip(batch, results, strict=True):
+                self._dispatch(session, client_id, result.message, result.duplicate)
+        if self.cursor_updates:
+            updates, self.cursor_updates = self.cursor_updates, {}
+            try:
+                store.advance_cursors(updates)
+            except StorageError as exc:  # only costs a repeat delivery later, never a loss
+                log.error("could not save delivery cursors: %s", exc, extra={"event": "storage-error"})
+
+    def _dispatch(self, session: Session, client_id: str | None, message: StoredMessage, duplicate: bool) -> None:
+        if duplicate:
+            self.metrics.error("duplicate")
+            self._ack(session, client_id, message, p.Status.STORED, duplicate=True)
+            return
+        recipients = self.sessions.get(message.recipient)
+        if recipients is None:
+            self.metrics.stored += 1
+            self._ack(session, client_id, message, p.Status.STORED)
+        else:
+            self._deliver(message, recipients)
+            self._ack(session, client_id, message, p.Status.DELIVERED)
+
+    def _ack(self, session: Session, client_id: str | None, message: StoredMessage, status: str,
+             duplicate: bool = False) -> None:
+        if session.legacy:
+            session.send_text(p.LEGACY_SEND_SUCCESS)
+        else:
+            session.send_text(p.encode(p.Ack(client_id or "", status, msg_id=message.id,
+                                             ts=p.format_ts(message.ts), duplicate=duplicate)))
+
+    # -- delivering ----------------------------------------------------------------------
+
+    def _deliver(self, message: StoredMessage, recipients: list[Session]) -> None:
+        self.metrics.routed += 1
         legacy_frame = native_frame = None
         for recipient in recipients:
-            if recipient.legacy:
+            if self.replays and recipient in self.replays:
+                self.replays[recipient].held.append(message)
+            elif recipient.legacy:
                 if legacy_frame is None:
-                    legacy_frame = p.encode_legacy_message(sender, text)
+                    legacy_frame = p.encode_legacy_message(message.sender, message.text)
+                    self._legacy_delivered(message)
                 recipient.send_text(legacy_frame)
             else:
                 if native_frame is None:
-                    message = p.Message(msg_id, sender, to, text, p.format_ts(self.clock()))
-                    native_frame = p.encode(message)
+                    native_frame = p.encode(self._message(message))
                 recipient.send_text(native_frame)
+
+    def _legacy_delivered(self, message: StoredMessage) -> None:
+        """Seed clients cannot acknowledge: a message written to one counts as received."""
+        if self.store is not None:
+            self.cursor_updates[message.recipient] = message.id
+            self._schedule_commit()
+
+    def _send_stored(self, session: Session, message: StoredMessage) -> None:
+        if session.legacy:
+            session.send_text(p.encode_legacy_message(message.sender, message.text))
+            self._legacy_delivered(message)
+        else:
+            session.send_text(p.encode(self._message(message)))
+
+    @staticmethod
+    def _message(stored: StoredMessage) -> p.Message:
+        return p.Message(stored.id, stored.sender, stored.recipient, stored.text, p.format_ts(stored.ts))
+
+    def _replay_page(self, session: Session) -> None:
+        """Send one page of the backlog; schedule the next, or release the messages held meanwhile."""
+        replay = self.replays.get(session)
+        if replay is None or self.store is None or not session.is_open:
+            return
+        try:
+            if replay.since_ts is None and replay.after is None:
+                page = self.store.pending(session.user, limit=REPLAY_PAGE)
+            else:
+                page = self.store.messages_to(session.user, replay.after, replay.since_ts, REPLAY_PAGE)
+        except StorageError as exc:
+            log.error("could not read stored messages for %s: %s", session.user, exc,
+                      extra={"event": "storage-error"})
+            page = []
+        for message in page:
+            self._send_stored(session, message)
+        if page:
+            replay.after = page[-1].id
+        if len(page) == REPLAY_PAGE:
+            self.schedule(lambda: self._replay_page(session))
+            return
+        del self.replays[session]
+        last = replay.after or 0
+        for message in replay.held:
+            if message.id > last:  # a held message may also have come in the last page
+                self._send_stored(session, message)

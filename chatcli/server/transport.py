@@ -26,7 +26,7 @@ from websockets.typing import BytesLike, Subprotocol
 
 from chatcli import __version__
 from chatcli import protocol as p
-from chatcli.errors import InvalidUserId
+from chatcli.errors import InvalidUserId, LocalProtocolError
 
 if TYPE_CHECKING:
     from chatcli.server.config import ServerConfig
@@ -50,6 +50,18 @@ def _select_subprotocol(_: ServerProtocol, offered: Any) -> Subprotocol | None:
         return Subprotocol(p.SUBPROTOCOL)
     if offered:
         raise NegotiationError(f"unsupported subprotocol; this server speaks {p.SUBPROTOCOL}")
+    return None
+
+
+def _check_resume_headers(headers: Headers) -> tuple[int, str] | None:
+    after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
+    if after is not None and not (after.isascii() and after.isdigit()):
+        return 400, f"{p.RESUME_AFTER_HEADER} must be a message id (a non-negative integer)\n"
+    if since is not None:
+        try:
+            p.parse_ts(since)
+        except LocalProtocolError:
+            return 400, f"{p.REPLAY_SINCE_HEADER} must be an ISO 8601 time with a zone, e.g. 2026-11-25T10:00:00Z\n"
     return None
 
 
@@ -175,7 +187,7 @@ class Connection(asyncio.Protocol):
             self.open_timer.cancel()
             self.open_timer = None
         if self.session_id:
-            server.relay.unregister(self)
+            server.relay.close_session(self)
             code = self._close_code()
             log.info("disconnect user=%s protocol=%s peer=%s session=%s code=%s", self.user, self.protocol_name,
                      self.peer, self.session_id,
@@ -196,6 +208,10 @@ class Connection(asyncio.Protocol):
             if not self.dirty:
                 self.dirty = True
                 self.server.mark_dirty(self)
+
+    @property
+    def is_open(self) -> bool:
+        return self.ws.state is _OPEN
 
     @property
     def protocol_name(self) -> str:
@@ -245,7 +261,14 @@ class Connection(asyncio.Protocol):
         if self.open_timer is not None:
             self.open_timer.cancel()
             self.open_timer = None
-        self._open()
+        self._open(*self._resume_point(request.headers))
+
+    def _resume_point(self, headers: Headers) -> tuple[int | None, float | None]:
+        """Where a native client's backlog starts: after a message id, or since a time (checked at the handshake)."""
+        if self.legacy:
+            return None, None
+        after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
+        return (int(after) if after is not None else None), (p.parse_ts(since) if since is not None else None)
 
     def _handshake_response(self, request: Request) -> Response:
         try:
@@ -257,7 +280,7 @@ class Connection(asyncio.Protocol):
             return response
         self.legacy = self.ws.subprotocol is None
         if not self.legacy:
-            refusal = self._check_credentials(request.headers)
+            refusal = self._check_credentials(request.headers) or _check_resume_headers(request.headers)
             if refusal is not None:
                 return self.ws.reject(*refusal)
         return response
@@ -273,10 +296,9 @@ class Connection(asyncio.Protocol):
             return 403, "authentication refused: wrong key\n"
         return None
 
-    def _open(self) -> None:
+    def _open(self, after: int | None, since_ts: float | None) -> None:
         server = self.server
         self.session_id = server.next_session_id()
-        server.relay.register(self)
         server.metrics.connections_total[self.protocol_name] += 1
         log.info("connect user=%s protocol=%s peer=%s session=%s", self.user, self.protocol_name, self.peer,
                  self.session_id, extra={"event": "connect", "user": self.user, "protocol": self.protocol_name,
@@ -285,8 +307,9 @@ class Connection(asyncio.Protocol):
             self.send_text(p.LEGACY_CONNECTED)
         else:
             hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
-                            max_text_bytes=server.config.max_text_bytes)
+                            max_text_bytes=server.config.max_text_bytes, features=server.relay.features)
             self.send_text(p.encode(hello))
+        server.relay.open_session(self, after, since_ts)
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -303,8 +326,7 @@ class Connection(asyncio.Protocol):
                 self._on_message(self.fragment_is_text, data)
 
     def _on_message(self, is_text: bool, data: BytesLike) -> None:
-        if self.ws.state is not _OPEN:
-            return
+        # No state check: frames that arrived before a close frame in the same read still count.
         relay = self.server.relay
         if not is_text:
             relay.on_binary(self)
