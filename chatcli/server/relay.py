@@ -216,22 +216,16 @@ class Relay:
         store = self.store
         assert store is not None
         batch, self.pending = self.pending, []
-        if batch:
-            try:
-                results = store.append([new for _, _, new in batch])
-            except StorageError as exc:
-                log.error("could not store %d message(s): %s", len(batch), exc, extra={"event": "storage-error"})
-                for session, client_id, _ in batch:
-                    self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
-                return
-            for (session, client_id, _), result in zip(batch, results, strict=True):
-                self._dispatch(session, client_id, result.message, result.duplicate)
-        if self.cursor_updates:
-            updates, self.cursor_updates = self.cursor_updates, {}
-            try:
-                store.advance_cursors(updates)
-            except StorageError as exc:  # only costs a repeat delivery later, never a loss
-                log.error("could not save delivery cursors: %s", exc, extra={"event": "storage-error"})
+        updates, self.cursor_updates = self.cursor_updates, {}
+        try:
+            results = store.append([new for _, _, new in batch], updates)
+        except StorageError as exc:
+            log.error("could not store %d message(s): %s", len(batch), exc, extra={"event": "storage-error"})
+            for session, client_id, _ in batch:
+                self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
+            return  # lost cursor updates only cost a repeat delivery later, never a loss
+        for (session, client_id, _), result in zip(batch, results, strict=True):
+            self._dispatch(session, client_id, result.message, result.duplicate)
 
     def _dispatch(self, session: Session, client_id: str | None, message: StoredMessage, duplicate: bool) -> None:
         if duplicate:

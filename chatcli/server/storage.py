@@ -164,8 +164,10 @@ class NewMessage(NamedTuple):
     client_id: str | None = None  # the sender's idempotency key, if it gave one
 
 
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
+class StoredMessage(NamedTuple):
+    """A committed message. A NamedTuple, like NewMessage: one is built per message per commit,
+    and a tuple costs a third of a frozen dataclass there (measured in benchmarks/storage_bench.py)."""
+
     id: int  # increasing, never reused: a delivery cursor
     sender: str
     recipient: str
@@ -174,8 +176,7 @@ class StoredMessage:
     client_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class AppendResult:
+class AppendResult(NamedTuple):
     """The stored message; for a retried (sender, client_id), the ORIGINAL one, with ``duplicate``."""
 
     message: StoredMessage
@@ -185,7 +186,7 @@ class AppendResult:
 class MessageStore(Protocol):
     """What the relay needs from durable storage (SQLite now; Redis could follow)."""
 
-    def append(self, batch: Sequence[NewMessage]) -> list[AppendResult]: ...
+    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int] | None = None) -> list[AppendResult]: ...
     def cursor(self, user: str) -> int: ...
     def advance_cursor(self, user: str, msg_id: int) -> None: ...
     def advance_cursors(self, cursors: Mapping[str, int]) -> None: ...
@@ -285,22 +286,29 @@ class SQLiteStore:
 
     # -- writing -----------------------------------------------------------
 
-    def append(self, batch: Sequence[NewMessage]) -> list[AppendResult]:
+    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int] | None = None) -> list[AppendResult]:
         """Store a batch in ONE transaction; results in batch order.
 
         A (sender, client_id) already stored, earlier in the file or earlier in the
         batch, stores nothing and returns the original message with ``duplicate=True``.
+        ``cursors`` are advanced in the same transaction (one commit per tick, not two).
         On error nothing of the batch is stored and ``StorageError`` is raised.
         """
         if not batch:
+            if cursors:
+                self.advance_cursors(cursors)
             return []
         doing = f"store {len(batch)} message(s)"
         try:
             with write_transaction(self._conn, doing):
                 results = self._insert_all(batch)
+                if cursors:
+                    self._conn.executemany(_ADVANCE, cursors.items())
         except _RetryInBatch:  # rolled back: now the careful way
             with write_transaction(self._conn, doing):
                 results = self._insert_deduplicating(batch)
+                if cursors:
+                    self._conn.executemany(_ADVANCE, cursors.items())
         if self._last_id - self._indexed_upto >= INBOX_BATCH_ROWS:
             with write_transaction(self._conn, "index new messages"):
                 self._index_tail()
