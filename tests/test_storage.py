@@ -51,16 +51,19 @@ def test_append_returns_increasing_ids_and_the_stored_fields(store: SQLiteStore)
     first = store.append([msg("alice", "bob", "one", 1.5), msg("bob", "alice", "two", 2.5, "c-1")])
     second = store.append([msg("alice", "bob", "three")])
 
-    ids = [r.message.id for r in first + second]
+    ids = [*first.ids, *second.ids]
     assert ids == sorted(ids) and len(set(ids)) == 3
-    assert not any(r.duplicate for r in first + second)
-    assert first[1].message == StoredMessage(ids[1], "bob", "alice", "two", 2.5, "c-1")
-    # The ids handed back are the ids in the file.
-    assert store.history("alice", "bob") == [r.message for r in first + second]
+    assert not first.duplicates and not second.duplicates
+    # The ids handed back are the ids in the file, with the fields stored.
+    assert store.history("alice", "bob") == [
+        StoredMessage(ids[0], "alice", "bob", "one", 1.5, None),
+        StoredMessage(ids[1], "bob", "alice", "two", 2.5, "c-1"),
+        StoredMessage(ids[2], "alice", "bob", "three", 1000.0, None),
+    ]
 
 
 def test_empty_batch_stores_nothing(store: SQLiteStore) -> None:
-    assert store.append([]) == []
+    assert store.append([]) == ((), frozenset())
     assert store.messages_to("bob") == []
 
 
@@ -78,11 +81,12 @@ def test_a_batch_is_one_transaction_a_bad_row_stores_none_of_it(store: SQLiteSto
 
 
 def test_retry_with_the_same_client_id_returns_the_original(store: SQLiteStore) -> None:
-    (original,) = store.append([msg("alice", "bob", "hi", 1.0, "k1")])
-    retry, fresh = store.append([msg("alice", "bob", "hi again", 2.0, "k1"), msg("alice", "bob", "new", 3.0, "k2")])
+    (original,) = store.append([msg("alice", "bob", "hi", 1.0, "k1")]).ids
+    appended = store.append([msg("alice", "bob", "hi again", 2.0, "k1"), msg("alice", "bob", "new", 3.0, "k2")])
 
-    assert retry.duplicate and retry.message == original.message
-    assert not fresh.duplicate and fresh.message.id > original.message.id
+    retry, fresh = appended.ids
+    assert appended.duplicates == {0} and retry == original
+    assert fresh > original
     assert texts(store.messages_to("bob")) == ["hi", "new"]
 
 
@@ -96,10 +100,10 @@ def test_duplicates_within_one_batch_are_stored_once(store: SQLiteStore) -> None
         ]
     )
 
-    assert [r.duplicate for r in results] == [False, False, True, False]
-    assert results[2].message == results[0].message
+    assert results.duplicates == {2}
+    assert results.ids[2] == results.ids[0]
     assert texts(store.messages_to("bob")) == ["a", "b", "c"]
-    ids = [results[i].message.id for i in (0, 1, 3)]
+    ids = [results.ids[i] for i in (0, 1, 3)]
     assert ids == sorted(ids)
 
 
@@ -107,7 +111,7 @@ def test_client_ids_are_per_sender(store: SQLiteStore) -> None:
     results = store.append(
         [msg("alice", "carol", "from alice", client_id="k"), msg("bob", "carol", "from bob", client_id="k")]
     )
-    assert not any(r.duplicate for r in results)
+    assert not results.duplicates
     assert texts(store.messages_to("carol")) == ["from alice", "from bob"]
 
 
@@ -127,8 +131,7 @@ def test_cursor_starts_at_zero_and_never_moves_back(store: SQLiteStore) -> None:
 
 
 def test_pending_is_what_follows_the_cursor_in_order(store: SQLiteStore) -> None:
-    results = store.append([msg("alice", "bob", f"m{i}") for i in range(5)] + [msg("bob", "alice", "reply")])
-    ids = [r.message.id for r in results]
+    ids = store.append([msg("alice", "bob", f"m{i}") for i in range(5)] + [msg("bob", "alice", "reply")]).ids
 
     assert texts(store.pending("bob")) == ["m0", "m1", "m2", "m3", "m4"]
     store.advance_cursor("bob", ids[1])
@@ -139,8 +142,7 @@ def test_pending_is_what_follows_the_cursor_in_order(store: SQLiteStore) -> None
 
 
 def test_messages_to_filters_by_id_and_time(store: SQLiteStore) -> None:
-    results = store.append([msg("alice", "bob", f"t{ts}", ts=float(ts)) for ts in (10, 20, 30, 40)])
-    ids = [r.message.id for r in results]
+    ids = store.append([msg("alice", "bob", f"t{ts}", ts=float(ts)) for ts in (10, 20, 30, 40)]).ids
 
     assert texts(store.messages_to("bob")) == ["t10", "t20", "t30", "t40"]
     assert texts(store.messages_to("bob", since_ts=20.0)) == ["t20", "t30", "t40"]
@@ -155,13 +157,13 @@ def test_history_is_the_last_messages_of_a_conversation_oldest_first(store: SQLi
         batch.append(msg("alice", "bob", f"a{i}") if i % 2 == 0 else msg("bob", "alice", f"b{i}"))
         batch.append(msg("alice", "carol", f"other{i}"))
         batch.append(msg("carol", "bob", f"other{i}"))
-    results = store.append(batch)
-    conversation = [r.message for r in results if {r.message.sender, r.message.recipient} == {"alice", "bob"}]
+    ids = store.append(batch).ids
+    conversation = [i for i, m in zip(ids, batch, strict=True) if {m.sender, m.recipient} == {"alice", "bob"}]
 
     assert texts(store.history("alice", "bob")) == ["a0", "b1", "a2", "b3", "a4", "b5"]
     assert store.history("bob", "alice") == store.history("alice", "bob")
     assert texts(store.history("alice", "bob", limit=3)) == ["b3", "a4", "b5"]
-    assert texts(store.history("alice", "bob", limit=2, before_id=conversation[3].id)) == ["b1", "a2"]
+    assert texts(store.history("alice", "bob", limit=2, before_id=conversation[3])) == ["b1", "a2"]
     assert store.history("alice", "nobody") == []
 
 
@@ -195,14 +197,14 @@ def test_reads_see_every_message_however_much_is_indexed_yet(db_path: Path) -> N
 
 
 def test_prune_deletes_old_messages_and_ids_are_not_reused(store: SQLiteStore) -> None:
-    results = store.append([msg("alice", "bob", f"t{ts}", ts=float(ts)) for ts in (10, 20, 30)])
+    ids = store.append([msg("alice", "bob", f"t{ts}", ts=float(ts)) for ts in (10, 20, 30)]).ids
     assert store.prune(older_than_ts=25.0) == 2
     assert texts(store.messages_to("bob")) == ["t30"]
 
     assert store.prune(older_than_ts=1e12) == 1
-    (later,) = store.append([msg("alice", "bob", "later")])
+    (later,) = store.append([msg("alice", "bob", "later")]).ids
     # A cursor pointing at a pruned id must still see newer messages.
-    assert later.message.id > results[-1].message.id
+    assert later > ids[-1]
 
 
 def test_size_grows_with_messages(store: SQLiteStore) -> None:
@@ -221,8 +223,8 @@ def test_reopening_keeps_messages_and_cursors(db_path: Path) -> None:
     with SQLiteStore(db_path) as store:
         assert texts(store.messages_to("bob")) == ["kept"]
         assert store.cursor("bob") == 1
-        (retry,) = store.append([msg("alice", "bob", "kept", client_id="k1")])
-        assert retry.duplicate
+        retry = store.append([msg("alice", "bob", "kept", client_id="k1")])
+        assert retry.duplicates == {0} and texts(store.messages_to("bob")) == ["kept"]
 
 
 def test_a_killed_process_keeps_what_append_returned(db_path: Path) -> None:

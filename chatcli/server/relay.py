@@ -71,8 +71,8 @@ class Relay:
         self.sessions: dict[str, list[Session]] = {}
         self.replays: dict[Session, Replay] = {}
         self.last_msg_id = 0  # ephemeral mode's id counter
-        # Accepted this tick, committed together: (sender session, client id, message).
-        self.pending: list[tuple[Session, str | None, NewMessage]] = []
+        # Accepted this tick, committed together: (sender session, client id, recipient, text).
+        self.pending: list[tuple[Session, str | None, str, str]] = []
         self.cursor_updates: dict[str, int] = {}
         self.commit_scheduled = False
 
@@ -178,12 +178,12 @@ class Relay:
     def submit(self, session: Session, client_id: str | None, to: str, text: str) -> None:
         """Accept a message for ``to`` or refuse it; either way the sender gets exactly one ack."""
         reason = p.check_text(text, self.config.max_text_bytes)
-        if reason is None and not p.is_valid_user_id(to):
+        if reason is None and to not in self.sessions and not p.is_valid_user_id(to):  # online ids are valid
             reason = p.Reason.BAD_RECIPIENT
         if reason is not None:
             self.refuse(session, client_id, reason)
         elif self.store is not None:
-            self.pending.append((session, client_id, NewMessage(session.user, to, text, self.clock(), client_id)))
+            self.pending.append((session, client_id, to, text))
             self._schedule_commit()
         else:
             self._route_ephemeral(session, client_id, to, text)
@@ -217,21 +217,26 @@ class Relay:
         assert store is not None
         batch, self.pending = self.pending, []
         updates, self.cursor_updates = self.cursor_updates, {}
+        now = self.clock()  # one accept time per tick: the batch is accepted together
+        rows = [NewMessage(session.user, to, text, now, client_id) for session, client_id, to, text in batch]
         try:
-            results = store.append([new for _, _, new in batch], updates)
+            appended = store.append(rows, updates)
         except StorageError as exc:
             log.error("could not store %d message(s): %s", len(batch), exc, extra={"event": "storage-error"})
-            for session, client_id, _ in batch:
+            for session, client_id, _, _ in batch:
                 self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
             return  # lost cursor updates only cost a repeat delivery later, never a loss
-        for (session, client_id, _), result in zip(batch, results, strict=True):
-            self._dispatch(session, client_id, result.message, result.duplicate)
+        duplicates = appended.duplicates
+        for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
+                                                                                 strict=True)):
+            message = StoredMessage(msg_id, *row)
+            if duplicates and position in duplicates:
+                self.metrics.error("duplicate")
+                self._ack(session, client_id, message, p.Status.STORED, duplicate=True)
+            else:
+                self._dispatch(session, client_id, message)
 
-    def _dispatch(self, session: Session, client_id: str | None, message: StoredMessage, duplicate: bool) -> None:
-        if duplicate:
-            self.metrics.error("duplicate")
-            self._ack(session, client_id, message, p.Status.STORED, duplicate=True)
-            return
+    def _dispatch(self, session: Session, client_id: str | None, message: StoredMessage) -> None:
         recipients = self.sessions.get(message.recipient)
         if recipients is None:
             self.metrics.stored += 1

@@ -175,17 +175,23 @@ class StoredMessage(NamedTuple):
     client_id: str | None
 
 
-class AppendResult(NamedTuple):
-    """The stored message; for a retried (sender, client_id), the ORIGINAL one, with ``duplicate``."""
+class Appended(NamedTuple):
+    """What ``append`` did with a batch.
 
-    message: StoredMessage
-    duplicate: bool
+    ``ids`` has one id per message, in batch order: for a retried (sender,
+    client_id), the ORIGINAL message's id, and its position is in ``duplicates``
+    (nothing was stored for it). Ids, not records: the relay already holds the
+    messages, and building a record per message was a measurable cost per commit.
+    """
+
+    ids: Sequence[int]
+    duplicates: frozenset[int]
 
 
 class MessageStore(Protocol):
     """What the relay needs from durable storage (SQLite now; Redis could follow)."""
 
-    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int] | None = None) -> list[AppendResult]: ...
+    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int] | None = None) -> Appended: ...
     def cursor(self, user: str) -> int: ...
     def advance_cursor(self, user: str, msg_id: int) -> None: ...
     def advance_cursors(self, cursors: Mapping[str, int]) -> None: ...
@@ -285,18 +291,18 @@ class SQLiteStore:
 
     # -- writing -----------------------------------------------------------
 
-    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int] | None = None) -> list[AppendResult]:
-        """Store a batch in ONE transaction; results in batch order.
+    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int] | None = None) -> Appended:
+        """Store a batch in ONE transaction; the ids in batch order.
 
         A (sender, client_id) already stored, earlier in the file or earlier in the
-        batch, stores nothing and returns the original message with ``duplicate=True``.
+        batch, stores nothing: its id is the original's and its position is a duplicate.
         ``cursors`` are advanced in the same transaction (one commit per tick, not two).
         On error nothing of the batch is stored and ``StorageError`` is raised.
         """
         if not batch:
             if cursors:
                 self.advance_cursors(cursors)
-            return []
+            return Appended((), frozenset())
         doing = f"store {len(batch)} message(s)"
         try:
             with write_transaction(self._conn, doing):
@@ -313,7 +319,7 @@ class SQLiteStore:
                 self._index_tail()
         return results
 
-    def _insert_all(self, batch: Sequence[NewMessage]) -> list[AppendResult]:
+    def _insert_all(self, batch: Sequence[NewMessage]) -> Appended:
         """One executemany; raises ``_RetryInBatch`` if any row was a retry.
 
         Under the write lock AUTOINCREMENT hands out consecutive ids, so when every
@@ -325,31 +331,31 @@ class SQLiteStore:
             raise _RetryInBatch
         last_id: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         self._last_id = last_id
-        first_id = last_id - len(batch) + 1
-        return [AppendResult(StoredMessage(first_id + i, *message), False) for i, message in enumerate(batch)]
+        return Appended(range(last_id - len(batch) + 1, last_id + 1), frozenset())
 
-    def _insert_deduplicating(self, batch: Sequence[NewMessage]) -> list[AppendResult]:
+    def _insert_deduplicating(self, batch: Sequence[NewMessage]) -> Appended:
         """The rare path for batches holding retries: look each client id up, insert row by row."""
-        seen: dict[tuple[str, str], StoredMessage] = {}
-        results: list[AppendResult] = []
-        for message in batch:
+        seen: dict[tuple[str, str], int] = {}
+        ids: list[int] = []
+        duplicates: set[int] = set()
+        for position, message in enumerate(batch):
             key = None if message.client_id is None else (message.sender, message.client_id)
-            original = None if key is None else seen.get(key) or self._by_client_id(*key)
+            original = None if key is None else seen.get(key) or self._id_by_client_id(*key)
             if original is not None:
-                results.append(AppendResult(original, True))
+                ids.append(original)
+                duplicates.add(position)
                 continue
-            stored = StoredMessage(int(self._conn.execute(_INSERT, message).lastrowid or 0), *message)
-            self._last_id = stored.id
+            msg_id = int(self._conn.execute(_INSERT, message).lastrowid or 0)
+            self._last_id = msg_id
             if key is not None:
-                seen[key] = stored
-            results.append(AppendResult(stored, False))
-        return results
+                seen[key] = msg_id
+            ids.append(msg_id)
+        return Appended(ids, frozenset(duplicates))
 
-    def _by_client_id(self, sender: str, client_id: str) -> StoredMessage | None:
-        row = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM messages AS m WHERE sender = ? AND client_id = ?", (sender, client_id)
-        ).fetchone()
-        return None if row is None else _message(row)
+    def _id_by_client_id(self, sender: str, client_id: str) -> int | None:
+        row = self._conn.execute("SELECT id FROM messages WHERE sender = ? AND client_id = ?",
+                                 (sender, client_id)).fetchone()
+        return None if row is None else int(row[0])
 
     # -- the inbox index ---------------------------------------------------
 
