@@ -100,7 +100,7 @@ def serve(
 
 
 # ---------------------------------------------------------------------------
-# Client commands: send, listen, chat. Settings resolve as flag > environment >
+# Client commands: send, listen, history, chat. Settings resolve as flag > environment >
 # profile > default (chatcli.config); imports are lazy so `send` and `listen`
 # never load prompt_toolkit or Rich.
 # ---------------------------------------------------------------------------
@@ -144,7 +144,11 @@ def send(
     timeout: TimeoutOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Send a message to PEER; exit 0 once the server acknowledged it."""
+    """Send a message to PEER; exit 0 once the server acknowledged it (delivered or stored).
+
+    If the connection drops, send reconnects for up to --timeout seconds and resends what
+    was not acknowledged; a storing server keeps each message once.
+    """
     import asyncio
 
     from chatcli import client, render
@@ -171,6 +175,13 @@ def listen(
         "--from", metavar="PEER", help="Only messages from PEER.", show_default=False)] = None,
     no_reconnect: Annotated[bool, typer.Option(
         "--no-reconnect", help="Exit 3 when the connection fails instead of retrying.")] = False,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="ID|DURATION|all", help="Replay from there: after message ID, the last DURATION "
+        "(e.g. 30m, 1h, 2d), or all stored messages.", show_default=False)] = None,
+    cursor_file: Annotated[Path | None, typer.Option(
+        "--cursor-file", metavar="PATH", help="Resume after the last message id saved in PATH, and save "
+        "each printed message's id there, so repeated runs miss and repeat nothing.",
+        show_default=False, dir_okay=False)] = None,
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
     auth_key_file: AuthKeyFileOption = None,
@@ -182,7 +193,10 @@ def listen(
     from chatcli import client, render
 
     settings = _settings(url, auth_key, auth_key_file, None, profile)
-    options = client.ListenOptions(count=count, duration=duration, sender=sender, reconnect=not no_reconnect)
+    options = client.ListenOptions(
+        count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
+        start=client.parse_since(since) if since is not None else None,
+        cursor_file=client.CursorFile(cursor_file) if cursor_file is not None else None)
 
     def on_message(message: Message) -> None:
         render.write_line(sys.stdout, render.message_json(message))
@@ -191,6 +205,33 @@ def listen(
         print(f"chatcli: {text}", file=sys.stderr, flush=True)
 
     asyncio.run(client.listen(settings, me, options, on_message, notice))
+
+
+@app.command()
+def history(
+    me: MeArgument,
+    peer: PeerArgument,
+    limit: Annotated[int, typer.Option(
+        "--limit", min=1, max=1000, help="How many of the latest messages to show.")] = 50,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="One JSON line per message, the schema of listen.")] = False,
+    url: UrlOption = None,
+    auth_key: AuthKeyOption = None,
+    auth_key_file: AuthKeyFileOption = None,
+    timeout: TimeoutOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Print the conversation between ME and PEER, oldest first (exit 5 on a server that stores nothing)."""
+    import asyncio
+
+    from chatcli import client, render
+
+    settings = _settings(url, auth_key, auth_key_file, timeout, profile)
+    messages = asyncio.run(client.fetch_history(settings, me, peer, limit))
+    colour = render.wants_colour(sys.stdout)
+    for message in messages:
+        line = render.message_json(message) if json_output else render.history_ansi(message, colour=colour)
+        render.write_line(sys.stdout, line)
 
 
 @app.command()
@@ -203,7 +244,10 @@ def chat(
     timeout: TimeoutOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Chat with PEER in an interactive prompt (Enter sends, Alt+Enter adds a newline, Ctrl-D leaves)."""
+    """Chat with PEER in an interactive prompt (Enter sends, Alt+Enter adds a newline, Ctrl-D leaves).
+
+    Opens with the last messages of the conversation, on a server that keeps them.
+    """
     from chatcli import repl
 
     repl.chat(_settings(url, auth_key, auth_key_file, timeout, profile), me, peer)

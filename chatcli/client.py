@@ -8,6 +8,12 @@ websockets exception:
 * the handshake is refused with 401/403               → ``AuthError`` (4)
 * a message is refused (its ack says so)              → ``RefusedError`` (5)
 * an ack does not come in time                        → ``TimedOutError`` (6)
+
+Durability (servers announcing ``Feature.STORE`` / ``RESUME`` / ``HISTORY``):
+``listen`` and ``chat`` reconnect with ``Chatcli-After`` = the last message id
+they saw and confirm handled messages with ``received``; ``send`` resends an
+unacknowledged message after a reconnect with the same client id, which the
+server answers as a ``duplicate`` if it had already stored it.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import asyncio
 import itertools
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, TextIO
 from urllib.parse import quote
 
@@ -29,6 +37,7 @@ from chatcli import __version__
 from chatcli.config import ClientSettings
 from chatcli.errors import (
     AuthError,
+    ClientError,
     ConnectError,
     RefusedError,
     RemoteProtocolError,
@@ -37,25 +46,69 @@ from chatcli.errors import (
     UsageError,
 )
 from chatcli.protocol import (
+    REPLAY_SINCE_HEADER,
+    RESUME_AFTER_HEADER,
     SUBPROTOCOL,
     Ack,
+    ClientFrame,
     Error,
+    ErrorCode,
+    Feature,
     Hello,
+    History,
+    HistoryRequest,
     Message,
     Reason,
+    Received,
     Send,
     ServerFrame,
     check_text,
     check_user_id,
     encode,
+    format_ts,
     parse_server_frame,
 )
-
-#: Announced by servers that resend stored messages after the client's cursor.
-#: Only then are message ids comparable across sessions (an in-memory server restarts at 1).
-RESUME_FEATURE: Final = "resume"
+from chatcli.units import parse_duration
 
 Notice = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a session's backlog starts; neither field set means "after the server-side cursor"."""
+
+    #: Only messages with a greater id (``Chatcli-After``); 0 means every stored message.
+    after: int | None = None
+    #: Only messages received since this ISO 8601 UTC time (``Chatcli-Since``).
+    since: str | None = None
+
+    @classmethod
+    def live_only(cls) -> ResumePoint:
+        """For sessions that only send or ask for history: no backlog to skip over."""
+        return cls(since=format_ts(time.time()))
+
+    def headers(self) -> dict[str, str]:
+        out = {}
+        if self.after is not None:
+            out[RESUME_AFTER_HEADER] = str(self.after)
+        if self.since is not None:
+            out[REPLAY_SINCE_HEADER] = self.since
+        return out
+
+
+def parse_since(value: str, now: float | None = None) -> ResumePoint:
+    """``listen --since``: a message id (digits only), ``all``, or a duration with a unit (``1h``, ``2d``)."""
+    value = value.strip()
+    if value.lower() == "all":
+        return ResumePoint(after=0)
+    if value.isascii() and value.isdigit():
+        return ResumePoint(after=int(value))
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise UsageError(f"invalid --since {value!r}: use a message id (e.g. 42), a duration with a unit "
+                         "(e.g. 30m, 1h, 2d) or 'all'") from None
+    return ResumePoint(since=format_ts((time.time() if now is None else now) - seconds))
 
 
 def user_url(server_url: str, user: str) -> str:
@@ -86,30 +139,64 @@ class Session:
         """A client id for a ``send``: unique per run, and kept when a message is resent after a reconnect."""
         return f"{Session._tag}-{next(Session._ids)}"
 
-    async def send_frame(self, frame: Send) -> None:
-        """Send without waiting for the ack (it arrives through ``frames()``)."""
-        reason = check_text(frame.text, self.hello.max_text_bytes)
-        if reason is not None:
-            raise RefusedError(_refusal_text(frame.to, reason, self.hello.max_text_bytes), reason)
+    def offers(self, feature: str) -> bool:
+        """Whether the server announced ``feature`` (a ``protocol.Feature``) in its hello."""
+        return feature in self.hello.features
+
+    async def _write(self, frame: ClientFrame) -> None:
         try:
             await self._ws.send(encode(frame))
         except ConnectionClosed as exc:
             raise _lost(exc) from None
 
+    async def send_frame(self, frame: Send) -> None:
+        """Send without waiting for the ack (it arrives through ``frames()``)."""
+        reason = check_text(frame.text, self.hello.max_text_bytes)
+        if reason is not None:
+            raise RefusedError(_refusal_text(frame.to, reason, self.hello.max_text_bytes), reason)
+        await self._write(frame)
+
     async def send(self, to: str, text: str) -> Ack:
         """Send one message and return its ack (accepted or refused); messages meanwhile are dropped."""
-        frame = Send(id=self.new_id(), to=to, text=text)
+        return await self.send_and_wait(Send(id=self.new_id(), to=to, text=text))
+
+    async def send_and_wait(self, frame: Send) -> Ack:
+        """Send ``frame`` and return its ack; a resent id may be answered with ``duplicate``."""
         await self.send_frame(frame)
+        reply = await self._answer(lambda r: isinstance(r, Ack) and r.id == frame.id, "acknowledgement")
+        assert isinstance(reply, Ack)
+        return reply
+
+    async def acknowledge(self, msg_id: int) -> None:
+        """Tell a resuming server every message up to ``msg_id`` was handled (advances its cursor)."""
+        if self.offers(Feature.RESUME):
+            await self._write(Received(msg_id))
+
+    async def request_history(self, peer: str, limit: int, before: int | None = None) -> str:
+        """Ask for the conversation with ``peer``; the ``History`` answer (same id) comes through ``frames()``."""
+        request = HistoryRequest(id=self.new_id(), peer=peer, limit=limit, before=before)
+        await self._write(request)
+        return request.id
+
+    async def history(self, peer: str, limit: int, before: int | None = None) -> tuple[Message, ...]:
+        """The last ``limit`` messages between us and ``peer``, oldest first."""
+        request_id = await self.request_history(peer, limit, before)
+        reply = await self._answer(lambda r: isinstance(r, History) and r.id == request_id, "history")
+        assert isinstance(reply, History)
+        return reply.messages
+
+    async def _answer(self, matches: Callable[[ServerFrame], bool], what: str) -> ServerFrame:
+        """The first frame that ``matches``; an ``Error`` meanwhile refuses the request."""
         try:
             async with asyncio.timeout(self.timeout):
                 async for reply in self.frames():
-                    if isinstance(reply, Ack) and reply.id == frame.id:
+                    if matches(reply):
                         return reply
                     if isinstance(reply, Error):
-                        raise RefusedError(f"the server rejected the message: {reply.message}", reply.code)
+                        raise RefusedError(f"the server refused the request: {reply.message}", reply.code)
         except TimeoutError:
-            raise TimedOutError(f"no acknowledgement from the server within {self.timeout:g} s") from None
-        raise ConnectError("the server closed the session before acknowledging the message")
+            raise TimedOutError(f"no {what} from the server within {self.timeout:g} s") from None
+        raise ConnectError(f"the server closed the session before its {what}")  # pragma: no cover
 
     async def frames(self) -> AsyncIterator[ServerFrame]:
         """Every frame the server sends, minus types from newer servers; ``ConnectError`` at close."""
@@ -129,10 +216,14 @@ class Session:
 
 
 @asynccontextmanager
-async def open_session(settings: ClientSettings, user: str) -> AsyncIterator[Session]:
-    """Connect as ``user``, read the hello, yield the session, close it on the way out."""
+async def open_session(settings: ClientSettings, user: str,
+                       resume: ResumePoint | None = None) -> AsyncIterator[Session]:
+    """Connect as ``user``, read the hello, yield the session, close it on the way out.
+
+    ``resume`` says where the stored backlog starts (default: after the server-side cursor).
+    """
     url = user_url(settings.url, user)
-    ws = await _handshake(url, settings)
+    ws = await _handshake(url, settings, resume.headers() if resume is not None else {})
     try:
         if ws.subprotocol != SUBPROTOCOL:
             raise ConnectError(f"{settings.url} does not speak {SUBPROTOCOL} (is it an old seed server?)")
@@ -142,12 +233,12 @@ async def open_session(settings: ClientSettings, user: str) -> AsyncIterator[Ses
         await ws.close()
 
 
-async def _handshake(url: str, settings: ClientSettings) -> ClientConnection:
+async def _handshake(url: str, settings: ClientSettings, headers: dict[str, str]) -> ClientConnection:
     try:
         return await connect(
             url,
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-            additional_headers={"Authorization": f"Bearer {settings.auth_key}"},
+            additional_headers={"Authorization": f"Bearer {settings.auth_key}", **headers},
             user_agent_header=f"chatcli/{__version__}",
             open_timeout=settings.timeout,
             close_timeout=1.0,  # leaving must stay quick, even from a hung server
@@ -253,21 +344,61 @@ class Backoff:
 class MessageCursor:
     """The last message id seen, so a resumed stream neither repeats nor skips messages."""
 
-    def __init__(self) -> None:
-        self.last_id: int | None = None
-        self._comparable = False
+    def __init__(self, last_id: int | None = None) -> None:
+        self.last_id = last_id
+        self.resumable = False
 
     def on_hello(self, hello: Hello) -> None:
         # Ids of a server without resume restart after it does: forget ours.
-        self._comparable = RESUME_FEATURE in hello.features
-        if not self._comparable:
+        self.resumable = Feature.RESUME in hello.features
+        if not self.resumable:
             self.last_id = None
 
+    def resume_point(self, start: ResumePoint | None) -> ResumePoint | None:
+        """Where the next session starts: right after the last message seen, else at ``start``."""
+        return ResumePoint(after=self.last_id) if self.last_id is not None else start
+
     def is_new(self, message: Message) -> bool:
-        if self._comparable and self.last_id is not None and message.id <= self.last_id:
+        if self.resumable and self.last_id is not None and message.id <= self.last_id:
             return False
         self.last_id = message.id
         return True
+
+
+class CursorFile:
+    """``listen --cursor-file``: the last message id handled, kept between runs.
+
+    The file holds one decimal id. It is replaced atomically (temporary file, then
+    ``os.replace``), so a listener killed at any moment leaves the old or the new id.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> int | None:
+        """The saved id; ``None`` when the file does not exist yet."""
+        try:
+            text = self.path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            if not self.path.parent.is_dir():
+                raise UsageError(f"cannot keep a cursor in {str(self.path)!r}: "
+                                 "its directory does not exist") from None
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the cursor file {str(self.path)!r}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not (text.isascii() and text.isdigit()):
+            raise UsageError(f"the cursor file {str(self.path)!r} is corrupt: expected one message id, "
+                             f"found {text[:40]!r}; delete it to start from the server's cursor")
+        return int(text)
+
+    def save(self, msg_id: int) -> None:
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(f"{msg_id}\n", encoding="ascii")
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            raise ClientError(f"cannot write the cursor file {str(self.path)!r}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -309,15 +440,67 @@ def _stdin_lines(stdin: TextIO) -> Iterator[str]:
 
 
 async def send_messages(settings: ClientSettings, me: str, peer: str, texts: Iterator[str],
-                        on_ack: Callable[[Ack], None]) -> None:
-    """Send each text in order; return once every one was accepted, else raise at the first refusal."""
+                        on_ack: Callable[[Ack], None], new_id: Callable[[], str] = Session.new_id) -> None:
+    """Send each text in order; return once every one was accepted, else raise at the first refusal.
+
+    If a session to a storing server drops, reconnect (backoff, for at most ``settings.timeout``
+    seconds) and resend the unacknowledged message with the same client id: the server stores
+    it once, answering a repeat as a ``duplicate``. A server that stores nothing cannot tell a
+    repeat, so a drop there ends with ``ConnectError``.
+    """
     check_user_id(peer)
-    async with open_session(settings, me) as session:
-        while (text := await asyncio.to_thread(next, texts, None)) is not None:
-            ack = await session.send(peer, text)
-            on_ack(ack)
-            if not ack.accepted:
-                raise refusal(ack, peer)
+    unacked: list[Send] = []  # sent (or about to be) and not acknowledged yet, in order
+    backoff = Backoff()
+    can_retry = False  # set once a session to a storing server was open
+    lost_at: float | None = None
+    while True:
+        try:
+            async with open_session(settings, me, ResumePoint.live_only()) as session:
+                backoff.reset()
+                lost_at = None
+                can_retry = session.offers(Feature.STORE)
+                await _send_all(session, peer, texts, unacked, on_ack, new_id)
+                return
+        except ConnectError as exc:
+            if not can_retry:
+                raise
+            lost_at = time.monotonic() if lost_at is None else lost_at
+            await _wait_to_resend(exc, lost_at, backoff, settings.timeout, len(unacked))
+
+
+async def _wait_to_resend(exc: ConnectError, lost_at: float, backoff: Backoff, window: float,
+                          waiting: int) -> None:
+    left = lost_at + window - time.monotonic()
+    if left <= 0:
+        raise ConnectError(f"{exc}; no reconnection within {window:g} s "
+                           f"({waiting} message(s) unacknowledged)") from None
+    await asyncio.sleep(min(left, backoff.next_delay()))
+
+
+async def _send_all(session: Session, peer: str, texts: Iterator[str], unacked: list[Send],
+                    on_ack: Callable[[Ack], None], new_id: Callable[[], str]) -> None:
+    """Send the unacknowledged message (if any), then the rest of ``texts``, one ack at a time."""
+    while True:
+        if not unacked:
+            text = await asyncio.to_thread(next, texts, None)
+            if text is None:
+                return
+            unacked.append(Send(id=new_id(), to=peer, text=text))
+        ack = await session.send_and_wait(unacked[0])
+        unacked.pop(0)
+        on_ack(ack)
+        if not ack.accepted:
+            raise refusal(ack, peer)
+
+
+async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int) -> tuple[Message, ...]:
+    """``chatcli history``: the last ``limit`` messages between ``me`` and ``peer``, oldest first."""
+    check_user_id(peer)
+    async with open_session(settings, me, ResumePoint.live_only()) as session:
+        if not session.offers(Feature.HISTORY):
+            raise RefusedError(f"{settings.url} keeps no history: it stores no messages (serve --ephemeral)",
+                               ErrorCode.UNAVAILABLE)
+        return await session.history(peer, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +510,9 @@ class ListenOptions:
     duration: float | None = None
     sender: str | None = None
     reconnect: bool = True
+    #: Where the first session starts (``--since``); None = the cursor file, else the server-side cursor.
+    start: ResumePoint | None = None
+    cursor_file: CursorFile | None = None
 
 
 async def listen(settings: ClientSettings, me: str, options: ListenOptions,
@@ -344,9 +530,11 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
             received += 1
         return options.count is not None and received >= options.count
 
+    saved = options.cursor_file.load() if options.cursor_file is not None else None
+    start = options.start or (ResumePoint(after=saved) if saved is not None else None)
     try:
         async with asyncio.timeout(options.duration):
-            await _listen_forever(settings, me, options.reconnect, take, notice)
+            await _listen_forever(settings, me, options, MessageCursor(), start, take, notice)
     except TimeoutError:
         if options.count is not None:
             raise TimedOutError(f"received {received} of {options.count} messages "
@@ -355,24 +543,45 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
         return
 
 
-async def _listen_forever(settings: ClientSettings, me: str, reconnect: bool,
-                          take: Callable[[Message], bool], notice: Notice) -> None:
-    cursor = MessageCursor()
+async def _listen_forever(settings: ClientSettings, me: str, options: ListenOptions, cursor: MessageCursor,
+                          start: ResumePoint | None, take: Callable[[Message], bool], notice: Notice) -> None:
     backoff = Backoff()
     connected_before = False
     while True:
         try:
-            async with open_session(settings, me) as session:
+            async with open_session(settings, me, cursor.resume_point(start)) as session:
                 cursor.on_hello(session.hello)
                 backoff.reset()
                 notice(f"{'reconnected' if connected_before else 'listening'} as {me} on {settings.url}")
+                if not cursor.resumable and not connected_before and start is not None:
+                    notice("this server stores no messages (--ephemeral): nothing to replay or resume")
                 connected_before = True
+                handled = _handler(session, options, cursor, take)
                 async for frame in session.frames():
-                    if isinstance(frame, Message) and cursor.is_new(frame) and take(frame):
+                    if isinstance(frame, Message) and cursor.is_new(frame) and await handled(frame):
                         return
         except ConnectError as exc:
-            if not reconnect:
+            if not options.reconnect:
                 raise
             delay = backoff.next_delay()
             notice(f"{exc}; reconnecting in {delay:.1f} s")
             await asyncio.sleep(delay)
+
+
+def _handler(session: Session, options: ListenOptions, cursor: MessageCursor,
+             take: Callable[[Message], bool]) -> Callable[[Message], Awaitable[bool]]:
+    """Print a new message, then record it as handled: in the cursor file, and on the server.
+
+    A ``--from`` listener leaves the server-side cursor alone: it skips other senders'
+    messages, which a later unfiltered listener must still get.
+    """
+
+    async def handle(message: Message) -> bool:
+        done = take(message)  # printed and flushed (or skipped by --from) before it counts as handled
+        if options.cursor_file is not None and cursor.resumable:
+            options.cursor_file.save(message.id)
+        if options.sender is None:
+            await session.acknowledge(message.id)
+        return done
+
+    return handle

@@ -53,10 +53,14 @@ def message_json(message: Message) -> str:
 
 
 def ack_json(ack: Ack, to: str) -> str:
-    """A ``send --json`` line: the ack's fields, ``to`` added."""
+    """A ``send --json`` line: the ack's fields, ``to`` added; ``duplicate`` always present.
+
+    ``duplicate: true`` answers a message resent after a reconnect that the server had
+    already stored: ``msg_id`` is the original's and nothing was delivered twice.
+    """
     fields = ack.to_dict()
     del fields["type"]
-    return json.dumps({**fields, "to": to}, ensure_ascii=False)
+    return json.dumps({**fields, "duplicate": ack.duplicate, "to": to}, ensure_ascii=False)
 
 
 def write_line(stream: TextIO, line: str) -> None:
@@ -101,12 +105,12 @@ def _to_ansi(text: Text, colour: bool, width: int = 10_000) -> str:
     return buffer.getvalue()
 
 
-def _clock(ts: str | None) -> str:
+def _clock(ts: str | None, layout: str = "%H:%M") -> str:
     try:
         moment = parse_ts(ts) if ts else time.time()
     except LocalProtocolError:
         moment = time.time()
-    return time.strftime("%H:%M", time.localtime(moment))
+    return time.strftime(layout, time.localtime(moment))
 
 
 def author_colour(user: str) -> str:
@@ -131,6 +135,12 @@ def message_ansi(message: Message, *, colour: bool) -> str:
     """An incoming message: ``HH:MM author: text``, the author in their colour."""
     return _to_ansi(_chat_line(_clock(message.ts), safe_text(message.sender), author_colour(message.sender),
                                message.text), colour)
+
+
+def history_ansi(message: Message, *, colour: bool) -> str:
+    """A line of ``chatcli history``: ``YYYY-MM-DD HH:MM author: text`` (a conversation spans days)."""
+    return _to_ansi(_chat_line(_clock(message.ts, "%Y-%m-%d %H:%M"), safe_text(message.sender),
+                               author_colour(message.sender), message.text), colour)
 
 
 @dataclass(frozen=True, slots=True)

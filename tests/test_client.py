@@ -7,10 +7,10 @@ import io
 
 import pytest
 
-from chatcli.client import RESUME_FEATURE, Backoff, MessageCursor, open_session, read_texts, user_url
+from chatcli.client import Backoff, MessageCursor, open_session, read_texts, user_url
 from chatcli.config import ClientSettings
 from chatcli.errors import ConnectError, LocalProtocolError, RefusedError, UsageError
-from chatcli.protocol import Hello, Message
+from chatcli.protocol import Feature, Hello, Message
 from tests.conftest import RunningServer
 
 
@@ -34,9 +34,9 @@ def message(msg_id: int) -> Message:
 
 def test_cursor_skips_repeats_only_from_servers_that_resume() -> None:
     cursor = MessageCursor()
-    cursor.on_hello(Hello("bob", "s1", "chatcli", features=(RESUME_FEATURE,)))
+    cursor.on_hello(Hello("bob", "s1", "chatcli", features=(Feature.RESUME,)))
     assert [cursor.is_new(message(i)) for i in (1, 2, 2, 1, 3)] == [True, True, False, False, True]
-    cursor.on_hello(Hello("bob", "s2", "chatcli", features=(RESUME_FEATURE,)))
+    cursor.on_hello(Hello("bob", "s2", "chatcli", features=(Feature.RESUME,)))
     assert not cursor.is_new(message(3)) and cursor.is_new(message(4))
     # An in-memory server restarts its ids at 1: nothing may be dropped.
     cursor.on_hello(Hello("bob", "s3", "chatcli"))
