@@ -8,6 +8,11 @@ which keeps a session open, sends what was typed, and prints what arrives.
 Our messages wait in ``pending`` until the server acknowledges them; whatever
 is pending when a session opens is sent on it, so text typed while offline
 goes out on reconnect. The status line lists them until their ack comes.
+
+On a server that keeps messages, the chat opens with the last ``HISTORY_LINES``
+messages of the conversation; messages arriving meanwhile wait until they are
+shown, so the screen stays in order. Each incoming message shown is confirmed
+(``received``), and a reconnect resumes right after the last one.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Final
 
 from chatcli import render
-from chatcli.client import Backoff, Session, open_session
+from chatcli.client import Backoff, MessageCursor, Session, open_session
 from chatcli.config import ClientSettings, state_dir
 from chatcli.errors import AuthError, ConnectError, RefusedError, UsageError
-from chatcli.protocol import Ack, Error, Message, Send, ServerFrame, check_user_id
+from chatcli.protocol import Ack, Error, Feature, Message, Send, ServerFrame, check_user_id
+from chatcli.protocol import History as HistoryFrame
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -34,6 +40,8 @@ HELP: Final = (
     "Enter sends · Alt+Enter (or Esc, Enter) adds a newline · Ctrl-D or /quit leaves",
     "/help shows this · //text sends '/text' · messages typed while offline are sent on reconnect",
 )
+#: Messages of the conversation shown when the chat opens.
+HISTORY_LINES: Final = 20
 
 
 class ChatClient:
@@ -53,6 +61,11 @@ class ChatClient:
         self.auth_error: AuthError | None = None
         self._session: Session | None = None
         self._sent: set[str] = set()  # ids sent on the current session
+        self.cursor = MessageCursor()
+        self._history_ids: set[int] = set()  # shown as history: not shown again when they arrive
+        self._history_loaded = False
+        self._history_request: str | None = None  # while waiting for the answer…
+        self._held: list[Message] = []  # …incoming messages wait here
 
     def view(self) -> render.StatusView:
         retry_in = None
@@ -73,7 +86,7 @@ class ChatClient:
         backoff = Backoff()
         while True:
             try:
-                async with open_session(self.settings, self.me) as session:
+                async with open_session(self.settings, self.me, self.cursor.resume_point(None)) as session:
                     backoff.reset()
                     await self._serve(session)
             except AuthError as exc:
@@ -88,11 +101,15 @@ class ChatClient:
 
     async def _serve(self, session: Session) -> None:
         self._session, self._sent = session, set()
+        self.cursor.on_hello(session.hello)
+        self._held, self._history_request = [], None
         self._set_state("connected")
+        if not self._history_loaded and session.offers(Feature.HISTORY):
+            self._history_request = await session.request_history(self.peer, HISTORY_LINES)
         for client_id in list(self.pending):
             await self._send(session, client_id)
         async for frame in session.frames():
-            self._handle(frame)
+            await self._handle(session, frame)
 
     async def _wait_to_retry(self, delay: float, why: str) -> None:
         loop = asyncio.get_running_loop()
@@ -123,13 +140,39 @@ class ChatClient:
         except ConnectError:
             pass  # still pending: the next session sends it
 
-    def _handle(self, frame: ServerFrame) -> None:
+    async def _handle(self, session: Session, frame: ServerFrame) -> None:
         if isinstance(frame, Message):
-            self.show(render.message_ansi(frame, colour=self.colour))
+            if self._history_request is not None:
+                self._held.append(frame)
+            else:
+                await self._show_incoming(session, frame)
         elif isinstance(frame, Ack):
             self._resolve(frame.id, render.Outcome(frame.status, frame.reason, frame.ts))
+        elif isinstance(frame, HistoryFrame) and frame.id == self._history_request:
+            await self._show_history(session, frame.messages)
         elif isinstance(frame, Error):
             self.notice(f"server error {frame.code}: {frame.message}")
+            if self._history_request is not None:  # the only request that can fail without an ack
+                await self._show_history(session, ())
+
+    async def _show_history(self, session: Session, messages: tuple[Message, ...]) -> None:
+        self._history_request, self._history_loaded = None, True
+        if messages:
+            self.notice(f"the last {len(messages)} message(s) with {self.peer}")
+        for message in messages:
+            self._history_ids.add(message.id)
+            self.show(render.message_ansi(message, colour=self.colour))
+        held, self._held = self._held, []
+        for message in held:
+            await self._show_incoming(session, message)
+
+    async def _show_incoming(self, session: Session, message: Message) -> None:
+        """Show a message once, then confirm it: the server will not send it to a later session."""
+        if not self.cursor.is_new(message):
+            return
+        if message.id not in self._history_ids:
+            self.show(render.message_ansi(message, colour=self.colour))
+        await session.acknowledge(message.id)
 
     def _resolve(self, client_id: str, outcome: render.Outcome) -> None:
         text = self.pending.pop(client_id, None)
