@@ -104,6 +104,8 @@ def parse_since(value: str, now: float | None = None) -> ResumePoint:
     if value.isascii() and value.isdigit():
         return ResumePoint(after=int(value))
     try:
+        if not value[-1:].isalpha():  # a bare number is an id: a duration needs its unit
+            raise ValueError(value)
         seconds = parse_duration(value)
     except ValueError:
         raise UsageError(f"invalid --since {value!r}: use a message id (e.g. 42), a duration with a unit "

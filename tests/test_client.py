@@ -7,10 +7,20 @@ import io
 
 import pytest
 
-from chatcli.client import Backoff, MessageCursor, open_session, read_texts, user_url
+from chatcli.client import (
+    Backoff,
+    MessageCursor,
+    ResumePoint,
+    fetch_history,
+    open_session,
+    parse_since,
+    read_texts,
+    send_messages,
+    user_url,
+)
 from chatcli.config import ClientSettings
 from chatcli.errors import ConnectError, LocalProtocolError, RefusedError, UsageError
-from chatcli.protocol import Feature, Hello, Message
+from chatcli.protocol import Ack, Feature, Hello, Message
 from tests.conftest import RunningServer
 
 
@@ -86,3 +96,31 @@ def test_a_stopped_server_is_a_connect_error(server: RunningServer) -> None:
 
     with pytest.raises(ConnectError, match="connection refused"):
         asyncio.run(scenario())
+
+
+def test_a_resent_client_id_is_answered_as_duplicate_and_counts_as_sent(server: RunningServer) -> None:
+    """What ``send`` relies on after a reconnect: the same id again is stored once and acknowledged."""
+    settings = ClientSettings(url=server.ws_url, timeout=5)
+    acks: list[Ack] = []
+
+    async def send_twice() -> None:
+        for _ in range(2):  # two runs that both use the id of the first attempt
+            await send_messages(settings, "alice", "bob", iter(["only once"]), acks.append, lambda: "retry-1")
+
+    asyncio.run(send_twice())
+    assert [(a.status, a.duplicate) for a in acks] == [("stored", False), ("stored", True)]
+    assert acks[0].msg_id == acks[1].msg_id
+
+    async def bob_history() -> tuple[Message, ...]:
+        return await fetch_history(settings, "bob", "alice", 10)
+
+    assert [m.text for m in asyncio.run(bob_history())] == ["only once"]
+
+
+def test_since_values() -> None:
+    assert parse_since("all") == ResumePoint(after=0)
+    assert parse_since("42") == ResumePoint(after=42)
+    assert parse_since("90m", now=86400.0) == ResumePoint(since="1970-01-01T22:30:00.000Z")
+    for bad in ("", "x", "-1", "1y", "1.5"):
+        with pytest.raises(UsageError, match="invalid --since"):
+            parse_since(bad)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from chatcli import render
-from chatcli.protocol import Message
+from chatcli.protocol import REPLAY_SINCE_HEADER, Message
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
 from tests.wsclients import native, recv_frame, send_native
 
@@ -157,6 +157,33 @@ def test_typed_while_disconnected_waits_then_goes_out_on_reconnect(
     assert chat.proc.wait(timeout=10) == 130
     assert chat.is_restored()
     assert "Traceback" not in chat.screen
+
+
+def test_chat_opens_with_the_conversation_so_far_each_message_once(terminal: Callable[..., Terminal],
+                                                                    server: RunningServer) -> None:
+    no_backlog = {REPLAY_SINCE_HEADER: "2999-01-01T00:00:00Z"}  # these sessions only send
+    bob, _ = native(server.ws_url, "bob", headers=no_backlog)
+    carol, _ = native(server.ws_url, "carol", headers=no_backlog)
+    send_native(bob, "alice", "earlier from bob")
+    send_native(carol, "alice", "meanwhile from carol")  # not this conversation, but alice's unread mail
+    send_native(bob, "alice", "latest from bob")
+    chat = terminal("alice", "bob", "--url", server.ws_url)
+    chat.wait_for("carol: meanwhile from carol")
+    # bob's messages are both history and unread mail: shown once, in order, then carol's unread one.
+    screen = chat.screen
+    assert screen.index("earlier from bob") < screen.index("latest from bob") < screen.index("meanwhile from")
+    chat.type("hello again\r")
+    chat.wait_for("✓ delivered")  # to bob's open session; by now everything that came in is on screen
+    assert chat.screen.count("bob: latest from bob") == 1
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
+    # Shown means confirmed: the next chat shows them as history only, once each.
+    again = terminal("alice", "bob", "--url", server.ws_url)
+    again.wait_for("alice: hello again")
+    again.wait_for("last 3 message(s) with bob")
+    again.type("/quit\r")
+    assert again.proc.wait(timeout=10) == 0
+    assert again.screen.count("bob: latest from bob") == 1 and "meanwhile from carol" not in again.screen
 
 
 def test_authentication_refused_is_on_the_status_line_and_exits_4(terminal: Callable[..., Terminal],
