@@ -19,6 +19,7 @@ from chatcli.errors import ExitStatus, exit_status_for
 if TYPE_CHECKING:
     from chatcli.config import ClientSettings
     from chatcli.protocol import Ack, Message
+    from chatcli.server.accounts import AccountStore
 
 app = typer.Typer(
     name="chatcli",
@@ -79,6 +80,21 @@ def serve(
         "full: also a power loss (slower).")] = Fsync.normal,
     retention: Annotated[str | None, typer.Option(
         help="Delete messages older than this, e.g. 30d or 12h [default: keep all].", show_default=False)] = None,
+    require_auth: Annotated[bool, typer.Option(
+        "--require-auth", help="Every session must prove its user with a token (`chatcli user add`). "
+        "On by itself as soon as an account exists.")] = False,
+    certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM): serve wss:// and https://.",
+                                                  show_default=False, dir_okay=False)] = None,
+    keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM) for --certfile.",
+                                                 show_default=False, dir_okay=False)] = None,
+    rate: Annotated[float, typer.Option(help="Messages per second one session may send, sustained.")] = 5000.0,
+    burst: Annotated[int, typer.Option(help="Messages one session may send at once above --rate.")] = 10000,
+    max_connections: Annotated[int, typer.Option(help="Open connections at most; more are refused (503).")] = 20000,
+    max_sessions_per_user: Annotated[int, typer.Option(help="Open sessions per user at most (429).")] = 16,
+    max_buffer: Annotated[int, typer.Option(
+        help="Bytes of unread messages a session may have waiting before it is closed as too slow.")] = 4 << 20,
+    ping_interval: Annotated[float, typer.Option(help="Ping sessions silent this many seconds.")] = 20.0,
+    ping_timeout: Annotated[float, typer.Option(help="Close a session whose pong is this many seconds late.")] = 20.0,
     log_level: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.info,
     log_format: Annotated[LogFormat, typer.Option(case_sensitive=False)] = LogFormat.text,
 ) -> None:
@@ -95,7 +111,10 @@ def serve(
         raise typer.BadParameter(str(exc), param_hint="--retention") from None
     config = ServerConfig.build(host=host, ws_port=ws_port, http_port=http_port, auth_key=auth_key,
                                 max_text_bytes=max_text_bytes, db_path=None if ephemeral else db or default_db_path(),
-                                fsync=fsync.value, retention_s=retention_s)
+                                fsync=fsync.value, retention_s=retention_s, require_auth=require_auth,
+                                certfile=certfile, keyfile=keyfile, rate=rate, burst=burst,
+                                max_connections=max_connections, max_sessions_per_user=max_sessions_per_user,
+                                max_buffer_bytes=max_buffer, ping_interval=ping_interval, ping_timeout=ping_timeout)
     run(config, log_level=log_level.value, log_format=log_format.value)
 
 
@@ -251,6 +270,68 @@ def chat(
     from chatcli import repl
 
     repl.chat(_settings(url, auth_key, auth_key_file, timeout, profile), me, peer)
+
+
+# ---------------------------------------------------------------------------
+# Accounts: `chatcli user add|list|remove|rotate`, on the server's database file.
+# ---------------------------------------------------------------------------
+
+user_app = typer.Typer(help="Manage accounts: per-user tokens that sessions must present.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+
+DbOption = Annotated[Path | None, typer.Option(
+    "--db", help="The server's database [default: $XDG_DATA_HOME/chatcli/chatcli.db].", show_default=False,
+    dir_okay=False)]
+
+
+def _accounts(db: Path | None) -> AccountStore:
+    from chatcli.server.accounts import AccountStore
+    from chatcli.units import default_db_path
+
+    path = db or default_db_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return AccountStore(path)
+
+
+def _print_token(name: str, token: str) -> None:
+    print(token)
+    print(f"chatcli: the token for {name} is shown only once: keep it (chatcli reads it from CHATCLI_TOKEN or "
+          f"--token-file). The server now requires tokens from every user.", file=sys.stderr)
+
+
+@user_app.command("add")
+def user_add(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None) -> None:
+    """Create an account and print its token (once)."""
+    with _accounts(db) as accounts:
+        _print_token(name, accounts.add(name))
+
+
+@user_app.command("rotate")
+def user_rotate(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None) -> None:
+    """Replace an account's token; the old one stops working at once. Prints the new token (once)."""
+    with _accounts(db) as accounts:
+        _print_token(name, accounts.rotate(name))
+
+
+@user_app.command("remove")
+def user_remove(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None) -> None:
+    """Delete an account; its sessions can no longer connect."""
+    from chatcli.errors import AccountError
+
+    with _accounts(db) as accounts:
+        if not accounts.remove(name):
+            raise AccountError(f"no account named {name!r}")
+    print(f"chatcli: removed {name}", file=sys.stderr)
+
+
+@user_app.command("list")
+def user_list(db: DbOption = None) -> None:
+    """List accounts: name and creation time, one per line."""
+    from chatcli.protocol import format_ts
+
+    with _accounts(db) as accounts:
+        for account in accounts.list():
+            print(f"{account.name}\t{format_ts(account.created_ts)}")
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ DEFAULT_MAX_TEXT_BYTES: Final = 64 * 1024
 #: Room for the JSON envelope around a maximal text; frames beyond it are closed with 1009.
 FRAME_OVERHEAD_BYTES: Final = 4 * 1024
 CLIENT_ID_MAX_LEN: Final = 128
+#: Query parameter carrying a user's token for clients that cannot set headers (the seed app's URL).
+TOKEN_QUERY_PARAM: Final = "token"
 #: Handshake header of a native client resuming after the last message id it handled.
 RESUME_AFTER_HEADER: Final = "Chatcli-After"
 #: Handshake header asking for a replay of the messages since an ISO 8601 time.
@@ -48,6 +50,8 @@ class Feature:
     STORE: Final = "store"  # offline recipients' messages are stored; acks may say "stored"
     RESUME: Final = "resume"  # the Chatcli-After / Chatcli-Since headers and the "received" frame
     HISTORY: Final = "history"  # the "history" request
+    PRESENCE: Final = "presence"  # the "who" request and "watch" / "presence" frames
+    TOKENS: Final = "tokens"  # per-user accounts: sessions proved their user with a token
 
 
 class Status:
@@ -396,8 +400,71 @@ class History:
                 "messages": [m.to_dict() for m in self.messages]}
 
 
-ClientFrame = Send | Received | HistoryRequest
-ServerFrame = Hello | Ack | Message | Error | History
+@dataclass(frozen=True, slots=True)
+class WhoRequest:
+    """Client → server: who is online? Answered by ``Who`` with the same ``id``."""
+
+    TYPE: ClassVar[str] = "who"
+    id: str
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id}
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Server → client: the users with at least one open session, sorted."""
+
+    TYPE: ClassVar[str] = "who"
+    id: str
+    users: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        if not isinstance(self.users, tuple) or not all(is_valid_user_id(u) for u in self.users):
+            raise LocalProtocolError("users must be a tuple of user ids")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id, "users": list(self.users)}
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """Client → server: tell me now, and whenever it changes, whether these users are online."""
+
+    TYPE: ClassVar[str] = "watch"
+    users: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.users, tuple) or not all(is_valid_user_id(u) for u in self.users):
+            raise LocalProtocolError("users must be a tuple of user ids")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "users": list(self.users)}
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Server → client: a watched user came online (first session) or went offline (last session closed)."""
+
+    TYPE: ClassVar[str] = "presence"
+    user: str
+    online: bool
+
+    def __post_init__(self) -> None:
+        check_user_id(self.user)
+        if not isinstance(self.online, bool):
+            raise LocalProtocolError("online must be a boolean")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "user": self.user, "online": self.online}
+
+
+ClientFrame = Send | Received | HistoryRequest | WhoRequest | Watch
+ServerFrame = Hello | Ack | Message | Error | History | Who | Presence
 Frame = ClientFrame | ServerFrame
 
 
@@ -472,9 +539,33 @@ def _parse_history(obj: dict[str, Any]) -> Frame:
     return _build(History, id=obj.get("id"), peer=obj.get("peer"), messages=messages)
 
 
-_CLIENT_PARSERS: Final = {"send": _parse_send, "received": _parse_received, "history": _parse_history_request}
+
+def _user_list(obj: dict[str, Any]) -> tuple[str, ...] | None:
+    users = obj.get("users")
+    return tuple(users) if isinstance(users, list) else None
+
+
+def _parse_who_request(obj: dict[str, Any]) -> Frame:
+    return _build(WhoRequest, id=obj.get("id"))
+
+
+def _parse_who(obj: dict[str, Any]) -> Frame:
+    return _build(Who, id=obj.get("id"), users=_user_list(obj))
+
+
+def _parse_watch(obj: dict[str, Any]) -> Frame:
+    return _build(Watch, users=_user_list(obj))
+
+
+def _parse_presence(obj: dict[str, Any]) -> Frame:
+    return _build(Presence, user=obj.get("user"), online=obj.get("online"))
+
+
+_CLIENT_PARSERS: Final = {"send": _parse_send, "received": _parse_received, "history": _parse_history_request,
+                          "who": _parse_who_request, "watch": _parse_watch}
 _SERVER_PARSERS: Final = {"hello": _parse_hello, "ack": _parse_ack, "message": _parse_message,
-                          "history": _parse_history, "error": _parse_error}
+                          "history": _parse_history, "error": _parse_error, "who": _parse_who,
+                          "presence": _parse_presence}
 
 
 def parse_client_frame(data: str | bytes) -> ClientFrame:

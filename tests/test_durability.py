@@ -222,7 +222,7 @@ def test_retention_prunes_old_messages_and_health_reports_size(start_server: Sta
 def test_ephemeral_server_has_no_history(start_server: StartServer) -> None:
     server = start_server("--ephemeral")
     alice, hello = native(server.ws_url, "alice")
-    assert hello.features == ()
+    assert p.Feature.STORE not in hello.features and p.Feature.HISTORY not in hello.features
     alice.send(p.encode(p.HistoryRequest("h", "bob")))
     error = recv_frame(alice)
     assert isinstance(error, p.Error) and error.code == p.ErrorCode.UNAVAILABLE

@@ -358,7 +358,7 @@ def test_unknown_fields_are_ignored(frame: Frame, text: str) -> None:
     [
         (parse_client_frame, '{"type":"typing","to":"bob"}'),
         (parse_client_frame, '{"type":"hello","protocol":1}'),  # a server frame is not a client frame
-        (parse_server_frame, '{"type":"presence","user":"bob"}'),
+        (parse_server_frame, '{"type":"typing-indicator","user":"bob"}'),
         (parse_server_frame, '{"type":"send","id":"c1","to":"bob","text":"hi"}'),
         (parse_server_frame, '{"type":""}'),
     ],

@@ -23,6 +23,20 @@ class ServerConfig:
     fsync: Literal["normal", "full"] = "normal"
     #: Messages older than this many seconds are pruned; None keeps them forever.
     retention_s: float | None = None
+    #: Sessions must prove their user with a token; also on whenever the database has an account.
+    require_auth: bool = False
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    #: Token bucket per session: sustained messages per second, and the burst above it.
+    rate: float = 5000.0
+    burst: int = 10000
+    max_connections: int = 20000
+    max_sessions_per_user: int = 16
+    #: Bytes a session may have waiting to be written before it counts as a slow consumer and is closed.
+    max_buffer_bytes: int = 4 * 1024 * 1024
+    #: Ping a session silent this long; close it when the pong has not come within ping_timeout.
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
     #: Seconds a connection may take to complete its WebSocket handshake.
     open_timeout: float = 10.0
     #: Seconds to wait for sessions to close on shutdown before dropping them.
@@ -33,6 +47,14 @@ class ServerConfig:
         config = cls(auth_key=auth_key or DEFAULT_AUTH_KEY, **options)  # type: ignore[arg-type]
         if config.retention_s is not None and config.retention_s <= 0:
             raise UsageError("--retention must be a positive duration, e.g. 30d")
+        if (config.certfile is None) != (config.keyfile is None):
+            raise UsageError("--certfile and --keyfile go together")
+        if config.require_auth and config.db_path is None:
+            raise UsageError("--require-auth needs accounts, which live in the database: drop --ephemeral")
+        for name in ("rate", "burst", "max_connections", "max_sessions_per_user", "max_buffer_bytes",
+                     "ping_interval", "ping_timeout"):
+            if getattr(config, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive")
         if config.max_text_bytes < 1:
             raise UsageError("--max-text-bytes must be at least 1")
         for name in ("ws_port", "http_port"):
@@ -45,6 +67,10 @@ class ServerConfig:
     def max_frame_bytes(self) -> int:
         """Frames larger than this are closed with 1009 before they are even parsed."""
         return self.max_text_bytes + FRAME_OVERHEAD_BYTES
+
+    @property
+    def tls(self) -> bool:
+        return self.certfile is not None
 
     @property
     def uses_default_key(self) -> bool:

@@ -7,15 +7,18 @@ import contextlib
 import json
 import logging
 import signal
+import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from chatcli import __version__
 from chatcli.errors import StorageError
+from chatcli.server.accounts import AccountStore
 from chatcli.server.config import ServerConfig
 from chatcli.server.http_api import Handler, HttpConnection, json_response, text_response
-from chatcli.server.metrics import Metrics
+from chatcli.server.metrics import Metrics, render_prometheus
 from chatcli.server.relay import Relay
 from chatcli.server.storage import MessageStore, SQLiteStore
 from chatcli.server.transport import WebSocketServer
@@ -73,16 +76,18 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     metrics = Metrics()
+    tls = _tls_context(config)
     store = _open_store(config)
+    accounts = AccountStore(config.db_path) if config.db_path is not None else None
     relay = Relay(config, metrics, store, schedule=loop.call_soon)
-    ws_server = WebSocketServer(config, relay, metrics)
+    ws_server = WebSocketServer(config, relay, metrics, accounts)
     started = time.monotonic()
     try:
         ws_listener = await loop.create_server(ws_server.protocol_factory, config.host, config.ws_port,
-                                               backlog=2048, reuse_address=True)
+                                               backlog=2048, reuse_address=True, ssl=tls)
         routes = _http_routes(ws_server, started)
         http_listener = await loop.create_server(lambda: HttpConnection(routes), config.host, config.http_port,
-                                                 reuse_address=True)
+                                                 reuse_address=True, ssl=tls)
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.host, exc.strerror or exc,
                   extra={"event": "listen-failed"})
@@ -92,29 +97,66 @@ async def serve(config: ServerConfig) -> None:
 
     ws_port = ws_listener.sockets[0].getsockname()[1]
     http_port = http_listener.sockets[0].getsockname()[1]
-    log.info("listening on ws://%s:%d (HTTP on port %d), chatcli %s", config.host, ws_port, http_port,
+    scheme = "wss" if tls else "ws"
+    log.info("listening on %s://%s:%d (HTTP on port %d), chatcli %s", scheme, config.host, ws_port, http_port,
              __version__, extra={"event": "listening", "ws_port": ws_port, "http_port": http_port,
-                                 "host": config.host, "version": __version__})
-    if not config.is_loopback and config.uses_default_key:
-        log.warning("serving %s to other machines with the public default key: anyone can send as anyone; "
-                    "set --auth-key or CHATCLI_AUTH_KEY", config.host, extra={"event": "default-key-exposed"})
+                                 "host": config.host, "version": __version__, "tls": bool(tls)})
+    _log_auth_mode(ws_server)
 
     if store is not None:
         log.info("storing messages in %s (fsync %s)", config.db_path, config.fsync,
                  extra={"event": "storage", "db": str(config.db_path), "fsync": config.fsync})
     pruning = asyncio.create_task(_prune_forever(store, config.retention_s)) if store and config.retention_s else None
+    heartbeat = loop.call_later(config.ping_interval / 2, _every, loop, config.ping_interval / 2, ws_server.heartbeat)
 
     await stop.wait()
     log.info("shutting down: closing %d sessions", len(ws_server.connections), extra={"event": "shutdown"})
     ws_listener.close()
     http_listener.close()
+    heartbeat.cancel()
     if pruning is not None:
         pruning.cancel()
     await _close_sessions(ws_server, config.close_timeout)
     if store is not None:
         await asyncio.sleep(0)  # let a commit scheduled by the last frames run before closing the file
         store.close()
+    if accounts is not None:
+        accounts.close()
     log.info("stopped", extra={"event": "stopped"})
+
+
+def _every(loop: asyncio.AbstractEventLoop, seconds: float, callback: Callable[[], None]) -> None:
+    """Run ``callback`` now and every ``seconds`` after (a timer, not a task: nothing to cancel but the handle)."""
+    callback()
+    loop.call_later(seconds, _every, loop, seconds, callback)
+
+
+def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    if config.certfile is None or config.keyfile is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.certfile, config.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot load the TLS certificate %s / key %s: %s", config.certfile, config.keyfile, exc,
+                  extra={"event": "tls-error"})
+        raise SystemExit(1) from None
+    return context
+
+
+def _log_auth_mode(ws_server: WebSocketServer) -> None:
+    config = ws_server.config
+    if ws_server.accounts_on():
+        why = "--require-auth" if config.require_auth else "accounts exist"
+        log.info("authentication: per-user tokens required (%s); the shared key is not accepted", why,
+                 extra={"event": "auth-mode", "mode": "tokens"})
+    else:
+        log.info("authentication: shared key (no accounts; `chatcli user add NAME` turns on per-user tokens)",
+                 extra={"event": "auth-mode", "mode": "shared-key"})
+        if not config.is_loopback and config.uses_default_key:
+            log.warning("serving %s to other machines with the public default key: anyone can send as anyone; "
+                        "set --auth-key or CHATCLI_AUTH_KEY, or add accounts", config.host,
+                        extra={"event": "default-key-exposed"})
 
 
 def _open_store(config: ServerConfig) -> SQLiteStore | None:
@@ -178,7 +220,19 @@ def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handle
             "storage": _storage_health(relay.store),
         })
 
+    def metrics() -> tuple[int, str, bytes]:
+        relay = ws_server.relay
+        sessions: dict[str, float] = {"legacy": 0, "chatcli.v1": 0}
+        for mine in relay.sessions.values():
+            for session in mine:
+                sessions["legacy" if session.legacy else "chatcli.v1"] += 1
+        gauges: dict[str, dict[str, float]] = {"connections": {"": len(ws_server.connections)}, "sessions": sessions,
+                  "db_bytes": {"": relay.store.size_bytes() if relay.store is not None else 0}}
+        body = render_prometheus(ws_server.metrics, gauges)
+        return 200, "text/plain; version=0.0.4; charset=utf-8", body.encode()
+
     return {
         "/": lambda: text_response("chatcli server is running\n"),
         "/healthz": health,
+        "/metrics": metrics,
     }

@@ -38,8 +38,14 @@ class Session(Protocol):
 
     user: str
     legacy: bool
+    #: The session proved its user with a token at the handshake (accounts on).
+    authenticated: bool
 
     def send_text(self, text: str) -> None: ...
+
+    def allow_send(self) -> bool:
+        """Take one message from the session's rate limit; False when it is exhausted."""
+        ...
 
     @property
     def is_open(self) -> bool: ...
@@ -75,10 +81,15 @@ class Relay:
         self.pending: list[tuple[Session, str | None, str, str]] = []
         self.cursor_updates: dict[str, int] = {}
         self.commit_scheduled = False
+        self.batch_started = 0.0
+        # Presence: who watches whom, both ways, so a closing session is forgotten in O(its watches).
+        self.watchers: dict[str, set[Session]] = {}
+        self.watching: dict[Session, tuple[str, ...]] = {}
 
     @property
     def features(self) -> tuple[str, ...]:
-        return (p.Feature.STORE, p.Feature.RESUME, p.Feature.HISTORY) if self.store is not None else ()
+        stored = (p.Feature.STORE, p.Feature.RESUME, p.Feature.HISTORY) if self.store is not None else ()
+        return (*stored, p.Feature.PRESENCE)
 
     # -- registry -----------------------------------------------------------
 
@@ -87,7 +98,10 @@ class Relay:
 
         Without ``after``/``since_ts`` it gets what its user has not acknowledged yet.
         """
-        self.sessions.setdefault(session.user, []).append(session)
+        mine = self.sessions.setdefault(session.user, [])
+        mine.append(session)
+        if len(mine) == 1:
+            self._announce(session.user, online=True)
         if self.store is not None:
             self.replays[session] = Replay(after, since_ts)
             self._replay_page(session)
@@ -95,6 +109,12 @@ class Relay:
     def close_session(self, session: Session) -> None:
         """Remove exactly this session; the user's other sessions stay reachable."""
         self.replays.pop(session, None)
+        for user in self.watching.pop(session, ()):
+            watchers = self.watchers.get(user)
+            if watchers is not None:
+                watchers.discard(session)
+                if not watchers:
+                    del self.watchers[user]
         mine = self.sessions.get(session.user)
         if mine is None:
             return
@@ -104,6 +124,17 @@ class Relay:
             return
         if not mine:
             del self.sessions[session.user]
+            self._announce(session.user, online=False)
+
+    def sessions_of(self, user: str) -> int:
+        return len(self.sessions.get(user, ()))
+
+    def _announce(self, user: str, online: bool) -> None:
+        watchers = self.watchers.get(user)
+        if watchers:
+            frame = p.encode(p.Presence(user, online))
+            for watcher in watchers:
+                watcher.send_text(frame)
 
     def online_users(self) -> list[str]:
         return sorted(self.sessions)
@@ -126,7 +157,7 @@ class Relay:
             self.metrics.error("unknown-cmd")
             session.send_text(p.legacy_error(command.cmd))
             return
-        if command.auth != self.config.auth_key:
+        if not session.authenticated and command.auth != self.config.auth_key:
             self.refuse(session, None, p.Reason.BAD_AUTH)
             return
         if command.userid is None or command.msgtext is None:
@@ -148,8 +179,21 @@ class Relay:
             self.submit(session, frame.id, frame.to, frame.text)
         elif isinstance(frame, p.Received):
             self._received(session, frame.id)
-        else:
+        elif isinstance(frame, p.HistoryRequest):
             self._history(session, frame)
+        elif isinstance(frame, p.WhoRequest):
+            session.send_text(p.encode(p.Who(frame.id, tuple(self.online_users()))))
+        else:
+            self._watch(session, frame.users)
+
+    def _watch(self, session: Session, users: tuple[str, ...]) -> None:
+        """Start telling ``session`` about ``users`` coming and going, beginning with where they are now."""
+        for user in self.watching.get(session, ()):
+            self.watchers.get(user, set()).discard(session)
+        self.watching[session] = users
+        for user in users:
+            self.watchers.setdefault(user, set()).add(session)
+            session.send_text(p.encode(p.Presence(user, user in self.sessions)))
 
     def on_binary(self, session: Session) -> None:
         self.metrics.error(p.ErrorCode.BINARY_UNSUPPORTED)
@@ -177,12 +221,14 @@ class Relay:
 
     def submit(self, session: Session, client_id: str | None, to: str, text: str) -> None:
         """Accept a message for ``to`` or refuse it; either way the sender gets exactly one ack."""
-        reason = p.check_text(text, self.config.max_text_bytes)
+        reason = p.check_text(text, self.config.max_text_bytes) if session.allow_send() else p.Reason.RATE_LIMITED
         if reason is None and to not in self.sessions and not p.is_valid_user_id(to):  # online ids are valid
             reason = p.Reason.BAD_RECIPIENT
         if reason is not None:
             self.refuse(session, client_id, reason)
         elif self.store is not None:
+            if not self.pending:
+                self.batch_started = self.clock()
             self.pending.append((session, client_id, to, text))
             self._schedule_commit()
         else:
@@ -204,6 +250,7 @@ class Relay:
         message = StoredMessage(self.last_msg_id, session.user, to, text, self.clock(), client_id)
         self._deliver(message, recipients)
         self._ack(session, client_id, message, p.Status.DELIVERED)
+        self.metrics.ack_latency.observe(0.0)  # acknowledged while handling the frame
 
     def _schedule_commit(self) -> None:
         if not self.commit_scheduled:
@@ -226,6 +273,8 @@ class Relay:
             for session, client_id, _, _ in batch:
                 self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
             return  # lost cursor updates only cost a repeat delivery later, never a loss
+        if batch:
+            self.metrics.ack_latency.observe(self.clock() - self.batch_started, len(batch))
         duplicates = appended.duplicates
         for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
                                                                                  strict=True)):

@@ -29,6 +29,7 @@ from chatcli import protocol as p
 from chatcli.errors import InvalidUserId, LocalProtocolError
 
 if TYPE_CHECKING:
+    from chatcli.server.accounts import AccountStore
     from chatcli.server.config import ServerConfig
     from chatcli.server.metrics import Metrics
     from chatcli.server.relay import Relay
@@ -51,6 +52,14 @@ def _select_subprotocol(_: ServerProtocol, offered: Any) -> Subprotocol | None:
     if offered:
         raise NegotiationError(f"unsupported subprotocol; this server speaks {p.SUBPROTOCOL}")
     return None
+
+
+def _bearer(headers: Headers) -> str | None:
+    value = headers.get("Authorization")
+    if value is None:
+        return None
+    scheme, _, credential = value.partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" else ""
 
 
 def _check_resume_headers(headers: Headers) -> tuple[int, str] | None:
@@ -93,10 +102,12 @@ class RelayServerProtocol(ServerProtocol):
 class WebSocketServer:
     """State shared by all connections: config, routing, the write-coalescing queue."""
 
-    def __init__(self, config: ServerConfig, relay: Relay, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, relay: Relay, metrics: Metrics,
+                 accounts: AccountStore | None = None) -> None:
         self.config = config
         self.relay = relay
         self.metrics = metrics
+        self.accounts = accounts
         self.loop = asyncio.get_running_loop()
         self.connections: set[Connection] = set()
         self.dirty: list[Connection] = []
@@ -125,6 +136,28 @@ class WebSocketServer:
         self.session_counter += 1
         return f"{self.boot_id}-{self.session_counter}"
 
+    def accounts_on(self) -> bool:
+        """Tokens are required with --require-auth, and as soon as any account exists (checked per handshake,
+        so `chatcli user add` on a running server takes effect at once)."""
+        if self.accounts is None:
+            return False
+        return self.config.require_auth or self.accounts.any_accounts()
+
+    def heartbeat(self) -> None:
+        """Ping sessions that have been silent for ping_interval; drop those whose pong is ping_timeout late."""
+        now = self.loop.time()
+        interval, timeout = self.config.ping_interval, self.config.ping_timeout
+        for connection in list(self.connections):
+            if not connection.session_id or connection.ws.state is not _OPEN:
+                continue
+            if connection.ping_sent_at:
+                if now - connection.ping_sent_at > timeout:
+                    connection.drop("dead-peer", f"no pong within {timeout:g} s")
+            elif now - connection.last_seen > interval:
+                connection.ping_sent_at = now
+                connection.ws.send_ping(b"chatcli")
+                connection._mark_dirty()
+
     def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
         self.closing = True
         for connection in list(self.connections):
@@ -135,8 +168,8 @@ class Connection(asyncio.Protocol):
     """One TCP connection: handshake, then a chat session once open."""
 
     # Slots: thousands of idle connections must stay under a few KB each.
-    __slots__ = ("dirty", "fragment_is_text", "fragments", "legacy", "open_timer", "peer", "server", "session_id",
-                 "transport", "user", "ws")
+    __slots__ = ("authenticated", "dirty", "fragment_is_text", "fragments", "last_seen", "legacy", "open_timer",
+                 "peer", "ping_sent_at", "server", "session_id", "tokens", "tokens_at", "transport", "user", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
@@ -151,6 +184,11 @@ class Connection(asyncio.Protocol):
         self.fragments: list[BytesLike] | None = None
         self.fragment_is_text = True
         self.open_timer: asyncio.TimerHandle | None = None
+        self.authenticated = False
+        # Rate limit: a token bucket, refilled once per read rather than once per message.
+        self.tokens = float(server.config.burst)
+        self.tokens_at = self.last_seen = server.loop.time()
+        self.ping_sent_at = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -166,6 +204,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.server.metrics.bytes_in += len(data)
+        self.last_seen = self.server.loop.time()  # any traffic, a pong included, proves the peer alive
+        self.ping_sent_at = 0.0
         ws = self.ws
         ws.receive_data(data)
         for event in ws.events_received():
@@ -209,6 +249,27 @@ class Connection(asyncio.Protocol):
                 self.dirty = True
                 self.server.mark_dirty(self)
 
+    def allow_send(self) -> bool:
+        if self.tokens < 1.0:
+            config, now = self.server.config, self.last_seen
+            self.tokens = min(float(config.burst), self.tokens + (now - self.tokens_at) * config.rate)
+            self.tokens_at = now
+            if self.tokens < 1.0:
+                return False
+        self.tokens -= 1.0
+        return True
+
+    def drop(self, why: str, reason: str) -> None:
+        """Close a session the server gave up on: a close frame with the reason, then the TCP connection."""
+        self.server.metrics.closed[why] += 1
+        log.info("closing session of %s: %s", self.user, reason,
+                 extra={"event": "session-closed", "user": self.user, "session": self.session_id, "why": why})
+        if self.ws.state is _OPEN:
+            self.ws.send_close(1008, reason[:120])
+            self.flush()
+        if self.transport is not None:
+            self.transport.abort()
+
     @property
     def is_open(self) -> bool:
         return self.ws.state is _OPEN
@@ -243,6 +304,11 @@ class Connection(asyncio.Protocol):
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self.server.metrics.bytes_out += len(data)
             self.transport.write(data)
+            if self.transport.get_write_buffer_size() > self.server.config.max_buffer_bytes and self.is_open:
+                # A session that does not read: bound what waits for it. Its messages are stored,
+                # so it gets them when it comes back.
+                self.drop("slow-consumer", "closed: too many unread messages (outgoing buffer full)")
+                return
         if eof:
             # The server closes the TCP connection once the closing handshake is done.
             self.transport.close()
@@ -272,34 +338,54 @@ class Connection(asyncio.Protocol):
 
     def _handshake_response(self, request: Request) -> Response:
         try:
-            self.user, _query = p.parse_user_path(request.path)
+            self.user, query = p.parse_user_path(request.path)
         except InvalidUserId as exc:
             return self.ws.reject(400, f"{exc}\n")
         response = self.ws.accept(request)
         if response.status_code != 101:
             return response
         self.legacy = self.ws.subprotocol is None
-        if not self.legacy:
-            refusal = self._check_credentials(request.headers) or _check_resume_headers(request.headers)
-            if refusal is not None:
-                return self.ws.reject(*refusal)
-        return response
+        refusal = self._check_limits() or self._check_credentials(request.headers, query)
+        if refusal is None and not self.legacy:
+            refusal = _check_resume_headers(request.headers)
+        return self.ws.reject(*refusal) if refusal is not None else response
 
-    def _check_credentials(self, headers: Headers) -> tuple[int, str] | None:
-        """Native sessions prove the shared key at the handshake; seed clients send it in each frame."""
-        value = headers.get("Authorization")
-        if value is None:
+    def _check_limits(self) -> tuple[int, str] | None:
+        config = self.server.config
+        if len(self.server.connections) > config.max_connections:
+            return 503, f"server full: {config.max_connections} connections; try again later\n"
+        if self.server.relay.sessions_of(self.user) >= config.max_sessions_per_user:
+            return 429, f"too many sessions for {self.user}: at most {config.max_sessions_per_user}\n"
+        return None
+
+    def _check_credentials(self, headers: Headers, query: dict[str, str]) -> tuple[int, str] | None:
+        """With accounts, every session proves its user with a token (header, or ``?token=`` for seed apps).
+
+        Without accounts, native sessions prove the shared key at the handshake and seed clients
+        send it in each frame, as the old system did.
+        """
+        offered = _bearer(headers) or query.get(p.TOKEN_QUERY_PARAM)
+        if self.server.accounts_on():
+            assert self.server.accounts is not None
+            if not offered:
+                return 401, (f"authentication required: send 'Authorization: Bearer <token>' or add "
+                             f"?{p.TOKEN_QUERY_PARAM}=<token> to the URL\n")
+            if not self.server.accounts.verify(self.user, offered):
+                return 403, f"authentication refused: wrong token for {self.user}\n"
+            self.authenticated = True
+            return None
+        if self.legacy:
+            return None
+        if offered is None:
             return 401, "missing credentials: send the header 'Authorization: Bearer <key>'\n"
-        scheme, _, key = value.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(),
-                                                                 self.server.config.auth_key.encode()):
+        if not hmac.compare_digest(offered.encode(), self.server.config.auth_key.encode()):
             return 403, "authentication refused: wrong key\n"
         return None
 
     def _open(self, after: int | None, since_ts: float | None) -> None:
         server = self.server
         self.session_id = server.next_session_id()
-        server.metrics.connections_total[self.protocol_name] += 1
+        server.metrics.sessions_opened[self.protocol_name] += 1
         log.info("connect user=%s protocol=%s peer=%s session=%s", self.user, self.protocol_name, self.peer,
                  self.session_id, extra={"event": "connect", "user": self.user, "protocol": self.protocol_name,
                                          "peer": self.peer, "session": self.session_id})
