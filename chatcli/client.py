@@ -46,6 +46,7 @@ from chatcli.errors import (
     UsageError,
 )
 from chatcli.protocol import (
+    RECEIVE_HEADER,
     REPLAY_SINCE_HEADER,
     RESUME_AFTER_HEADER,
     SUBPROTOCOL,
@@ -81,11 +82,14 @@ class ResumePoint:
     after: int | None = None
     #: Only messages received since this ISO 8601 UTC time (``Chatcli-Since``).
     since: str | None = None
+    #: False for sessions that only send or ask (``Chatcli-Receive: none``): they get no messages and
+    #: do not make their user look online, so a message to ME is stored, not "delivered" to a `send`.
+    receive: bool = True
 
     @classmethod
     def live_only(cls) -> ResumePoint:
         """For sessions that only send or ask for history: no backlog to skip over."""
-        return cls(since=format_ts(time.time()))
+        return cls(receive=False)
 
     def headers(self) -> dict[str, str]:
         out = {}
@@ -93,6 +97,8 @@ class ResumePoint:
             out[RESUME_AFTER_HEADER] = str(self.after)
         if self.since is not None:
             out[REPLAY_SINCE_HEADER] = self.since
+        if not self.receive:
+            out[RECEIVE_HEADER] = "none"
         return out
 
 

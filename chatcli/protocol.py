@@ -36,8 +36,14 @@ DEFAULT_MAX_TEXT_BYTES: Final = 64 * 1024
 #: Room for the JSON envelope around a maximal text; frames beyond it are closed with 1009.
 FRAME_OVERHEAD_BYTES: Final = 4 * 1024
 CLIENT_ID_MAX_LEN: Final = 128
+#: The largest integer a frame may carry (ids, cursors, limits): SQLite's INTEGER range, where the server keeps
+#: them. A larger one would reach the store and fail there, after the frame was accepted.
+MAX_INT: Final = 2**63 - 1
 #: Query parameter carrying a user's token for clients that cannot set headers (the seed app's URL).
 TOKEN_QUERY_PARAM: Final = "token"
+#: Handshake header of a session that only sends or asks (``send``, ``history``): with the value
+#: ``none`` it receives no messages and does not count as its user being online.
+RECEIVE_HEADER: Final = "Chatcli-Receive"
 #: Handshake header of a native client resuming after the last message id it handled.
 RESUME_AFTER_HEADER: Final = "Chatcli-After"
 #: Handshake header asking for a replay of the messages since an ISO 8601 time.
@@ -178,8 +184,8 @@ def _require_str(name: str, value: object, *, allow_empty: bool = False) -> str:
 
 
 def _require_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise LocalProtocolError(f"{name} must be a non-negative integer")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
+        raise LocalProtocolError(f"{name} must be an integer from 0 to {MAX_INT}")
     return value
 
 
@@ -537,7 +543,6 @@ def _parse_history(obj: dict[str, Any]) -> Frame:
         raise RemoteProtocolError("invalid history frame: messages must be a list of objects", ErrorCode.BAD_FRAME)
     messages = tuple(_parse_message(item) for item in items)
     return _build(History, id=obj.get("id"), peer=obj.get("peer"), messages=messages)
-
 
 
 def _user_list(obj: dict[str, Any]) -> tuple[str, ...] | None:

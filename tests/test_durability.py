@@ -242,3 +242,14 @@ def test_db_and_ephemeral_together_is_a_usage_error(start_server: StartServer) -
 def test_native_unknown_user_handshake_still_refused_with_store(server: RunningServer) -> None:
     with pytest.raises(InvalidStatus):
         native(server.ws_url, "bad%21id")
+
+
+def test_send_only_session_neither_receives_nor_counts_as_online(server: RunningServer) -> None:
+    sender_only, _ = native(server.ws_url, "bob", headers={p.RECEIVE_HEADER: "none"})
+    alice, _ = native(server.ws_url, "alice")
+    assert send_native(alice, "bob", "for bob's listener").status == p.Status.STORED
+    assert send_native(sender_only, "alice", "bob can still send").status == p.Status.DELIVERED
+    assert [m.text for m in messages(alice, 1)] == ["bob can still send"]
+    assert nothing_more(sender_only)
+    listener, _ = native(server.ws_url, "bob")
+    assert [m.text for m in messages(listener, 1)] == ["for bob's listener"]

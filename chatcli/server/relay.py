@@ -93,11 +93,15 @@ class Relay:
 
     # -- registry -----------------------------------------------------------
 
-    def open_session(self, session: Session, after: int | None = None, since_ts: float | None = None) -> None:
+    def open_session(self, session: Session, after: int | None = None, since_ts: float | None = None,
+                     receive: bool = True) -> None:
         """Register a session whose greeting was sent, and start sending it its stored messages.
 
-        Without ``after``/``since_ts`` it gets what its user has not acknowledged yet.
+        Without ``after``/``since_ts`` it gets what its user has not acknowledged yet. A session
+        with ``receive=False`` only sends or asks: it is not a recipient and not "online".
         """
+        if not receive:
+            return
         mine = self.sessions.setdefault(session.user, [])
         mine.append(session)
         if len(mine) == 1:

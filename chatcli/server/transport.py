@@ -327,7 +327,8 @@ class Connection(asyncio.Protocol):
         if self.open_timer is not None:
             self.open_timer.cancel()
             self.open_timer = None
-        self._open(*self._resume_point(request.headers))
+        receive = request.headers.get(p.RECEIVE_HEADER, "all").lower() != "none"
+        self._open(*self._resume_point(request.headers), receive=receive)
 
     def _resume_point(self, headers: Headers) -> tuple[int | None, float | None]:
         """Where a native client's backlog starts: after a message id, or since a time (checked at the handshake)."""
@@ -382,7 +383,7 @@ class Connection(asyncio.Protocol):
             return 403, "authentication refused: wrong key\n"
         return None
 
-    def _open(self, after: int | None, since_ts: float | None) -> None:
+    def _open(self, after: int | None, since_ts: float | None, receive: bool = True) -> None:
         server = self.server
         self.session_id = server.next_session_id()
         server.metrics.sessions_opened[self.protocol_name] += 1
@@ -395,7 +396,7 @@ class Connection(asyncio.Protocol):
             hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
                             max_text_bytes=server.config.max_text_bytes, features=server.relay.features)
             self.send_text(p.encode(hello))
-        server.relay.open_session(self, after, since_ts)
+        server.relay.open_session(self, after, since_ts, receive=receive)
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode

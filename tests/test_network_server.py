@@ -1,0 +1,283 @@
+"""A server you can put on a network: accounts, TLS, limits, liveness and metrics (real processes)."""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trustme
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from chatcli import protocol as p
+from tests.conftest import RunningServer, wait_until
+from tests.wsclients import RawClient, legacy, native, recv_frame, send_native
+
+StartServer = Callable[..., RunningServer]
+
+
+def add_user(db: Path, name: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "chatcli", "user", "add", name, "--db", str(db)],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def metric(server: RunningServer, name: str, labels: str = "") -> float:
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+# -- accounts --------------------------------------------------------------------------
+
+
+def test_accounts_stop_impersonation_in_both_protocols(start_server: StartServer, tmp_path: Path) -> None:
+    db = tmp_path / "chatcli.db"
+    alice_token, bob_token = add_user(db, "alice"), add_user(db, "bob")
+    server = start_server()
+    assert server.wait_log('"mode": "tokens"')
+    # The shared key no longer opens a session, and nobody can claim an id without its token.
+    for headers, status in (({}, 401), ({"Authorization": f"Bearer {p.DEFAULT_AUTH_KEY}"}, 403),
+                            ({"Authorization": f"Bearer {bob_token}"}, 403)):
+        raw = RawClient(server.ws_port, "/alice", {"Sec-WebSocket-Protocol": p.SUBPROTOCOL, **headers})
+        assert raw.status == status
+    assert RawClient(server.ws_port, "/alice").status == 401  # a seed app without ?token=
+    assert RawClient(server.ws_port, f"/alice?token={bob_token}").status == 403
+    # With their own tokens: native by header, the seed app by ?token=, its per-frame key not needed.
+    bob, _ = native(server.ws_url, "bob", key=bob_token)
+    alice = legacy(server.ws_url, f"alice?token={alice_token}")
+    alice.send(p.encode_legacy_send("bob", "it's really alice", auth="anything"))
+    assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
+    message = recv_frame(bob)
+    assert isinstance(message, p.Message) and (message.sender, message.text) == ("alice", "it's really alice")
+    assert not any(alice_token in line or bob_token in line for line in server.log), "a token reached the log"
+
+
+def test_rotating_a_token_locks_out_the_old_one(start_server: StartServer, tmp_path: Path) -> None:
+    db = tmp_path / "chatcli.db"
+    old = add_user(db, "alice")
+    server = start_server()
+    native(server.ws_url, "alice", key=old)[0].close()
+    new = subprocess.run([sys.executable, "-m", "chatcli", "user", "rotate", "alice", "--db", str(db)],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    with pytest.raises(InvalidStatus) as refused:
+        native(server.ws_url, "alice", key=old)
+    assert refused.value.response.status_code == 403
+    native(server.ws_url, "alice", key=new)[0].close()
+
+
+def test_accounts_added_while_running_turn_tokens_on(server: RunningServer, tmp_path: Path) -> None:
+    native(server.ws_url, "alice")[0].close()  # shared key works: no accounts yet
+    token = add_user(tmp_path / "chatcli.db", "alice")
+    with pytest.raises(InvalidStatus):
+        native(server.ws_url, "alice")
+    native(server.ws_url, "alice", key=token)[0].close()
+
+
+def test_require_auth_without_accounts_refuses_everyone(start_server: StartServer) -> None:
+    server = start_server("--require-auth")
+    assert RawClient(server.ws_port, "/alice").status == 401
+
+
+def test_user_commands_list_remove_and_errors(tmp_path: Path) -> None:
+    db = str(tmp_path / "accounts.db")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "chatcli", "user", *args, "--db", db], capture_output=True,
+                              text=True)
+
+    token = run("add", "alice")
+    assert token.returncode == 0 and len(token.stdout.strip()) >= 40 and "only once" in token.stderr
+    assert run("add", "alice").returncode == 1
+    assert run("add", "bad id").returncode == 2
+    assert run("list").stdout.startswith("alice\t")
+    assert run("remove", "alice").returncode == 0
+    assert run("remove", "alice").returncode == 1
+    assert run("list").stdout == ""
+    assert token.stdout.strip().encode() not in Path(db).read_bytes()
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+def test_tls_end_to_end(start_server: StartServer, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(certfile)
+    cert.private_key_pem.write_to_path(keyfile)
+    server = start_server("--certfile", str(certfile), "--keyfile", str(keyfile))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    url = f"wss://127.0.0.1:{server.ws_port}"
+    bob, _ = native(url, "bob", ssl=context)
+    alice, _ = native(url, "alice", ssl=context)
+    assert send_native(alice, "bob", "over TLS").status == p.Status.DELIVERED
+    assert recv_frame(bob).text == "over TLS"  # type: ignore[union-attr]
+    with pytest.raises(ssl.SSLError):  # a client that does not trust the CA is refused
+        connect(f"{url}/eve", ssl=ssl.create_default_context(), open_timeout=5)
+    with urllib.request.urlopen(f"https://127.0.0.1:{server.http_port}/healthz", context=context, timeout=5) as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_certfile_without_keyfile_is_a_usage_error(start_server: StartServer, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="go together"):
+        start_server("--certfile", str(tmp_path / "cert.pem"))
+
+
+# -- limits -------------------------------------------------------------------------------
+
+
+def test_rate_limit_refuses_with_a_reason_and_recovers(start_server: StartServer) -> None:
+    server = start_server("--rate", "2", "--burst", "3")
+    alice, _ = native(server.ws_url, "alice")
+    bob, _ = native(server.ws_url, "bob")
+    acks = [send_native(alice, "bob", f"m{i}") for i in range(5)]
+    assert [a.status for a in acks[:3]] == [p.Status.DELIVERED] * 3
+    assert {a.reason for a in acks[3:]} == {p.Reason.RATE_LIMITED}
+    carol = legacy(server.ws_url, "carol")
+    for _ in range(3):
+        carol.send(p.encode_legacy_send("bob", "burst"))
+        assert carol.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
+    carol.send(p.encode_legacy_send("bob", "one too many"))
+    assert carol.recv(timeout=5) == p.LEGACY_SEND_ERROR
+    wait_until(lambda: send_native(alice, "bob", "later").accepted, timeout=5, what="the bucket to refill")
+    assert metric(server, "chatcli_messages_refused_total", '{reason="rate-limited"}') >= 3
+    assert len(messages_until_quiet(bob)) >= 4
+
+
+def messages_until_quiet(ws, quiet: float = 0.3) -> list[p.Message]:  # type: ignore[no-untyped-def]
+    out = []
+    while True:
+        try:
+            frame = recv_frame(ws, timeout=quiet)
+        except TimeoutError:
+            return out
+        if isinstance(frame, p.Message):
+            out.append(frame)
+
+
+def test_max_connections_and_sessions_per_user(start_server: StartServer) -> None:
+    server = start_server("--max-connections", "3", "--max-sessions-per-user", "2")
+    first, second = legacy(server.ws_url, "alice"), legacy(server.ws_url, "alice")
+    too_many = RawClient(server.ws_port, "/alice")
+    assert too_many.status == 429 and "too many sessions for alice" in too_many.response_body()
+    third = legacy(server.ws_url, "bob")
+    full = RawClient(server.ws_port, "/carol")
+    assert full.status == 503 and "server full" in full.response_body()
+    for ws in (first, second, third):
+        ws.close()
+    wait_until(lambda: RawClient(server.ws_port, "/carol").status == 101, timeout=5, what="room to free up")
+
+
+def test_slow_consumer_is_closed_while_others_keep_chatting(start_server: StartServer) -> None:
+    server = start_server("--max-buffer", "262144")
+    sleeper = RawClient(server.ws_port, "/sleeper")  # never reads a byte after the handshake
+    sleeper.sock.setsockopt(__import__("socket").SOL_SOCKET, __import__("socket").SO_RCVBUF, 4096)
+    flooder = legacy(server.ws_url, "flooder")
+    alice, _ = native(server.ws_url, "alice")
+    bob, _ = native(server.ws_url, "bob")
+    chunk = "x" * 8000
+    start_rss = _rss_kb(server.proc.pid)
+
+    def sleeper_closed() -> bool:
+        for _ in range(50):
+            flooder.send(p.encode_legacy_send("sleeper", chunk))
+            flooder.recv(timeout=5)
+        return metric(server, "chatcli_sessions_closed_total", '{why="slow-consumer"}') >= 1
+
+    wait_until(sleeper_closed, timeout=30, what="the slow consumer to be closed")
+    assert _rss_kb(server.proc.pid) - start_rss < 64 * 1024, "server memory grew without bound"
+    assert send_native(alice, "bob", "still flowing").status == p.Status.DELIVERED
+    assert recv_frame(bob).text == "still flowing"  # type: ignore[union-attr]
+    assert server.wait_log("too many unread messages")
+    # What it missed is stored: a new session gets it.
+    back, _ = native(server.ws_url, "sleeper")
+    assert recv_frame(back).text == chunk  # type: ignore[union-attr]
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_dead_peers_are_found_with_pings(start_server: StartServer) -> None:
+    server = start_server("--ping-interval", "0.3", "--ping-timeout", "0.5")
+    mute = RawClient(server.ws_port, "/mute")  # answers no ping
+    assert mute.recv_frame() == (0x1, b"connected")
+    alive = legacy(server.ws_url, "alive")  # the websockets client answers pings by itself
+    assert mute.recv_frame()[0] == 0x9  # a ping came
+    wait_until(lambda: metric(server, "chatcli_sessions_closed_total", '{why="dead-peer"}') == 1, timeout=10,
+               what="the mute peer to be dropped")
+    alive.send(p.encode_legacy_send("alive", "still here"))
+    assert alive.recv(timeout=5) in (p.LEGACY_SEND_SUCCESS, "{'cmd':'send','userid':'alive', 'msgtext':'still here'}")
+
+
+def test_oversize_message_is_refused_with_too_large(start_server: StartServer) -> None:
+    server = start_server("--max-text-bytes", "10")
+    alice, hello = native(server.ws_url, "alice")
+    assert hello.max_text_bytes == 10
+    assert send_native(alice, "bob", "x" * 11).reason == p.Reason.TOO_LARGE
+    assert send_native(alice, "bob", "x" * 10).status == p.Status.STORED
+
+
+# -- operations -----------------------------------------------------------------------------
+
+
+def test_metrics_change_as_traffic_flows(server: RunningServer) -> None:
+    before = {name: metric(server, name) for name in ("chatcli_messages_routed_total", "chatcli_bytes_received_total",
+                                                      "chatcli_ack_latency_seconds_count")}
+    alice, _ = native(server.ws_url, "alice")
+    bob = legacy(server.ws_url, "bob")
+    assert metric(server, "chatcli_sessions", '{protocol="legacy"}') == 1
+    assert metric(server, "chatcli_sessions", '{protocol="chatcli.v1"}') == 1
+    send_native(alice, "bob", "one")
+    send_native(alice, "carol", "stored")
+    alice.send("junk")
+    recv_frame(alice)
+    assert metric(server, "chatcli_messages_routed_total") == before["chatcli_messages_routed_total"] + 1
+    assert metric(server, "chatcli_messages_stored_total") == 1
+    assert metric(server, "chatcli_errors_total", '{code="bad-json"}') == 1
+    assert metric(server, "chatcli_ack_latency_seconds_count") == before["chatcli_ack_latency_seconds_count"] + 2
+    assert metric(server, "chatcli_bytes_received_total") > before["chatcli_bytes_received_total"]
+    assert metric(server, "chatcli_db_bytes") > 0
+    bob.close()
+    wait_until(lambda: metric(server, "chatcli_sessions", '{protocol="legacy"}') == 0, timeout=5,
+               what="the closed session to leave the gauge")
+
+
+def test_who_and_presence(server: RunningServer) -> None:
+    alice, hello = native(server.ws_url, "alice")
+    assert p.Feature.PRESENCE in hello.features
+    alice.send(p.encode(p.Watch(("bob",))))
+    assert recv_frame(alice) == p.Presence("bob", False)
+    bob1, bob2 = legacy(server.ws_url, "bob"), legacy(server.ws_url, "bob")
+    assert recv_frame(alice) == p.Presence("bob", True)  # once, for the first session
+    alice.send(p.encode(p.WhoRequest("w1")))
+    assert recv_frame(alice) == p.Who("w1", ("alice", "bob"))
+    bob1.close()
+    bob2.close()
+    assert recv_frame(alice) == p.Presence("bob", False)  # once, when the last session closed
+
+
+def test_closed_watcher_is_forgotten(server: RunningServer) -> None:
+    alice, _ = native(server.ws_url, "alice")
+    alice.send(p.encode(p.Watch(("bob",))))
+    recv_frame(alice)
+    alice.close()
+    bob = legacy(server.ws_url, "bob")
+    bob.close()
+    assert server.proc.poll() is None
+    with pytest.raises(ConnectionClosed):
+        alice.recv(timeout=1)
