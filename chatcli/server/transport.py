@@ -14,7 +14,8 @@ import asyncio
 import hmac
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from websockets.datastructures import Headers
 from websockets.exceptions import NegotiationError
@@ -45,13 +46,7 @@ _OPEN = State.OPEN
 SERVER_NAME = f"chatcli/{__version__}"
 
 
-def _select_subprotocol(_: ServerProtocol, offered: Any) -> Subprotocol | None:
-    """``chatcli.v1`` when offered; no subprotocol (a seed client) when none is offered."""
-    if p.SUBPROTOCOL in offered:
-        return Subprotocol(p.SUBPROTOCOL)
-    if offered:
-        raise NegotiationError(f"unsupported subprotocol; this server speaks {p.SUBPROTOCOL}")
-    return None
+_SUBPROTOCOLS = (Subprotocol(p.SUBPROTOCOL),)  # shared by every connection: idle connections must stay small
 
 
 def _bearer(headers: Headers) -> str | None:
@@ -84,6 +79,14 @@ class RelayServerProtocol(ServerProtocol):
     Anything else (fragments, extensions, debug logging) takes the generic path.
     Relies on ``writes`` and ``expect_continuation_frame``; tests pin the behaviour.
     """
+
+    def select_subprotocol(self, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+        """``chatcli.v1`` when offered; no subprotocol (a seed client) when none is offered."""
+        if p.SUBPROTOCOL in subprotocols:
+            return _SUBPROTOCOLS[0]
+        if subprotocols:
+            raise NegotiationError(f"unsupported subprotocol; this server speaks {p.SUBPROTOCOL}")
+        return None
 
     def send_text(self, data: BytesLike, fin: bool = True) -> None:
         if not fin or self.expect_continuation_frame or self.extensions or self.debug or self._state is not _OPEN:
@@ -173,8 +176,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
-        self.ws = RelayServerProtocol(subprotocols=[Subprotocol(p.SUBPROTOCOL)], select_subprotocol=_select_subprotocol,
-                                 max_size=server.config.max_frame_bytes, logger=_ws_log)
+        self.ws = RelayServerProtocol(subprotocols=_SUBPROTOCOLS, max_size=server.config.max_frame_bytes,
+                                      logger=_ws_log)
         self.transport: asyncio.Transport | None = None
         self.user = ""
         self.legacy = True
