@@ -541,7 +541,10 @@ def _parse_history(obj: dict[str, Any]) -> Frame:
     items = obj.get("messages")
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise RemoteProtocolError("invalid history frame: messages must be a list of objects", ErrorCode.BAD_FRAME)
-    messages = tuple(_parse_message(item) for item in items)
+    try:
+        messages = tuple(_parse_message(item) for item in items)
+    except RemoteProtocolError as exc:  # name the frame the peer sent, not the object nested in it
+        raise RemoteProtocolError(f"invalid history frame: in messages: {exc.message}", ErrorCode.BAD_FRAME) from None
     return _build(History, id=obj.get("id"), peer=obj.get("peer"), messages=messages)
 
 
