@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
@@ -14,20 +15,34 @@ from chatcli.errors import InvalidUserId, LocalProtocolError, RemoteProtocolErro
 from chatcli.protocol import (
     DEFAULT_AUTH_KEY,
     DEFAULT_MAX_TEXT_BYTES,
+    HISTORY_MAX_LIMIT,
     LEGACY_CONNECTED,
     LEGACY_SEND_ERROR,
     LEGACY_SEND_SUCCESS,
+    MAX_INT,
+    RECEIVE_HEADER,
+    REPLAY_SINCE_HEADER,
+    RESUME_AFTER_HEADER,
+    TOKEN_QUERY_PARAM,
     USER_ID_RULE,
     Ack,
     Error,
     ErrorCode,
+    Feature,
     Frame,
     Hello,
+    History,
+    HistoryRequest,
     LegacyCommand,
     Message,
+    Presence,
     Reason,
+    Received,
     Send,
     Status,
+    Watch,
+    Who,
+    WhoRequest,
     check_text,
     check_user_id,
     decode_legacy_message,
@@ -270,11 +285,21 @@ def test_parse_ts_refuses_naive_timestamps() -> None:
 # chatcli.v1: exact encodings and round trips
 # ---------------------------------------------------------------------------
 
+#: Frames a client sends; everything else is parsed as a server frame. ``history`` and ``who`` are both.
+CLIENT_FRAME_TYPES = (Send, Received, HistoryRequest, WhoRequest, Watch)
+
+
+def _parser_for(frame: Frame) -> Callable[[str | bytes], Frame]:
+    return parse_client_frame if isinstance(frame, CLIENT_FRAME_TYPES) else parse_server_frame
+
+
 HELLO = Hello(user="alice", session="s-1", server="chatcli/0.1.0", features=("store", "history"))
 SEND = Send(id="c1", to="bob", text='say "hi" é 😀\n')
 ACK_DELIVERED = Ack(id="c1", status=Status.DELIVERED, msg_id=7, ts=TS)
 ACK_STORED = Ack(id="c2", status=Status.STORED, msg_id=8, ts=TS)
+ACK_DUPLICATE = Ack(id="c2", status=Status.STORED, msg_id=8, ts=TS, duplicate=True)
 MESSAGE = Message(id=7, sender="alice", to="bob", text="it's \\ fine", ts=TS)
+REPLY = Message(id=9, sender="bob", to="alice", text='"ok" 😀', ts=TS)
 ERROR = Error(code=ErrorCode.UNKNOWN_TYPE, message="unknown frame type 'typing'",
               details={"frame_type": "typing"})
 
@@ -287,17 +312,51 @@ EXACT_ENCODINGS: list[tuple[Frame, str]] = [
     (Send(id="c3", to="bob", text=""), '{"type":"send","id":"c3","to":"bob","text":""}'),
     (ACK_DELIVERED, f'{{"type":"ack","id":"c1","status":"delivered","msg_id":7,"ts":"{TS}"}}'),
     (ACK_STORED, f'{{"type":"ack","id":"c2","status":"stored","msg_id":8,"ts":"{TS}"}}'),
+    (ACK_DUPLICATE, f'{{"type":"ack","id":"c2","status":"stored","msg_id":8,"ts":"{TS}","duplicate":true}}'),
     (Ack(id="c4", status=Status.DELIVERED, msg_id=0),
      '{"type":"ack","id":"c4","status":"delivered","msg_id":0}'),
+    (Ack(id="c5", status=Status.DELIVERED, msg_id=MAX_INT),
+     f'{{"type":"ack","id":"c5","status":"delivered","msg_id":{MAX_INT}}}'),
     (MESSAGE, f'{{"type":"message","id":7,"from":"alice","to":"bob","text":"it\'s \\\\ fine","ts":"{TS}"}}'),
     (ERROR, '{"type":"error","code":"unknown-type","message":"unknown frame type \'typing\'",'
             '"frame_type":"typing"}'),
     (Error(code=ErrorCode.BAD_JSON, message="not JSON"),
      '{"type":"error","code":"bad-json","message":"not JSON"}'),
+    (Error(code=ErrorCode.UNAVAILABLE, message="no history here"),
+     '{"type":"error","code":"unavailable","message":"no history here"}'),
+    (Received(id=42), '{"type":"received","id":42}'),
+    (Received(id=0), '{"type":"received","id":0}'),
+    (Received(id=MAX_INT), f'{{"type":"received","id":{MAX_INT}}}'),
+    (HistoryRequest(id="h1", peer="bob"), '{"type":"history","id":"h1","peer":"bob","limit":50}'),
+    (HistoryRequest(id="h2", peer="bob", limit=20, before=40),
+     '{"type":"history","id":"h2","peer":"bob","limit":20,"before":40}'),
+    (HistoryRequest(id="h3", peer="bob", limit=0, before=0),
+     '{"type":"history","id":"h3","peer":"bob","limit":0,"before":0}'),
+    (HistoryRequest(id="h4", peer="bob", limit=HISTORY_MAX_LIMIT),
+     '{"type":"history","id":"h4","peer":"bob","limit":1000}'),
+    (History(id="h1", peer="bob", messages=()), '{"type":"history","id":"h1","peer":"bob","messages":[]}'),
+    (History(id="h2", peer="bob", messages=(MESSAGE, REPLY)),
+     f'{{"type":"history","id":"h2","peer":"bob","messages":['
+     f'{{"type":"message","id":7,"from":"alice","to":"bob","text":"it\'s \\\\ fine","ts":"{TS}"}},'
+     f'{{"type":"message","id":9,"from":"bob","to":"alice","text":"\\"ok\\" 😀","ts":"{TS}"}}]}}'),
+    (WhoRequest(id="w1"), '{"type":"who","id":"w1"}'),
+    (Who(id="w1", users=("alice", "bob")), '{"type":"who","id":"w1","users":["alice","bob"]}'),
+    (Who(id="w2", users=()), '{"type":"who","id":"w2","users":[]}'),
+    (Watch(users=("bob", "carol")), '{"type":"watch","users":["bob","carol"]}'),
+    (Watch(users=()), '{"type":"watch","users":[]}'),
+    (Presence(user="bob", online=True), '{"type":"presence","user":"bob","online":true}'),
+    (Presence(user="carol", online=False), '{"type":"presence","user":"carol","online":false}'),
 ]
 
 REFUSED_REASONS = [Reason.OFFLINE, Reason.TOO_LARGE, Reason.EMPTY, Reason.BAD_AUTH, Reason.BAD_RECIPIENT,
-                   Reason.RATE_LIMITED]
+                   Reason.RATE_LIMITED, Reason.STORAGE_FAILED]
+ERROR_CODES = [ErrorCode.BAD_JSON, ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE, ErrorCode.BINARY_UNSUPPORTED,
+               ErrorCode.UNAVAILABLE]
+FEATURES = [Feature.STORE, Feature.RESUME, Feature.HISTORY, Feature.PRESENCE, Feature.TOKENS]
+
+
+def test_every_frame_type_has_an_exact_encoding() -> None:
+    assert {type(frame) for frame, _ in EXACT_ENCODINGS} == set(get_args(Frame))
 
 
 @pytest.mark.parametrize(("frame", "text"), EXACT_ENCODINGS)
@@ -307,7 +366,7 @@ def test_exact_encoding(frame: Frame, text: str) -> None:
 
 @pytest.mark.parametrize(("frame", "text"), EXACT_ENCODINGS)
 def test_native_round_trip(frame: Frame, text: str) -> None:
-    parse = parse_client_frame if isinstance(frame, Send) else parse_server_frame
+    parse = _parser_for(frame)
     assert parse(text) == frame
     assert parse(text.encode("utf-8")) == frame
 
@@ -322,15 +381,36 @@ def test_refused_ack_for_each_reason(reason: str) -> None:
 
 
 def test_stable_codes() -> None:
-    assert REFUSED_REASONS == ["offline", "too-large", "empty", "bad-auth", "bad-recipient", "rate-limited"]
-    codes = [ErrorCode.BAD_JSON, ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE, ErrorCode.BINARY_UNSUPPORTED]
-    assert codes == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported"]
+    assert REFUSED_REASONS == ["offline", "too-large", "empty", "bad-auth", "bad-recipient", "rate-limited",
+                               "storage-failed"]
+    assert ERROR_CODES == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported", "unavailable"]
     assert sorted(Status.ALL) == ["delivered", "refused", "stored"]
+    assert FEATURES == ["store", "resume", "history", "presence", "tokens"]
+
+
+def test_handshake_names() -> None:
+    assert (RESUME_AFTER_HEADER, REPLAY_SINCE_HEADER, RECEIVE_HEADER) == ("Chatcli-After", "Chatcli-Since",
+                                                                          "Chatcli-Receive")
+    assert TOKEN_QUERY_PARAM == "token"
+    assert parse_user_path(f"/alice?{TOKEN_QUERY_PARAM}=t%2Bk") == ("alice", {"token": "t+k"})
 
 
 def test_accepted_acks() -> None:
     assert ACK_DELIVERED.accepted
     assert ACK_STORED.accepted
+    assert ACK_DUPLICATE.accepted
+
+
+def test_duplicate_is_false_unless_the_server_says_true() -> None:
+    base = '{"type":"ack","id":"c1","status":"stored","msg_id":8}'
+    assert parse_server_frame(base) == Ack(id="c1", status=Status.STORED, msg_id=8)
+    explicit_false = parse_server_frame(base[:-1] + ',"duplicate":false}')
+    assert isinstance(explicit_false, Ack)
+    assert explicit_false.duplicate is False
+    assert encode(explicit_false) == base  # false is the default, never written
+    duplicate = parse_server_frame(base[:-1] + ',"duplicate":true}')
+    assert isinstance(duplicate, Ack)
+    assert (duplicate.duplicate, duplicate.msg_id) == (True, 8)
 
 
 def test_hello_defaults_when_parsed() -> None:
@@ -341,16 +421,58 @@ def test_hello_defaults_when_parsed() -> None:
     assert frame.features == ()
 
 
+def test_hello_lists_every_feature() -> None:
+    text = encode(Hello(user="alice", session="s", server="x", features=tuple(FEATURES)))
+    frame = parse_server_frame(text)
+    assert isinstance(frame, Hello)
+    assert frame.features == ("store", "resume", "history", "presence", "tokens")
+
+
+def test_history_request_defaults_when_parsed() -> None:
+    frame = parse_client_frame('{"type":"history","id":"h1","peer":"bob"}')
+    assert frame == HistoryRequest(id="h1", peer="bob", limit=50, before=None)
+    assert encode(frame) == '{"type":"history","id":"h1","peer":"bob","limit":50}'
+
+
+@pytest.mark.parametrize(
+    ("text", "client_frame"),
+    [
+        ('{"type":"history","id":"h1","peer":"bob","limit":5}', HistoryRequest(id="h1", peer="bob", limit=5)),
+        ('{"type":"who","id":"w1"}', WhoRequest(id="w1")),
+    ],
+)
+def test_shared_type_names_are_told_apart_by_direction(text: str, client_frame: Frame) -> None:
+    assert parse_client_frame(text) == client_frame
+    with pytest.raises(RemoteProtocolError) as info:  # the same text is not a valid answer
+        parse_server_frame(text)
+    assert info.value.code == "bad-frame"
+
+
+def test_history_answer_keeps_nasty_texts_in_order() -> None:
+    messages = tuple(Message(id=i + 1, sender="alice" if i % 2 else "bob", to="bob" if i % 2 else "alice",
+                             text=text, ts=TS) for i, text in enumerate(NASTY_TEXTS))
+    frame = History(id="h", peer="bob", messages=messages)
+    parsed = parse_server_frame(encode(frame))
+    assert parsed == frame
+    assert isinstance(parsed, History)
+    assert [m.text for m in parsed.messages] == NASTY_TEXTS
+
+
 @pytest.mark.parametrize(("frame", "text"), EXACT_ENCODINGS)
 def test_unknown_fields_are_ignored(frame: Frame, text: str) -> None:
     obj = json.loads(text)
     extra = {"priority": "high", "nested": {"a": [1, 2]}, "v2_flag": True}
-    parse = parse_client_frame if isinstance(frame, Send) else parse_server_frame
-    parsed = parse(json.dumps({**obj, **extra}))
+    parsed = _parser_for(frame)(json.dumps({**obj, **extra}))
     if isinstance(frame, Error):  # an error's extra fields are its details, kept for the reader
         assert parsed == Error(frame.code, frame.message, {**frame.details, **extra})
     else:
         assert parsed == frame
+
+
+def test_unknown_fields_inside_history_messages_are_ignored() -> None:
+    obj = json.loads(encode(History(id="h", peer="bob", messages=(MESSAGE,))))
+    obj["messages"][0]["edited"] = True
+    assert parse_server_frame(json.dumps(obj)) == History(id="h", peer="bob", messages=(MESSAGE,))
 
 
 @pytest.mark.parametrize(
@@ -358,8 +480,12 @@ def test_unknown_fields_are_ignored(frame: Frame, text: str) -> None:
     [
         (parse_client_frame, '{"type":"typing","to":"bob"}'),
         (parse_client_frame, '{"type":"hello","protocol":1}'),  # a server frame is not a client frame
+        (parse_client_frame, '{"type":"presence","user":"bob","online":true}'),
+        (parse_client_frame, '{"type":"ack","id":"c1","status":"delivered","msg_id":1}'),
         (parse_server_frame, '{"type":"typing-indicator","user":"bob"}'),
         (parse_server_frame, '{"type":"send","id":"c1","to":"bob","text":"hi"}'),
+        (parse_server_frame, '{"type":"received","id":1}'),
+        (parse_server_frame, '{"type":"watch","users":["bob"]}'),
         (parse_server_frame, '{"type":""}'),
     ],
 )
@@ -378,7 +504,7 @@ def test_unknown_type_name_is_truncated_in_the_message() -> None:
 
 
 @pytest.mark.parametrize("data", ["", "{", "not json", "{'type':'send'}", b"\xff\xfe", "[" * 100_000,
-                                  '{"type":"send"', "1" * 5000])
+                                  '{"type":"send"', "1" * 5000, '{"type":"received","id":' + "9" * 5000 + "}"])
 @pytest.mark.parametrize("parse", [parse_client_frame, parse_server_frame])
 def test_bad_json(parse: Any, data: str | bytes) -> None:
     with pytest.raises(RemoteProtocolError) as info:
@@ -410,11 +536,19 @@ def _with(base: dict[str, Any], **changes: Any) -> str:
 
 
 _DROP = object()
+_TOO_BIG = MAX_INT + 1  # past SQLite's INTEGER range: refused before it can reach the store
 _SEND = {"type": "send", "id": "c1", "to": "bob", "text": "hi"}
+_RECEIVED = {"type": "received", "id": 1}
+_HISTORY_REQUEST = {"type": "history", "id": "h1", "peer": "bob", "limit": 5, "before": 9}
+_WHO_REQUEST = {"type": "who", "id": "w1"}
+_WATCH = {"type": "watch", "users": ["bob"]}
 _HELLO = {"type": "hello", "protocol": 1, "server": "s", "user": "alice", "session": "x"}
 _ACK = {"type": "ack", "id": "c1", "status": "delivered", "msg_id": 1}
 _MESSAGE = {"type": "message", "id": 1, "from": "alice", "to": "bob", "text": "hi", "ts": TS}
 _ERROR = {"type": "error", "code": "bad-frame", "message": "m"}
+_HISTORY = {"type": "history", "id": "h1", "peer": "bob", "messages": [_MESSAGE]}
+_WHO = {"type": "who", "id": "w1", "users": ["alice"]}
+_PRESENCE = {"type": "presence", "user": "bob", "online": True}
 
 INVALID_CLIENT_FRAMES = [
     _with(_SEND, id=_DROP),
@@ -432,6 +566,37 @@ INVALID_CLIENT_FRAMES = [
     _with(_SEND, text=["hi"]),
     '{"type":"send","id":"c1","to":"bob","text":"bad \\ud800 surrogate"}',
     '{"type":"send","id":"c1","to":"bob","text":"\\udfff"}',
+    _with(_RECEIVED, id=_DROP),
+    _with(_RECEIVED, id=None),
+    _with(_RECEIVED, id=-1),
+    _with(_RECEIVED, id="42"),
+    _with(_RECEIVED, id=4.2),
+    _with(_RECEIVED, id=True),
+    _with(_RECEIVED, id=_TOO_BIG),
+    _with(_HISTORY_REQUEST, id=_DROP),
+    _with(_HISTORY_REQUEST, id=""),
+    _with(_HISTORY_REQUEST, id=7),
+    _with(_HISTORY_REQUEST, peer=_DROP),
+    _with(_HISTORY_REQUEST, peer="no such id"),
+    _with(_HISTORY_REQUEST, limit=None),
+    _with(_HISTORY_REQUEST, limit=-1),
+    _with(_HISTORY_REQUEST, limit="5"),
+    _with(_HISTORY_REQUEST, limit=HISTORY_MAX_LIMIT + 1),
+    _with(_HISTORY_REQUEST, limit=_TOO_BIG),
+    _with(_HISTORY_REQUEST, before=-1),
+    _with(_HISTORY_REQUEST, before="9"),
+    _with(_HISTORY_REQUEST, before=False),
+    _with(_HISTORY_REQUEST, before=_TOO_BIG),
+    _with(_WHO_REQUEST, id=_DROP),
+    _with(_WHO_REQUEST, id=""),
+    _with(_WHO_REQUEST, id=["w1"]),
+    _with(_WATCH, users=_DROP),
+    _with(_WATCH, users=None),
+    _with(_WATCH, users="bob"),
+    _with(_WATCH, users={"bob": True}),
+    _with(_WATCH, users=[1]),
+    _with(_WATCH, users=["bob", "not an id"]),
+    _with(_WATCH, users=[""]),
 ]
 
 INVALID_SERVER_FRAMES = [
@@ -444,6 +609,7 @@ INVALID_SERVER_FRAMES = [
     _with(_HELLO, protocol="1"),
     _with(_HELLO, protocol=-1),
     _with(_HELLO, max_text_bytes=1.5),
+    _with(_HELLO, max_text_bytes=_TOO_BIG),
     _with(_HELLO, features="store"),
     _with(_HELLO, features=[1]),
     _with(_ACK, id=_DROP),
@@ -452,13 +618,18 @@ INVALID_SERVER_FRAMES = [
     _with(_ACK, msg_id=_DROP),
     _with(_ACK, msg_id="1"),
     _with(_ACK, msg_id=-1),
+    _with(_ACK, msg_id=_TOO_BIG),
     _with(_ACK, reason=5),
     _with(_ACK, ts=""),
     _with(_ACK, ts=0),
     _with(_ACK, status="refused", msg_id=_DROP),
     _with(_ACK, status="refused", reason=""),
+    _with(_ACK, duplicate="true"),
+    _with(_ACK, duplicate=1),
+    _with(_ACK, duplicate=None),
     _with(_MESSAGE, id=_DROP),
     _with(_MESSAGE, id=False),
+    _with(_MESSAGE, id=_TOO_BIG),
     _with(_MESSAGE, **{"from": _DROP}),
     _with(_MESSAGE, **{"from": "bad id"}),
     _with(_MESSAGE, to="/bob"),
@@ -467,6 +638,29 @@ INVALID_SERVER_FRAMES = [
     '{"type":"message","id":1,"from":"alice","to":"bob","text":"\\ud83d","ts":"' + TS + '"}',
     _with(_ERROR, code=_DROP),
     _with(_ERROR, message=3),
+    _with(_HISTORY, id=_DROP),
+    _with(_HISTORY, id=""),
+    _with(_HISTORY, peer=_DROP),
+    _with(_HISTORY, peer="b/ob"),
+    _with(_HISTORY, messages=_DROP),
+    _with(_HISTORY, messages=None),
+    _with(_HISTORY, messages={"0": _MESSAGE}),
+    _with(_HISTORY, messages=[_MESSAGE, "hi"]),
+    _with(_HISTORY, messages=[[_MESSAGE]]),
+    _with(_HISTORY, messages=[{**_MESSAGE, "id": -1}]),
+    _with(_HISTORY, messages=[_MESSAGE, {**_MESSAGE, "text": None}]),
+    _with(_HISTORY, messages=[{"type": "message"}]),
+    _with(_WHO, id=_DROP),
+    _with(_WHO, users=_DROP),
+    _with(_WHO, users="alice"),
+    _with(_WHO, users=["alice", 2]),
+    _with(_WHO, users=["bad id"]),
+    _with(_PRESENCE, user=_DROP),
+    _with(_PRESENCE, user="bad id"),
+    _with(_PRESENCE, online=_DROP),
+    _with(_PRESENCE, online="true"),
+    _with(_PRESENCE, online=1),
+    _with(_PRESENCE, online=None),
 ]
 
 
@@ -476,7 +670,7 @@ def test_invalid_client_frame_is_the_peers_fault(data: str) -> None:
         parse_client_frame(data)
     assert info.value.code == "bad-frame"
     assert not isinstance(info.value, LocalProtocolError)
-    assert str(info.value).startswith("invalid send frame: ")
+    assert str(info.value).startswith(f"invalid {json.loads(data)['type']} frame: ")
 
 
 @pytest.mark.parametrize("data", INVALID_SERVER_FRAMES)
@@ -484,7 +678,30 @@ def test_invalid_server_frame_is_the_peers_fault(data: str) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         parse_server_frame(data)
     assert info.value.code == "bad-frame"
+    assert not isinstance(info.value, LocalProtocolError)
     assert str(info.value).startswith(f"invalid {json.loads(data)['type']} frame: ")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_with(_RECEIVED, id=_TOO_BIG), f"invalid received frame: id must be an integer from 0 to {MAX_INT}"),
+        (_with(_HISTORY_REQUEST, limit=HISTORY_MAX_LIMIT + 1),
+         f"invalid history frame: limit must be at most {HISTORY_MAX_LIMIT}"),
+        (_with(_WATCH, users=["bob", "not an id"]), "invalid watch frame: users must be a tuple of user ids"),
+    ],
+)
+def test_invalid_client_frame_says_which_field(data: str, message: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_client_frame(data)
+    assert str(info.value) == message
+
+
+def test_a_bad_message_inside_history_names_the_history_frame() -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_server_frame(_with(_HISTORY, messages=[_MESSAGE, {**_MESSAGE, "from": "bad id"}]))
+    assert str(info.value) == ("invalid history frame: in messages: invalid message frame: "
+                               f"invalid user id 'bad id': use {USER_ID_RULE}")
 
 
 def test_empty_send_text_parses_so_the_server_can_refuse_it_with_a_reason() -> None:
@@ -508,12 +725,32 @@ def test_empty_send_text_parses_so_the_server_can_refuse_it_with_a_reason() -> N
         lambda: Ack(id="c1", status="refused"),
         lambda: Ack(id="c1", status="ok", msg_id=1),
         lambda: Ack(id="c1", status="delivered", msg_id=1, reason=5),  # type: ignore[arg-type]
+        lambda: Ack(id="c1", status="stored", msg_id=1, duplicate=1),  # type: ignore[arg-type]
+        lambda: Ack(id="c1", status="stored", msg_id=MAX_INT + 1),
         lambda: Message(id=1, sender="alice", to="bob", text="", ts=TS),
         lambda: Message(id=1, sender="alice", to="bob", text="\udc00", ts=TS),
         lambda: Message(id=-1, sender="alice", to="bob", text="hi", ts=TS),
         lambda: Error(code="", message="m"),
         lambda: Error(code="bad-frame", message="m", details={"type": "hello"}),
         lambda: Error(code="bad-frame", message="m", details={"code": "other"}),
+        lambda: Received(id=-1),
+        lambda: Received(id=MAX_INT + 1),
+        lambda: Received(id="1"),  # type: ignore[arg-type]
+        lambda: HistoryRequest(id="h", peer="bob", limit=HISTORY_MAX_LIMIT + 1),
+        lambda: HistoryRequest(id="h", peer="bob", before=-1),
+        lambda: HistoryRequest(id="", peer="bob"),
+        lambda: HistoryRequest(id="h", peer="b b"),
+        lambda: History(id="h", peer="bob", messages=[MESSAGE]),  # type: ignore[arg-type]
+        lambda: History(id="h", peer="bob", messages=(MESSAGE, ACK_STORED)),  # type: ignore[arg-type]
+        lambda: History(id="h", peer="", messages=()),
+        lambda: WhoRequest(id=""),
+        lambda: Who(id="w", users=["alice"]),  # type: ignore[arg-type]
+        lambda: Who(id="w", users=("alice", "b b")),
+        lambda: Who(id="", users=()),
+        lambda: Watch(users=["bob"]),  # type: ignore[arg-type]
+        lambda: Watch(users=("bob", "")),
+        lambda: Presence(user="bob", online=1),  # type: ignore[arg-type]
+        lambda: Presence(user="b b", online=True),
     ],
 )
 def test_building_an_invalid_frame_is_a_local_error(build: Any) -> None:
@@ -530,6 +767,8 @@ def test_error_details_from_the_wire_never_replace_its_own_fields() -> None:
 def test_frames_are_frozen() -> None:
     with pytest.raises(AttributeError):
         SEND.text = "changed"  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        ACK_DUPLICATE.duplicate = False  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------
@@ -575,6 +814,35 @@ def test_template_keeps_text_and_recipient(text: str) -> None:
 )
 def test_legacy_forms(frame: str, command: LegacyCommand) -> None:
     assert parse_legacy_frame(frame) == command
+
+
+@pytest.mark.parametrize(
+    ("frame", "command"),
+    [
+        # the app's template without the space before 'msgtext'
+        ("{'auth':'k','cmd':'send','userid':'bob','msgtext':'it's'}", LegacyCommand("send", "k", "bob", "it's")),
+        # other spacing leaves the fast path for the general template
+        ("{'auth':'k','cmd':'send','userid':'bob',  'msgtext':'it's'}", LegacyCommand("send", "k", "bob", "it's")),
+        # template head and tail but no userid: read as quote-replaced JSON
+        ("{'auth':'k','cmd':'send'}", LegacyCommand("send", "k", None, None)),
+        ("{'auth':'k','cmd':'send','userid':'bob'}", LegacyCommand("send", "k", "bob", None)),
+    ],
+)
+def test_template_variants_read_like_the_template(frame: str, command: LegacyCommand) -> None:
+    assert parse_legacy_frame(frame) == command
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "{'auth':'a'b','cmd':'send','userid':'bob', 'msgtext':'hi'}",  # a quote inside auth
+        "{'auth':'k','cmd':'se'nd','userid':'bob', 'msgtext':'hi'}",  # a quote inside cmd
+        "{'auth':'k','cmd':'send','userid':'bob', 'msgtext':'}",  # cut off inside msgtext: not an empty text
+    ],
+)
+def test_template_near_misses_are_refused(frame: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="not a seed frame"):
+        parse_legacy_frame(frame)
 
 
 @pytest.mark.parametrize(
@@ -723,17 +991,53 @@ def test_app_throws_without_string_author_and_text(frame: str) -> None:
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 
-def _doc_json_examples() -> list[str]:
-    blocks = re.findall(r"```json\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
-    return [line for block in blocks for line in block.splitlines() if line]
+#: A frame section's heading says its direction, e.g. "### `history` request (client → server)".
+_DIRECTION = re.compile(r"^### .*\((client|server) → (?:client|server)\)$")
+
+
+def _doc_json_examples() -> list[tuple[str, str]]:
+    """Every line of every ```json block, with the direction of the section it is in."""
+    examples: list[tuple[str, str]] = []
+    direction, in_block = "", False
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        heading = _DIRECTION.match(line)
+        if line.startswith("#"):
+            direction = heading.group(1) if heading else ""
+        elif line.startswith("```"):
+            in_block = line == "```json"
+            assert not in_block or direction, "a JSON example outside a frame section with a direction"
+        elif in_block and line:
+            examples.append((direction, line))
+    return examples
 
 
 def test_doc_json_examples_are_exact_encodings() -> None:
     examples = _doc_json_examples()
-    assert {json.loads(line)["type"] for line in examples} == {"hello", "send", "ack", "message", "error"}
-    for line in examples:
-        parse = parse_client_frame if json.loads(line)["type"] == "send" else parse_server_frame
+    client = {json.loads(line)["type"] for direction, line in examples if direction == "client"}
+    server = {json.loads(line)["type"] for direction, line in examples if direction == "server"}
+    assert client == {"send", "received", "history", "who", "watch"}
+    assert server == {"hello", "ack", "message", "history", "who", "presence", "error"}
+    for direction, line in examples:
+        parse = parse_client_frame if direction == "client" else parse_server_frame
         assert encode(parse(line)) == line
+
+
+def test_doc_examples_show_every_frame_class() -> None:
+    shown = set()
+    for direction, line in _doc_json_examples():
+        shown.add(type((parse_client_frame if direction == "client" else parse_server_frame)(line)))
+    assert shown == set(get_args(Frame))
+
+
+def test_doc_names_every_stable_code_and_handshake_name() -> None:
+    doc = DOC.read_text(encoding="utf-8")
+    names = [*REFUSED_REASONS, *ERROR_CODES, *sorted(Status.ALL), *FEATURES, RESUME_AFTER_HEADER,
+             REPLAY_SINCE_HEADER, RECEIVE_HEADER, f"?{TOKEN_QUERY_PARAM}=<token>", "duplicate", str(MAX_INT)]
+    assert [name for name in names if name not in doc] == []
+    for reason in REFUSED_REASONS:
+        assert f"| `{reason}` |" in doc  # each reason has a row saying when
+    for code in ERROR_CODES:
+        assert f"| `{code}` |" in doc
 
 
 def test_doc_legacy_examples_are_exact() -> None:
