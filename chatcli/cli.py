@@ -119,7 +119,7 @@ def serve(
 
 
 # ---------------------------------------------------------------------------
-# Client commands: send, listen, history, chat. Settings resolve as flag > environment >
+# Client commands: send, listen, history, who, chat. Settings resolve as flag > environment >
 # profile > default (chatcli.config); imports are lazy so `send` and `listen`
 # never load prompt_toolkit or Rich.
 # ---------------------------------------------------------------------------
@@ -131,6 +131,15 @@ AuthKeyOption = Annotated[str | None, typer.Option(
     "or --auth-key-file.", show_default=False)]
 AuthKeyFileOption = Annotated[Path | None, typer.Option(
     "--auth-key-file", help="Read the shared key from this file.", show_default=False, dir_okay=False)]
+TokenFileOption = Annotated[Path | None, typer.Option(
+    "--token-file", help="Read your token (from `chatcli user add`) from this file; sent instead of the "
+    "shared key [env CHATCLI_TOKEN].", show_default=False, dir_okay=False)]
+CafileOption = Annotated[Path | None, typer.Option(
+    "--cafile", help="Trust this CA certificate (PEM) for a wss:// server [default: the system's CAs, "
+    "or SSL_CERT_FILE].", show_default=False, dir_okay=False)]
+InsecureOption = Annotated[bool, typer.Option(
+    "--insecure", help="INSECURE: do not verify the wss:// server's certificate (anyone on the path can "
+    "read and change the session). For testing only; prefer --cafile.")]
 ProfileOption = Annotated[str | None, typer.Option(
     "--profile", help="Profile from $XDG_CONFIG_HOME/chatcli/config.toml [env CHATCLI_PROFILE].",
     show_default=False)]
@@ -142,11 +151,16 @@ PeerArgument = Annotated[str, typer.Argument(metavar="PEER", help="The other use
 
 
 def _settings(url: str | None, auth_key: str | None, auth_key_file: Path | None, timeout: float | None,
-              profile: str | None) -> ClientSettings:
+              profile: str | None, *, token_file: Path | None, cafile: Path | None,
+              insecure: bool) -> ClientSettings:
     from chatcli.config import resolve_settings
 
-    return resolve_settings(url=url, auth_key=auth_key, auth_key_file=auth_key_file, timeout=timeout,
-                            profile=profile)
+    settings = resolve_settings(url=url, auth_key=auth_key, auth_key_file=auth_key_file, timeout=timeout,
+                                profile=profile, token_file=token_file, cafile=cafile, insecure=insecure)
+    if settings.insecure:  # every time: skipping verification must never go unnoticed
+        print(f"chatcli: WARNING: --insecure: the TLS certificate of {settings.url} is NOT verified; anyone on "
+              "the network path can read and change this session", file=sys.stderr, flush=True)
+    return settings
 
 
 @app.command()
@@ -160,6 +174,9 @@ def send(
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
     auth_key_file: AuthKeyFileOption = None,
+    token_file: TokenFileOption = None,
+    cafile: CafileOption = None,
+    insecure: InsecureOption = False,
     timeout: TimeoutOption = None,
     profile: ProfileOption = None,
 ) -> None:
@@ -172,7 +189,8 @@ def send(
 
     from chatcli import client, render
 
-    settings = _settings(url, auth_key, auth_key_file, timeout, profile)
+    settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+                         insecure=insecure)
     texts = client.read_texts(text, lines=lines, stdin=sys.stdin)
 
     def on_ack(ack: Ack) -> None:
@@ -204,6 +222,9 @@ def listen(
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
     auth_key_file: AuthKeyFileOption = None,
+    token_file: TokenFileOption = None,
+    cafile: CafileOption = None,
+    insecure: InsecureOption = False,
     profile: ProfileOption = None,
 ) -> None:
     """Print each incoming message as a JSON line: {"id", "from", "to", "text", "ts"}."""
@@ -211,7 +232,8 @@ def listen(
 
     from chatcli import client, render
 
-    settings = _settings(url, auth_key, auth_key_file, None, profile)
+    settings = _settings(url, auth_key, auth_key_file, None, profile, token_file=token_file, cafile=cafile,
+                         insecure=insecure)
     options = client.ListenOptions(
         count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
         start=client.parse_since(since) if since is not None else None,
@@ -237,6 +259,9 @@ def history(
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
     auth_key_file: AuthKeyFileOption = None,
+    token_file: TokenFileOption = None,
+    cafile: CafileOption = None,
+    insecure: InsecureOption = False,
     timeout: TimeoutOption = None,
     profile: ProfileOption = None,
 ) -> None:
@@ -245,12 +270,42 @@ def history(
 
     from chatcli import client, render
 
-    settings = _settings(url, auth_key, auth_key_file, timeout, profile)
+    settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+                         insecure=insecure)
     messages = asyncio.run(client.fetch_history(settings, me, peer, limit))
     colour = render.wants_colour(sys.stdout)
     for message in messages:
         line = render.message_json(message) if json_output else render.history_ansi(message, colour=colour)
         render.write_line(sys.stdout, line)
+
+
+@app.command()
+def who(
+    me: MeArgument,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help='Print one JSON array of user ids, e.g. ["alice", "bob"].')] = False,
+    url: UrlOption = None,
+    auth_key: AuthKeyOption = None,
+    auth_key_file: AuthKeyFileOption = None,
+    token_file: TokenFileOption = None,
+    cafile: CafileOption = None,
+    insecure: InsecureOption = False,
+    timeout: TimeoutOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """List the users online, one per line, sorted; ME is who asks (the server checks ME's credentials)."""
+    import asyncio
+
+    from chatcli import client, render
+
+    settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+                         insecure=insecure)
+    users = asyncio.run(client.fetch_online(settings, me))
+    if json_output:
+        render.write_line(sys.stdout, render.users_json(users))
+    else:
+        for user in users:
+            render.write_line(sys.stdout, user)
 
 
 @app.command()
@@ -260,6 +315,9 @@ def chat(
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
     auth_key_file: AuthKeyFileOption = None,
+    token_file: TokenFileOption = None,
+    cafile: CafileOption = None,
+    insecure: InsecureOption = False,
     timeout: TimeoutOption = None,
     profile: ProfileOption = None,
 ) -> None:
@@ -269,7 +327,8 @@ def chat(
     """
     from chatcli import repl
 
-    repl.chat(_settings(url, auth_key, auth_key_file, timeout, profile), me, peer)
+    repl.chat(_settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+                         insecure=insecure), me, peer)
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ here as a ``chatcli.errors.ClientError`` subclass, so commands never see a
 websockets exception:
 
 * the server cannot be reached, or the session drops → ``ConnectError`` (3)
+* its TLS certificate is not trusted (wss://)         → ``ConnectError`` (3), naming the cause
 * the handshake is refused with 401/403               → ``AuthError`` (4)
 * a message is refused (its ack says so)              → ``RefusedError`` (5)
 * an ack does not come in time                        → ``TimedOutError`` (6)
@@ -19,9 +20,11 @@ server answers as a ``duplicate`` if it had already stored it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -31,7 +34,7 @@ from typing import Final, TextIO
 from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus, InvalidURI, WebSocketException
 
 from chatcli import __version__
 from chatcli.config import ClientSettings
@@ -63,6 +66,9 @@ from chatcli.protocol import (
     Received,
     Send,
     ServerFrame,
+    Watch,
+    Who,
+    WhoRequest,
     check_text,
     check_user_id,
     encode,
@@ -72,6 +78,13 @@ from chatcli.protocol import (
 from chatcli.units import parse_duration
 
 Notice = Callable[[str], None]
+
+
+class CertificateError(ConnectError):
+    """The wss:// server's certificate is not trusted (unknown CA, wrong host, expired): exit 3.
+
+    Retrying cannot fix it, so ``listen`` and ``chat`` stop instead of reconnecting.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +206,18 @@ class Session:
         assert isinstance(reply, History)
         return reply.messages
 
+    async def who(self) -> tuple[str, ...]:
+        """The users with at least one open session that receives messages, sorted."""
+        request = WhoRequest(id=self.new_id())
+        await self._write(request)
+        reply = await self._answer(lambda r: isinstance(r, Who) and r.id == request.id, "answer to who")
+        assert isinstance(reply, Who)
+        return reply.users
+
+    async def watch(self, users: tuple[str, ...]) -> None:
+        """Ask for ``Presence`` frames about ``users``: one each now, then one at every change."""
+        await self._write(Watch(users))
+
     async def _answer(self, matches: Callable[[ServerFrame], bool], what: str) -> ServerFrame:
         """The first frame that ``matches``; an ``Error`` meanwhile refuses the request."""
         try:
@@ -242,24 +267,58 @@ async def open_session(settings: ClientSettings, user: str,
 
 
 async def _handshake(url: str, settings: ClientSettings, headers: dict[str, str]) -> ClientConnection:
+    tls = tls_context(settings.cafile, settings.insecure) if settings.uses_tls else None
     try:
         return await connect(
             url,
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-            additional_headers={"Authorization": f"Bearer {settings.auth_key}", **headers},
+            additional_headers={"Authorization": f"Bearer {settings.credential}", **headers},
             user_agent_header=f"chatcli/{__version__}",
             open_timeout=settings.timeout,
             close_timeout=1.0,  # leaving must stay quick, even from a hung server
             max_size=None,
+            ssl=tls,
         )
     except InvalidStatus as exc:
-        raise _refused_handshake(settings.url, exc.response.status_code, exc.response.body) from None
+        raise _refused_handshake(settings, exc.response.status_code, exc.response.body) from None
     except InvalidURI as exc:
         raise UsageError(f"invalid server URL {settings.url!r}: {exc}") from None
     except TimeoutError:
         raise ConnectError(f"cannot connect to {settings.url}: no answer in {settings.timeout:g} s") from None
+    except ssl.SSLCertVerificationError as exc:  # before OSError, its base class
+        raise CertificateError(_untrusted(settings.url, exc)) from None
+    except ssl.SSLError as exc:
+        raise ConnectError(f"cannot connect to {settings.url}: TLS handshake failed ({exc.reason or exc}); "
+                           "is the server serving TLS? (a server started without --certfile needs ws://)") from None
+    except InvalidMessage as exc:
+        hint = "" if settings.uses_tls else " (if the server uses TLS, connect to wss://)"
+        raise ConnectError(f"cannot connect to {settings.url}: {_describe(exc)}{hint}") from None
     except (OSError, WebSocketException) as exc:
         raise ConnectError(f"cannot connect to {settings.url}: {_describe(exc)}") from None
+
+
+@functools.cache
+def tls_context(cafile: Path | None, insecure: bool) -> ssl.SSLContext:
+    """The TLS settings of wss:// sessions: the system's CAs (``SSL_CERT_FILE`` honoured), ``cafile``'s,
+    or no verification at all when ``insecure``."""
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=str(cafile) if cafile is not None else None)
+    except FileNotFoundError:
+        raise UsageError(f"cannot read the CA file {str(cafile)!r}: no such file") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use the CA file {str(cafile)!r}: {_describe(exc)} "
+                         "(expected PEM certificates)") from None
+
+
+def _untrusted(url: str, exc: ssl.SSLCertVerificationError) -> str:
+    cause = exc.verify_message or exc.reason or str(exc)
+    return (f"cannot connect to {url}: the server's TLS certificate is not trusted ({cause}); "
+            "if the server uses its own CA, pass --cafile CA.pem (or set SSL_CERT_FILE)")
 
 
 async def _read_hello(ws: ClientConnection, settings: ClientSettings) -> Hello:
@@ -281,11 +340,18 @@ async def _read_hello(ws: ClientConnection, settings: ClientSettings) -> Hello:
         raise ConnectError(f"{settings.url} broke the protocol: {exc}") from None
 
 
-def _refused_handshake(url: str, status: int, body: bytes | bytearray | None) -> Exception:
+def _refused_handshake(settings: ClientSettings, status: int, body: bytes | bytearray | None) -> Exception:
+    url = settings.url
     detail = bytes(body or b"").decode("utf-8", "replace").strip()[:200]
     if status in (401, 403):
-        return AuthError(f"authentication refused by {url} (HTTP {status}): "
-                         "check --auth-key, --auth-key-file or CHATCLI_AUTH_KEY")
+        if settings.token is not None:
+            hint = "check the token (--token-file, CHATCLI_TOKEN, or the profile's token / token_file)"
+        else:
+            hint = ("a server with accounts needs your token (--token-file or CHATCLI_TOKEN; "
+                    "`chatcli user add` on the server makes one); otherwise check --auth-key, "
+                    "--auth-key-file or CHATCLI_AUTH_KEY")
+        return AuthError(f"authentication refused by {url} (HTTP {status}"
+                         f"{': ' + detail if detail else ''}): {hint}")
     if status == 400:
         return UsageError(f"the server refused the user id (HTTP 400){': ' + detail if detail else ''}")
     return ConnectError(f"cannot connect to {url}: HTTP {status}{': ' + detail if detail else ''}")
@@ -511,6 +577,19 @@ async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int
         return await session.history(peer, limit)
 
 
+async def fetch_online(settings: ClientSettings, me: str) -> tuple[str, ...]:
+    """``chatcli who``: the users online (with a session that receives messages), sorted.
+
+    The asking session itself only asks (``Chatcli-Receive: none``), so ME is listed only
+    when another session of ME is open.
+    """
+    async with open_session(settings, me, ResumePoint.live_only()) as session:
+        if not session.offers(Feature.PRESENCE):
+            raise RefusedError(f"{settings.url} does not tell who is online (an older server)",
+                               ErrorCode.UNAVAILABLE)
+        return await session.who()
+
+
 @dataclass(frozen=True, slots=True)
 class ListenOptions:
     count: int | None = None
@@ -569,7 +648,7 @@ async def _listen_forever(settings: ClientSettings, me: str, options: ListenOpti
                     if isinstance(frame, Message) and cursor.is_new(frame) and await handled(frame):
                         return
         except ConnectError as exc:
-            if not options.reconnect:
+            if not options.reconnect or isinstance(exc, CertificateError):
                 raise
             delay = backoff.next_delay()
             notice(f"{exc}; reconnecting in {delay:.1f} s")

@@ -5,19 +5,22 @@ Profiles live in ``$XDG_CONFIG_HOME/chatcli/config.toml``::
     default_profile = "home"          # optional; else the profile named "default", if any
 
     [profiles.home]
-    url = "ws://192.168.1.20:6060"
-    auth_key_file = "~/.config/chatcli/home.key"   # or auth_key = "..."
+    url = "wss://chat.example.org:6060"
+    token_file = "~/.config/chatcli/alice.token"   # or token = "..." (servers with accounts)
+    auth_key_file = "~/.config/chatcli/home.key"   # or auth_key = "..." (servers without)
+    cafile = "~/.config/chatcli/home-ca.pem"       # trust this CA for wss://
     timeout = 5
 
-Secrets can always come from somewhere other than argv (``CHATCLI_AUTH_KEY``, a
-key file, a profile), because argv is visible to every user of the machine.
+Secrets can always come from somewhere other than argv (``CHATCLI_TOKEN``,
+``CHATCLI_AUTH_KEY``, a file, a profile), because argv is visible to every user
+of the machine. A token, when set, is sent instead of the shared key.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -30,7 +33,8 @@ DEFAULT_TIMEOUT: Final = 10.0
 ENV_URL: Final = "CHATCLI_URL"
 ENV_AUTH_KEY: Final = "CHATCLI_AUTH_KEY"
 ENV_PROFILE: Final = "CHATCLI_PROFILE"
-_PROFILE_KEYS: Final = frozenset({"url", "auth_key", "auth_key_file", "timeout"})
+ENV_TOKEN: Final = "CHATCLI_TOKEN"
+_PROFILE_KEYS: Final = frozenset({"url", "auth_key", "auth_key_file", "token", "token_file", "cafile", "timeout"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +42,26 @@ class ClientSettings:
     """What every client command needs to reach the server."""
 
     url: str = DEFAULT_URL
-    auth_key: str = DEFAULT_AUTH_KEY
+    #: Secrets stay out of repr(), so a traceback or a debug print never shows them.
+    auth_key: str = field(default=DEFAULT_AUTH_KEY, repr=False)
+    #: The user's own token (servers with accounts); sent instead of ``auth_key`` when set.
+    token: str | None = field(default=None, repr=False)
     #: Seconds to wait for the server: to connect, and for each acknowledgement.
     timeout: float = DEFAULT_TIMEOUT
     profile: str | None = None
+    #: A CA certificate (PEM) to trust for wss://, instead of the system's.
+    cafile: Path | None = None
+    #: Skip TLS certificate verification (``--insecure``).
+    insecure: bool = False
+
+    @property
+    def credential(self) -> str:
+        """What the handshake presents as ``Authorization: Bearer``: the token, else the shared key."""
+        return self.token if self.token is not None else self.auth_key
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url.lower().startswith("wss://")
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -64,6 +84,9 @@ def resolve_settings(
     auth_key_file: Path | None = None,
     timeout: float | None = None,
     profile: str | None = None,
+    token_file: Path | None = None,
+    cafile: Path | None = None,
+    insecure: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> ClientSettings:
     """Merge flags (the keyword arguments), the environment, the chosen profile and the defaults."""
@@ -71,18 +94,38 @@ def resolve_settings(
     name, values = _load_profile(profile or env.get(ENV_PROFILE) or None, config_path(env))
     if auth_key is not None and auth_key_file is not None:
         raise UsageError("give --auth-key or --auth-key-file, not both")
-    flag_key = _read_key_file(auth_key_file) if auth_key_file is not None else auth_key
-    profile_key = values.get("auth_key")
-    if profile_key is None and "auth_key_file" in values:
-        profile_key = _read_key_file(Path(str(values["auth_key_file"])).expanduser())
+    if cafile is not None and insecure:
+        raise UsageError("give --cafile or --insecure, not both")
+    flag_key = _read_secret_file(auth_key_file, "auth key") if auth_key_file is not None else auth_key
+    flag_token = _read_secret_file(token_file, "token") if token_file is not None else None
+    profile_cafile = values.get("cafile")
     settings = ClientSettings(
         url=_first_str(url, env.get(ENV_URL), values.get("url"), DEFAULT_URL),
-        auth_key=_first_str(flag_key, env.get(ENV_AUTH_KEY), profile_key, DEFAULT_AUTH_KEY),
+        auth_key=_first_str(flag_key, env.get(ENV_AUTH_KEY), _profile_secret(values, "auth_key", "auth key"),
+                            DEFAULT_AUTH_KEY),
+        token=_first_or_none(flag_token, env.get(ENV_TOKEN, "").strip(), _profile_secret(values, "token", "token")),
         timeout=_check_timeout(timeout if timeout is not None else values.get("timeout", DEFAULT_TIMEOUT)),
         profile=name,
+        cafile=cafile or (Path(str(profile_cafile)).expanduser() if profile_cafile else None),
+        insecure=insecure,
     )
     check_url(settings.url)
+    if (cafile is not None or insecure) and not settings.uses_tls:
+        raise UsageError(f"--cafile and --insecure are for wss:// URLs; {settings.url} is not encrypted")
     return settings
+
+
+def _profile_secret(values: Mapping[str, Any], key: str, what: str) -> str | None:
+    """A profile's ``key``, else the contents of its ``key_file``."""
+    if values.get(key) is not None:
+        return str(values[key]).strip()
+    if f"{key}_file" in values:
+        return _read_secret_file(Path(str(values[f"{key}_file"])).expanduser(), what)
+    return None
+
+
+def _first_or_none(*candidates: str | None) -> str | None:
+    return next((value for value in candidates if value), None)
 
 
 def check_url(url: str) -> str:
@@ -111,16 +154,19 @@ def _check_timeout(value: object) -> float:
     return float(value)
 
 
-def _read_key_file(path: Path) -> str:
+def _read_secret_file(path: Path, what: str) -> str:
+    """A key or token kept in a file: its text, stripped of surrounding whitespace."""
     try:
-        key = path.read_text(encoding="utf-8").strip()
+        secret = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise UsageError(f"cannot read the auth key file {str(path)!r}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read the {what} file {str(path)!r}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise UsageError(f"the auth key file {str(path)!r} is not UTF-8 text") from None
-    if not key:
-        raise UsageError(f"the auth key file {str(path)!r} is empty")
-    return key
+        raise UsageError(f"the {what} file {str(path)!r} is not UTF-8 text") from None
+    if not secret:
+        raise UsageError(f"the {what} file {str(path)!r} is empty")
+    if not secret.isprintable():  # it goes into an HTTP header verbatim: no line breaks inside
+        raise UsageError(f"the {what} file {str(path)!r} holds more than one line: expected the {what} alone")
+    return secret
 
 
 def _load_profile(requested: str | None, path: Path) -> tuple[str | None, dict[str, Any]]:

@@ -63,6 +63,11 @@ def ack_json(ack: Ack, to: str) -> str:
     return json.dumps({**fields, "duplicate": ack.duplicate, "to": to}, ensure_ascii=False)
 
 
+def users_json(users: tuple[str, ...]) -> str:
+    """A ``who --json`` line: one JSON array of user ids, sorted as the server sent them."""
+    return json.dumps(list(users))
+
+
 def write_line(stream: TextIO, line: str) -> None:
     """Write one line and flush it at once.
 
@@ -179,6 +184,8 @@ class StatusView:
     peer: str
     retry_in: float | None = None
     pending: tuple[str, ...] = ()
+    #: Whether PEER has a session open; None while unknown (not connected, or no presence on this server).
+    peer_online: bool | None = None
 
 
 _STATE_STYLES: Final = {"connected": "bold green", "connecting": "bold yellow", "reconnecting": "bold yellow"}
@@ -203,6 +210,10 @@ def _status(view: StatusView) -> Text:
     line.append(f"● {state}", style=_STATE_STYLES.get(view.state, "bold red"))
     line.append(f"  {view.url}  ", style="dim")
     line.append(f"{view.me} → {view.peer}", style="bold")
+    if view.peer_online is not None:
+        # Each state has its own style, so a terminal redraw rewrites the whole segment.
+        line.append(f"  {view.peer} online" if view.peer_online else f"  {view.peer} offline",
+                    style="bold green" if view.peer_online else "dim")
     if view.pending:
         line.append(f"  {len(view.pending)} pending", style="yellow")
         for text in view.pending[-3:]:

@@ -7,7 +7,8 @@ which keeps a session open, sends what was typed, and prints what arrives.
 
 Our messages wait in ``pending`` until the server acknowledges them; whatever
 is pending when a session opens is sent on it, so text typed while offline
-goes out on reconnect. The status line lists them until their ack comes.
+goes out on reconnect. The status line lists them until their ack comes, and
+shows whether the peer is online (``watch`` / ``presence``, on servers that offer it).
 
 On a server that keeps messages, the chat opens with the last ``HISTORY_LINES``
 messages of the conversation; messages arriving meanwhile wait until they are
@@ -24,10 +25,10 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Final
 
 from chatcli import render
-from chatcli.client import Backoff, MessageCursor, Session, open_session
+from chatcli.client import Backoff, CertificateError, MessageCursor, Session, open_session
 from chatcli.config import ClientSettings, state_dir
-from chatcli.errors import AuthError, ConnectError, RefusedError, UsageError
-from chatcli.protocol import Ack, Error, Feature, Message, Send, ServerFrame, check_user_id
+from chatcli.errors import AuthError, ClientError, ConnectError, RefusedError, UsageError
+from chatcli.protocol import Ack, Error, Feature, Message, Presence, Send, ServerFrame, check_user_id
 from chatcli.protocol import History as HistoryFrame
 
 if TYPE_CHECKING:
@@ -58,7 +59,9 @@ class ChatClient:
         self.state = "connecting"
         self.retry_at: float | None = None
         self.pending: dict[str, str] = {}  # client id → text, in typing order
-        self.auth_error: AuthError | None = None
+        #: Why the chat stopped connecting for good (credentials or certificate refused): exits with it.
+        self.fatal_error: ClientError | None = None
+        self.peer_online: bool | None = None  # unknown until the server says
         self._session: Session | None = None
         self._sent: set[str] = set()  # ids sent on the current session
         self.cursor = MessageCursor()
@@ -72,10 +75,12 @@ class ChatClient:
         if self.retry_at is not None:
             retry_in = max(0.0, self.retry_at - asyncio.get_running_loop().time())
         return render.StatusView(self.state, self.settings.url, self.me, self.peer, retry_in,
-                                 tuple(self.pending.values()))
+                                 tuple(self.pending.values()), self.peer_online)
 
     def _set_state(self, state: str, retry_at: float | None = None) -> None:
         self.state, self.retry_at = state, retry_at
+        if state != "connected":
+            self.peer_online = None  # nobody tells us while we are away
         self.on_change()
 
     def notice(self, text: str) -> None:
@@ -89,10 +94,11 @@ class ChatClient:
                 async with open_session(self.settings, self.me, self.cursor.resume_point(None)) as session:
                     backoff.reset()
                     await self._serve(session)
-            except AuthError as exc:
+            except (AuthError, CertificateError) as exc:
                 self._session = None
-                self.auth_error = exc
-                self._set_state("authentication refused")
+                self.fatal_error = exc
+                self._set_state("authentication refused" if isinstance(exc, AuthError)
+                                else "TLS certificate not trusted")
                 self.notice(f"{exc}; /quit to leave")
                 return
             except ConnectError as exc:
@@ -104,6 +110,8 @@ class ChatClient:
         self.cursor.on_hello(session.hello)
         self._held, self._history_request = [], None
         self._set_state("connected")
+        if session.offers(Feature.PRESENCE):
+            await session.watch((self.peer,))  # answered at once with a Presence, then one per change
         if not self._history_loaded and session.offers(Feature.HISTORY):
             self._history_request = await session.request_history(self.peer, HISTORY_LINES)
         for client_id in list(self.pending):
@@ -148,6 +156,9 @@ class ChatClient:
                 await self._show_incoming(session, frame)
         elif isinstance(frame, Ack):
             self._resolve(frame.id, render.Outcome(frame.status, frame.reason, frame.ts))
+        elif isinstance(frame, Presence) and frame.user == self.peer:
+            self.peer_online = frame.online
+            self.on_change()
         elif isinstance(frame, HistoryFrame) and frame.id == self._history_request:
             await self._show_history(session, frame.messages)
         elif isinstance(frame, Error):
@@ -189,8 +200,8 @@ def chat(settings: ClientSettings, me: str, peer: str, *, input: Input | None = 
     if input is None and not sys.stdin.isatty():
         raise UsageError("chat needs a terminal; in scripts use 'chatcli send' and 'chatcli listen'")
     interrupted, client = asyncio.run(_chat(settings, me, peer, input, output))
-    if client.auth_error is not None:
-        raise client.auth_error
+    if client.fatal_error is not None:
+        raise client.fatal_error
     if interrupted:
         raise KeyboardInterrupt
 
