@@ -290,11 +290,19 @@ async def _handshake(url: str, settings: ClientSettings, headers: dict[str, str]
     except ssl.SSLError as exc:
         raise ConnectError(f"cannot connect to {settings.url}: TLS handshake failed ({exc.reason or exc}); "
                            "is the server serving TLS? (a server started without --certfile needs ws://)") from None
-    except InvalidMessage as exc:
-        hint = "" if settings.uses_tls else " (if the server uses TLS, connect to wss://)"
-        raise ConnectError(f"cannot connect to {settings.url}: {_describe(exc)}{hint}") from None
     except (OSError, WebSocketException) as exc:
-        raise ConnectError(f"cannot connect to {settings.url}: {_describe(exc)}") from None
+        raise ConnectError(f"cannot connect to {settings.url}: {_describe(exc)}{_tls_hint(settings, exc)}") from None
+
+
+def _tls_hint(settings: ClientSettings, exc: BaseException) -> str:
+    """A guess at the commonest cause of a garbled handshake: ws:// and wss:// mixed up."""
+    if isinstance(exc, ConnectionRefusedError | TimeoutError):
+        return ""
+    if settings.uses_tls and isinstance(exc, ConnectionResetError):
+        return " (is the server serving TLS? a server started without --certfile needs ws://)"
+    if not settings.uses_tls and isinstance(exc, InvalidMessage):
+        return " (if the server uses TLS, connect to wss://)"
+    return ""
 
 
 @functools.cache
@@ -360,6 +368,8 @@ def _refused_handshake(settings: ClientSettings, status: int, body: bytes | byte
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is the server running?)"
+    if isinstance(exc, ConnectionResetError):
+        return "the server reset the connection"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
