@@ -93,6 +93,7 @@ def test_resume_after_and_since_replay_from_a_point(server: RunningServer) -> No
 
 
 @pytest.mark.parametrize(("header", "value"), [(p.RESUME_AFTER_HEADER, "-1"), (p.RESUME_AFTER_HEADER, "x"),
+                                               (p.RESUME_AFTER_HEADER, "9" * 30),
                                                (p.REPLAY_SINCE_HEADER, "yesterday")])
 def test_bad_resume_headers_are_refused_at_the_handshake(server: RunningServer, header: str, value: str) -> None:
     raw = RawClient(server.ws_port, "/bob", {"Sec-WebSocket-Protocol": p.SUBPROTOCOL,

@@ -43,6 +43,10 @@ class Session(Protocol):
 
     def send_text(self, text: str) -> None: ...
 
+    def written(self, msg_id: int) -> None:
+        """A seed client was sent message ``msg_id``; it counts as received once the bytes reach the kernel."""
+        ...
+
     def allow_send(self) -> bool:
         """Take one message from the session's rate limit; False when it is exhausted."""
         ...
@@ -113,12 +117,7 @@ class Relay:
     def close_session(self, session: Session) -> None:
         """Remove exactly this session; the user's other sessions stay reachable."""
         self.replays.pop(session, None)
-        for user in self.watching.pop(session, ()):
-            watchers = self.watchers.get(user)
-            if watchers is not None:
-                watchers.discard(session)
-                if not watchers:
-                    del self.watchers[user]
+        self._unwatch(session)
         mine = self.sessions.get(session.user)
         if mine is None:
             return
@@ -129,6 +128,14 @@ class Relay:
         if not mine:
             del self.sessions[session.user]
             self._announce(session.user, online=False)
+
+    def _unwatch(self, session: Session) -> None:
+        for user in self.watching.pop(session, ()):
+            watchers = self.watchers.get(user)
+            if watchers is not None:
+                watchers.discard(session)
+                if not watchers:
+                    del self.watchers[user]
 
     def sessions_of(self, user: str) -> int:
         return len(self.sessions.get(user, ()))
@@ -192,8 +199,8 @@ class Relay:
 
     def _watch(self, session: Session, users: tuple[str, ...]) -> None:
         """Start telling ``session`` about ``users`` coming and going, beginning with where they are now."""
-        for user in self.watching.get(session, ()):
-            self.watchers.get(user, set()).discard(session)
+        self._unwatch(session)
+        users = tuple(dict.fromkeys(users))  # a user named twice is still one subscription
         self.watching[session] = users
         for user in users:
             self.watchers.setdefault(user, set()).add(session)
@@ -208,8 +215,12 @@ class Relay:
                                                "binary frames are not supported: send JSON text frames")))
 
     def _received(self, session: Session, msg_id: int) -> None:
-        if self.store is not None and msg_id > self.cursor_updates.get(session.user, 0):
-            self.cursor_updates[session.user] = msg_id
+        self.confirm_received(session.user, msg_id)
+
+    def confirm_received(self, user: str, msg_id: int) -> None:
+        """``user`` has every message up to ``msg_id``: advance its cursor with the next commit."""
+        if self.store is not None and msg_id > self.cursor_updates.get(user, 0):
+            self.cursor_updates[user] = msg_id
             self._schedule_commit()
 
     def _history(self, session: Session, request: p.HistoryRequest) -> None:
@@ -217,7 +228,12 @@ class Relay:
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
                                                "this server stores no messages (--ephemeral): no history")))
             return
-        stored = self.store.history(session.user, request.peer, request.limit, request.before)
+        try:
+            stored = self.store.history(session.user, request.peer, request.limit, request.before)
+        except StorageError as exc:
+            log.error("could not read history for %s: %s", session.user, exc, extra={"event": "storage-error"})
+            session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE, "history is unavailable right now")))
+            return
         messages = tuple(self._message(m) for m in stored)
         session.send_text(p.encode(p.History(request.id, request.peer, messages)))
 
@@ -317,23 +333,17 @@ class Relay:
             elif recipient.legacy:
                 if legacy_frame is None:
                     legacy_frame = p.encode_legacy_message(message.sender, message.text)
-                    self._legacy_delivered(message)
                 recipient.send_text(legacy_frame)
+                recipient.written(message.id)
             else:
                 if native_frame is None:
                     native_frame = p.encode(self._message(message))
                 recipient.send_text(native_frame)
 
-    def _legacy_delivered(self, message: StoredMessage) -> None:
-        """Seed clients cannot acknowledge: a message written to one counts as received."""
-        if self.store is not None:
-            self.cursor_updates[message.recipient] = message.id
-            self._schedule_commit()
-
     def _send_stored(self, session: Session, message: StoredMessage) -> None:
         if session.legacy:
             session.send_text(p.encode_legacy_message(message.sender, message.text))
-            self._legacy_delivered(message)
+            session.written(message.id)
         else:
             session.send_text(p.encode(self._message(message)))
 

@@ -59,7 +59,7 @@ def _bearer(headers: Headers) -> str | None:
 
 def _check_resume_headers(headers: Headers) -> tuple[int, str] | None:
     after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
-    if after is not None and not (after.isascii() and after.isdigit()):
+    if after is not None and not (after.isascii() and after.isdigit() and int(after) <= p.MAX_INT):
         return 400, f"{p.RESUME_AFTER_HEADER} must be a message id (a non-negative integer)\n"
     if since is not None:
         try:
@@ -171,8 +171,9 @@ class Connection(asyncio.Protocol):
     """One TCP connection: handshake, then a chat session once open."""
 
     # Slots: thousands of idle connections must stay under a few KB each.
-    __slots__ = ("authenticated", "dirty", "fragment_is_text", "fragments", "last_seen", "legacy", "open_timer",
-                 "peer", "ping_sent_at", "server", "session_id", "tokens", "tokens_at", "transport", "user", "ws")
+    __slots__ = ("authenticated", "confirmed_upto", "dirty", "fragment_is_text", "fragments", "last_seen", "legacy",
+                 "open_timer", "peer", "ping_sent_at", "server", "session_id", "tokens", "tokens_at", "transport",
+                 "user", "written_upto", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
@@ -192,6 +193,9 @@ class Connection(asyncio.Protocol):
         self.tokens = float(server.config.burst)
         self.tokens_at = self.last_seen = server.loop.time()
         self.ping_sent_at = 0.0
+        # Seed clients never acknowledge: the last message id written to them, and the last one
+        # whose bytes the kernel took (the buffer was empty after the write): that one counts as received.
+        self.written_upto = self.confirmed_upto = 0
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -216,6 +220,8 @@ class Connection(asyncio.Protocol):
                 self._on_frame(event)
             else:
                 self._on_request(event)  # type: ignore[arg-type]
+        if ws.state is not _OPEN and self.session_id:
+            self.server.relay.close_session(self)  # closing: no longer a recipient (idempotent)
         self._mark_dirty()
 
     def eof_received(self) -> bool | None:
@@ -252,6 +258,9 @@ class Connection(asyncio.Protocol):
                 self.dirty = True
                 self.server.mark_dirty(self)
 
+    def written(self, msg_id: int) -> None:
+        self.written_upto = msg_id
+
     def allow_send(self) -> bool:
         if self.tokens < 1.0:
             config, now = self.server.config, self.last_seen
@@ -265,13 +274,18 @@ class Connection(asyncio.Protocol):
     def drop(self, why: str, reason: str) -> None:
         """Close a session the server gave up on: a close frame with the reason, then the TCP connection."""
         self.server.metrics.closed[why] += 1
+        self.server.relay.close_session(self)  # from now on its messages are stored, not lost in a buffer
         log.info("closing session of %s: %s", self.user, reason,
                  extra={"event": "session-closed", "user": self.user, "session": self.session_id, "why": why})
         if self.ws.state is _OPEN:
             self.ws.send_close(1008, reason[:120])
             self.flush()
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is not None:
+            # close() sends what is queued, the close frame last, so a peer that reads again learns
+            # why; one that never does is cut off after close_timeout, which keeps memory bounded.
+            transport.close()
+            self.server.loop.call_later(self.server.config.close_timeout, transport.abort)
 
     @property
     def is_open(self) -> bool:
@@ -282,6 +296,8 @@ class Connection(asyncio.Protocol):
         return "legacy" if self.legacy else p.SUBPROTOCOL
 
     def close(self, code: int, reason: str) -> None:
+        if self.session_id:
+            self.server.relay.close_session(self)
         if self.ws.state is _OPEN:
             self.ws.send_close(code, reason)
             self._mark_dirty()
@@ -307,11 +323,15 @@ class Connection(asyncio.Protocol):
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self.server.metrics.bytes_out += len(data)
             self.transport.write(data)
-            if self.transport.get_write_buffer_size() > self.server.config.max_buffer_bytes and self.is_open:
+            buffered = self.transport.get_write_buffer_size()
+            if buffered > self.server.config.max_buffer_bytes and self.is_open:
                 # A session that does not read: bound what waits for it. Its messages are stored,
                 # so it gets them when it comes back.
                 self.drop("slow-consumer", "closed: too many unread messages (outgoing buffer full)")
                 return
+            if self.written_upto > self.confirmed_upto and buffered == 0:
+                self.confirmed_upto = self.written_upto
+                self.server.relay.confirm_received(self.user, self.written_upto)
         if eof:
             # The server closes the TCP connection once the closing handshake is done.
             self.transport.close()
@@ -396,8 +416,9 @@ class Connection(asyncio.Protocol):
         if self.legacy:
             self.send_text(p.LEGACY_CONNECTED)
         else:
+            features = server.relay.features + ((p.Feature.TOKENS,) if self.authenticated else ())
             hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
-                            max_text_bytes=server.config.max_text_bytes, features=server.relay.features)
+                            max_text_bytes=server.config.max_text_bytes, features=features)
             self.send_text(p.encode(hello))
         server.relay.open_session(self, after, since_ts, receive=receive)
 
