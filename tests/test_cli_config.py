@@ -86,3 +86,49 @@ def test_commands_use_the_profile_and_the_environment(chatcli: Chatcli, tmp_home
                    ).wait() == 5  # authenticated; bob has gone, so: refused, offline
     assert chatcli("send", "alice", "bob", "x", "--profile", "wrongkey",
                    env={"CHATCLI_AUTH_KEY": "s3cret"}).wait() == 5
+
+
+def test_token_flag_beats_environment_beats_profile_and_replaces_the_key(
+        tmp_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    profile_token_file = tmp_home / "profile.token"
+    profile_token_file.write_text("from-profile-file\n")
+    write_config(tmp_home, f'[profiles.a]\ntoken = "from-profile"\n[profiles.b]\ntoken_file = "{profile_token_file}"\n')
+    assert resolve_settings().token is None
+    assert resolve_settings().credential == DEFAULT_AUTH_KEY
+    assert resolve_settings(profile="a").credential == "from-profile"
+    assert resolve_settings(profile="b").token == "from-profile-file"
+    monkeypatch.setenv("CHATCLI_TOKEN", " from-env\n")
+    assert resolve_settings(profile="a").token == "from-env"
+    flag_file = tmp_home / "flag.token"
+    flag_file.write_text("from-flag\n")
+    settings = resolve_settings(profile="a", token_file=flag_file, auth_key="k")
+    assert (settings.token, settings.credential) == ("from-flag", "from-flag")
+    assert "from-flag" not in repr(settings) and "'k'" not in repr(settings)  # secrets never printed
+
+
+def test_tls_settings(tmp_home: Path) -> None:
+    write_config(tmp_home, '[profiles.lab]\nurl = "wss://lab:1"\ncafile = "~/lab-ca.pem"\n')
+    lab = resolve_settings(profile="lab")
+    assert lab.uses_tls and lab.cafile == Path("~/lab-ca.pem").expanduser() and not lab.insecure
+    assert resolve_settings(profile="lab", cafile=Path("/ca.pem")).cafile == Path("/ca.pem")
+    assert resolve_settings(url="wss://x:1", insecure=True).insecure
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"url": "wss://x:1", "cafile": Path("/ca.pem"), "insecure": True}, "not both"),
+    ({"url": "ws://x:1", "insecure": True}, "for wss:// URLs"),
+    ({"url": "ws://x:1", "cafile": Path("/ca.pem")}, "for wss:// URLs"),
+    ({"token_file": Path("/nonexistent/token")}, "cannot read the token file"),
+])
+def test_bad_tls_and_token_settings_are_usage_errors(tmp_home: Path, flags: dict[str, object],
+                                                     message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        resolve_settings(**flags)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("content, message", [("", "is empty"), ("tok\nen", "more than one line")])
+def test_bad_token_files_are_usage_errors(tmp_home: Path, content: str, message: str) -> None:
+    token_file = tmp_home / "token"
+    token_file.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        resolve_settings(token_file=token_file)

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import re
+import ssl
 import struct
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import pytest
 from chatcli import render
 from chatcli.protocol import REPLAY_SINCE_HEADER, Message
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.wsclients import native, recv_frame, send_native
+from tests.test_cli_network import start_tls_server
+from tests.wsclients import legacy, native, recv_frame, send_native
 
 Chatcli = Callable[..., ChatcliProcess]
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[=>]")
@@ -57,8 +59,10 @@ class Terminal:
         """Everything written so far, with terminal escape sequences removed."""
         return _ANSI.sub("", self.raw.decode("utf-8", "replace"))
 
-    def wait_for(self, text: str, timeout: float = 10, count: int = 1) -> None:
-        wait_until(lambda: self.screen.count(text) >= count, timeout, f"{text!r} on screen:\n{self.screen[-2000:]}")
+    def wait_for(self, text: str, timeout: float = 10, count: int = 1, after: int = 0) -> None:
+        """Wait until ``text`` is on screen ``count`` times, counting from offset ``after`` of ``screen``."""
+        wait_until(lambda: self.screen[after:].count(text) >= count, timeout,
+                   f"{text!r} on screen:\n{self.screen[-2000:]}")
 
     def is_restored(self) -> bool:
         """Line editing and echo are back on, as before the REPL put the terminal in raw mode."""
@@ -196,6 +200,48 @@ def test_authentication_refused_is_on_the_status_line_and_exits_4(terminal: Call
     assert chat.proc.wait(timeout=10) == 4
 
 
+def test_status_line_shows_the_peer_coming_and_going(terminal: Callable[..., Terminal],
+                                                      server: RunningServer) -> None:
+    chat = terminal("alice", "bob", "--url", server.ws_url)
+    chat.wait_for("bob offline", timeout=20)
+    bob = legacy(server.ws_url, "bob")
+    chat.wait_for("bob online")
+    went_online = len(chat.screen)
+    bob.close()
+    chat.wait_for("bob offline", after=went_online)  # redrawn at once, without a keypress
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("trust", ["--cafile", "SSL_CERT_FILE"])
+def test_chat_over_tls(terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer],
+                       tmp_path: Path, trust: str) -> None:
+    tls = start_tls_server(start_server, tmp_path)
+    if trust == "--cafile":
+        chat = terminal("alice", "bob", "--url", tls.url, "--cafile", str(tls.cafile))
+    else:
+        chat = terminal("alice", "bob", "--url", tls.url, env={"SSL_CERT_FILE": str(tls.cafile)})
+    chat.wait_for("connected", timeout=20)
+    bob, _ = native(tls.url, "bob", ssl=ssl.create_default_context(cafile=str(tls.cafile)))
+    chat.wait_for("bob online")
+    chat.type("hello over TLS\r")
+    message = recv_frame(bob)
+    assert isinstance(message, Message) and message.text == "hello over TLS"
+    chat.wait_for("✓ delivered")
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
+
+
+def test_untrusted_certificate_is_on_the_status_line_and_exits_3(
+        terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+    tls = start_tls_server(start_server, tmp_path)
+    chat = terminal("alice", "bob", "--url", tls.url)
+    chat.wait_for("● TLS certificate not trusted", timeout=20)
+    chat.wait_for("--cafile")
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 3
+
+
 def test_chat_needs_a_terminal(chatcli: Chatcli, server: RunningServer) -> None:
     run = chatcli("chat", "alice", "bob", "--url", server.ws_url)
     assert run.wait() == 2
@@ -216,6 +262,8 @@ def test_status_line_names_state_server_and_direction() -> None:
     assert render.status_text(view) == "● reconnecting in 3 s  ws://h:1  alice → bob  1 pending\n  … hi"
     assert render.status_text(render.StatusView("connected", "ws://h:1", "alice", "bob")) == \
         "● connected  ws://h:1  alice → bob"
+    assert render.status_text(render.StatusView("connected", "ws://h:1", "alice", "bob", peer_online=True)) == \
+        "● connected  ws://h:1  alice → bob  bob online"
 
 
 def test_no_colour_means_no_escape_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
