@@ -42,9 +42,10 @@ def complete_bash(words: str) -> list[str]:
 
 
 def test_commands_and_options_complete() -> None:
-    assert {"send", "listen", "chat", "serve"} <= set(complete_bash("chatcli "))
-    assert {"--count", "--from", "--no-reconnect", "--url", "--auth-key-file"} <= \
-        set(complete_bash("chatcli listen bob --"))
+    assert {"send", "listen", "history", "who", "chat", "serve"} <= set(complete_bash("chatcli "))
+    assert {"--count", "--from", "--no-reconnect", "--url", "--auth-key-file", "--token-file", "--cafile",
+            "--insecure"} <= set(complete_bash("chatcli listen bob --"))
+    assert {"--json", "--token-file", "--cafile", "--insecure"} <= set(complete_bash("chatcli who alice --"))
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
