@@ -178,7 +178,7 @@ def notice_ansi(text: str, *, colour: bool) -> str:
 class StatusView:
     """Everything the status line shows."""
 
-    state: str  # "connecting", "connected", "reconnecting", "authentication refused"
+    state: str  # "connecting", "connected", "reconnecting", "authentication refused", "TLS certificate not trusted"
     url: str
     me: str
     peer: str
