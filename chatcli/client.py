@@ -40,6 +40,7 @@ from chatcli import __version__
 from chatcli.config import ClientSettings
 from chatcli.errors import (
     AuthError,
+    CertificateError,
     ClientError,
     ConnectError,
     RefusedError,
@@ -78,13 +79,6 @@ from chatcli.protocol import (
 from chatcli.units import parse_duration
 
 Notice = Callable[[str], None]
-
-
-class CertificateError(ConnectError):
-    """The wss:// server's certificate is not trusted (unknown CA, wrong host, expired): exit 3.
-
-    Retrying cannot fix it, so ``listen`` and ``chat`` stop instead of reconnecting.
-    """
 
 
 @dataclass(frozen=True, slots=True)

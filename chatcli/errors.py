@@ -11,6 +11,7 @@
     └── ClientError                   what a client command can end with; each has an exit status
         ├── UsageError                2  bad arguments or input (empty message, no TEXT on a terminal)
         ├── ConnectError              3  cannot reach the server, or it went away
+        │   └── CertificateError      3  the wss:// server's certificate is not trusted
         ├── AuthError                 4  the server refused our credentials
         ├── RefusedError              5  the server refused a message (reason in ``reason``)
         └── TimedOutError             6  nothing happened in time
@@ -96,6 +97,13 @@ class UsageError(ClientError):
 
 class ConnectError(ClientError):
     exit_status = ExitStatus.CONNECT
+
+
+class CertificateError(ConnectError):
+    """The wss:// server's certificate is not trusted (unknown CA, wrong host, expired).
+
+    Retrying cannot fix it, so ``listen`` and ``chat`` stop instead of reconnecting.
+    """
 
 
 class AuthError(ClientError):

@@ -25,9 +25,9 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Final
 
 from chatcli import render
-from chatcli.client import Backoff, CertificateError, MessageCursor, Session, open_session
+from chatcli.client import Backoff, MessageCursor, Session, open_session
 from chatcli.config import ClientSettings, state_dir
-from chatcli.errors import AuthError, ClientError, ConnectError, RefusedError, UsageError
+from chatcli.errors import AuthError, CertificateError, ClientError, ConnectError, RefusedError, UsageError
 from chatcli.protocol import Ack, Error, Feature, Message, Presence, Send, ServerFrame, check_user_id
 from chatcli.protocol import History as HistoryFrame
 

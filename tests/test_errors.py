@@ -7,6 +7,7 @@ import pytest
 from chatcli.errors import (
     AccountError,
     AuthError,
+    CertificateError,
     ChatcliError,
     ClientError,
     ConnectError,
@@ -36,6 +37,7 @@ def test_exit_status_values_are_the_documented_ones() -> None:
     [
         (UsageError("empty message"), 2),
         (ConnectError("cannot reach ws://127.0.0.1:1"), 3),
+        (CertificateError("the server's TLS certificate is not trusted"), 3),
         (AuthError("bad key"), 4),
         (RefusedError("recipient offline", reason="offline"), 5),
         (TimedOutError("no ack in 5 s"), 6),
