@@ -36,12 +36,11 @@ class RunningServer:
 
     def wait_log(self, needle: str, timeout: float = 5) -> bool:
         """Wait until a log line contains ``needle`` (polls: the lines arrive from a reader thread)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(needle in line for line in list(self.log)):
-                return True
-            time.sleep(0.01)
-        return False
+        try:
+            wait_until(lambda: any(needle in line for line in list(self.log)), timeout, f"log line {needle!r}")
+        except AssertionError:
+            return False
+        return True
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         if self.proc.poll() is None:
@@ -131,15 +130,17 @@ def tmp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # ---------------------------------------------------------------------------
 
 
+#: How often ``wait_until`` looks again at a condition it cannot be told about.
+POLL_INTERVAL_S = 0.01
+
+
 def wait_until(condition: Callable[[], object], timeout: float = 10, what: str = "condition") -> None:
     """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(POLL_INTERVAL_S)
 
 
 @dataclass

@@ -6,7 +6,6 @@ import json
 import signal
 import sqlite3
 import threading
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatcli import protocol as p
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, wait_until
 from tests.wsclients import RawClient, legacy, native, recv_frame, send_native
 
 StartServer = Callable[..., RunningServer]
@@ -179,9 +178,7 @@ def test_kill_9_loses_no_acknowledged_message(start_server: StartServer) -> None
 
     writer = threading.Thread(target=pump)
     writer.start()
-    deadline = time.monotonic() + 10
-    while len(acked) < 300 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: len(acked) >= 300, timeout=10, what="300 acknowledged messages")
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     writer.join(10)
