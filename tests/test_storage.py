@@ -198,7 +198,10 @@ def test_reads_see_every_message_however_much_is_indexed_yet(db_path: Path) -> N
 
 def test_prune_deletes_old_messages_and_ids_are_not_reused(store: SQLiteStore) -> None:
     ids = store.append([msg("alice", "bob", f"t{ts}", ts=float(ts)) for ts in (10, 20, 30)]).ids
-    assert store.prune(older_than_ts=25.0) == 2
+    assert store.prune(older_than_ts=25.0, limit=1) == 1  # the oldest first, in steps
+    assert texts(store.messages_to("bob")) == ["t20", "t30"]
+    assert store.prune(older_than_ts=25.0, limit=1) == 1
+    assert store.prune(older_than_ts=25.0, limit=1) == 0
     assert texts(store.messages_to("bob")) == ["t30"]
 
     assert store.prune(older_than_ts=1e12) == 1

@@ -183,17 +183,23 @@ def _open_store(config: ServerConfig) -> SQLiteStore | None:
 PRUNE_EVERY_S = 3600.0
 
 
+#: Messages deleted per step: a few milliseconds of the event loop, then other sessions' turn.
+PRUNE_STEP = 2000
+
+
 async def _prune_forever(store: SQLiteStore, retention_s: float) -> None:
-    """Delete messages past the retention period at start-up, then hourly."""
+    """Delete messages past the retention period at start-up, then hourly, in small steps."""
     while True:
+        cutoff, deleted = time.time() - retention_s, 0
         try:
-            deleted = store.prune(time.time() - retention_s)
+            while (step := store.prune(cutoff, limit=PRUNE_STEP)) > 0:
+                deleted += step
+                await asyncio.sleep(0)
         except StorageError as exc:
             log.error("pruning failed: %s", exc, extra={"event": "storage-error"})
-        else:
-            if deleted:
-                log.info("pruned %d message(s) older than the retention period", deleted,
-                         extra={"event": "pruned", "count": deleted})
+        if deleted:
+            log.info("pruned %d message(s) older than the retention period", deleted,
+                     extra={"event": "pruned", "count": deleted})
         await asyncio.sleep(PRUNE_EVERY_S)
 
 

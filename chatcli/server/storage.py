@@ -200,7 +200,7 @@ class MessageStore(Protocol):
         self, user: str, after_id: int | None = None, since_ts: float | None = None, limit: int = 1000
     ) -> list[StoredMessage]: ...
     def history(self, user: str, peer: str, limit: int = 50, before_id: int | None = None) -> list[StoredMessage]: ...
-    def prune(self, older_than_ts: float) -> int: ...
+    def prune(self, older_than_ts: float, limit: int | None = None) -> int: ...
     def size_bytes(self) -> int: ...
     def close(self) -> None: ...
 
@@ -443,16 +443,21 @@ class SQLiteStore:
 
     # -- maintenance -------------------------------------------------------
 
-    def prune(self, older_than_ts: float) -> int:
-        """Delete messages with ts < ``older_than_ts``; how many. Scans the log: run it rarely."""
+    def prune(self, older_than_ts: float, limit: int | None = None) -> int:
+        """Delete messages with ts < ``older_than_ts``, at most ``limit`` of the oldest; how many.
+
+        With a limit, each call is one short transaction, so a server can prune a large file in
+        steps between other work (call again while it returns ``limit``).
+        """
         with write_transaction(self._conn, "prune messages"):
             self._index_tail()  # so that the inbox rows of the pruned messages go too
-            self._conn.execute(
-                "DELETE FROM inbox WHERE (recipient, id) IN (SELECT recipient, id FROM messages WHERE ts < ?)",
-                (older_than_ts,),
-            )
-            deleted: int = self._conn.execute("DELETE FROM messages WHERE ts < ?", (older_than_ts,)).rowcount
-        return deleted
+            rows = self._conn.execute(
+                "SELECT recipient, id FROM messages WHERE ts < ? ORDER BY id LIMIT ?",
+                (older_than_ts, -1 if limit is None else limit),
+            ).fetchall()
+            self._conn.executemany("DELETE FROM inbox WHERE recipient = ? AND id = ?", rows)
+            self._conn.executemany("DELETE FROM messages WHERE id = ?", [(msg_id,) for _, msg_id in rows])
+        return len(rows)
 
     def size_bytes(self) -> int:
         """Bytes on disk: the database file plus its write-ahead log."""
