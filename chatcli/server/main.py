@@ -117,7 +117,7 @@ async def serve(config: ServerConfig) -> None:
         log.info("storing messages in %s (fsync %s)", config.db_path, config.fsync,
                  extra={"event": "storage", "db": str(config.db_path), "fsync": config.fsync})
     pruning = asyncio.create_task(_prune_forever(store, config.retention_s)) if store and config.retention_s else None
-    heartbeat = loop.call_later(config.ping_interval / 2, _every, loop, config.ping_interval / 2, ws_server.heartbeat)
+    heartbeat = asyncio.create_task(_every(config.ping_interval / 2, ws_server.heartbeat))
 
     await stop.wait()
     log.info("shutting down: closing %d sessions", len(ws_server.connections), extra={"event": "shutdown"})
@@ -135,10 +135,11 @@ async def serve(config: ServerConfig) -> None:
     log.info("stopped", extra={"event": "stopped"})
 
 
-def _every(loop: asyncio.AbstractEventLoop, seconds: float, callback: Callable[[], None]) -> None:
-    """Run ``callback`` now and every ``seconds`` after (a timer, not a task: nothing to cancel but the handle)."""
-    callback()
-    loop.call_later(seconds, _every, loop, seconds, callback)
+async def _every(seconds: float, callback: Callable[[], None]) -> None:
+    """Run ``callback`` every ``seconds`` until cancelled."""
+    while True:
+        await asyncio.sleep(seconds)
+        callback()
 
 
 def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
@@ -206,9 +207,8 @@ async def _prune_forever(store: SQLiteStore, retention_s: float) -> None:
 async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
     """Ask every session to close with 1001; drop whoever has not finished by the deadline."""
     ws_server.close_all(1001, "server shutting down")
-    deadline = time.monotonic() + timeout
-    while ws_server.connections and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(ws_server.all_closed.wait(), timeout)
     for connection in list(ws_server.connections):
         if connection.transport is not None:
             with contextlib.suppress(Exception):

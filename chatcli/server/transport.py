@@ -118,6 +118,7 @@ class WebSocketServer:
         self.boot_id = secrets.token_hex(3)
         self.session_counter = 0
         self.closing = False
+        self.all_closed = asyncio.Event()  # set once closing and the last connection is gone
 
     def protocol_factory(self) -> Connection:
         return Connection(self)
@@ -159,10 +160,12 @@ class WebSocketServer:
             elif now - connection.last_seen > interval:
                 connection.ping_sent_at = now
                 connection.ws.send_ping(b"chatcli")
-                connection._mark_dirty()
+                connection.schedule_flush()
 
     def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
         self.closing = True
+        if not self.connections:
+            self.all_closed.set()
         for connection in list(self.connections):
             connection.close(code, reason)
 
@@ -222,16 +225,18 @@ class Connection(asyncio.Protocol):
                 self._on_request(event)  # type: ignore[arg-type]
         if ws.state is not _OPEN and self.session_id:
             self.server.relay.close_session(self)  # closing: no longer a recipient (idempotent)
-        self._mark_dirty()
+        self.schedule_flush()
 
     def eof_received(self) -> bool | None:
         self.ws.receive_eof()
-        self._mark_dirty()
+        self.schedule_flush()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
         server.connections.discard(self)
+        if server.closing and not server.connections:
+            server.all_closed.set()
         if self.open_timer is not None:
             self.open_timer.cancel()
             self.open_timer = None
@@ -300,13 +305,13 @@ class Connection(asyncio.Protocol):
             self.server.relay.close_session(self)
         if self.ws.state is _OPEN:
             self.ws.send_close(code, reason)
-            self._mark_dirty()
+            self.schedule_flush()
         elif self.transport is not None:
             self.transport.close()
 
     # -- internals -----------------------------------------------------------------
 
-    def _mark_dirty(self) -> None:
+    def schedule_flush(self) -> None:
         if not self.dirty:
             self.dirty = True
             self.server.mark_dirty(self)
