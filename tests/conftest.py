@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +83,14 @@ def _start(args: list[str], env: dict[str, str] | None = None, timeout: float = 
     return server
 
 
+def _kill_leftovers(procs: Iterable[subprocess.Popen[str]]) -> None:
+    """Teardown: kill whatever a test left running, and reap it."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     """Factory: ``start_server("--auth-key", "k")`` starts a server; all are stopped at teardown.
@@ -101,10 +109,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
         return server
 
     yield factory
-    for server in started:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+    _kill_leftovers(server.proc for server in started)
 
 
 @pytest.fixture
@@ -203,7 +208,4 @@ def chatcli(tmp_home: Path) -> Iterator[Callable[..., ChatcliProcess]]:
         return running
 
     yield factory
-    for running in started:
-        if running.proc.poll() is None:
-            running.proc.kill()
-            running.proc.wait()
+    _kill_leftovers(running.proc for running in started)

@@ -22,7 +22,7 @@ from typing import Final
 
 from chatcli.errors import AccountError, StorageError
 from chatcli.protocol import check_user_id, is_valid_user_id
-from chatcli.server.storage import Migration, migrate, open_database, write_transaction
+from chatcli.server.storage import Migration, open_component, write_transaction
 
 ACCOUNTS_COMPONENT: Final = "accounts"
 ACCOUNT_MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -65,12 +65,7 @@ class AccountStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         # Account changes are rare and a token is shown only once: always fsync them.
-        self._conn = open_database(path, fsync="full")
-        try:
-            migrate(self._conn, ACCOUNTS_COMPONENT, ACCOUNT_MIGRATIONS)
-        except BaseException:
-            self._conn.close()
-            raise
+        self._conn = open_component(path, "full", ACCOUNTS_COMPONENT, ACCOUNT_MIGRATIONS)
 
     def __enter__(self) -> AccountStore:
         return self

@@ -112,6 +112,18 @@ def schema_version(conn: sqlite3.Connection, component: str) -> int:
     return int(row[0]) if row else 0
 
 
+def open_component(path: str | os.PathLike[str], fsync: Fsync, component: str,
+                   migrations: Sequence[Migration]) -> sqlite3.Connection:
+    """Open the database with ``component``'s tables migrated; the file is closed again if that fails."""
+    conn = open_database(path, fsync)
+    try:
+        migrate(conn, component, migrations)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def migrate(conn: sqlite3.Connection, component: str, migrations: Sequence[Migration]) -> list[int]:
     """Bring ``component``'s tables to version ``len(migrations)``; the versions applied.
 
@@ -274,9 +286,8 @@ class SQLiteStore:
     def __init__(self, path: str | os.PathLike[str], fsync: Fsync = "normal") -> None:
         self.path = Path(path)
         self.fsync = fsync
-        self._conn = open_database(path, fsync)
+        self._conn = open_component(path, fsync, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS)
         try:
-            migrate(self._conn, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS)
             # Hints only, to decide when to index the tail; the file has the truth.
             self._indexed_upto, self._last_id = self._inbox_state()
         except BaseException:
