@@ -16,6 +16,7 @@ Two modes:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -43,8 +44,16 @@ class Session(Protocol):
 
     def send_text(self, text: str) -> None: ...
 
+    #: The highest message id written to this session: what it may acknowledge as received.
+    written_upto: int
+
     def written(self, msg_id: int) -> None:
-        """A seed client was sent message ``msg_id``; it counts as received once the bytes reach the kernel."""
+        """The session was sent message ``msg_id`` (seed clients: it counts as received once the bytes reach
+        the kernel)."""
+        ...
+
+    def auth_failed(self) -> None:
+        """A frame carried a wrong key (seed clients send it in every frame)."""
         ...
 
     def allow_send(self) -> bool:
@@ -168,8 +177,10 @@ class Relay:
             self.metrics.error("unknown-cmd")
             session.send_text(p.legacy_error(command.cmd))
             return
-        if not session.authenticated and command.auth != self.config.auth_key:
+        if not session.authenticated and not hmac.compare_digest((command.auth or "").encode("utf-8", "surrogatepass"),
+                                                                  self.config.auth_key.encode()):
             self.refuse(session, None, p.Reason.BAD_AUTH)
+            session.auth_failed()
             return
         if command.userid is None or command.msgtext is None:
             self.metrics.error("bad-frame")
@@ -215,7 +226,8 @@ class Relay:
                                                "binary frames are not supported: send JSON text frames")))
 
     def _received(self, session: Session, msg_id: int) -> None:
-        self.confirm_received(session.user, msg_id)
+        # Never past what this session was sent: a cursor beyond it would skip messages not yet delivered.
+        self.confirm_received(session.user, min(msg_id, session.written_upto))
 
     def confirm_received(self, user: str, msg_id: int) -> None:
         """``user`` has every message up to ``msg_id``: advance its cursor with the next commit."""
@@ -339,6 +351,7 @@ class Relay:
                 if native_frame is None:
                     native_frame = p.encode(self._message(message))
                 recipient.send_text(native_frame)
+                recipient.written(message.id)
 
     def _send_stored(self, session: Session, message: StoredMessage) -> None:
         if session.legacy:
@@ -346,6 +359,7 @@ class Relay:
             session.written(message.id)
         else:
             session.send_text(p.encode(self._message(message)))
+            session.written(message.id)
 
     @staticmethod
     def _message(stored: StoredMessage) -> p.Message:

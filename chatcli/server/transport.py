@@ -11,11 +11,14 @@ connection queues frames in its ServerProtocol and marks itself dirty; one
 from __future__ import annotations
 
 import asyncio
+import enum
 import hmac
 import logging
 import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final
 
 from websockets.datastructures import Headers
 from websockets.exceptions import NegotiationError
@@ -27,7 +30,8 @@ from websockets.typing import BytesLike, Subprotocol
 
 from chatcli import __version__
 from chatcli import protocol as p
-from chatcli.errors import InvalidUserId, LocalProtocolError
+from chatcli.errors import InvalidUserId, LocalProtocolError, StorageError
+from chatcli.server.throttle import AuthThrottle
 
 if TYPE_CHECKING:
     from chatcli.server.accounts import AccountStore
@@ -49,6 +53,42 @@ SERVER_NAME = f"chatcli/{__version__}"
 _SUBPROTOCOLS = (Subprotocol(p.SUBPROTOCOL),)  # shared by every connection: idle connections must stay small
 
 
+#: Bytes a request head (request line and headers) may take before it is refused with 431.
+MAX_REQUEST_HEAD_BYTES: Final = 16 * 1024
+#: Fragments one message may arrive in: each costs a parse and a list slot, and empty
+#: continuation frames cost no bytes, so ``max_size`` alone does not bound them.
+MAX_FRAGMENTS: Final = 1024
+#: Headers that must appear at most once: with two, which one wins would be a guess.
+_SINGLE_HEADERS: Final = ("Authorization", p.RECEIVE_HEADER, p.RESUME_AFTER_HEADER, p.REPLAY_SINCE_HEADER)
+_HEAD_END: Final = b"\r\n\r\n"
+
+
+class Phase(enum.Enum):
+    """Where a connection is. Frames are acted on in OPEN only: admission first."""
+
+    HANDSHAKE = enum.auto()  # waiting for the request head; nothing after it is even parsed
+    OPEN = enum.auto()  # the handshake was accepted and the credentials proved
+    CLOSING = enum.auto()  # the server failed, dropped or closed it: the rest is only drained
+    REFUSED = enum.auto()  # the handshake was refused: everything more is discarded
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A handshake that passed every check, with the session's parameters."""
+
+    user: str
+    authenticated: bool
+    after: int | None = None
+    since_ts: float | None = None
+    receive: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    status: HTTPStatus
+    reason: str
+
+
 def _bearer(headers: Headers) -> str | None:
     value = headers.get("Authorization")
     if value is None:
@@ -57,16 +97,29 @@ def _bearer(headers: Headers) -> str | None:
     return credential.strip() if scheme.lower() == "bearer" else ""
 
 
-def _check_resume_headers(headers: Headers) -> tuple[int, str] | None:
+def _duplicate_header(headers: Headers) -> Refused | None:
+    for name in _SINGLE_HEADERS:
+        if len(headers.get_all(name)) > 1:
+            return Refused(HTTPStatus.BAD_REQUEST, f"the {name} header must appear at most once\n")
+    return None
+
+
+def _resume_point(headers: Headers) -> Refused | tuple[int | None, float | None]:
+    """Where a native client's backlog starts: after a message id, or since a time."""
     after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
-    if after is not None and not (after.isascii() and after.isdigit() and int(after) <= p.MAX_INT):
-        return 400, f"{p.RESUME_AFTER_HEADER} must be a message id (a non-negative integer)\n"
+    # The length check comes first: int() of thousands of digits is slow, and refused past 4300.
+    if after is not None and not (after.isascii() and after.isdigit() and len(after) <= 19
+                                  and int(after) <= p.MAX_INT):
+        return Refused(HTTPStatus.BAD_REQUEST,
+                       f"{p.RESUME_AFTER_HEADER} must be a message id (a non-negative integer)\n")
+    since_ts = None
     if since is not None:
         try:
-            p.parse_ts(since)
+            since_ts = p.parse_ts(since)
         except LocalProtocolError:
-            return 400, f"{p.REPLAY_SINCE_HEADER} must be an ISO 8601 time with a zone, e.g. 2026-11-25T10:00:00Z\n"
-    return None
+            return Refused(HTTPStatus.BAD_REQUEST, f"{p.REPLAY_SINCE_HEADER} must be an ISO 8601 time with a "
+                                                   "zone, e.g. 2026-11-25T10:00:00Z\n")
+    return (int(after) if after is not None else None), since_ts
 
 
 class RelayServerProtocol(ServerProtocol):
@@ -119,6 +172,7 @@ class WebSocketServer:
         self.session_counter = 0
         self.closing = False
         self.all_closed = asyncio.Event()  # set once closing and the last connection is gone
+        self.auth_throttle = AuthThrottle()
 
     def protocol_factory(self) -> Connection:
         return Connection(self)
@@ -171,33 +225,45 @@ class WebSocketServer:
 
 
 class Connection(asyncio.Protocol):
-    """One TCP connection: handshake, then a chat session once open."""
+    """One TCP connection: the handshake and its admission, then a chat session once open."""
 
     # Slots: thousands of idle connections must stay under a few KB each.
-    __slots__ = ("authenticated", "confirmed_upto", "dirty", "fragment_is_text", "fragments", "last_seen", "legacy",
-                 "open_timer", "peer", "ping_sent_at", "server", "session_id", "tokens", "tokens_at", "transport",
-                 "user", "written_upto", "ws")
+    __slots__ = ("authenticated", "confirmed_upto", "dirty", "fragment_is_text", "fragments", "frame_budget",
+                 "frame_budget_at", "head_bytes", "head_tail", "last_seen", "legacy", "open_timer", "peer",
+                 "peer_address", "phase", "ping_sent_at", "server", "session_id", "tokens", "tokens_at",
+                 "transport", "user", "written_upto", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
         self.ws = RelayServerProtocol(subprotocols=_SUBPROTOCOLS, max_size=server.config.max_frame_bytes,
                                       logger=_ws_log)
         self.transport: asyncio.Transport | None = None
+        # Admission: nothing the peer sends is acted on before phase is OPEN, and user is only set then.
+        self.phase = Phase.HANDSHAKE
+        self.head_bytes = 0  # request-head bytes seen so far, bounded by MAX_REQUEST_HEAD_BYTES
+        self.head_tail = b""  # the last bytes of the head so far: its end may straddle two reads
+        self.open_timer: asyncio.TimerHandle | None = None
+        # The session, once admitted.
         self.user = ""
         self.legacy = True
+        self.authenticated = False
         self.session_id = ""
         self.peer = ""
+        self.peer_address = ""
+        # Writing: frames queue in ws and go out once per tick.
         self.dirty = False
+        # Reading: a message arriving in fragments.
         self.fragments: list[BytesLike] | None = None
         self.fragment_is_text = True
-        self.open_timer: asyncio.TimerHandle | None = None
-        self.authenticated = False
-        # Rate limit: a token bucket, refilled once per read rather than once per message.
+        # Rate limits, refilled once per read rather than once per frame: messages, and raw frames of any kind.
+        now = server.loop.time()
         self.tokens = float(server.config.burst)
-        self.tokens_at = self.last_seen = server.loop.time()
+        self.frame_budget = float(server.config.frame_burst)
+        self.tokens_at = self.frame_budget_at = self.last_seen = now
         self.ping_sent_at = 0.0
-        # Seed clients never acknowledge: the last message id written to them, and the last one
-        # whose bytes the kernel took (the buffer was empty after the write): that one counts as received.
+        # Messages written to this session: received acks cannot go past it. Seed clients never
+        # acknowledge: for them the last id whose bytes the kernel took (the buffer was empty after
+        # the write) counts as received.
         self.written_upto = self.confirmed_upto = 0
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -209,27 +275,47 @@ class Connection(asyncio.Protocol):
             return
         self.server.connections.add(self)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if isinstance(peer, tuple):
+            self.peer_address, self.peer = str(peer[0]), f"{peer[0]}:{peer[1]}"
+        else:
+            self.peer_address = self.peer = str(peer)
         self.open_timer = self.server.loop.call_later(self.server.config.open_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self.server.metrics.bytes_in += len(data)
-        self.last_seen = self.server.loop.time()  # any traffic, a pong included, proves the peer alive
+        server = self.server
+        server.metrics.bytes_in += len(data)
+        now = self.last_seen = server.loop.time()  # any traffic, a pong included, proves the peer alive
         self.ping_sent_at = 0.0
+        if self.phase is not Phase.OPEN:
+            data = self._receive_unless_open(data)
+            if not data:
+                self.schedule_flush()
+                return
         ws = self.ws
         ws.receive_data(data)
-        for event in ws.events_received():
-            if type(event) is Frame:
-                self._on_frame(event)
-            else:
-                self._on_request(event)  # type: ignore[arg-type]
+        events = ws.events_received()
+        if not self._take_frames(len(events), now):
+            return
+        for event in events:
+            if self.phase is not Phase.OPEN:
+                break  # failed or dropped while handling an earlier frame of this read: act on nothing more
+            self._on_frame(event)  # type: ignore[arg-type]
         if ws.state is not _OPEN and self.session_id:
-            self.server.relay.close_session(self)  # closing: no longer a recipient (idempotent)
+            self._stop_receiving()
         self.schedule_flush()
 
+    def _receive_unless_open(self, data: bytes) -> bytes:
+        """Before admission, only the request head reaches websockets; what follows it, only once admitted."""
+        if self.phase is Phase.HANDSHAKE:
+            return self._receive_handshake(data)
+        if self.phase is Phase.CLOSING:
+            return data  # still parsed, for the peer's close frame; no data frame is acted on
+        return b""  # refused: discarded unread
+
     def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        self.schedule_flush()
+        if self.phase is not Phase.REFUSED:
+            self.ws.receive_eof()
+            self.schedule_flush()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -276,10 +362,15 @@ class Connection(asyncio.Protocol):
         self.tokens -= 1.0
         return True
 
+    def auth_failed(self) -> None:
+        """A frame of this session carried a wrong key: count it against its address, and stop a guesser."""
+        if self.server.auth_throttle.failed(self.peer_address, self.server.loop.time()):
+            self.drop("auth-failures", "too many failed authentication attempts")
+
     def drop(self, why: str, reason: str) -> None:
         """Close a session the server gave up on: a close frame with the reason, then the TCP connection."""
         self.server.metrics.closed[why] += 1
-        self.server.relay.close_session(self)  # from now on its messages are stored, not lost in a buffer
+        self._stop_receiving()  # from now on its messages are stored, not lost in a buffer
         log.info("closing session of %s: %s", self.user, reason,
                  extra={"event": "session-closed", "user": self.user, "session": self.session_id, "why": why})
         if self.ws.state is _OPEN:
@@ -301,8 +392,7 @@ class Connection(asyncio.Protocol):
         return "legacy" if self.legacy else p.SUBPROTOCOL
 
     def close(self, code: int, reason: str) -> None:
-        if self.session_id:
-            self.server.relay.close_session(self)
+        self._stop_receiving()
         if self.ws.state is _OPEN:
             self.ws.send_close(code, reason)
             self.schedule_flush()
@@ -310,6 +400,13 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     # -- internals -----------------------------------------------------------------
+
+    def _stop_receiving(self) -> None:
+        """No more frames of this connection are acted on, and it is no longer a recipient (idempotent)."""
+        if self.phase is Phase.OPEN:
+            self.phase = Phase.CLOSING
+        if self.session_id:
+            self.server.relay.close_session(self)
 
     def schedule_flush(self) -> None:
         if not self.dirty:
@@ -334,84 +431,181 @@ class Connection(asyncio.Protocol):
                 # so it gets them when it comes back.
                 self.drop("slow-consumer", "closed: too many unread messages (outgoing buffer full)")
                 return
-            if self.written_upto > self.confirmed_upto and buffered == 0:
+            if self.legacy and self.written_upto > self.confirmed_upto and buffered == 0:
                 self.confirmed_upto = self.written_upto
                 self.server.relay.confirm_received(self.user, self.written_upto)
         if eof:
-            # The server closes the TCP connection once the closing handshake is done.
+            # The server closes the TCP connection once the closing handshake is done, or after a refusal.
             self.transport.close()
 
     def _handshake_timeout(self) -> None:
         self.open_timer = None
-        if self.ws.state is State.CONNECTING and self.transport is not None:
+        if self.phase is Phase.HANDSHAKE and self.transport is not None:
             self.transport.abort()
 
+    def _take_frames(self, count: int, now: float) -> bool:
+        """Charge ``count`` frames of any kind to the frame budget; drop a peer that floods.
+
+        Messages have their own, finer limit; this one bounds what costs work before any message
+        exists: empty continuation frames, pings, frames the relay only answers with an error.
+        """
+        budget = self.frame_budget - count
+        if budget < 0:
+            config = self.server.config
+            budget = min(float(config.frame_burst), budget + (now - self.frame_budget_at) * config.frame_rate)
+            self.frame_budget_at = now
+            if budget < 0:
+                self.frame_budget = 0.0
+                if self.phase is Phase.OPEN:
+                    self.server.metrics.error("too-many-frames")
+                    self.drop("flood", "too many frames: slow down")
+                return False
+        self.frame_budget = budget
+        return True
+
+    # -- the handshake: admission first -----------------------------------------------
+
+    def _receive_handshake(self, data: bytes) -> bytes:
+        """Feed websockets the request head, and nothing after it until the handshake is accepted.
+
+        websockets parses a request and the frames pipelined behind it in one call; feeding it only
+        the head means no frame is even parsed for a connection that is refused. What follows the
+        head is returned to be parsed as frames once the session is open, and dropped otherwise.
+        """
+        end = self._head_end(data)
+        head = data if end < 0 else data[:end]
+        self.head_bytes += len(head)
+        ws = self.ws
+        if self.head_bytes > MAX_REQUEST_HEAD_BYTES:
+            self._refuse(Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                 f"request head larger than {MAX_REQUEST_HEAD_BYTES} bytes\n"))
+            return b""
+        ws.receive_data(head)
+        for request in ws.events_received():  # the request, once its head is complete
+            self._on_request(request)  # type: ignore[arg-type]
+        if self.phase is Phase.HANDSHAKE and ws.eof_sent:
+            self.phase = Phase.REFUSED  # websockets refused a malformed request itself
+        return data[end:] if end >= 0 and self.phase is Phase.OPEN else b""
+
+    def _head_end(self, data: bytes) -> int:
+        """Where the request head ends in ``data`` (just past its blank line), or -1 when not in it."""
+        carried = self.head_tail
+        index = (carried + data).find(_HEAD_END)
+        if index < 0:
+            self.head_tail = (carried + data)[-(len(_HEAD_END) - 1):]
+            return -1
+        return index + len(_HEAD_END) - len(carried)
+
     def _on_request(self, request: Request) -> None:
-        response = self._handshake_response(request)
-        self.ws.send_response(response)
-        if response.status_code != 101:
-            self.server.metrics.handshakes_refused[response.status_code] += 1
-            return
         if self.open_timer is not None:
             self.open_timer.cancel()
             self.open_timer = None
-        receive = request.headers.get(p.RECEIVE_HEADER, "all").lower() != "none"
-        self._open(*self._resume_point(request.headers), receive=receive)
+        verdict = self._admit(request)
+        if isinstance(verdict, Response):  # websockets refused the upgrade itself (not a WebSocket request)
+            self.server.metrics.handshakes_refused[verdict.status_code] += 1
+            self.phase = Phase.REFUSED
+            self.ws.send_response(verdict)
+            return
+        if isinstance(verdict, Refused):
+            self._refuse(verdict)
+            return
+        accepted, admitted = verdict
+        self.ws.send_response(accepted)
+        self.user, self.authenticated = admitted.user, admitted.authenticated
+        self.phase = Phase.OPEN
+        self._open(admitted)
 
-    def _resume_point(self, headers: Headers) -> tuple[int | None, float | None]:
-        """Where a native client's backlog starts: after a message id, or since a time (checked at the handshake)."""
-        if self.legacy:
-            return None, None
-        after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
-        return (int(after) if after is not None else None), (p.parse_ts(since) if since is not None else None)
+    def _refuse(self, refused: Refused) -> None:
+        self.phase = Phase.REFUSED
+        status = int(refused.status)
+        self.server.metrics.handshakes_refused[status] += 1
+        self.ws.send_response(self.ws.reject(refused.status, refused.reason))
 
-    def _handshake_response(self, request: Request) -> Response:
+    def _admit(self, request: Request) -> Response | Refused | tuple[Response, Admitted]:
+        """Decide the handshake: websockets' own checks, then ours. Sets nothing on the connection."""
         try:
-            self.user, query = p.parse_user_path(request.path)
+            user, query = p.parse_user_path(request.path)
         except InvalidUserId as exc:
-            return self.ws.reject(400, f"{exc}\n")
+            return Refused(HTTPStatus.BAD_REQUEST, f"{exc}\n")
         response = self.ws.accept(request)
         if response.status_code != 101:
             return response
-        self.legacy = self.ws.subprotocol is None
-        refusal = self._check_limits() or self._check_credentials(request.headers, query)
-        if refusal is None and not self.legacy:
-            refusal = _check_resume_headers(request.headers)
-        return self.ws.reject(*refusal) if refusal is not None else response
+        legacy = self.ws.subprotocol is None
+        headers = request.headers
+        refusal = _duplicate_header(headers) or self._check_limits(user) or self._check_throttle()
+        if refusal is not None:
+            return refusal
+        try:
+            credentials = self._check_credentials(user, legacy, headers, query)
+        except StorageError as exc:
+            log.error("cannot check the credentials of %s: %s", user, exc, extra={"event": "storage-error"})
+            return Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the server cannot check credentials right now\n")
+        if isinstance(credentials, Refused):
+            return credentials
+        self.legacy = legacy
+        if legacy:
+            return response, Admitted(user, credentials)
+        resume = _resume_point(headers)
+        if isinstance(resume, Refused):
+            return resume
+        receive = headers.get(p.RECEIVE_HEADER, "all").lower() != "none"
+        return response, Admitted(user, credentials, *resume, receive=receive)
 
-    def _check_limits(self) -> tuple[int, str] | None:
+    def _check_limits(self, user: str) -> Refused | None:
         config = self.server.config
         if len(self.server.connections) > config.max_connections:
-            return 503, f"server full: {config.max_connections} connections; try again later\n"
-        if self.server.relay.sessions_of(self.user) >= config.max_sessions_per_user:
-            return 429, f"too many sessions for {self.user}: at most {config.max_sessions_per_user}\n"
+            return Refused(HTTPStatus.SERVICE_UNAVAILABLE,
+                           f"server full: {config.max_connections} connections; try again later\n")
+        if self.server.relay.sessions_of(user) >= config.max_sessions_per_user:
+            return Refused(HTTPStatus.TOO_MANY_REQUESTS,
+                           f"too many sessions for {user}: at most {config.max_sessions_per_user}\n")
         return None
 
-    def _check_credentials(self, headers: Headers, query: dict[str, str]) -> tuple[int, str] | None:
-        """With accounts, every session proves its user with a token (header, or ``?token=`` for seed apps).
+    def _check_throttle(self) -> Refused | None:
+        wait = self.server.auth_throttle.retry_after(self.peer_address, self.server.loop.time())
+        if wait > 0:
+            return Refused(HTTPStatus.TOO_MANY_REQUESTS,
+                           f"too many failed authentication attempts: try again in {wait:.0f} s\n")
+        return None
 
-        Without accounts, native sessions prove the shared key at the handshake and seed clients
-        send it in each frame, as the old system did.
+    def _check_credentials(self, user: str, legacy: bool, headers: Headers,
+                           query: dict[str, str]) -> bool | Refused:
+        """Whether the session proved its user with a token, or why it is refused.
+
+        With accounts, every session proves its user with a token (header, or ``?token=`` for seed
+        apps). Without accounts, native sessions prove the shared key at the handshake and seed
+        clients send it in each frame, as the old system did.
         """
         offered = _bearer(headers) or query.get(p.TOKEN_QUERY_PARAM)
-        if self.server.accounts_on():
-            assert self.server.accounts is not None
+        server = self.server
+        if server.accounts_on():
+            assert server.accounts is not None
             if not offered:
-                return 401, (f"authentication required: send 'Authorization: Bearer <token>' or add "
-                             f"?{p.TOKEN_QUERY_PARAM}=<token> to the URL\n")
-            if not self.server.accounts.verify(self.user, offered):
-                return 403, f"authentication refused: wrong token for {self.user}\n"
-            self.authenticated = True
-            return None
-        if self.legacy:
-            return None
+                return Refused(HTTPStatus.UNAUTHORIZED,
+                               f"authentication required: send 'Authorization: Bearer <token>' or add "
+                               f"?{p.TOKEN_QUERY_PARAM}=<token> to the URL\n")
+            if not server.accounts.verify(user, offered):
+                self._count_auth_failure()
+                return Refused(HTTPStatus.FORBIDDEN, f"authentication refused: wrong token for {user}\n")
+            return True
+        if legacy:
+            return False
         if offered is None:
-            return 401, "missing credentials: send the header 'Authorization: Bearer <key>'\n"
-        if not hmac.compare_digest(offered.encode(), self.server.config.auth_key.encode()):
-            return 403, "authentication refused: wrong key\n"
-        return None
+            return Refused(HTTPStatus.UNAUTHORIZED, "missing credentials: send the header "
+                                                    "'Authorization: Bearer <key>'\n")
+        if not hmac.compare_digest(offered.encode(), server.config.auth_key.encode()):
+            self._count_auth_failure()
+            return Refused(HTTPStatus.FORBIDDEN, "authentication refused: wrong key\n")
+        return False
 
-    def _open(self, after: int | None, since_ts: float | None, receive: bool = True) -> None:
+    def _count_auth_failure(self) -> None:
+        server = self.server
+        if server.auth_throttle.failed(self.peer_address, server.loop.time()):
+            log.warning("too many failed authentication attempts from %s: refusing it for %g s",
+                        self.peer_address, server.auth_throttle.window_s,
+                        extra={"event": "auth-throttled", "peer": self.peer_address})
+
+    def _open(self, admitted: Admitted) -> None:
         server = self.server
         self.session_id = server.next_session_id()
         server.metrics.sessions_opened[self.protocol_name] += 1
@@ -425,7 +619,9 @@ class Connection(asyncio.Protocol):
             hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
                             max_text_bytes=server.config.max_text_bytes, features=features)
             self.send_text(p.encode(hello))
-        server.relay.open_session(self, after, since_ts, receive=receive)
+        server.relay.open_session(self, admitted.after, admitted.since_ts, receive=admitted.receive)
+
+    # -- frames ----------------------------------------------------------------------------
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -436,13 +632,17 @@ class Connection(asyncio.Protocol):
                 return
             self._on_message(opcode is _TEXT, frame.data)
         elif opcode is _CONT and self.fragments is not None:
+            if len(self.fragments) >= MAX_FRAGMENTS:
+                self._fail(1009, f"a message may arrive in at most {MAX_FRAGMENTS} fragments")
+                return
             self.fragments.append(frame.data)
             if frame.fin:
                 data, self.fragments = b"".join(self.fragments), None
                 self._on_message(self.fragment_is_text, data)
 
     def _on_message(self, is_text: bool, data: BytesLike) -> None:
-        # No state check: frames that arrived before a close frame in the same read still count.
+        # Frames that arrived before a peer's close frame in the same read still count: the phase,
+        # not websockets' state, says whether to act (it changes only when the server gives up).
         relay = self.server.relay
         if not is_text:
             relay.on_binary(self)
@@ -451,9 +651,14 @@ class Connection(asyncio.Protocol):
             text = str(data, "utf-8")
         except UnicodeDecodeError:
             self.server.metrics.error("bad-utf8")
-            self.ws.fail(1007, "invalid UTF-8 in a text frame")
+            self._fail(1007, "invalid UTF-8 in a text frame")
             return
         if self.legacy:
             relay.on_legacy_text(self, text)
         else:
             relay.on_native_text(self, text)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection (a close frame with ``code``): nothing more it sent is acted on."""
+        self._stop_receiving()
+        self.ws.fail(code, reason)
