@@ -15,7 +15,7 @@ import enum
 import hmac
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
@@ -58,6 +58,10 @@ MAX_REQUEST_HEAD_BYTES: Final = 16 * 1024
 #: Fragments one message may arrive in: each costs a parse and a list slot, and empty
 #: continuation frames cost no bytes, so ``max_size`` alone does not bound them.
 MAX_FRAGMENTS: Final = 1024
+#: Outgoing bytes above which a connection counts as backlogged: its own further requests wait, and
+#: paced answers (replay and history pages) stop, until the buffer is back under LOW_WATER_BYTES.
+HIGH_WATER_BYTES: Final = 256 * 1024
+LOW_WATER_BYTES: Final = 64 * 1024
 #: Headers that must appear at most once: with two, which one wins would be a guess.
 _SINGLE_HEADERS: Final = ("Authorization", p.RECEIVE_HEADER, p.RESUME_AFTER_HEADER, p.REPLAY_SINCE_HEADER)
 _HEAD_END: Final = b"\r\n\r\n"
@@ -228,10 +232,10 @@ class Connection(asyncio.Protocol):
     """One TCP connection: the handshake and its admission, then a chat session once open."""
 
     # Slots: thousands of idle connections must stay under a few KB each.
-    __slots__ = ("authenticated", "confirmed_upto", "dirty", "fragment_is_text", "fragments", "frame_budget",
-                 "frame_budget_at", "head_bytes", "head_tail", "last_seen", "legacy", "open_timer", "peer",
-                 "peer_address", "phase", "ping_sent_at", "server", "session_id", "tokens", "tokens_at",
-                 "transport", "user", "written_upto", "ws")
+    __slots__ = ("authenticated", "confirmed_upto", "dirty", "drain_waiters", "fragment_is_text", "fragments",
+                 "frame_budget", "frame_budget_at", "head_bytes", "head_tail", "held_frames", "last_seen", "legacy",
+                 "open_timer", "peer", "peer_address", "phase", "ping_sent_at", "queued_bytes", "server",
+                 "session_id", "tokens", "tokens_at", "transport", "user", "writing_paused", "written_upto", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
@@ -250,8 +254,15 @@ class Connection(asyncio.Protocol):
         self.session_id = ""
         self.peer = ""
         self.peer_address = ""
-        # Writing: frames queue in ws and go out once per tick.
+        # Writing: frames queue in ws and go out once per tick. Backpressure: while the transport's
+        # buffer is above its high-water mark, the peer's own requests wait in held_frames (reading
+        # paused) and paced answers wait in drain_waiters; both are None when empty (idle connections
+        # must stay small).
         self.dirty = False
+        self.queued_bytes = 0  # bytes queued in ws this tick, not yet written
+        self.writing_paused = False
+        self.held_frames: list[Frame] | None = None
+        self.drain_waiters: list[Callable[[], None]] | None = None
         # Reading: a message arriving in fragments.
         self.fragments: list[BytesLike] | None = None
         self.fragment_is_text = True
@@ -274,6 +285,7 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         self.server.connections.add(self)
+        transport.set_write_buffer_limits(high=HIGH_WATER_BYTES, low=LOW_WATER_BYTES)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer_address, self.peer = str(peer[0]), f"{peer[0]}:{peer[1]}"
@@ -296,13 +308,59 @@ class Connection(asyncio.Protocol):
         events = ws.events_received()
         if not self._take_frames(len(events), now):
             return
-        for event in events:
-            if self.phase is not Phase.OPEN:
-                break  # failed or dropped while handling an earlier frame of this read: act on nothing more
-            self._on_frame(event)  # type: ignore[arg-type]
+        self._handle_frames(events)  # type: ignore[arg-type]
         if ws.state is not _OPEN and self.session_id:
             self._stop_receiving()
         self.schedule_flush()
+
+    def _handle_frames(self, frames: list[Frame]) -> None:
+        """Act on frames in order; once this connection is backlogged, hold the rest until it drains.
+
+        A peer that pipelines requests without reading their answers (history pages of up to
+        hundreds of KB each) then costs at most one read of held frames, not an answer per frame.
+        """
+        for position, frame in enumerate(frames):
+            if self.phase is not Phase.OPEN:
+                return  # failed or dropped while handling an earlier frame of this read: act on nothing more
+            if self.queued_bytes > HIGH_WATER_BYTES or self.writing_paused:
+                self.held_frames = frames[position:]
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                return
+            self._on_frame(frame)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        held, self.held_frames = self.held_frames, None
+        if held:
+            self._handle_frames(held)
+            self.schedule_flush()
+        if self.held_frames is None and self.transport is not None and self.phase is not Phase.REFUSED:
+            self.transport.resume_reading()
+        waiters, self.drain_waiters = self.drain_waiters, None
+        for callback in waiters or ():
+            callback()
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this connection's outgoing buffer is at or below the low-water mark.
+
+        Checked on the next loop turn, after this tick's writes went out: what was just queued counts.
+        Never called if the connection is gone first.
+        """
+        self.server.loop.call_soon(self._call_when_drained, callback)
+
+    def _call_when_drained(self, callback: Callable[[], None]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.writing_paused:
+            if self.drain_waiters is None:
+                self.drain_waiters = []
+            self.drain_waiters.append(callback)
+        else:
+            callback()
 
     def _receive_unless_open(self, data: bytes) -> bytes:
         """Before admission, only the request head reaches websockets; what follows it, only once admitted."""
@@ -344,7 +402,9 @@ class Connection(asyncio.Protocol):
     def send_text(self, text: str) -> None:
         ws = self.ws
         if ws.state is _OPEN:
-            ws.send_text(text.encode())
+            data = text.encode()
+            self.queued_bytes += len(data)
+            ws.send_text(data)
             if not self.dirty:
                 self.dirty = True
                 self.server.mark_dirty(self)
@@ -415,6 +475,7 @@ class Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         self.dirty = False
+        self.queued_bytes = 0
         chunks = self.ws.data_to_send()
         if not chunks or self.transport is None:
             return
