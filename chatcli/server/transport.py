@@ -11,16 +11,14 @@ connection queues frames in its ServerProtocol and marks itself dirty; one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
-import hmac
 import logging
 import secrets
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
-from websockets.datastructures import Headers
 from websockets.exceptions import NegotiationError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -30,7 +28,8 @@ from websockets.typing import BytesLike, Subprotocol
 
 from chatcli import __version__
 from chatcli import protocol as p
-from chatcli.errors import InvalidUserId, LocalProtocolError, StorageError
+from chatcli.errors import StorageError
+from chatcli.server.admission import Admitted, Refused, admit
 from chatcli.server.throttle import AuthThrottle
 
 if TYPE_CHECKING:
@@ -62,8 +61,6 @@ MAX_FRAGMENTS: Final = 1024
 #: paced answers (replay and history pages) stop, until the buffer is back under LOW_WATER_BYTES.
 HIGH_WATER_BYTES: Final = 256 * 1024
 LOW_WATER_BYTES: Final = 64 * 1024
-#: Headers that must appear at most once: with two, which one wins would be a guess.
-_SINGLE_HEADERS: Final = ("Authorization", p.RECEIVE_HEADER, p.RESUME_AFTER_HEADER, p.REPLAY_SINCE_HEADER)
 _HEAD_END: Final = b"\r\n\r\n"
 
 
@@ -74,56 +71,6 @@ class Phase(enum.Enum):
     OPEN = enum.auto()  # the handshake was accepted and the credentials proved
     CLOSING = enum.auto()  # the server failed, dropped or closed it: the rest is only drained
     REFUSED = enum.auto()  # the handshake was refused: everything more is discarded
-
-
-@dataclass(frozen=True, slots=True)
-class Admitted:
-    """A handshake that passed every check, with the session's parameters."""
-
-    user: str
-    authenticated: bool
-    after: int | None = None
-    since_ts: float | None = None
-    receive: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    status: HTTPStatus
-    reason: str
-
-
-def _bearer(headers: Headers) -> str | None:
-    value = headers.get("Authorization")
-    if value is None:
-        return None
-    scheme, _, credential = value.partition(" ")
-    return credential.strip() if scheme.lower() == "bearer" else ""
-
-
-def _duplicate_header(headers: Headers) -> Refused | None:
-    for name in _SINGLE_HEADERS:
-        if len(headers.get_all(name)) > 1:
-            return Refused(HTTPStatus.BAD_REQUEST, f"the {name} header must appear at most once\n")
-    return None
-
-
-def _resume_point(headers: Headers) -> Refused | tuple[int | None, float | None]:
-    """Where a native client's backlog starts: after a message id, or since a time."""
-    after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
-    # The length check comes first: int() of thousands of digits is slow, and refused past 4300.
-    if after is not None and not (after.isascii() and after.isdigit() and len(after) <= 19
-                                  and int(after) <= p.MAX_INT):
-        return Refused(HTTPStatus.BAD_REQUEST,
-                       f"{p.RESUME_AFTER_HEADER} must be a message id (a non-negative integer)\n")
-    since_ts = None
-    if since is not None:
-        try:
-            since_ts = p.parse_ts(since)
-        except LocalProtocolError:
-            return Refused(HTTPStatus.BAD_REQUEST, f"{p.REPLAY_SINCE_HEADER} must be an ISO 8601 time with a "
-                                                   "zone, e.g. 2026-11-25T10:00:00Z\n")
-    return (int(after) if after is not None else None), since_ts
 
 
 class RelayServerProtocol(ServerProtocol):
@@ -157,6 +104,16 @@ class RelayServerProtocol(ServerProtocol):
         else:
             header = bytes((0x81, 127)) + length.to_bytes(8, "big")
         self.writes.append(header + bytes(data))
+
+
+@contextlib.contextmanager
+def _logged_storage_error(doing: str) -> Iterator[None]:
+    """Log a storage error for the operator (the peer gets a plain 503), and let it propagate."""
+    try:
+        yield
+    except StorageError as exc:
+        log.error("cannot %s: %s", doing, exc, extra={"event": "storage-error"})
+        raise
 
 
 class WebSocketServer:
@@ -198,12 +155,30 @@ class WebSocketServer:
         self.session_counter += 1
         return f"{self.boot_id}-{self.session_counter}"
 
+    # -- what admission reads (chatcli.server.admission.AdmissionState) ------------------------
+
+    @property
+    def connection_count(self) -> int:
+        return len(self.connections)
+
+    def verify_token(self, user: str, token: str) -> bool:
+        assert self.accounts is not None
+        with _logged_storage_error("check a token"):
+            return self.accounts.verify(user, token)
+
+    def sessions_of(self, user: str) -> int:
+        return self.relay.sessions_of(user)
+
+    def auth_retry_after(self, address: str) -> float:
+        return self.auth_throttle.retry_after(address, self.loop.time())
+
     def accounts_on(self) -> bool:
         """Tokens are required with --require-auth, and as soon as any account exists (checked per handshake,
         so `chatcli user add` on a running server takes effect at once)."""
         if self.accounts is None:
             return False
-        return self.config.require_auth or self.accounts.any_accounts()
+        with _logged_storage_error("read the accounts"):
+            return self.config.require_auth or self.accounts.any_accounts()
 
     def heartbeat(self) -> None:
         """Ping sessions that have been silent for ping_interval; drop those whose pong is ping_timeout late."""
@@ -538,8 +513,8 @@ class Connection(asyncio.Protocol):
         self.head_bytes += len(head)
         ws = self.ws
         if self.head_bytes > MAX_REQUEST_HEAD_BYTES:
-            self._refuse(Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                 f"request head larger than {MAX_REQUEST_HEAD_BYTES} bytes\n"))
+            self._refuse(ws.reject(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                   f"request head larger than {MAX_REQUEST_HEAD_BYTES} bytes\n"))
             return b""
         ws.receive_data(head)
         for request in ws.events_received():  # the request, once its head is complete
@@ -561,103 +536,27 @@ class Connection(asyncio.Protocol):
         if self.open_timer is not None:
             self.open_timer.cancel()
             self.open_timer = None
-        verdict = self._admit(request)
-        if isinstance(verdict, Response):  # websockets refused the upgrade itself (not a WebSocket request)
-            self.server.metrics.handshakes_refused[verdict.status_code] += 1
-            self.phase = Phase.REFUSED
-            self.ws.send_response(verdict)
-            return
-        if isinstance(verdict, Refused):
-            self._refuse(verdict)
-            return
-        accepted, admitted = verdict
-        self.ws.send_response(accepted)
-        self.user, self.authenticated = admitted.user, admitted.authenticated
-        self.phase = Phase.OPEN
-        self._open(admitted)
-
-    def _refuse(self, refused: Refused) -> None:
-        self.phase = Phase.REFUSED
-        status = int(refused.status)
-        self.server.metrics.handshakes_refused[status] += 1
-        self.ws.send_response(self.ws.reject(refused.status, refused.reason))
-
-    def _admit(self, request: Request) -> Response | Refused | tuple[Response, Admitted]:
-        """Decide the handshake: websockets' own checks, then ours. Sets nothing on the connection."""
-        try:
-            user, query = p.parse_user_path(request.path)
-        except InvalidUserId as exc:
-            return Refused(HTTPStatus.BAD_REQUEST, f"{exc}\n")
-        response = self.ws.accept(request)
+        server, ws = self.server, self.ws
+        response = ws.accept(request)  # websockets' own checks: a WebSocket upgrade, a known subprotocol
         if response.status_code != 101:
-            return response
-        legacy = self.ws.subprotocol is None
-        headers = request.headers
-        refusal = _duplicate_header(headers) or self._check_limits(user) or self._check_throttle()
-        if refusal is not None:
-            return refusal
-        try:
-            credentials = self._check_credentials(user, legacy, headers, query)
-        except StorageError as exc:
-            log.error("cannot check the credentials of %s: %s", user, exc, extra={"event": "storage-error"})
-            return Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the server cannot check credentials right now\n")
-        if isinstance(credentials, Refused):
-            return credentials
-        self.legacy = legacy
-        if legacy:
-            return response, Admitted(user, credentials)
-        resume = _resume_point(headers)
-        if isinstance(resume, Refused):
-            return resume
-        receive = headers.get(p.RECEIVE_HEADER, "all").lower() != "none"
-        return response, Admitted(user, credentials, *resume, receive=receive)
-
-    def _check_limits(self, user: str) -> Refused | None:
-        config = self.server.config
-        if len(self.server.connections) > config.max_connections:
-            return Refused(HTTPStatus.SERVICE_UNAVAILABLE,
-                           f"server full: {config.max_connections} connections; try again later\n")
-        if self.server.relay.sessions_of(user) >= config.max_sessions_per_user:
-            return Refused(HTTPStatus.TOO_MANY_REQUESTS,
-                           f"too many sessions for {user}: at most {config.max_sessions_per_user}\n")
-        return None
-
-    def _check_throttle(self) -> Refused | None:
-        wait = self.server.auth_throttle.retry_after(self.peer_address, self.server.loop.time())
-        if wait > 0:
-            return Refused(HTTPStatus.TOO_MANY_REQUESTS,
-                           f"too many failed authentication attempts: try again in {wait:.0f} s\n")
-        return None
-
-    def _check_credentials(self, user: str, legacy: bool, headers: Headers,
-                           query: dict[str, str]) -> bool | Refused:
-        """Whether the session proved its user with a token, or why it is refused.
-
-        With accounts, every session proves its user with a token (header, or ``?token=`` for seed
-        apps). Without accounts, native sessions prove the shared key at the handshake and seed
-        clients send it in each frame, as the old system did.
-        """
-        offered = _bearer(headers) or query.get(p.TOKEN_QUERY_PARAM)
-        server = self.server
-        if server.accounts_on():
-            assert server.accounts is not None
-            if not offered:
-                return Refused(HTTPStatus.UNAUTHORIZED,
-                               f"authentication required: send 'Authorization: Bearer <token>' or add "
-                               f"?{p.TOKEN_QUERY_PARAM}=<token> to the URL\n")
-            if not server.accounts.verify(user, offered):
+            self._refuse(response)
+            return
+        legacy = ws.subprotocol is None
+        verdict = admit(request.path, request.headers, legacy=legacy, peer_address=self.peer_address, state=server)
+        if isinstance(verdict, Refused):
+            if verdict.auth_failure:
                 self._count_auth_failure()
-                return Refused(HTTPStatus.FORBIDDEN, f"authentication refused: wrong token for {user}\n")
-            return True
-        if legacy:
-            return False
-        if offered is None:
-            return Refused(HTTPStatus.UNAUTHORIZED, "missing credentials: send the header "
-                                                    "'Authorization: Bearer <key>'\n")
-        if not hmac.compare_digest(offered.encode(), server.config.auth_key.encode()):
-            self._count_auth_failure()
-            return Refused(HTTPStatus.FORBIDDEN, "authentication refused: wrong key\n")
-        return False
+            self._refuse(ws.reject(verdict.status, verdict.reason))
+            return
+        ws.send_response(response)
+        self.user, self.authenticated, self.legacy = verdict.user, verdict.authenticated, legacy
+        self.phase = Phase.OPEN
+        self._open(verdict)
+
+    def _refuse(self, response: Response) -> None:
+        self.phase = Phase.REFUSED
+        self.server.metrics.handshakes_refused[response.status_code] += 1
+        self.ws.send_response(response)
 
     def _count_auth_failure(self) -> None:
         server = self.server
