@@ -134,6 +134,7 @@ def test_a_message_in_too_many_fragments_is_refused_and_others_are_unaffected(se
     alice, _ = native(server.ws_url, "alice")
     bob, _ = native(server.ws_url, "bob")
     assert send_native(alice, "bob", "still fine").status == p.Status.DELIVERED
+    assert next_text_for(lambda: recv_frame(bob)) == "still fine"
 
 
 def test_a_frame_flood_closes_the_flooder_with_1008(start_server: StartServer) -> None:
@@ -145,6 +146,7 @@ def test_a_frame_flood_closes_the_flooder_with_1008(start_server: StartServer) -
     alice, _ = native(server.ws_url, "alice")
     bob, _ = native(server.ws_url, "bob")
     assert send_native(alice, "bob", "still fine").status == p.Status.DELIVERED
+    assert next_text_for(lambda: recv_frame(bob)) == "still fine"
 
 
 @pytest.mark.parametrize(("headers", "needle"), [
