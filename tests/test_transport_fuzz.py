@@ -23,7 +23,14 @@ from chatcli.server.accounts import AccountStore
 from chatcli.server.config import ServerConfig
 from chatcli.server.metrics import Metrics
 from chatcli.server.relay import Relay
-from chatcli.server.transport import MAX_FRAGMENTS, MAX_REQUEST_HEAD_BYTES, Connection, Phase, WebSocketServer
+from chatcli.server.transport import (
+    HANDSHAKE_SLACK,
+    MAX_FRAGMENTS,
+    MAX_REQUEST_HEAD_BYTES,
+    Connection,
+    Phase,
+    WebSocketServer,
+)
 from tests.wsclients import client_frame, request_head
 
 
@@ -236,3 +243,18 @@ def test_the_fuzz_streams_can_be_admitted_at_all(accounts: tuple[AccountStore, s
                    [client_frame(0x1, _native_send)], token)
     _, transport, _, bob, metrics = asyncio.run(_drive([data], store))
     assert transport.status == 101 and metrics.routed == 1 and "forged" in bob.frames[0]
+
+
+def test_connections_far_past_the_limit_are_closed_unread() -> None:
+    async def flood() -> list[RecordingTransport]:
+        config = ServerConfig.build(db_path=None, max_connections=1)
+        metrics = Metrics()
+        server = WebSocketServer(config, Relay(config, metrics, None), metrics)
+        transports = [RecordingTransport() for _ in range(1 + HANDSHAKE_SLACK + 3)]
+        for transport in transports:
+            server.protocol_factory().connection_made(transport)
+        assert len(server.connections) == 1 + HANDSHAKE_SLACK
+        return transports
+
+    transports = asyncio.run(flood())
+    assert [t.closed for t in transports[-4:]] == [False, True, True, True]

@@ -54,6 +54,9 @@ _SUBPROTOCOLS = (Subprotocol(p.SUBPROTOCOL),)  # shared by every connection: idl
 
 #: Bytes a request head (request line and headers) may take before it is refused with 431.
 MAX_REQUEST_HEAD_BYTES: Final = 16 * 1024
+#: Connections beyond --max-connections that are still read, to be refused with a 503 that says why;
+#: past this many more, new connections are closed unread.
+HANDSHAKE_SLACK: Final = 256
 #: Fragments one message may arrive in: each costs a parse and a list slot, and empty
 #: continuation frames cost no bytes, so ``max_size`` alone does not bound them.
 MAX_FRAGMENTS: Final = 1024
@@ -255,13 +258,16 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        if self.server.closing:
-            transport.close()
+        tcp: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = tcp
+        server = self.server
+        if server.closing or len(server.connections) >= server.config.max_connections + HANDSHAKE_SLACK:
+            # Far past the limit even the polite 503 costs too much: close before reading anything.
+            tcp.abort()
             return
-        self.server.connections.add(self)
-        transport.set_write_buffer_limits(high=HIGH_WATER_BYTES, low=LOW_WATER_BYTES)  # type: ignore[attr-defined]
-        peer = transport.get_extra_info("peername")
+        server.connections.add(self)
+        tcp.set_write_buffer_limits(high=HIGH_WATER_BYTES, low=LOW_WATER_BYTES)
+        peer = tcp.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer_address, self.peer = str(peer[0]), f"{peer[0]}:{peer[1]}"
         else:
