@@ -61,6 +61,9 @@ def _check_resume_headers(headers: Headers) -> tuple[int, str] | None:
     after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
     if after is not None and not (after.isascii() and after.isdigit() and int(after) <= p.MAX_INT):
         return 400, f"{p.RESUME_AFTER_HEADER} must be a message id (a non-negative integer)\n"
+    epoch = headers.get(p.EPOCH_HEADER)
+    if epoch is not None and not p.is_valid_epoch(epoch):
+        return 400, f"{p.EPOCH_HEADER} must be the epoch of a hello: {p.EPOCH_RULE}\n"
     if since is not None:
         try:
             p.parse_ts(since)
@@ -358,12 +361,14 @@ class Connection(asyncio.Protocol):
         receive = request.headers.get(p.RECEIVE_HEADER, "all").lower() != "none"
         self._open(*self._resume_point(request.headers), receive=receive)
 
-    def _resume_point(self, headers: Headers) -> tuple[int | None, float | None]:
-        """Where a native client's backlog starts: after a message id, or since a time (checked at the handshake)."""
+    def _resume_point(self, headers: Headers) -> tuple[int | None, float | None, str | None]:
+        """Where a native client's backlog starts: after a message id (of the store named by an epoch), or since
+        a time (checked at the handshake)."""
         if self.legacy:
-            return None, None
+            return None, None, None
         after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
-        return (int(after) if after is not None else None), (p.parse_ts(since) if since is not None else None)
+        return ((int(after) if after is not None else None), (p.parse_ts(since) if since is not None else None),
+                headers.get(p.EPOCH_HEADER))
 
     def _handshake_response(self, request: Request) -> Response:
         try:
@@ -411,7 +416,7 @@ class Connection(asyncio.Protocol):
             return 403, "authentication refused: wrong key\n"
         return None
 
-    def _open(self, after: int | None, since_ts: float | None, receive: bool = True) -> None:
+    def _open(self, after: int | None, since_ts: float | None, epoch: str | None, receive: bool = True) -> None:
         server = self.server
         self.session_id = server.next_session_id()
         server.metrics.sessions_opened[self.protocol_name] += 1
@@ -422,8 +427,10 @@ class Connection(asyncio.Protocol):
             self.send_text(p.LEGACY_CONNECTED)
         else:
             features = server.relay.features + ((p.Feature.TOKENS,) if self.authenticated else ())
+            after, reset = server.relay.resume_after(self.user, after, epoch)
             hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
-                            max_text_bytes=server.config.max_text_bytes, features=features)
+                            max_text_bytes=server.config.max_text_bytes, features=features,
+                            epoch=server.relay.epoch, reset=reset)
             self.send_text(p.encode(hello))
         server.relay.open_session(self, after, since_ts, receive=receive)
 
