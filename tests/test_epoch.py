@@ -8,6 +8,7 @@ out) gets ``"reset":true`` and the store from its beginning, never a silent skip
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Callable
@@ -16,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from chatcli import protocol as p
-from tests.conftest import RunningServer
+from tests.conftest import ChatcliProcess, RunningServer
 from tests.wsclients import RawClient, native, recv_frame, send_native
 
 StartServer = Callable[..., RunningServer]
+Chatcli = Callable[..., ChatcliProcess]
 
 OTHER_EPOCH = "0123456789abcdef0123456789abcdef"  # valid, and no store's: 128 random bits never repeat
+STORE_CHANGED = "the server's message store changed (a new, wiped or restored database): starting from its beginning"
 #: A sending session that gets no backlog of its own (it only sends).
 SEND_ONLY = {p.RECEIVE_HEADER: "none"}
 
@@ -131,3 +134,101 @@ def test_a_bad_epoch_header_is_refused_at_the_handshake(server: RunningServer, v
     assert raw.status == 400
     assert raw.response_body() == f"{p.EPOCH_HEADER} must be the epoch of a hello: {p.EPOCH_RULE}\n"
     assert send_to(server, "bob", "still up")[0].status == p.Status.STORED  # nothing else changed
+
+
+# ---------------------------------------------------------------------------
+# listen: in memory and in --cursor-file
+# ---------------------------------------------------------------------------
+
+
+def printed(listener: ChatcliProcess) -> list[tuple[int, str]]:
+    return [(line["id"], line["text"]) for line in map(json.loads, listener.out)]
+
+
+def listen_once(chatcli: Chatcli, server: RunningServer, *args: str) -> ChatcliProcess:
+    run = chatcli("listen", "bob", "--url", server.ws_url, "--timeout", "1", *args)
+    assert run.wait() == 0, run.err
+    return run
+
+
+def test_listen_prints_the_new_stores_first_message_and_warns_when_the_server_is_replaced(
+        chatcli: Chatcli, start_server: StartServer, tmp_path: Path) -> None:
+    """The reproduction of issue 8, item 7: listen runs; the server comes back with a fresh database."""
+    first = start_server("--db", str(tmp_path / "old.db"))
+    ivan = chatcli("listen", "ivan", "--url", first.ws_url)
+    ivan.wait_stderr("listening as ivan")
+    send_to(first, "ivan", "from the old store")
+    ivan.wait_stdout_lines(1)
+    first.stop()
+    ivan.wait_stderr("reconnecting in")
+    replaced = start_server("--ws-port", str(first.ws_port), "--db", str(tmp_path / "new.db"))
+    ivan.wait_stderr("reconnected as ivan", timeout=20)
+    ivan.wait_stderr(STORE_CHANGED)
+    (ack,) = send_to(replaced, "ivan", "the new store's first message")
+    assert (ack.status, ack.msg_id) == (p.Status.DELIVERED, 1)
+    ivan.wait_stdout_lines(2)
+    assert printed(ivan) == [(1, "from the old store"), (1, "the new store's first message")]
+    assert any(line.endswith(f"{STORE_CHANGED} instead of after message 1") for line in ivan.err)
+
+
+def test_a_cursor_file_from_another_store_restarts_with_a_warning_and_skips_nothing(
+        chatcli: Chatcli, start_server: StartServer, tmp_path: Path) -> None:
+    cursor = tmp_path / "bob.cursor"
+    old = start_server("--db", str(tmp_path / "old.db"))
+    send_to(old, "bob", "o1", "o2", "o3")
+    assert [text for _, text in printed(listen_once(chatcli, old, "--cursor-file", str(cursor)))] == ["o1", "o2", "o3"]
+    assert cursor.read_text() == f"3 {epoch_of(old)}\n"
+    old.stop()
+
+    new = start_server("--db", str(tmp_path / "new.db"))
+    send_to(new, "bob", "n1", "n2")  # ids 1 and 2: below the file's 3, so once skipped without a word
+    run = listen_once(chatcli, new, "--cursor-file", str(cursor))
+    assert printed(run) == [(1, "n1"), (2, "n2")]
+    assert sum(STORE_CHANGED in line for line in run.err) == 1
+    assert cursor.read_text() == f"2 {epoch_of(new)}\n"
+    again = listen_once(chatcli, new, "--cursor-file", str(cursor))  # now in step: no warning, no repeat
+    assert printed(again) == [] and not any(STORE_CHANGED in line for line in again.err)
+
+
+def test_a_reset_with_nothing_to_print_still_moves_the_cursor_file_to_the_new_store(
+        chatcli: Chatcli, server: RunningServer, tmp_path: Path) -> None:
+    cursor = tmp_path / "bob.cursor"
+    cursor.write_text(f"7 {OTHER_EPOCH}\n")
+    run = listen_once(chatcli, server, "--cursor-file", str(cursor))
+    assert printed(run) == [] and any(STORE_CHANGED in line for line in run.err)
+    assert cursor.read_text() == f"0 {epoch_of(server)}\n"  # the next run starts at the beginning, silently
+    send_to(server, "bob", "first")
+    later = listen_once(chatcli, server, "--cursor-file", str(cursor))
+    assert printed(later) == [(1, "first")] and not any(STORE_CHANGED in line for line in later.err)
+
+
+def test_an_old_cursor_file_with_only_an_id_still_loads(chatcli: Chatcli, server: RunningServer,
+                                                        tmp_path: Path) -> None:
+    cursor = tmp_path / "bob.cursor"
+    cursor.write_text("1\n")  # as chatcli wrote it before epochs
+    send_to(server, "bob", "m1", "m2", "m3")
+    run = listen_once(chatcli, server, "--cursor-file", str(cursor))
+    assert printed(run) == [(2, "m2"), (3, "m3")] and not any(STORE_CHANGED in line for line in run.err)
+    assert cursor.read_text() == f"3 {epoch_of(server)}\n"  # rewritten in the new format
+
+
+def test_matching_epochs_resume_across_a_server_restart_with_no_warning(chatcli: Chatcli, start_server: StartServer,
+                                                                        tmp_path: Path) -> None:
+    cursor = tmp_path / "bob.cursor"
+    first = start_server()
+    send_to(first, "bob", "before")
+    assert printed(listen_once(chatcli, first, "--from", "alice", "--cursor-file", str(cursor))) == [(1, "before")]
+    first.stop()
+    second = start_server()  # the same database file: the same store
+    send_to(second, "bob", "after")
+    run = listen_once(chatcli, second, "--from", "alice", "--cursor-file", str(cursor))
+    assert printed(run) == [(2, "after")] and not any(STORE_CHANGED in line for line in run.err)
+
+
+def test_a_cursor_file_with_a_bad_epoch_is_a_usage_error(chatcli: Chatcli, server: RunningServer,
+                                                        tmp_path: Path) -> None:
+    cursor = tmp_path / "bob.cursor"
+    cursor.write_text("5 not/an epoch\n")
+    run = chatcli("listen", "bob", "--url", server.ws_url, "--cursor-file", str(cursor))
+    assert run.wait() == 2
+    assert "is corrupt" in run.err[-1] and not any("Traceback" in line for line in run.err)
