@@ -578,14 +578,17 @@ class Connection(asyncio.Protocol):
         log.info("connect user=%s protocol=%s peer=%s session=%s", self.user, self.protocol_name, self.peer,
                  self.session_id, extra={"event": "connect", "user": self.user, "protocol": self.protocol_name,
                                          "peer": self.peer, "session": self.session_id})
+        after = admitted.after
         if self.legacy:
             self.send_text(p.LEGACY_CONNECTED)
         else:
             features = server.relay.features + ((p.Feature.TOKENS,) if self.authenticated else ())
+            after, reset = server.relay.resume_after(self.user, admitted.after, admitted.epoch)
             hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
-                            max_text_bytes=server.config.max_text_bytes, features=features)
+                            max_text_bytes=server.config.max_text_bytes, features=features,
+                            epoch=server.relay.epoch, reset=reset)
             self.send_text(p.encode(hello))
-        server.relay.open_session(self, admitted.after, admitted.since_ts, receive=admitted.receive)
+        server.relay.open_session(self, after, admitted.since_ts, receive=admitted.receive)
 
     # -- frames ----------------------------------------------------------------------------
 
