@@ -18,7 +18,7 @@ from chatcli import __version__
 from chatcli.errors import StorageError
 from chatcli.server.accounts import AccountStore
 from chatcli.server.config import ServerConfig
-from chatcli.server.http_api import Handler, HttpConnection, json_response, text_response
+from chatcli.server.http_api import Handler, HttpServer, json_response, text_response
 from chatcli.server.metrics import Metrics, render_prometheus
 from chatcli.server.relay import Relay
 from chatcli.server.storage import MessageStore, SQLiteStore
@@ -92,12 +92,15 @@ async def serve(config: ServerConfig) -> None:
     relay = Relay(config, metrics, store, schedule=loop.call_soon)
     ws_server = WebSocketServer(config, relay, metrics, accounts)
     started = time.monotonic()
+    http_server = HttpServer(config, _http_routes(ws_server, started), loop)
     try:
+        # A TLS handshake happens before a protocol sees its connection: bound it like the rest of the opening.
         ws_listener = await loop.create_server(ws_server.protocol_factory, config.host, config.ws_port,
-                                               backlog=2048, reuse_address=True, ssl=tls)
-        routes = _http_routes(ws_server, started)
-        http_listener = await loop.create_server(lambda: HttpConnection(routes), config.host, config.http_port,
-                                                 reuse_address=True, ssl=tls)
+                                               backlog=2048, reuse_address=True, ssl=tls,
+                                               ssl_handshake_timeout=config.open_timeout if tls else None)
+        http_listener = await loop.create_server(http_server.protocol_factory, config.host, config.http_port,
+                                                 reuse_address=True, ssl=tls,
+                                                 ssl_handshake_timeout=config.http_timeout if tls else None)
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.host, exc.strerror or exc,
                   extra={"event": "listen-failed"})
@@ -123,6 +126,7 @@ async def serve(config: ServerConfig) -> None:
     log.info("shutting down: closing %d sessions", len(ws_server.connections), extra={"event": "shutdown"})
     ws_listener.close()
     http_listener.close()
+    http_server.close_all()
     heartbeat.cancel()
     if pruning is not None:
         pruning.cancel()
