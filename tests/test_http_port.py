@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import re
+import resource
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -218,3 +219,39 @@ def assert_eventually_served(server: RunningServer) -> None:
         if http_status(server, "/") == 200:
             return
     raise AssertionError("the HTTP port never served again after a connection closed")
+
+
+def _fd_limit(soft: int, hard: int) -> Callable[[], None]:
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return lower
+
+
+def test_an_http_flood_under_a_low_fd_limit_leaves_websocket_sessions_room(start_server: StartServer) -> None:
+    """The reported failure: idle HTTP connections used up a low fd limit and new WebSocket clients failed."""
+    server = start_server("--max-http-connections", "8", "--http-timeout", "60", preexec_fn=_fd_limit(64, 64))
+    flood = [open_http(server) for _ in range(60)]  # more than the whole limit; none sends anything
+    answers = [read_until_closed(sock) for sock in flood[8:]]
+    assert all(answer.startswith(b"HTTP/1.1 503 ") for answer in answers)
+    sessions = [legacy(server.ws_url, f"user{i}") for i in range(5)]
+    assert len(sessions) == 5 and server.proc.poll() is None
+
+
+def test_start_up_raises_the_soft_fd_limit_and_reports_the_capacity(start_server: StartServer) -> None:
+    server = start_server("--max-connections", "100", "--max-http-connections", "16",
+                          preexec_fn=_fd_limit(256, 512))
+    assert server.wait_log('"event": "capacity"')
+    [capacity] = events(server, "capacity")
+    assert (capacity["fd_limit_before"], capacity["fd_limit"], capacity["max_http_connections"]) == (256, 512, 16)
+    assert 400 < capacity["ws_capacity"] < 512 - 16  # type: ignore[operator]
+    assert "raised from 256" in capacity["message"]  # type: ignore[operator]
+    assert not events(server, "capacity-low")
+
+
+def test_a_low_fd_limit_is_a_warning_at_start_up(start_server: StartServer) -> None:
+    server = start_server("--max-connections", "20000", preexec_fn=_fd_limit(256, 256))
+    assert server.wait_log('"event": "capacity-low"')
+    [capacity] = events(server, "capacity")
+    assert capacity["fd_limit"] == 256
+    [warning] = events(server, "capacity-low")
+    assert warning["level"] == "warning" and "below --max-connections 20000" in warning["message"]  # type: ignore[operator]
