@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from chatcli.server.http_api import LimitLog
+from chatcli.server.http_api import MAX_REQUESTS_PER_CONNECTION, LimitLog
 from tests.conftest import RunningServer
 from tests.wsclients import legacy
 
@@ -148,6 +148,14 @@ def test_pipelined_requests_are_answered_in_order(server: RunningServer) -> None
     received = read_until_closed(sock)
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"200", b"404", b"200"]
     assert received.endswith(b"Connection: close\r\n\r\n")  # HEAD: no body after the last head
+
+
+def test_a_keep_alive_connection_serves_at_most_100_requests(server: RunningServer) -> None:
+    sock = open_http(server)
+    sock.sendall(GET_ROOT * MAX_REQUESTS_PER_CONNECTION)  # pipelined; none asks to close, yet the 100th answer does
+    received = read_until_closed(sock)
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == MAX_REQUESTS_PER_CONNECTION == 100
+    assert received.count(b"Connection: close") == 1 and received.endswith(b"running\n")
 
 
 @pytest.mark.parametrize("request_bytes", [

@@ -189,6 +189,8 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.closing:  # keep the deadline close() set: the rest must still be read in time
+            return
         assert self.transport is not None
         self.transport.resume_reading()
         self._await_next_request()
@@ -233,6 +235,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _await_next_request(self) -> None:
         """Idle, the connection may wait http_idle_timeout; a request already begun must end within http_timeout."""
+        if self.write_paused:  # the deadline for the peer to read its answers comes first
+            return
         if self.buffer:
             self._arm(self.server.config.http_timeout, self._request_timed_out)
         else:
