@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from chatcli.server.http_api import MAX_REQUESTS_PER_CONNECTION, LimitLog
+from chatcli.server.http_api import MAX_REQUESTS_PER_CONNECTION
+from chatcli.server.limitlog import LimitLog
 from tests.conftest import RunningServer
 from tests.wsclients import legacy
 
@@ -105,7 +106,7 @@ def test_half_sent_requests_are_closed_and_logged_once_per_interval(start_server
 
 def test_limit_log_counts_the_bites_it_did_not_log(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
-    limit_log = LimitLog(interval=10.0, clock=lambda: now[0])
+    limit_log = LimitLog("http-limit", interval=10.0, clock=lambda: now[0])
     with caplog.at_level(logging.INFO, logger="chatcli.server"):
         for at in (0.0, 1.0, 2.0, 9.0, 10.5, 11.0):
             now[0] = at

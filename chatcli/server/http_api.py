@@ -16,12 +16,12 @@ import asyncio
 import json
 import logging
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
 from chatcli.server.config import ServerConfig
+from chatcli.server.limitlog import LimitLog
 
 log = logging.getLogger("chatcli.server")
 
@@ -29,8 +29,6 @@ log = logging.getLogger("chatcli.server")
 MAX_REQUEST_BYTES = 8192
 #: Requests one keep-alive connection may make before the server closes it (bounds what one peer holds).
 MAX_REQUESTS_PER_CONNECTION = 100
-#: A limit that bites is logged at most once per this many seconds, with a count.
-LIMIT_LOG_INTERVAL_S = 10.0
 
 Handler = Callable[[], tuple[int, str, bytes]]
 
@@ -45,27 +43,6 @@ def text_response(body: str, status: int = 200) -> tuple[int, str, bytes]:
 
 def json_response(value: object, status: int = 200) -> tuple[int, str, bytes]:
     return status, "application/json", (json.dumps(value) + "\n").encode()
-
-
-class LimitLog:
-    """One log line per limit per interval, however often it bites; each line counts the bites since the last."""
-
-    def __init__(self, interval: float = LIMIT_LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self.clock = clock
-        self.logged_at: dict[str, float] = {}
-        self.unlogged: dict[str, int] = {}
-
-    def bit(self, limit: str, level: int, message: str) -> None:
-        count = self.unlogged.get(limit, 0) + 1
-        now = self.clock()
-        last = self.logged_at.get(limit)
-        if last is not None and now - last < self.interval:
-            self.unlogged[limit] = count
-            return
-        self.logged_at[limit], self.unlogged[limit] = now, 0
-        log.log(level, "%s (%d time(s) since the last such line)", message, count,
-                extra={"event": "http-limit", "limit": limit, "count": count})
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +90,7 @@ class HttpServer:
         self.routes = routes
         self.loop = loop
         self.connections: set[HttpConnection] = set()
-        self.limit_log = LimitLog()
+        self.limit_log = LimitLog("http-limit")
 
     def protocol_factory(self) -> HttpConnection:
         return HttpConnection(self)

@@ -30,6 +30,7 @@ from chatcli import __version__
 from chatcli import protocol as p
 from chatcli.errors import StorageError
 from chatcli.server.admission import Admitted, Refused, admit
+from chatcli.server.limitlog import LimitLog
 from chatcli.server.throttle import AuthThrottle
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ class WebSocketServer:
         self.closing = False
         self.all_closed = asyncio.Event()  # set once closing and the last connection is gone
         self.auth_throttle = AuthThrottle()
+        self.refusal_log = LimitLog("handshake-refused")
 
     def protocol_factory(self) -> Connection:
         return Connection(self)
@@ -561,7 +563,13 @@ class Connection(asyncio.Protocol):
 
     def _refuse(self, response: Response) -> None:
         self.phase = Phase.REFUSED
-        self.server.metrics.handshakes_refused[response.status_code] += 1
+        status = response.status_code
+        self.server.metrics.handshakes_refused[status] += 1
+        reason = (response.body or b"").decode("utf-8", "replace").strip()
+        # Not the request path: a seed app's ?token= is in it, and tokens never reach the log.
+        self.server.refusal_log.bit(str(status), logging.INFO,
+                                    f"refused a handshake from {self.peer_address}: {status} {reason}",
+                                    status=status, peer=self.peer_address)
         self.ws.send_response(response)
 
     def _count_auth_failure(self) -> None:
