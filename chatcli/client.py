@@ -582,14 +582,15 @@ async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int
 
 
 async def fetch_online(settings: ClientSettings, me: str) -> tuple[str, ...]:
-    """``chatcli who``: the users online (with a session that receives messages), sorted.
+    """``chatcli who``: the users online (with a session that receives messages) that ME may see, sorted.
 
     The asking session itself only asks (``Chatcli-Receive: none``), so ME is listed only
     when another session of ME is open.
     """
     async with open_session(settings, me, ResumePoint.live_only()) as session:
         if not session.offers(Feature.PRESENCE):
-            raise RefusedError(f"{settings.url} does not tell who is online (an older server)",
+            raise RefusedError(f"{settings.url} does not tell who is online (serve --presence off, or an older "
+                               "server)",
                                ErrorCode.UNAVAILABLE)
         return await session.who()
 

@@ -346,7 +346,8 @@ EXACT_ENCODINGS: list[tuple[Frame, str]] = [
     (Watch(users=()), '{"type":"watch","users":[]}'),
     (Presence(user="bob", online=True), '{"type":"presence","user":"bob","online":true}'),
     (Presence(user="carol", online=False), '{"type":"presence","user":"carol","online":false}'),
-    (Presence(user="dave", online=False, hidden=True), '{"type":"presence","user":"dave","online":false,"hidden":true}'),
+    (Presence(user="dave", online=False, hidden=True),
+     '{"type":"presence","user":"dave","online":false,"hidden":true}'),
 ]
 
 REFUSED_REASONS = [Reason.OFFLINE, Reason.TOO_LARGE, Reason.EMPTY, Reason.BAD_AUTH, Reason.BAD_RECIPIENT,

@@ -161,6 +161,7 @@ class WebSocketServer:
                 connection.ping_sent_at = now
                 connection.ws.send_ping(b"chatcli")
                 connection.schedule_flush()
+        self.relay.forget_refilled_quotas()  # periodic, like the pings; keeps the per-user table bounded
 
     def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
         self.closing = True
@@ -175,8 +176,8 @@ class Connection(asyncio.Protocol):
 
     # Slots: thousands of idle connections must stay under a few KB each.
     __slots__ = ("authenticated", "confirmed_upto", "dirty", "fragment_is_text", "fragments", "last_seen", "legacy",
-                 "open_timer", "peer", "ping_sent_at", "server", "session_id", "tokens", "tokens_at", "transport",
-                 "user", "written_upto", "ws")
+                 "open_timer", "peer", "ping_sent_at", "server", "session_id", "transport", "user", "written_upto",
+                 "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
@@ -192,9 +193,7 @@ class Connection(asyncio.Protocol):
         self.fragment_is_text = True
         self.open_timer: asyncio.TimerHandle | None = None
         self.authenticated = False
-        # Rate limit: a token bucket, refilled once per read rather than once per message.
-        self.tokens = float(server.config.burst)
-        self.tokens_at = self.last_seen = server.loop.time()
+        self.last_seen = server.loop.time()
         self.ping_sent_at = 0.0
         # Seed clients never acknowledge: the last message id written to them, and the last one
         # whose bytes the kernel took (the buffer was empty after the write): that one counts as received.
@@ -265,16 +264,6 @@ class Connection(asyncio.Protocol):
 
     def written(self, msg_id: int) -> None:
         self.written_upto = msg_id
-
-    def allow_send(self) -> bool:
-        if self.tokens < 1.0:
-            config, now = self.server.config, self.last_seen
-            self.tokens = min(float(config.burst), self.tokens + (now - self.tokens_at) * config.rate)
-            self.tokens_at = now
-            if self.tokens < 1.0:
-                return False
-        self.tokens -= 1.0
-        return True
 
     def drop(self, why: str, reason: str) -> None:
         """Close a session the server gave up on: a close frame with the reason, then the TCP connection."""
