@@ -220,7 +220,8 @@ class Session:
                     if matches(reply):
                         return reply
                     if isinstance(reply, Error):
-                        raise RefusedError(f"the server refused the request: {reply.message}", reply.code)
+                        raise RefusedError(f"the server refused the request ({reply.code}): {reply.message}",
+                                           reply.code)
         except TimeoutError:
             raise TimedOutError(f"no {what} from the server within {self.timeout:g} s") from None
         raise ConnectError(f"the server closed the session before its {what}")  # pragma: no cover
