@@ -56,7 +56,7 @@ def _error(ws: ClientConnection) -> p.Error:
 
 
 def test_who_history_watch_and_received_draw_on_the_users_bucket(start_server: StartServer) -> None:
-    server = start_server("--rate", "0.1", "--burst", "3")  # a token back only every 10 s
+    server = start_server("--rate", "0.05", "--burst", "3")  # a token back only every 20 s
     asker, _ = native(server.ws_url, "alice", headers=SEND_ONLY)
     watcher, _ = native(server.ws_url, "alice")
     asker.send(p.encode(p.WhoRequest("w1")))
@@ -86,7 +86,7 @@ def test_who_history_watch_and_received_draw_on_the_users_bucket(start_server: S
 
 
 def test_reconnecting_does_not_refill_the_bucket(chatcli: Chatcli, start_server: StartServer) -> None:
-    server = start_server("--rate", "0.1", "--burst", "2", "--ping-interval", "0.2")
+    server = start_server("--rate", "0.05", "--burst", "2", "--ping-interval", "0.2")
     url = ("--url", server.ws_url)
     assert chatcli("send", "alice", "bob", "one", *url).wait() == 0
     assert chatcli("who", "alice", *url).wait() == 0
