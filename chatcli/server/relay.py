@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Set
 from typing import Protocol
 
 from chatcli import protocol as p
@@ -306,7 +306,7 @@ class Relay:
         session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
                                            "this server does not show who is online (--presence off)")))
 
-    def _visible(self, session: Session, users: Collection[str]) -> set[str] | None:
+    def _visible(self, session: Session, users: Set[str]) -> set[str] | None:
         """Which of ``users`` (online or not) ``session`` may see under --presence contacts: its own
         user and those it exchanged a message with. None (after telling the session) if unreadable."""
         assert self.store is not None
@@ -328,7 +328,7 @@ class Relay:
             return
         online: Collection[str] = self.sessions
         if mode == "contacts":
-            visible = self._visible(session, self.sessions)
+            visible = self._visible(session, self.sessions.keys())
             if visible is None:
                 return
             online = visible
@@ -348,7 +348,7 @@ class Relay:
         users = tuple(dict.fromkeys(users))  # a user named twice is still one subscription
         visible: set[str] | None = None  # None: every user is visible
         if mode == "contacts" and users:
-            visible = self._visible(session, users)
+            visible = self._visible(session, set(users))
             if visible is None:
                 return
         self.watching[session] = users

@@ -32,7 +32,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Final, Literal, NamedTuple, Protocol, TypeAlias
 
@@ -213,7 +213,7 @@ class MessageStore(Protocol):
         self, user: str, after_id: int | None = None, since_ts: float | None = None, limit: int = 1000
     ) -> list[StoredMessage]: ...
     def history(self, user: str, peer: str, limit: int = 50, before_id: int | None = None) -> list[StoredMessage]: ...
-    def contacts_among(self, user: str, candidates: Collection[str]) -> set[str]: ...
+    def contacts_among(self, user: str, candidates: Set[str]) -> set[str]: ...
     def prune(self, older_than_ts: float, limit: int | None = None) -> int: ...
     def size_bytes(self) -> int: ...
     def close(self) -> None: ...
@@ -493,7 +493,7 @@ class SQLiteStore:
         rows = self._conn.execute(sql, params).fetchall()
         return [_message(row) for row in reversed(rows)]
 
-    def contacts_among(self, user: str, candidates: Collection[str]) -> set[str]:
+    def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
         """Those of ``candidates`` who have exchanged a message with ``user``, either way.
 
         Costs at most about twice ``len(candidates)`` rows however many contacts ``user`` has:
@@ -505,7 +505,7 @@ class SQLiteStore:
             rows = self._conn.execute("SELECT peer FROM contacts WHERE user = ? LIMIT ?",
                                       (user, len(candidates) + 1)).fetchall()
             if len(rows) <= len(candidates):
-                return {row[0] for row in rows}.intersection(candidates)
+                return {row[0] for row in rows if row[0] in candidates}
             rows = self._conn.execute("SELECT peer FROM contacts WHERE user = ? AND peer IN "
                                       "(SELECT value FROM json_each(?))",
                                       (user, json.dumps(list(candidates)))).fetchall()
