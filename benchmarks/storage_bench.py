@@ -81,11 +81,18 @@ def bench_reads(workdir: Path, rows: int) -> None:
             store.append(make_batch(1000, False))
         print(f"\nreads on {rows:,} messages, {USERS} users ({store.size_bytes() / 1e6:.1f} MB):")
         cursors = {f"user{i}": 10**6 for i in range(100)}
+        online = {f"user{i}" for i in range(0, 20_000 * 7, 7)}  # a few of them contacts of user3
+        fifty = set(sorted(online)[:50])
+        store.append([NewMessage("hub", f"user{i}", TEXT, time.time()) for i in range(5000)])
         figures = {
             "pending(user, after_id=0) -> 1000 msgs": time_call(lambda: store.pending("user3", 0)),
             "pending(user), nothing pending": time_call(lambda: store.pending("user3", 10**9)),
             "history(user, peer, limit=50)": time_call(lambda: store.history("user3", "user24")),
             "advance_cursors(100 users)": time_call(lambda: store.advance_cursors(cursors)),
+            # --presence contacts: who / watch ask which online users are contacts.
+            "contacts_among(user, 50 online)": time_call(lambda: store.contacts_among("user3", fifty)),
+            "contacts_among(user, 20,000 online)": time_call(lambda: store.contacts_among("user3", online), 20),
+            "contacts_among(hub of 5,000, 50 online)": time_call(lambda: store.contacts_among("hub", fifty)),
         }
         for name, micros in figures.items():
             print(f"  {name:<40}{micros:>10.0f} µs")

@@ -41,6 +41,12 @@ class Fsync(StrEnum):
     full = "full"
 
 
+class Presence(StrEnum):
+    all = "all"
+    contacts = "contacts"
+    off = "off"
+
+
 class LogLevel(StrEnum):
     debug = "debug"
     info = "info"
@@ -87,10 +93,16 @@ def serve(
                                                   show_default=False, dir_okay=False)] = None,
     keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM) for --certfile.",
                                                  show_default=False, dir_okay=False)] = None,
-    rate: Annotated[float, typer.Option(help="Messages per second one session may send, sustained.")] = 5000.0,
-    burst: Annotated[int, typer.Option(help="Messages one session may send at once above --rate.")] = 10000,
+    rate: Annotated[float, typer.Option(help="Requests per second one user may make, sustained, over all "
+                                        "their sessions (send, who, history, watch, received).")] = 5000.0,
+    burst: Annotated[int, typer.Option(help="Requests one user may make at once above --rate.")] = 10000,
     max_connections: Annotated[int, typer.Option(help="Open connections at most; more are refused (503).")] = 20000,
-    max_sessions_per_user: Annotated[int, typer.Option(help="Open sessions per user at most (429).")] = 16,
+    max_sessions_per_user: Annotated[int, typer.Option(
+        help="Open sessions per user at most, send-only ones included (429).")] = 16,
+    presence: Annotated[Presence | None, typer.Option(
+        case_sensitive=False, help="Whose presence users see (who, watch): all, contacts (users they have "
+        "exchanged a message with) or off [default: contacts with accounts, all without].",
+        show_default=False)] = None,
     max_buffer: Annotated[int, typer.Option(
         help="Bytes of unread messages a session may have waiting before it is closed as too slow.")] = 4 << 20,
     ping_interval: Annotated[float, typer.Option(help="Ping sessions silent this many seconds.")] = 20.0,
@@ -120,6 +132,7 @@ def serve(
                                 fsync=fsync.value, retention_s=retention_s, require_auth=require_auth,
                                 certfile=certfile, keyfile=keyfile, rate=rate, burst=burst,
                                 max_connections=max_connections, max_sessions_per_user=max_sessions_per_user,
+                                presence=presence.value if presence is not None else None,
                                 max_buffer_bytes=max_buffer, ping_interval=ping_interval, ping_timeout=ping_timeout,
                                 max_http_connections=max_http_connections, http_timeout=http_timeout,
                                 http_idle_timeout=http_idle_timeout)

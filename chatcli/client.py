@@ -229,7 +229,8 @@ class Session:
                     if matches(reply):
                         return reply
                     if isinstance(reply, Error):
-                        raise RefusedError(f"the server refused the request: {reply.message}", reply.code)
+                        raise RefusedError(f"the server refused the request ({reply.code}): {reply.message}",
+                                           reply.code)
         except TimeoutError:
             raise TimedOutError(f"no {what} from the server within {self.timeout:g} s") from None
         raise ConnectError(f"the server closed the session before its {what}")  # pragma: no cover
@@ -619,14 +620,15 @@ async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int
 
 
 async def fetch_online(settings: ClientSettings, me: str) -> tuple[str, ...]:
-    """``chatcli who``: the users online (with a session that receives messages), sorted.
+    """``chatcli who``: the users online (with a session that receives messages) that ME may see, sorted.
 
     The asking session itself only asks (``Chatcli-Receive: none``), so ME is listed only
     when another session of ME is open.
     """
     async with open_session(settings, me, ResumePoint.live_only()) as session:
         if not session.offers(Feature.PRESENCE):
-            raise RefusedError(f"{settings.url} does not tell who is online (an older server)",
+            raise RefusedError(f"{settings.url} does not tell who is online (serve --presence off, or an older "
+                               "server)",
                                ErrorCode.UNAVAILABLE)
         return await session.who()
 

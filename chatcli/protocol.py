@@ -93,6 +93,7 @@ class ErrorCode:
     UNKNOWN_TYPE: Final = "unknown-type"
     BINARY_UNSUPPORTED: Final = "binary-unsupported"
     UNAVAILABLE: Final = "unavailable"  # the request needs a feature this server runs without (e.g. history)
+    RATE_LIMITED: Final = "rate-limited"  # the user asks faster than --rate / --burst allow (who, history, watch)
 
 
 # ---------------------------------------------------------------------------
@@ -485,14 +486,20 @@ class Presence:
     TYPE: ClassVar[str] = "presence"
     user: str
     online: bool
+    #: True when the server does not show this user's presence to you (``--presence contacts`` and no
+    #: message exchanged yet): ``online`` is then always false.
+    hidden: bool = False
 
     def __post_init__(self) -> None:
         check_user_id(self.user)
-        if not isinstance(self.online, bool):
-            raise LocalProtocolError("online must be a boolean")
+        if not isinstance(self.online, bool) or not isinstance(self.hidden, bool):
+            raise LocalProtocolError("online and hidden must be booleans")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "user": self.user, "online": self.online}
+        out: dict[str, Any] = {"type": self.TYPE, "user": self.user, "online": self.online}
+        if self.hidden:
+            out["hidden"] = True
+        return out
 
 
 ClientFrame = Send | Received | HistoryRequest | WhoRequest | Watch
@@ -593,7 +600,7 @@ def _parse_watch(obj: dict[str, Any]) -> Frame:
 
 
 def _parse_presence(obj: dict[str, Any]) -> Frame:
-    return _build(Presence, user=obj.get("user"), online=obj.get("online"))
+    return _build(Presence, user=obj.get("user"), online=obj.get("online"), hidden=obj.get("hidden", False))
 
 
 _CLIENT_PARSERS: Final = {"send": _parse_send, "received": _parse_received, "history": _parse_history_request,

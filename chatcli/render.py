@@ -186,6 +186,8 @@ class StatusView:
     pending: tuple[str, ...] = ()
     #: Whether PEER has a session open; None while unknown (not connected, or no presence on this server).
     peer_online: bool | None = None
+    #: The server does not show PEER's presence to ME (``serve --presence contacts``, nothing exchanged yet).
+    peer_hidden: bool = False
 
 
 _STATE_STYLES: Final = {"connected": "bold green", "connecting": "bold yellow", "reconnecting": "bold yellow"}
@@ -210,7 +212,9 @@ def _status(view: StatusView) -> Text:
     line.append(f"● {state}", style=_STATE_STYLES.get(view.state, "bold red"))
     line.append(f"  {view.url}  ", style="dim")
     line.append(f"{view.me} → {view.peer}", style="bold")
-    if view.peer_online is not None:
+    if view.peer_hidden:
+        line.append(f"  {view.peer}'s presence hidden until you exchange a message", style="dim")
+    elif view.peer_online is not None:
         # Each state has its own style, so a terminal redraw rewrites the whole segment.
         line.append(f"  {view.peer} online" if view.peer_online else f"  {view.peer} offline",
                     style="bold green" if view.peer_online else "dim")

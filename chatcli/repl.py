@@ -62,6 +62,7 @@ class ChatClient:
         #: Why the chat stopped connecting for good (credentials or certificate refused): exits with it.
         self.fatal_error: ClientError | None = None
         self.peer_online: bool | None = None  # unknown until the server says
+        self.peer_hidden = False  # the server does not show us the peer's presence
         self._session: Session | None = None
         self._sent: set[str] = set()  # ids sent on the current session
         self.cursor = MessageCursor()
@@ -75,12 +76,12 @@ class ChatClient:
         if self.retry_at is not None:
             retry_in = max(0.0, self.retry_at - asyncio.get_running_loop().time())
         return render.StatusView(self.state, self.settings.url, self.me, self.peer, retry_in,
-                                 tuple(self.pending.values()), self.peer_online)
+                                 tuple(self.pending.values()), self.peer_online, self.peer_hidden)
 
     def _set_state(self, state: str, retry_at: float | None = None) -> None:
         self.state, self.retry_at = state, retry_at
         if state != "connected":
-            self.peer_online = None  # nobody tells us while we are away
+            self.peer_online, self.peer_hidden = None, False  # nobody tells us while we are away
         self.on_change()
 
     def notice(self, text: str) -> None:
@@ -160,7 +161,7 @@ class ChatClient:
         elif isinstance(frame, Ack):
             self._resolve(frame.id, render.Outcome(frame.status, frame.reason, frame.ts))
         elif isinstance(frame, Presence) and frame.user == self.peer:
-            self.peer_online = frame.online
+            self.peer_online, self.peer_hidden = frame.online, frame.hidden
             self.on_change()
         elif isinstance(frame, HistoryFrame) and frame.id == self._history_request:
             await self._show_history(session, frame.messages)

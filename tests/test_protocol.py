@@ -357,12 +357,14 @@ EXACT_ENCODINGS: list[tuple[Frame, str]] = [
     (Watch(users=()), '{"type":"watch","users":[]}'),
     (Presence(user="bob", online=True), '{"type":"presence","user":"bob","online":true}'),
     (Presence(user="carol", online=False), '{"type":"presence","user":"carol","online":false}'),
+    (Presence(user="dave", online=False, hidden=True),
+     '{"type":"presence","user":"dave","online":false,"hidden":true}'),
 ]
 
 REFUSED_REASONS = [Reason.OFFLINE, Reason.TOO_LARGE, Reason.EMPTY, Reason.BAD_AUTH, Reason.BAD_RECIPIENT,
                    Reason.RATE_LIMITED, Reason.STORAGE_FAILED]
 ERROR_CODES = [ErrorCode.BAD_JSON, ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE, ErrorCode.BINARY_UNSUPPORTED,
-               ErrorCode.UNAVAILABLE]
+               ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED]
 FEATURES = [Feature.STORE, Feature.RESUME, Feature.HISTORY, Feature.PRESENCE, Feature.TOKENS]
 
 
@@ -394,7 +396,8 @@ def test_refused_ack_for_each_reason(reason: str) -> None:
 def test_stable_codes() -> None:
     assert REFUSED_REASONS == ["offline", "too-large", "empty", "bad-auth", "bad-recipient", "rate-limited",
                                "storage-failed"]
-    assert ERROR_CODES == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported", "unavailable"]
+    assert ERROR_CODES == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported", "unavailable",
+                           "rate-limited"]
     assert sorted(Status.ALL) == ["delivered", "refused", "stored"]
     assert FEATURES == ["store", "resume", "history", "presence", "tokens"]
 
@@ -789,6 +792,7 @@ def test_empty_send_text_parses_so_the_server_can_refuse_it_with_a_reason() -> N
         lambda: Watch(users=["bob"]),  # type: ignore[arg-type]
         lambda: Watch(users=("bob", "")),
         lambda: Presence(user="bob", online=1),  # type: ignore[arg-type]
+        lambda: Presence(user="bob", online=False, hidden="yes"),  # type: ignore[arg-type]
         lambda: Presence(user="b b", online=True),
     ],
 )
@@ -1072,7 +1076,7 @@ def test_doc_names_every_stable_code_and_handshake_name() -> None:
     doc = DOC.read_text(encoding="utf-8")
     names = [*REFUSED_REASONS, *ERROR_CODES, *sorted(Status.ALL), *FEATURES, RESUME_AFTER_HEADER,
              REPLAY_SINCE_HEADER, RECEIVE_HEADER, EPOCH_HEADER, EPOCH_RULE, f"?{TOKEN_QUERY_PARAM}=<token>",
-             "duplicate", '"reset":true', str(MAX_INT)]
+             "duplicate", '"reset":true', "hidden", str(MAX_INT)]
     assert [name for name in names if name not in doc] == []
     for reason in REFUSED_REASONS:
         assert f"| `{reason}` |" in doc  # each reason has a row saying when

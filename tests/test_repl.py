@@ -21,7 +21,7 @@ import pytest
 from chatcli import render
 from chatcli.protocol import REPLAY_SINCE_HEADER, Message
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.test_cli_network import start_tls_server
+from tests.test_cli_network import add_user, start_tls_server
 from tests.wsclients import legacy, native, recv_frame, send_native
 
 Chatcli = Callable[..., ChatcliProcess]
@@ -234,6 +234,38 @@ def test_status_line_shows_the_peer_coming_and_going(terminal: Callable[..., Ter
     assert chat.proc.wait(timeout=10) == 0
 
 
+def test_status_line_says_when_the_peer_is_hidden_until_they_talk(terminal: Callable[..., Terminal],
+                                                                   start_server: Callable[..., RunningServer],
+                                                                   tmp_path: Path) -> None:
+    tokens = {user: add_user(tmp_path / "chatcli.db", user) for user in ("alice", "bob")}
+    server = start_server()  # accounts on: --presence contacts by default
+    bob, _ = native(server.ws_url, "bob", key=tokens["bob"])
+    chat = terminal("alice", "bob", "--url", server.ws_url, env={"CHATCLI_TOKEN": tokens["alice"]})
+    chat.wait_for("bob's presence hidden until you exchange a message")
+    chat.type("hi bob\r")
+    chat.wait_for("✓ delivered")
+    chat.wait_for("bob online")
+    bob.close()
+    chat.wait_for("bob offline")
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
+
+
+def test_status_line_shows_no_presence_when_the_server_tells_none(terminal: Callable[..., Terminal],
+                                                                   start_server: Callable[..., RunningServer]
+                                                                   ) -> None:
+    server = start_server("--presence", "off")
+    bob = legacy(server.ws_url, "bob")
+    chat = terminal("alice", "bob", "--url", server.ws_url)
+    chat.wait_for("connected")
+    chat.type("hi bob\r")
+    chat.wait_for("✓ delivered")
+    assert "bob online" not in chat.screen and "bob offline" not in chat.screen and "server error" not in chat.screen
+    bob.close()
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
+
+
 @pytest.mark.parametrize("trust", ["--cafile", "SSL_CERT_FILE"])
 def test_chat_over_tls(terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer],
                        tmp_path: Path, trust: str) -> None:
@@ -285,6 +317,9 @@ def test_status_line_names_state_server_and_direction() -> None:
         "● connected  ws://h:1  alice → bob"
     assert render.status_text(render.StatusView("connected", "ws://h:1", "alice", "bob", peer_online=True)) == \
         "● connected  ws://h:1  alice → bob  bob online"
+    assert render.status_text(render.StatusView("connected", "ws://h:1", "alice", "bob", peer_online=False,
+                                                peer_hidden=True)) == \
+        "● connected  ws://h:1  alice → bob  bob's presence hidden until you exchange a message"
 
 
 def test_no_colour_means_no_escape_sequences(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from chatcli.errors import StorageError
 from chatcli.server.storage import (
+    CONTACTS_COMPONENT,
     INBOX_BATCH_ROWS,
     MESSAGE_MIGRATIONS,
     MESSAGES_COMPONENT,
@@ -21,6 +22,7 @@ from chatcli.server.storage import (
     SQLiteStore,
     StoredMessage,
     migrate,
+    open_component,
     open_database,
     schema_version,
 )
@@ -192,6 +194,55 @@ def test_reads_see_every_message_however_much_is_indexed_yet(db_path: Path) -> N
         assert texts(writer.history("alice", "bob", limit=2)) == [f"m{total - 1}", "reply"]
         assert writer.prune(older_than_ts=1e12) == total + 1
         assert reader.messages_to("bob") == [] and writer.history("alice", "bob") == []
+
+
+# -- contacts (for --presence contacts) ------------------------------------------
+
+
+def test_contacts_are_whoever_exchanged_a_message_either_way(store: SQLiteStore) -> None:
+    store.append([msg("alice", "bob", "hi"), msg("carol", "alice", "psst")])
+    store.append([msg("alice", "bob", "again")])  # a known pair: nothing new
+    everyone = {"alice", "bob", "carol", "dave"}
+
+    assert store.contacts_among("alice", everyone) == {"bob", "carol"}
+    assert store.contacts_among("bob", everyone) == {"alice"}
+    assert store.contacts_among("dave", everyone) == set()
+    assert store.contacts_among("alice", {"bob"}) == {"bob"}  # fewer candidates than contacts
+    assert store.contacts_among("alice", set()) == set()
+
+
+def test_a_pair_from_a_rolled_back_batch_is_recorded_by_the_next(store: SQLiteStore) -> None:
+    with pytest.raises(StorageError):  # fails after the contacts were written: all of it rolls back
+        store.append([msg("alice", "bob", "lost")], cursors={"alice": None})  # type: ignore[dict-item]
+    assert store.contacts_among("alice", {"bob"}) == set()
+
+    store.append([msg("alice", "bob", "stored")])
+    assert store.contacts_among("alice", {"bob"}) == {"bob"}
+    assert store.contacts_among("bob", {"alice"}) == {"alice"}
+
+
+def test_contacts_survive_a_restart_and_retried_batches(db_path: Path) -> None:
+    with SQLiteStore(db_path) as store:
+        store.append([msg("alice", "bob", "one", client_id="c1")])
+    with SQLiteStore(db_path) as store:
+        store.append([msg("alice", "bob", "one", client_id="c1"), msg("bob", "erin", "two", client_id="c1")])
+        assert store.contacts_among("bob", {"alice", "erin"}) == {"alice", "erin"}
+
+
+def test_an_older_file_gets_its_contacts_from_the_stored_messages(db_path: Path) -> None:
+    conn = open_component(db_path, "normal", MESSAGES_COMPONENT, MESSAGE_MIGRATIONS)  # as before contacts
+    conn.executemany("INSERT INTO messages (sender, recipient, text, ts) VALUES (?, ?, ?, 1.0)",
+                     [("alice", "bob", "old"), ("carol", "alice", "older"), ("alice", "bob", "again")])
+    conn.close()
+
+    with SQLiteStore(db_path) as store:
+        assert store.contacts_among("alice", {"bob", "carol", "dave"}) == {"bob", "carol"}
+        assert store.contacts_among("bob", {"alice", "carol"}) == {"alice"}
+    conn = open_database(db_path)
+    try:
+        assert schema_version(conn, CONTACTS_COMPONENT) == 1
+    finally:
+        conn.close()
 
 
 # -- maintenance ---------------------------------------------------------------

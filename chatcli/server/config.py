@@ -5,10 +5,14 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal, TypeAlias
 
 from chatcli.errors import UsageError
 from chatcli.protocol import DEFAULT_AUTH_KEY, DEFAULT_MAX_TEXT_BYTES, FRAME_OVERHEAD_BYTES
+
+#: Whose presence a user sees (``who``, ``watch``): everyone's, only their contacts', or nobody's.
+PresenceMode: TypeAlias = Literal["all", "contacts", "off"]
+PRESENCE_MODES: Final[tuple[PresenceMode, ...]] = ("all", "contacts", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,11 +31,16 @@ class ServerConfig:
     require_auth: bool = False
     certfile: Path | None = None
     keyfile: Path | None = None
-    #: Token bucket per session: sustained messages per second, and the burst above it.
+    #: Token bucket per user, shared by all their sessions: sustained requests per second (send, who,
+    #: history, watch, received), and the burst above it.
     rate: float = 5000.0
     burst: int = 10000
     max_connections: int = 20000
+    #: Open sessions per user, receiving or not.
     max_sessions_per_user: int = 16
+    #: None: "contacts" for sessions that proved a token (accounts on), "all" for the others (without
+    #: accounts anyone can claim any id, so hiding presence would protect nothing).
+    presence: PresenceMode | None = None
     #: Bytes a session may have waiting to be written before it counts as a slow consumer and is closed.
     max_buffer_bytes: int = 4 * 1024 * 1024
     #: Ping a session silent this long; close it when the pong has not come within ping_timeout.
@@ -58,6 +67,11 @@ class ServerConfig:
             raise UsageError("--certfile and --keyfile go together")
         if config.require_auth and config.db_path is None:
             raise UsageError("--require-auth needs accounts, which live in the database: drop --ephemeral")
+        if config.presence not in (None, *PRESENCE_MODES):
+            raise UsageError(f"--presence must be one of {', '.join(PRESENCE_MODES)}")
+        if config.presence == "contacts" and config.db_path is None:
+            raise UsageError("--presence contacts knows contacts from stored messages; an --ephemeral server "
+                             "stores none: use --presence all or off")
         for name in ("rate", "burst", "max_connections", "max_sessions_per_user", "max_buffer_bytes",
                      "ping_interval", "ping_timeout", "max_http_connections", "http_timeout", "http_idle_timeout"):
             if getattr(config, name) <= 0:

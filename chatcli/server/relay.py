@@ -12,6 +12,9 @@ Two modes:
   are done), so durability costs one transaction per tick, not per message.
   A recipient with no open session gets the message when it connects.
 * ephemeral (no store): delivered at once or refused as ``offline``.
+
+Limits are per user, not per session: ``UserQuota`` counts a user's open sessions
+(receiving or not) and holds the one token bucket all of them draw from.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Set
 from typing import Protocol
 
 from chatcli import protocol as p
 from chatcli.errors import RemoteProtocolError, StorageError
-from chatcli.server.config import ServerConfig
+from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.metrics import Metrics
 from chatcli.server.storage import MessageStore, NewMessage, StoredMessage
 
@@ -57,10 +60,6 @@ class Session(Protocol):
         """A frame carried a wrong key (seed clients send it in every frame)."""
         ...
 
-    def allow_send(self) -> bool:
-        """Take one message from the session's rate limit; False when it is exhausted."""
-        ...
-
     @property
     def is_open(self) -> bool: ...
 
@@ -76,6 +75,25 @@ class Replay:
         self.held: list[StoredMessage] = []
 
 
+class UserQuota:
+    """One user's share of the server: their open sessions, and the token bucket they all draw from.
+
+    The bucket is refilled lazily, only when it runs dry, so a request costs a subtraction and
+    no clock read. Over any period it grants at most ``burst + rate * elapsed``.
+    """
+
+    __slots__ = ("refilled_at", "sessions", "tokens")
+
+    def __init__(self, tokens: float, now: float) -> None:
+        self.sessions = 0
+        self.tokens = tokens
+        self.refilled_at = now
+
+    def tokens_at(self, now: float, rate: float) -> float:
+        """What a refill at ``now`` would give, before the cap at ``burst``."""
+        return self.tokens + (now - self.refilled_at) * rate
+
+
 class Relay:
     """The registry of open sessions and the routing of sends between them."""
 
@@ -87,6 +105,12 @@ class Relay:
         self.store = store
         self.schedule = schedule or (lambda callback: callback())
         self.clock = clock
+        self.monotonic = time.monotonic  # for token buckets: immune to wall-clock steps
+        # user -> open sessions (receiving or not) and rate limit; kept after the last session closes
+        # until the bucket would be full again, so reconnecting does not refill it.
+        self.quotas: dict[str, UserQuota] = {}
+        self.idle_quotas: set[str] = set()  # users in quotas with no open session
+        self.open: set[Session] = set()  # every registered session, receiving or not
         # user -> that user's open sessions; a user may be connected several times.
         self.sessions: dict[str, list[Session]] = {}
         self.replays: dict[Session, Replay] = {}
@@ -101,11 +125,14 @@ class Relay:
         # Presence: who watches whom, both ways, so a closing session is forgotten in O(its watches).
         self.watchers: dict[str, set[Session]] = {}
         self.watching: dict[Session, tuple[str, ...]] = {}
+        # --presence contacts: (watcher's user, watched user) -> the watcher's sessions told "hidden",
+        # until the two exchange a message (see _reveal).
+        self.hidden_watchers: dict[tuple[str, str], set[Session]] = {}
 
     @property
     def features(self) -> tuple[str, ...]:
         stored = (p.Feature.STORE, p.Feature.RESUME, p.Feature.HISTORY) if self.store is not None else ()
-        return (*stored, p.Feature.PRESENCE)
+        return (*stored, p.Feature.PRESENCE) if self.config.presence != "off" else stored
 
     # -- registry -----------------------------------------------------------
 
@@ -114,8 +141,10 @@ class Relay:
         """Register a session whose greeting was sent, and start sending it its stored messages.
 
         Without ``after``/``since_ts`` it gets what its user has not acknowledged yet. A session
-        with ``receive=False`` only sends or asks: it is not a recipient and not "online".
+        with ``receive=False`` only sends or asks: it is not a recipient and not "online", but it
+        counts towards its user's session limit and draws on the user's rate limit.
         """
+        self._count_open(session)
         if not receive:
             return
         mine = self.sessions.setdefault(session.user, [])
@@ -152,6 +181,10 @@ class Relay:
         """Remove exactly this session; the user's other sessions stay reachable."""
         self.replays.pop(session, None)
         self._unwatch(session)
+        if session not in self.open:
+            return
+        self.open.discard(session)
+        self._release_quota(session.user)
         mine = self.sessions.get(session.user)
         if mine is None:
             return
@@ -163,16 +196,66 @@ class Relay:
             del self.sessions[session.user]
             self._announce(session.user, online=False)
 
+    def _count_open(self, session: Session) -> None:
+        if session in self.open:
+            return
+        self.open.add(session)
+        quota = self.quotas.get(session.user)
+        if quota is None:
+            quota = self.quotas[session.user] = UserQuota(float(self.config.burst), self.monotonic())
+        quota.sessions += 1
+        self.idle_quotas.discard(session.user)
+
+    def _release_quota(self, user: str) -> None:
+        quota = self.quotas[user]
+        quota.sessions -= 1
+        if quota.sessions == 0:
+            self.idle_quotas.add(user)  # forgotten by forget_refilled_quotas once its bucket is full
+
+    def forget_refilled_quotas(self) -> None:
+        """Drop the quotas of users without sessions whose bucket has refilled: a new one is the same.
+
+        Call periodically (the heartbeat does): memory stays bounded by the users seen in the last
+        ``burst / rate`` seconds.
+        """
+        now, rate, burst = self.monotonic(), self.config.rate, self.config.burst
+        for user in [u for u in self.idle_quotas if self.quotas[u].tokens_at(now, rate) >= burst]:
+            del self.quotas[user]
+            self.idle_quotas.discard(user)
+
+    def take_token(self, user: str) -> bool:
+        """Charge one request to ``user``'s bucket; False (charge nothing) when it is empty."""
+        quota = self.quotas.get(user)
+        if quota is None:  # no open session: nothing it sends is acted on
+            return False
+        if quota.tokens < 1.0:
+            now = self.monotonic()
+            quota.tokens = min(float(self.config.burst), quota.tokens_at(now, self.config.rate))
+            quota.refilled_at = now
+            if quota.tokens < 1.0:
+                return False
+        quota.tokens -= 1.0
+        return True
+
     def _unwatch(self, session: Session) -> None:
         for user in self.watching.pop(session, ()):
             watchers = self.watchers.get(user)
-            if watchers is not None:
+            if watchers is not None and session in watchers:
                 watchers.discard(session)
                 if not watchers:
                     del self.watchers[user]
+                continue
+            key = (session.user, user)
+            hidden = self.hidden_watchers.get(key)
+            if hidden is not None:
+                hidden.discard(session)
+                if not hidden:
+                    del self.hidden_watchers[key]
 
     def sessions_of(self, user: str) -> int:
-        return len(self.sessions.get(user, ()))
+        """Open sessions of ``user``, receiving or not (the per-user session limit counts these)."""
+        quota = self.quotas.get(user)
+        return quota.sessions if quota is not None else 0
 
     def _announce(self, user: str, online: bool) -> None:
         watchers = self.watchers.get(user)
@@ -223,24 +306,107 @@ class Relay:
             session.send_text(p.encode(p.Error(exc.code, exc.message)))
             return
         if isinstance(frame, p.Send):
-            self.submit(session, frame.id, frame.to, frame.text)
+            self.submit(session, frame.id, frame.to, frame.text)  # charged there, refused with an ack
+        elif not self.take_token(session.user):
+            self._rate_limited(session, frame)
         elif isinstance(frame, p.Received):
             self._received(session, frame.id)
         elif isinstance(frame, p.HistoryRequest):
             self._history(session, frame)
         elif isinstance(frame, p.WhoRequest):
-            session.send_text(p.encode(p.Who(frame.id, tuple(self.online_users()))))
+            self._who(session, frame)
         else:
             self._watch(session, frame.users)
 
+    def _rate_limited(self, session: Session, frame: p.ClientFrame) -> None:
+        """A request over the user's rate limit: an error naming it; a ``received`` is just dropped
+        (a later one advances the cursor as far)."""
+        self.metrics.error(p.ErrorCode.RATE_LIMITED)
+        if isinstance(frame, p.Received):
+            return
+        details = {"id": frame.id} if isinstance(frame, p.HistoryRequest | p.WhoRequest) else {}
+        session.send_text(p.encode(p.Error(
+            p.ErrorCode.RATE_LIMITED, f"too many requests: {session.user} may make {self.config.rate:g} per "
+            f"second (bursts of {self.config.burst}) over all sessions; ask again later", details)))
+
+    # -- presence --------------------------------------------------------------------
+
+    def presence_mode(self, session: Session) -> PresenceMode:
+        """Whose presence ``session`` sees: ``--presence``, else contacts only once tokens prove who asks."""
+        mode = self.config.presence
+        if mode is None:
+            mode = "contacts" if session.authenticated else "all"
+        return "all" if mode == "contacts" and self.store is None else mode
+
+    def _presence_off(self, session: Session) -> None:
+        session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
+                                           "this server does not show who is online (--presence off)")))
+
+    def _visible(self, session: Session, users: Set[str]) -> set[str] | None:
+        """Which of ``users`` (online or not) ``session`` may see under --presence contacts: its own
+        user and those it exchanged a message with. None (after telling the session) if unreadable."""
+        assert self.store is not None
+        me = session.user
+        try:
+            visible = self.store.contacts_among(me, users)
+        except StorageError as exc:
+            log.error("could not read the contacts of %s: %s", me, exc, extra={"event": "storage-error"})
+            session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE, "presence is unavailable right now")))
+            return None
+        if me in users:
+            visible.add(me)
+        return visible
+
+    def _who(self, session: Session, request: p.WhoRequest) -> None:
+        mode = self.presence_mode(session)
+        if mode == "off":
+            self._presence_off(session)
+            return
+        online: Collection[str] = self.sessions
+        if mode == "contacts":
+            visible = self._visible(session, self.sessions.keys())
+            if visible is None:
+                return
+            online = visible
+        session.send_text(p.encode(p.Who(request.id, tuple(sorted(online)))))
+
     def _watch(self, session: Session, users: tuple[str, ...]) -> None:
-        """Start telling ``session`` about ``users`` coming and going, beginning with where they are now."""
+        """Start telling ``session`` about ``users`` coming and going, beginning with where they are now.
+
+        Under --presence contacts, a user it may not see is reported ``hidden`` (offline) once, and
+        for real as soon as the two exchange a message.
+        """
         self._unwatch(session)
+        mode = self.presence_mode(session)
+        if mode == "off":
+            self._presence_off(session)
+            return
         users = tuple(dict.fromkeys(users))  # a user named twice is still one subscription
+        visible: set[str] | None = None  # None: every user is visible
+        if mode == "contacts" and users:
+            visible = self._visible(session, set(users))
+            if visible is None:
+                return
         self.watching[session] = users
         for user in users:
-            self.watchers.setdefault(user, set()).add(session)
-            session.send_text(p.encode(p.Presence(user, user in self.sessions)))
+            if visible is None or user in visible:
+                self.watchers.setdefault(user, set()).add(session)
+                session.send_text(p.encode(p.Presence(user, user in self.sessions)))
+            else:
+                self.hidden_watchers.setdefault((session.user, user), set()).add(session)
+                session.send_text(p.encode(p.Presence(user, False, hidden=True)))
+
+    def _reveal(self, rows: list[NewMessage]) -> None:
+        """Messages were stored: whoever watched their other party hidden may see it now."""
+        hidden = self.hidden_watchers
+        for row in rows:
+            for watcher, watched in ((row.sender, row.recipient), (row.recipient, row.sender)):
+                sessions = hidden.pop((watcher, watched), None)
+                if sessions:
+                    self.watchers.setdefault(watched, set()).update(sessions)
+                    frame = p.encode(p.Presence(watched, watched in self.sessions))
+                    for session in sessions:
+                        session.send_text(frame)
 
     def on_binary(self, session: Session) -> None:
         self.metrics.error(p.ErrorCode.BINARY_UNSUPPORTED)
@@ -278,7 +444,8 @@ class Relay:
 
     def submit(self, session: Session, client_id: str | None, to: str, text: str) -> None:
         """Accept a message for ``to`` or refuse it; either way the sender gets exactly one ack."""
-        reason = p.check_text(text, self.config.max_text_bytes) if session.allow_send() else p.Reason.RATE_LIMITED
+        reason = (p.check_text(text, self.config.max_text_bytes) if self.take_token(session.user)
+                  else p.Reason.RATE_LIMITED)
         if reason is None and to not in self.sessions and not p.is_valid_user_id(to):  # online ids are valid
             reason = p.Reason.BAD_RECIPIENT
         if reason is not None:
@@ -332,6 +499,8 @@ class Relay:
             return  # lost cursor updates only cost a repeat delivery later, never a loss
         if batch:
             self.metrics.ack_latency.observe(self.clock() - self.batch_started, len(batch))
+        if self.hidden_watchers:  # rare: someone watches a user they have not talked to yet
+            self._reveal(rows)
         duplicates = appended.duplicates
         for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
                                                                                  strict=True)):

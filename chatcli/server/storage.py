@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Final, Literal, NamedTuple, Protocol, TypeAlias
 
@@ -217,6 +218,7 @@ class MessageStore(Protocol):
         self, user: str, after_id: int | None = None, since_ts: float | None = None, limit: int = 1000
     ) -> list[StoredMessage]: ...
     def history(self, user: str, peer: str, limit: int = 50, before_id: int | None = None) -> list[StoredMessage]: ...
+    def contacts_among(self, user: str, candidates: Set[str]) -> set[str]: ...
     def prune(self, older_than_ts: float, limit: int | None = None) -> int: ...
     def size_bytes(self) -> int: ...
     def close(self) -> None: ...
@@ -269,6 +271,23 @@ MESSAGE_MIGRATIONS: Final[tuple[Migration, ...]] = (
     # v3 goes here, e.g. ("ALTER TABLE messages ADD COLUMN edited_ts REAL",).
 )
 
+# Who has exchanged a message with whom (either direction), for ``--presence contacts``. Its own
+# component, so that its versions never collide with the messages schema's.
+CONTACTS_COMPONENT: Final = "contacts"
+CONTACT_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    # v1: both directions of every pair, so one user's contacts are one primary-key range;
+    # backfilled from the messages already stored.
+    (
+        "CREATE TABLE contacts (user TEXT NOT NULL, peer TEXT NOT NULL, PRIMARY KEY (user, peer)) WITHOUT ROWID",
+        "INSERT INTO contacts (user, peer) SELECT sender, recipient FROM messages "
+        "UNION SELECT recipient, sender FROM messages",
+    ),
+)
+_ADD_CONTACT: Final = "INSERT INTO contacts (user, peer) VALUES (?, ?) ON CONFLICT DO NOTHING"
+#: (sender, recipient) pairs remembered as stored in ``contacts``; past this many the memory is
+#: dropped and refilled (rows already there are skipped by the insert), so it stays bounded.
+KNOWN_CONTACTS_MAX: Final = 100_000
+
 _COLUMNS: Final = "m.id, m.sender, m.recipient, m.text, m.ts, m.client_id"
 # DO NOTHING turns a retried (sender, client_id) into a skipped row, which ``rowcount`` reveals.
 _INSERT: Final = (
@@ -306,7 +325,9 @@ class SQLiteStore:
         self.path = Path(path)
         self.fsync = fsync
         self._conn = open_component(path, fsync, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS)
+        self._known_contacts: set[tuple[str, str]] = set()
         try:
+            migrate(self._conn, CONTACTS_COMPONENT, CONTACT_MIGRATIONS)
             # Hints only, to decide when to index the tail; the file has the truth.
             self._indexed_upto, self._last_id = self._inbox_state()
         except BaseException:
@@ -337,13 +358,16 @@ class SQLiteStore:
         try:
             with write_transaction(self._conn, doing):
                 results = self._insert_all(batch)
+                new_contacts = self._add_contacts(batch)
                 if cursors:
                     self._conn.executemany(_ADVANCE, cursors.items())
         except _RetryInBatch:  # rolled back: now the careful way
             with write_transaction(self._conn, doing):
                 results = self._insert_deduplicating(batch)
+                new_contacts = self._add_contacts(batch)
                 if cursors:
                     self._conn.executemany(_ADVANCE, cursors.items())
+        self._remember_contacts(new_contacts)  # only once committed: a rolled-back pair is not known
         if self._last_id - self._indexed_upto >= INBOX_BATCH_ROWS:
             with write_transaction(self._conn, "index new messages"):
                 self._index_tail()
@@ -381,6 +405,23 @@ class SQLiteStore:
                 seen[key] = msg_id
             ids.append(msg_id)
         return Appended(ids, frozenset(duplicates))
+
+    def _add_contacts(self, batch: Sequence[NewMessage]) -> set[tuple[str, str]]:
+        """Record each new (sender, recipient) pair both ways; call inside the batch's transaction.
+
+        Pairs remembered from earlier commits are skipped, so a steady conversation costs a set
+        lookup per message and no SQL.
+        """
+        known = self._known_contacts
+        new = {pair for pair in ((m.sender, m.recipient) for m in batch) if pair not in known}
+        if new:
+            self._conn.executemany(_ADD_CONTACT, [*new, *((peer, user) for user, peer in new)])
+        return new
+
+    def _remember_contacts(self, pairs: set[tuple[str, str]]) -> None:
+        if len(self._known_contacts) + len(pairs) > KNOWN_CONTACTS_MAX:
+            self._known_contacts.clear()
+        self._known_contacts |= pairs
 
     def _id_by_client_id(self, sender: str, client_id: str) -> int | None:
         row = self._conn.execute("SELECT id FROM messages WHERE sender = ? AND client_id = ?",
@@ -470,6 +511,26 @@ class SQLiteStore:
             params = (peer, user, before, limit, user, peer, before, limit, limit)
         rows = self._conn.execute(sql, params).fetchall()
         return [_message(row) for row in reversed(rows)]
+
+    def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
+        """Those of ``candidates`` who have exchanged a message with ``user``, either way.
+
+        Costs at most about twice ``len(candidates)`` rows however many contacts ``user`` has:
+        their contacts are read up to that many; past it, each candidate is looked up instead.
+        """
+        if not candidates:
+            return set()
+        try:
+            rows = self._conn.execute("SELECT peer FROM contacts WHERE user = ? LIMIT ?",
+                                      (user, len(candidates) + 1)).fetchall()
+            if len(rows) <= len(candidates):
+                return {row[0] for row in rows if row[0] in candidates}
+            rows = self._conn.execute("SELECT peer FROM contacts WHERE user = ? AND peer IN "
+                                      "(SELECT value FROM json_each(?))",
+                                      (user, json.dumps(list(candidates)))).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the contacts of {user}: {exc}") from exc
+        return {row[0] for row in rows}
 
     # -- maintenance -------------------------------------------------------
 

@@ -199,6 +199,7 @@ class WebSocketServer:
                 connection.ping_sent_at = now
                 connection.ws.send_ping(b"chatcli")
                 connection.schedule_flush()
+        self.relay.forget_refilled_quotas()  # periodic, like the pings; keeps the per-user table bounded
 
     def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
         self.closing = True
@@ -215,7 +216,7 @@ class Connection(asyncio.Protocol):
     __slots__ = ("authenticated", "confirmed_upto", "dirty", "drain_waiters", "fragment_is_text", "fragments",
                  "frame_budget", "frame_budget_at", "head_bytes", "head_tail", "held_frames", "last_seen", "legacy",
                  "open_timer", "peer", "peer_address", "phase", "ping_sent_at", "queued_bytes", "server",
-                 "session_id", "tokens", "tokens_at", "transport", "user", "writing_paused", "written_upto", "ws")
+                 "session_id", "transport", "user", "writing_paused", "written_upto", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
@@ -246,11 +247,11 @@ class Connection(asyncio.Protocol):
         # Reading: a message arriving in fragments.
         self.fragments: list[BytesLike] | None = None
         self.fragment_is_text = True
-        # Rate limits, refilled once per read rather than once per frame: messages, and raw frames of any kind.
+        # The frame limit, refilled once per read rather than once per frame (messages and requests
+        # draw on the user's bucket in the relay).
         now = server.loop.time()
-        self.tokens = float(server.config.burst)
         self.frame_budget = float(server.config.frame_burst)
-        self.tokens_at = self.frame_budget_at = self.last_seen = now
+        self.frame_budget_at = self.last_seen = now
         self.ping_sent_at = 0.0
         # Messages written to this session: received acks cannot go past it. Seed clients never
         # acknowledge: for them the last id whose bytes the kernel took (the buffer was empty after
@@ -394,16 +395,6 @@ class Connection(asyncio.Protocol):
 
     def written(self, msg_id: int) -> None:
         self.written_upto = msg_id
-
-    def allow_send(self) -> bool:
-        if self.tokens < 1.0:
-            config, now = self.server.config, self.last_seen
-            self.tokens = min(float(config.burst), self.tokens + (now - self.tokens_at) * config.rate)
-            self.tokens_at = now
-            if self.tokens < 1.0:
-                return False
-        self.tokens -= 1.0
-        return True
 
     def auth_failed(self) -> None:
         """A frame of this session carried a wrong key: count it against its address, and stop a guesser."""
