@@ -117,9 +117,10 @@ def serve(
     log_format: Annotated[LogFormat, typer.Option(case_sensitive=False)] = LogFormat.text,
 ) -> None:
     """Run the relay server."""
+    from chatcli.paths import default_db_path
     from chatcli.server.config import ServerConfig
     from chatcli.server.main import run
-    from chatcli.units import default_db_path, parse_duration
+    from chatcli.units import parse_duration
 
     if ephemeral and db is not None:
         raise typer.BadParameter("--db and --ephemeral exclude each other", param_hint="--ephemeral")
@@ -365,8 +366,8 @@ DbOption = Annotated[Path | None, typer.Option(
 
 
 def _accounts(db: Path | None) -> AccountStore:
+    from chatcli.paths import default_db_path
     from chatcli.server.accounts import AccountStore
-    from chatcli.units import default_db_path
 
     path = db or default_db_path()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Final
 
 from chatcli import render
 from chatcli.client import Backoff, MessageCursor, ResumePoint, Session, open_session, store_changed
-from chatcli.config import ClientSettings, state_dir
+from chatcli.config import ClientSettings
 from chatcli.errors import AuthError, CertificateError, ClientError, ConnectError, RefusedError, UsageError
+from chatcli.paths import state_dir
 from chatcli.protocol import Ack, Error, Feature, Message, Presence, Send, ServerFrame, check_user_id
 from chatcli.protocol import History as HistoryFrame
 
