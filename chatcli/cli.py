@@ -17,7 +17,7 @@ from chatcli import __version__
 from chatcli.errors import ExitStatus, exit_status_for
 
 if TYPE_CHECKING:
-    from chatcli.config import ClientSettings
+    from chatcli.client.settings import ClientSettings
     from chatcli.protocol import Ack, Message
     from chatcli.server.accounts import AccountStore
 
@@ -142,7 +142,7 @@ def serve(
 
 # ---------------------------------------------------------------------------
 # Client commands: send, listen, history, who, chat. Settings resolve as flag > environment >
-# profile > default (chatcli.config); imports are lazy so `send` and `listen`
+# profile > default (chatcli.client.settings); imports are lazy so `send` and `listen`
 # never load prompt_toolkit or Rich.
 # ---------------------------------------------------------------------------
 
@@ -175,7 +175,7 @@ PeerArgument = Annotated[str, typer.Argument(metavar="PEER", help="The other use
 def _settings(url: str | None, auth_key: str | None, auth_key_file: Path | None, timeout: float | None,
               profile: str | None, *, token_file: Path | None, cafile: Path | None,
               insecure: bool) -> ClientSettings:
-    from chatcli.config import resolve_settings
+    from chatcli.client.settings import resolve_settings
 
     settings = resolve_settings(url=url, auth_key=auth_key, auth_key_file=auth_key_file, timeout=timeout,
                                 profile=profile, token_file=token_file, cafile=cafile, insecure=insecure)
@@ -209,17 +209,19 @@ def send(
     """
     import asyncio
 
-    from chatcli import client, render
+    from chatcli.client import render
+    from chatcli.client.commands import send_messages
+    from chatcli.client.inputs import read_texts
 
     settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    texts = client.read_texts(text, lines=lines, stdin=sys.stdin)
+    texts = read_texts(text, lines=lines, stdin=sys.stdin)
 
     def on_ack(ack: Ack) -> None:
         if json_output:
             render.write_line(sys.stdout, render.ack_json(ack, peer))
 
-    asyncio.run(client.send_messages(settings, me, peer, texts, on_ack))
+    asyncio.run(send_messages(settings, me, peer, texts, on_ack))
 
 
 @app.command()
@@ -252,14 +254,17 @@ def listen(
     """Print each incoming message as a JSON line: {"id", "from", "to", "text", "ts"}."""
     import asyncio
 
-    from chatcli import client, render
+    from chatcli.client import render
+    from chatcli.client.commands import ListenOptions, listen
+    from chatcli.client.inputs import parse_since
+    from chatcli.client.reconnect import CursorFile
 
     settings = _settings(url, auth_key, auth_key_file, None, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    options = client.ListenOptions(
+    options = ListenOptions(
         count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
-        start=client.parse_since(since) if since is not None else None,
-        cursor_file=client.CursorFile(cursor_file) if cursor_file is not None else None)
+        start=parse_since(since) if since is not None else None,
+        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None)
 
     def on_message(message: Message) -> None:
         render.write_line(sys.stdout, render.message_json(message))
@@ -267,7 +272,7 @@ def listen(
     def notice(text: str) -> None:
         print(f"chatcli: {text}", file=sys.stderr, flush=True)
 
-    asyncio.run(client.listen(settings, me, options, on_message, notice))
+    asyncio.run(listen(settings, me, options, on_message, notice))
 
 
 @app.command()
@@ -290,11 +295,12 @@ def history(
     """Print the conversation between ME and PEER, oldest first (exit 5 on a server that stores nothing)."""
     import asyncio
 
-    from chatcli import client, render
+    from chatcli.client import render
+    from chatcli.client.commands import fetch_history
 
     settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    messages = asyncio.run(client.fetch_history(settings, me, peer, limit))
+    messages = asyncio.run(fetch_history(settings, me, peer, limit))
     colour = render.wants_colour(sys.stdout)
     for message in messages:
         line = render.message_json(message) if json_output else render.history_ansi(message, colour=colour)
@@ -318,11 +324,12 @@ def who(
     """List the users online, one per line, sorted; ME is who asks (the server checks ME's credentials)."""
     import asyncio
 
-    from chatcli import client, render
+    from chatcli.client import render
+    from chatcli.client.commands import fetch_online
 
     settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    users = asyncio.run(client.fetch_online(settings, me))
+    users = asyncio.run(fetch_online(settings, me))
     if json_output:
         render.write_line(sys.stdout, render.users_json(users))
     else:
@@ -347,7 +354,7 @@ def chat(
 
     Opens with the last messages of the conversation, on a server that keeps them.
     """
-    from chatcli import repl
+    from chatcli.client import repl
 
     repl.chat(_settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure), me, peer)

@@ -7,18 +7,11 @@ import io
 
 import pytest
 
-from chatcli.client import (
-    Backoff,
-    MessageCursor,
-    ResumePoint,
-    fetch_history,
-    open_session,
-    parse_since,
-    read_texts,
-    send_messages,
-    user_url,
-)
-from chatcli.config import ClientSettings
+from chatcli.client.commands import fetch_history, send_messages
+from chatcli.client.inputs import parse_since, read_texts
+from chatcli.client.reconnect import Backoff, MessageCursor, ResumePoint
+from chatcli.client.session import open_session, user_url
+from chatcli.client.settings import ClientSettings
 from chatcli.errors import ConnectError, LocalProtocolError, RefusedError, UsageError
 from chatcli.protocol import Ack, Feature, Hello, Message
 from tests.conftest import RunningServer

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from chatcli import render
+from chatcli.client import render
 from chatcli.protocol import REPLAY_SINCE_HEADER, Message
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
 from tests.test_cli_network import add_user, start_tls_server

@@ -19,6 +19,12 @@ from typing import TYPE_CHECKING, Final, TextIO
 from chatcli.errors import LocalProtocolError
 from chatcli.protocol import Ack, Message, parse_ts
 
+__all__ = [
+    "Outcome", "StatusView", "ack_json", "author_colour", "history_ansi", "message_ansi", "message_json",
+    "notice_ansi", "own_message_ansi", "safe_text", "status_ansi", "status_text", "users_json", "wants_colour",
+    "write_line",
+]
+
 if TYPE_CHECKING:
     from rich.text import Text
 

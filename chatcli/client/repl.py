@@ -24,13 +24,16 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Final
 
-from chatcli import render
-from chatcli.client import Backoff, MessageCursor, ResumePoint, Session, open_session, store_changed
-from chatcli.config import ClientSettings
+from chatcli.client import render
+from chatcli.client.reconnect import Backoff, MessageCursor, ResumePoint, store_changed
+from chatcli.client.session import Session, open_session
+from chatcli.client.settings import ClientSettings
 from chatcli.errors import AuthError, CertificateError, ClientError, ConnectError, RefusedError, UsageError
 from chatcli.paths import state_dir
 from chatcli.protocol import Ack, Error, Feature, Message, Presence, Send, ServerFrame, check_user_id
 from chatcli.protocol import History as HistoryFrame
+
+__all__ = ["HELP", "HISTORY_LINES", "ChatClient", "chat"]
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession

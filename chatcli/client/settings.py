@@ -1,4 +1,4 @@
-"""Client settings: flag > environment > profile > default.
+"""Client settings, the room where flags, environment, profiles and defaults meet (in that order).
 
 Profiles live in ``$XDG_CONFIG_HOME/chatcli/config.toml``::
 
@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 from chatcli.errors import UsageError
 from chatcli.paths import config_path
 from chatcli.protocol import DEFAULT_AUTH_KEY
+
+__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "ClientSettings", "check_url", "resolve_settings"]
 
 DEFAULT_URL: Final = "ws://127.0.0.1:6060"
 DEFAULT_TIMEOUT: Final = 10.0
