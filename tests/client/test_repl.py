@@ -20,8 +20,8 @@ import pytest
 
 from chatcli.client import render
 from chatcli.protocol import REPLAY_SINCE_HEADER, Message
+from tests.client.test_cli_network import add_user, start_tls_server
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.test_cli_network import add_user, start_tls_server
 from tests.wsclients import legacy, native, recv_frame, send_native
 
 Chatcli = Callable[..., ChatcliProcess]
