@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from chatcli.client.reconnect import Backoff, CursorFile, MessageCursor, ResumePoint, store_changed
-from chatcli.client.session import Session, open_session, refusal
+from chatcli.client.session import ClientSession, open_session, refusal
 from chatcli.client.settings import ClientSettings
 from chatcli.errors import CertificateError, ConnectError, RefusedError, TimedOutError
 from chatcli.protocol import Ack, ErrorCode, Feature, Message, Send, check_user_id
@@ -32,7 +32,7 @@ Notice = Callable[[str], None]
 
 
 async def send_messages(settings: ClientSettings, me: str, peer: str, texts: Iterator[str],
-                        on_ack: Callable[[Ack], None], new_id: Callable[[], str] = Session.new_id) -> None:
+                        on_ack: Callable[[Ack], None], new_id: Callable[[], str] = ClientSession.new_id) -> None:
     """Send each text in order; return once every one was accepted, else raise at the first refusal.
 
     If a session to a storing server drops, reconnect (backoff, for at most ``settings.timeout``
@@ -69,7 +69,7 @@ async def _wait_to_resend(exc: ConnectError, lost_at: float, backoff: Backoff, w
     await asyncio.sleep(min(left, backoff.next_delay()))
 
 
-async def _send_all(session: Session, peer: str, texts: Iterator[str], unacked: list[Send],
+async def _send_all(session: ClientSession, peer: str, texts: Iterator[str], unacked: list[Send],
                     on_ack: Callable[[Ack], None], new_id: Callable[[], str]) -> None:
     """Send the unacknowledged message (if any), then the rest of ``texts``, one ack at a time."""
     while True:
@@ -185,7 +185,7 @@ def _restart_cursor(resumed: ResumePoint | None, cursor: MessageCursor, cursor_f
         cursor_file.save(0, cursor.epoch)
 
 
-def _handler(session: Session, options: ListenOptions, cursor: MessageCursor,
+def _handler(session: ClientSession, options: ListenOptions, cursor: MessageCursor,
              take: Callable[[Message], bool]) -> Callable[[Message], Awaitable[bool]]:
     """Print a new message, then record it as handled: in the cursor file, and on the server.
 

@@ -14,15 +14,16 @@ import re
 import time
 import zlib
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Final, TextIO
 
 from chatcli.errors import LocalProtocolError
-from chatcli.protocol import Ack, Message, parse_ts
+from chatcli.protocol import Ack, Message, Status, parse_ts
 
 __all__ = [
-    "Outcome", "StatusView", "ack_json", "author_colour", "history_ansi", "message_ansi", "message_json",
-    "notice_ansi", "own_message_ansi", "safe_text", "status_ansi", "status_text", "users_json", "wants_colour",
-    "write_line",
+    "ConnectionState", "Outcome", "StatusView", "ack_json", "author_colour", "history_ansi", "message_ansi",
+    "message_json", "notice_ansi", "own_message_ansi", "safe_text", "status_ansi", "status_text", "users_json",
+    "wants_colour", "write_line",
 ]
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def history_ansi(message: Message, *, colour: bool) -> str:
 class Outcome:
     """What became of one of our messages."""
 
-    status: str  # "delivered", "stored" or "refused"
+    status: str  # a protocol.Status: delivered, stored or refused
     reason: str | None = None
     ts: str | None = None
 
@@ -166,7 +167,7 @@ class Outcome:
 def own_message_ansi(me: str, text: str, outcome: Outcome, *, colour: bool) -> str:
     """Our message once the server answered: ``HH:MM me: text  ✓ delivered`` or ``✗ refused (offline)``."""
     line = _chat_line(_clock(outcome.ts), me, "white", text)
-    if outcome.status == "refused":
+    if outcome.status == Status.REFUSED:
         line.append(f"  ✗ refused ({safe_text(outcome.reason or 'no reason')})", style="bold red")
     else:
         line.append(f"  ✓ {outcome.status}", style="green")
@@ -180,11 +181,21 @@ def notice_ansi(text: str, *, colour: bool) -> str:
     return _to_ansi(Text("-- " + safe_text(text), style="dim italic"), colour)
 
 
+class ConnectionState(StrEnum):
+    """The chat's connection, as the status line names it; the last two are final (the chat stops connecting)."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    AUTH_REFUSED = "authentication refused"
+    CERTIFICATE_UNTRUSTED = "TLS certificate not trusted"
+
+
 @dataclass(frozen=True, slots=True)
 class StatusView:
     """Everything the status line shows."""
 
-    state: str  # "connecting", "connected", "reconnecting", "authentication refused", "TLS certificate not trusted"
+    state: ConnectionState
     url: str
     me: str
     peer: str
@@ -196,7 +207,13 @@ class StatusView:
     peer_hidden: bool = False
 
 
-_STATE_STYLES: Final = {"connected": "bold green", "connecting": "bold yellow", "reconnecting": "bold yellow"}
+_STATE_STYLES: Final = {
+    ConnectionState.CONNECTING: "bold yellow",
+    ConnectionState.CONNECTED: "bold green",
+    ConnectionState.RECONNECTING: "bold yellow",
+    ConnectionState.AUTH_REFUSED: "bold red",
+    ConnectionState.CERTIFICATE_UNTRUSTED: "bold red",
+}
 
 
 def status_text(view: StatusView) -> str:
@@ -211,11 +228,11 @@ def status_ansi(view: StatusView, *, colour: bool, width: int = 10_000) -> str:
 def _status(view: StatusView) -> Text:
     from rich.text import Text
 
-    state = view.state
-    if state == "reconnecting" and view.retry_in is not None:
+    state = str(view.state)
+    if view.state is ConnectionState.RECONNECTING and view.retry_in is not None:
         state = f"reconnecting in {max(0, round(view.retry_in))} s"
     line = Text()
-    line.append(f"● {state}", style=_STATE_STYLES.get(view.state, "bold red"))
+    line.append(f"● {state}", style=_STATE_STYLES[view.state])
     line.append(f"  {view.url}  ", style="dim")
     line.append(f"{view.me} → {view.peer}", style="bold")
     if view.peer_hidden:

@@ -63,7 +63,7 @@ from chatcli.protocol import (
     parse_server_frame,
 )
 
-__all__ = ["Session", "open_session", "refusal", "tls_context", "user_url"]
+__all__ = ["ClientSession", "open_session", "refusal", "tls_context", "user_url"]
 
 
 def user_url(server_url: str, user: str) -> str:
@@ -71,7 +71,7 @@ def user_url(server_url: str, user: str) -> str:
     return server_url.rstrip("/") + "/" + quote(check_user_id(user), safe="")
 
 
-class Session:
+class ClientSession:
     """An open chatcli.v1 session, after the server's hello."""
 
     _ids: Final = itertools.count(1)
@@ -87,7 +87,7 @@ class Session:
     @staticmethod
     def new_id() -> str:
         """A client id for a ``send``: unique per run, and kept when a message is resent after a reconnect."""
-        return f"{Session._tag}-{next(Session._ids)}"
+        return f"{ClientSession._tag}-{next(ClientSession._ids)}"
 
     def offers(self, feature: str) -> bool:
         """Whether the server announced ``feature`` (a ``protocol.Feature``) in its hello."""
@@ -174,13 +174,10 @@ class Session:
         detail = _close_detail(self._ws.close_code, self._ws.close_reason)
         raise ConnectError(f"the server closed the session{detail}")
 
-    async def close(self) -> None:
-        await self._ws.close()
-
 
 @asynccontextmanager
 async def open_session(settings: ClientSettings, user: str,
-                       resume: ResumePoint | None = None) -> AsyncIterator[Session]:
+                       resume: ResumePoint | None = None) -> AsyncIterator[ClientSession]:
     """Connect as ``user``, read the hello, yield the session, close it on the way out.
 
     ``resume`` says where the stored backlog starts (default: after the server-side cursor).
@@ -191,7 +188,7 @@ async def open_session(settings: ClientSettings, user: str,
         if ws.subprotocol != SUBPROTOCOL:
             raise ConnectError(f"{settings.url} does not speak {SUBPROTOCOL} (is it an old seed server?)")
         hello = await _read_hello(ws, settings)
-        yield Session(ws, hello, settings.timeout)
+        yield ClientSession(ws, hello, settings.timeout)
     finally:
         await ws.close()
 
