@@ -1,7 +1,9 @@
 """The command-line interface: each command parses options and calls one function.
 
 Typer lives here and nowhere else. Errors are not handled in the commands:
-``main`` maps every exception to an exit status through ``errors.exit_status_for``.
+``run`` maps every exception to an exit status through ``errors.exit_status_for``.
+The client commands reach stdin, stdout and stderr only through the ``Environment``
+that ``run`` is given (``ctx.obj``), so tests can run them in-process.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from chatcli import __version__
+from chatcli.client.environment import Environment, point_at_devnull
 from chatcli.errors import ExitStatus, exit_status_for
 
 if TYPE_CHECKING:
@@ -172,21 +175,27 @@ MeArgument = Annotated[str, typer.Argument(metavar="ME", help="Your user id.", s
 PeerArgument = Annotated[str, typer.Argument(metavar="PEER", help="The other user's id.", show_default=False)]
 
 
-def _settings(url: str | None, auth_key: str | None, auth_key_file: Path | None, timeout: float | None,
-              profile: str | None, *, token_file: Path | None, cafile: Path | None,
+def _environment(ctx: typer.Context) -> Environment:
+    """The streams ``run`` was given; the process's own when the app is called another way."""
+    return ctx.obj if isinstance(ctx.obj, Environment) else Environment.from_process()
+
+
+def _settings(env: Environment, url: str | None, auth_key: str | None, auth_key_file: Path | None,
+              timeout: float | None, profile: str | None, *, token_file: Path | None, cafile: Path | None,
               insecure: bool) -> ClientSettings:
     from chatcli.client.settings import resolve_settings
 
     settings = resolve_settings(url=url, auth_key=auth_key, auth_key_file=auth_key_file, timeout=timeout,
                                 profile=profile, token_file=token_file, cafile=cafile, insecure=insecure)
     if settings.insecure:  # every time: skipping verification must never go unnoticed
-        print(f"chatcli: WARNING: --insecure: the TLS certificate of {settings.url} is NOT verified; anyone on "
-              "the network path can read and change this session", file=sys.stderr, flush=True)
+        env.notice(f"WARNING: --insecure: the TLS certificate of {settings.url} is NOT verified; anyone on "
+                   "the network path can read and change this session")
     return settings
 
 
 @app.command()
 def send(
+    ctx: typer.Context,
     me: MeArgument,
     peer: PeerArgument,
     text: Annotated[str | None, typer.Argument(
@@ -213,19 +222,21 @@ def send(
     from chatcli.client.commands import send_messages
     from chatcli.client.inputs import read_texts
 
-    settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    texts = read_texts(text, lines=lines, stdin=sys.stdin)
+    texts = read_texts(text, lines=lines, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
 
     def on_ack(ack: Ack) -> None:
         if json_output:
-            render.write_line(sys.stdout, render.ack_json(ack, peer))
+            env.write_line(render.ack_json(ack, peer))
 
     asyncio.run(send_messages(settings, me, peer, texts, on_ack))
 
 
 @app.command()
 def listen(
+    ctx: typer.Context,
     me: MeArgument,
     count: Annotated[int | None, typer.Option(
         "--count", min=1, help="Exit 0 after this many messages.", show_default=False)] = None,
@@ -259,7 +270,8 @@ def listen(
     from chatcli.client.inputs import parse_since
     from chatcli.client.reconnect import CursorFile
 
-    settings = _settings(url, auth_key, auth_key_file, None, profile, token_file=token_file, cafile=cafile,
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, None, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
     options = ListenOptions(
         count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
@@ -267,16 +279,14 @@ def listen(
         cursor_file=CursorFile(cursor_file) if cursor_file is not None else None)
 
     def on_message(message: Message) -> None:
-        render.write_line(sys.stdout, render.message_json(message))
+        env.write_line(render.message_json(message))
 
-    def notice(text: str) -> None:
-        print(f"chatcli: {text}", file=sys.stderr, flush=True)
-
-    asyncio.run(listen(settings, me, options, on_message, notice))
+    asyncio.run(listen(settings, me, options, on_message, env.notice))
 
 
 @app.command()
 def history(
+    ctx: typer.Context,
     me: MeArgument,
     peer: PeerArgument,
     limit: Annotated[int, typer.Option(
@@ -298,17 +308,18 @@ def history(
     from chatcli.client import render
     from chatcli.client.commands import fetch_history
 
-    settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
     messages = asyncio.run(fetch_history(settings, me, peer, limit))
-    colour = render.wants_colour(sys.stdout)
     for message in messages:
-        line = render.message_json(message) if json_output else render.history_ansi(message, colour=colour)
-        render.write_line(sys.stdout, line)
+        env.write_line(render.message_json(message) if json_output
+                       else render.history_ansi(message, colour=env.colour))
 
 
 @app.command()
 def who(
+    ctx: typer.Context,
     me: MeArgument,
     json_output: Annotated[bool, typer.Option(
         "--json", help='Print one JSON array of user ids, e.g. ["alice", "bob"].')] = False,
@@ -327,18 +338,20 @@ def who(
     from chatcli.client import render
     from chatcli.client.commands import fetch_online
 
-    settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
     users = asyncio.run(fetch_online(settings, me))
     if json_output:
-        render.write_line(sys.stdout, render.users_json(users))
+        env.write_line(render.users_json(users))
     else:
         for user in users:
-            render.write_line(sys.stdout, user)
+            env.write_line(user)
 
 
 @app.command()
 def chat(
+    ctx: typer.Context,
     me: MeArgument,
     peer: PeerArgument,
     url: UrlOption = None,
@@ -356,8 +369,9 @@ def chat(
     """
     from chatcli.client import repl
 
-    repl.chat(_settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
-                         insecure=insecure), me, peer)
+    env = _environment(ctx)
+    repl.chat(_settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+                        insecure=insecure), me, peer, env)
 
 
 # ---------------------------------------------------------------------------
@@ -422,36 +436,33 @@ def user_list(db: DbOption = None) -> None:
             print(f"{account.name}\t{format_ts(account.created_ts)}")
 
 
-def main() -> None:
-    """Console entry point: run the app and map whatever it raised to one exit status."""
+def run(args: list[str] | None = None, env: Environment | None = None) -> int:
+    """Run the app on ``args`` (default: argv) with ``env``'s streams; the exit status of whatever happened."""
+    env = Environment.from_process() if env is None else env
     # Typer >= 0.20 vendors click: its exceptions derive from typer.TyperException, and in
     # non-standalone mode Exit (also Ctrl-C, as 130) comes back as the return value.
     try:
-        status = app(standalone_mode=False)
+        status = app(args=args, standalone_mode=False, obj=env)
     except typer.Abort:
-        sys.exit(ExitStatus.INTERRUPTED)
+        return ExitStatus.INTERRUPTED
     except typer.TyperException as exc:
         show = getattr(exc, "show", None)
         if callable(show):
             show()
         else:
-            print(f"chatcli: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+            env.notice(exc.format_message())
+        return exc.exit_code
     except KeyboardInterrupt:
-        sys.exit(ExitStatus.INTERRUPTED)
-    except BrokenPipeError:
-        _quiet_broken_pipe()
+        return ExitStatus.INTERRUPTED
+    except BrokenPipeError:  # the reader went away (``| head -1``): a quiet success
+        point_at_devnull(env.stdout)
+        return ExitStatus.SUCCESS
     except Exception as exc:  # the one place where errors become exit statuses
-        status = exit_status_for(exc)
-        print(f"chatcli: {exc}" if str(exc) else f"chatcli: {type(exc).__name__}", file=sys.stderr)
-        sys.exit(status)
-    sys.exit(status if isinstance(status, int) else ExitStatus.SUCCESS)
+        env.notice(str(exc) or type(exc).__name__)
+        return exit_status_for(exc)
+    return status if isinstance(status, int) else ExitStatus.SUCCESS
 
 
-def _quiet_broken_pipe() -> None:
-    """The reader went away (``| head -1``): exit 0 without a traceback at interpreter exit."""
-    import os
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    sys.exit(ExitStatus.SUCCESS)
+def main() -> None:
+    """Console entry point: run the app on argv and exit with its status."""
+    sys.exit(run())

@@ -31,13 +31,13 @@ def parse_since(value: str, now: float | None = None) -> ResumePoint:
     return ResumePoint(since=format_ts((time.time() if now is None else now) - seconds))
 
 
-def read_texts(text: str | None, *, lines: bool, stdin: TextIO) -> Iterator[str]:
+def read_texts(text: str | None, *, lines: bool, stdin: TextIO, stdin_isatty: bool) -> Iterator[str]:
     """The messages ``send`` should send: the argument, all of stdin, or one per stdin line."""
     if text is not None and text != "-":
         if lines:
             raise UsageError("--lines reads stdin: give no TEXT (or '-')")
         return iter([_non_empty(text)])
-    if stdin.isatty():
+    if stdin_isatty:
         raise UsageError("no TEXT given and stdin is a terminal: pass TEXT, or pipe the message in")
     if lines:
         return _stdin_lines(stdin)

@@ -9,13 +9,12 @@ a message cannot move the cursor, retitle the window or clear the screen.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import zlib
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Final, TextIO
+from typing import TYPE_CHECKING, Final
 
 from chatcli.errors import LocalProtocolError
 from chatcli.protocol import Ack, Message, Status, parse_ts
@@ -23,7 +22,6 @@ from chatcli.protocol import Ack, Message, Status, parse_ts
 __all__ = [
     "ConnectionState", "Outcome", "StatusView", "ack_json", "author_colour", "history_ansi", "message_ansi",
     "message_json", "notice_ansi", "own_message_ansi", "safe_text", "status_ansi", "status_text", "users_json",
-    "wants_colour", "write_line",
 ]
 
 if TYPE_CHECKING:
@@ -75,34 +73,12 @@ def users_json(users: tuple[str, ...]) -> str:
     return json.dumps(list(users))
 
 
-def write_line(stream: TextIO, line: str) -> None:
-    """Write one line and flush it at once.
-
-    If the reader has gone (``| head -1``), stdout is pointed at /dev/null so the
-    interpreter's final flush stays quiet, and ``BrokenPipeError`` is re-raised
-    for the caller to stop.
-    """
-    try:
-        stream.write(line + "\n")
-        stream.flush()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-        raise
-
-
 # ---------------------------------------------------------------------------
 # The chat screen (Rich)
 # ---------------------------------------------------------------------------
 
 _AUTHOR_COLOURS: Final = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan",
                           "bright_magenta")
-
-
-def wants_colour(stream: TextIO) -> bool:
-    """Colour only on a terminal, and never when ``NO_COLOR`` is set (https://no-color.org)."""
-    return not os.environ.get("NO_COLOR") and stream.isatty()
 
 
 def _to_ansi(text: Text, colour: bool, width: int = 10_000) -> str:

@@ -19,12 +19,12 @@ shown, so the screen stays in order. Each incoming message shown is confirmed
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Final
 
 from chatcli.client import render
+from chatcli.client.environment import Environment
 from chatcli.client.reconnect import Backoff, MessageCursor, ResumePoint, store_changed
 from chatcli.client.render import ConnectionState
 from chatcli.client.session import ClientSession, open_session
@@ -204,25 +204,25 @@ class ChatClient:
             self.on_change()
 
 
-def chat(settings: ClientSettings, me: str, peer: str, *, input: Input | None = None,
+def chat(settings: ClientSettings, me: str, peer: str, env: Environment, *, input: Input | None = None,
          output: Output | None = None) -> None:
     """Run the REPL until /quit or Ctrl-D; Ctrl-C ends it as an interruption (exit 130)."""
     check_user_id(me)
     check_user_id(peer)
-    if input is None and not sys.stdin.isatty():
+    if input is None and not env.stdin_isatty:
         raise UsageError("chat needs a terminal; in scripts use 'chatcli send' and 'chatcli listen'")
-    interrupted, client = asyncio.run(_chat(settings, me, peer, input, output))
+    interrupted, client = asyncio.run(_chat(settings, me, peer, env, input, output))
     if client.fatal_error is not None:
         raise client.fatal_error
     if interrupted:
         raise KeyboardInterrupt
 
 
-async def _chat(settings: ClientSettings, me: str, peer: str, input: Input | None,
+async def _chat(settings: ClientSettings, me: str, peer: str, env: Environment, input: Input | None,
                 output: Output | None) -> tuple[bool, ChatClient]:
     from prompt_toolkit.patch_stdout import patch_stdout
 
-    colour = output is None and render.wants_colour(sys.stdout)
+    colour = output is None and env.colour
     client = ChatClient(settings, me, peer, colour=colour)
     with patch_stdout(raw=True):
         prompt = _prompt_session(client, input, output)
