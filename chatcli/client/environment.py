@@ -9,24 +9,26 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from typing import TextIO
 
 __all__ = ["Environment", "point_at_devnull"]
 
 
-@dataclass(frozen=True, slots=True)
 class Environment:
-    """Standard streams, whether each is a terminal, and whether the user asked for no colour."""
+    """Standard streams, whether each is a terminal, and whether the user asked for no colour.
 
-    stdin: TextIO
-    stdout: TextIO
-    stderr: TextIO
-    stdin_isatty: bool = False
-    stdout_isatty: bool = False
-    stderr_isatty: bool = False
-    #: ``NO_COLOR`` is set to a non-empty value (https://no-color.org).
-    no_color: bool = False
+    A plain class, not a dataclass: every command builds one, and ``chatcli send --help``
+    would otherwise pay for importing ``dataclasses``.
+    """
+
+    __slots__ = ("no_color", "stderr", "stderr_isatty", "stdin", "stdin_isatty", "stdout", "stdout_isatty")
+
+    def __init__(self, stdin: TextIO, stdout: TextIO, stderr: TextIO, *, stdin_isatty: bool = False,
+                 stdout_isatty: bool = False, stderr_isatty: bool = False, no_color: bool = False) -> None:
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.stdin_isatty, self.stdout_isatty, self.stderr_isatty = stdin_isatty, stdout_isatty, stderr_isatty
+        #: ``NO_COLOR`` is set to a non-empty value (https://no-color.org).
+        self.no_color = no_color
 
     @classmethod
     def from_process(cls) -> Environment:
