@@ -38,6 +38,10 @@ log = logging.getLogger("chatcli.server")
 REPLAY_PAGE = 500
 
 
+#: Users one session may watch at once (a watch replaces the session's previous one).
+MAX_WATCHED_USERS = 512
+
+
 class Session(Protocol):
     """What routing needs of a connected session."""
 
@@ -382,6 +386,11 @@ class Relay:
             self._presence_off(session)
             return
         users = tuple(dict.fromkeys(users))  # a user named twice is still one subscription
+        if len(users) > MAX_WATCHED_USERS:  # each costs an entry per session for as long as it is open
+            self.metrics.error(p.ErrorCode.BAD_FRAME)
+            session.send_text(p.encode(p.Error(p.ErrorCode.BAD_FRAME,
+                                               f"watch at most {MAX_WATCHED_USERS} users at once")))
+            return
         visible: set[str] | None = None  # None: every user is visible
         if mode == "contacts" and users:
             visible = self._visible(session, set(users))
