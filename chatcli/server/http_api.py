@@ -15,7 +15,7 @@ MAX_REQUEST_BYTES = 8192
 Handler = Callable[[], tuple[int, str, bytes]]
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large"}
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 def text_response(body: str, status: int = 200) -> tuple[int, str, bytes]:

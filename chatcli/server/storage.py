@@ -236,6 +236,7 @@ class MessageStore(Protocol):
                      before_id: int | None = None) -> Iterator[StoredMessage]: ...
     def prune(self, older_than_ts: float, limit: int | None = None) -> int: ...
     def size_bytes(self) -> int: ...
+    def verify_file(self) -> str | None: ...
     def close(self) -> None: ...
 
 
@@ -379,12 +380,21 @@ class SQLiteStore:
 
         One stat per batch. SQLite keeps writing to the open, unlinked file without an error.
         """
-        if self._file_identity() == self._identity:
-            return
-        self.lost = (f"the database file {self.path} was deleted or replaced while the server ran: "
-                     "messages can no longer be stored; restart the server")
-        log.critical("%s", self.lost, extra={"event": "storage-lost", "db": str(self.path)})
-        raise StorageError(self.lost)
+        lost = self.verify_file()
+        if lost is not None:
+            raise StorageError(lost)
+
+    def verify_file(self) -> str | None:
+        """Why the store can no longer keep messages (its file was deleted or replaced), or None.
+
+        Once lost, lost for good (logged once): a file put back is not the one we have open.
+        Safe from any thread: a stat, and one attribute set once.
+        """
+        if self.lost is None and self._file_identity() != self._identity:
+            self.lost = (f"the database file {self.path} was deleted or replaced while the server ran: "
+                         "messages can no longer be stored; restart the server")
+            log.critical("%s", self.lost, extra={"event": "storage-lost", "db": str(self.path)})
+        return self.lost
 
     def _insert_all(self, batch: Sequence[NewMessage]) -> Appended:
         """One executemany; raises ``_RetryInBatch`` if any row was a retry.

@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from websockets.datastructures import Headers
@@ -44,6 +44,8 @@ _ws_log.propagate = False
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _OPEN = State.OPEN
 SERVER_NAME = f"chatcli/{__version__}"
+#: ``when_drained`` callbacks run once the outgoing buffer is at or below this many bytes.
+DRAIN_LOW_WATER = 64 * 1024
 
 
 _SUBPROTOCOLS = (Subprotocol(p.SUBPROTOCOL),)  # shared by every connection: idle connections must stay small
@@ -174,9 +176,10 @@ class Connection(asyncio.Protocol):
     """One TCP connection: handshake, then a chat session once open."""
 
     # Slots: thousands of idle connections must stay under a few KB each.
-    __slots__ = ("authenticated", "confirmed_upto", "dirty", "fragment_is_text", "fragments", "last_seen", "legacy",
+    __slots__ = ("authenticated", "confirmed_upto", "dirty", "drain_callbacks", "fragment_is_text", "fragments",
+                 "last_seen", "legacy",
                  "open_timer", "peer", "ping_sent_at", "server", "session_id", "tokens", "tokens_at", "transport",
-                 "user", "written_upto", "ws")
+                 "user", "writing_paused", "written_upto", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
@@ -199,11 +202,15 @@ class Connection(asyncio.Protocol):
         # Seed clients never acknowledge: the last message id written to them, and the last one
         # whose bytes the kernel took (the buffer was empty after the write): that one counts as received.
         self.written_upto = self.confirmed_upto = 0
+        self.drain_callbacks: list[Callable[[], None]] | None = None
+        self.writing_paused = False
 
     # -- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # pause_writing/resume_writing mark the low-water mark that when_drained waits for.
+        self.transport.set_write_buffer_limits(high=DRAIN_LOW_WATER, low=DRAIN_LOW_WATER)  # type: ignore[union-attr]
         if self.server.closing:
             transport.close()
             return
@@ -234,6 +241,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
+        self.drain_callbacks = None
         server.connections.discard(self)
         if server.closing and not server.connections:
             server.all_closed.set()
@@ -275,6 +283,30 @@ class Connection(asyncio.Protocol):
                 return False
         self.tokens -= 1.0
         return True
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, on the loop, when the outgoing buffer is at or below DRAIN_LOW_WATER;
+        never if the session closed first."""
+        if self.drain_callbacks is None:
+            self.drain_callbacks = []
+        self.drain_callbacks.append(callback)
+        if not self.writing_paused:
+            self.server.loop.call_soon(self._drained)  # after this tick's flush
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._drained()
+
+    def _drained(self) -> None:
+        callbacks = self.drain_callbacks
+        if callbacks is None or self.writing_paused or not self.is_open:
+            return
+        self.drain_callbacks = None
+        for callback in callbacks:
+            callback()
 
     def drop(self, why: str, reason: str) -> None:
         """Close a session the server gave up on: a close frame with the reason, then the TCP connection."""
