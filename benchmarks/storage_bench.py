@@ -5,7 +5,8 @@
 For each fsync mode, with and without client ids, and batch sizes 1, 10, 100
 and 1000 (one ``append`` call = one transaction, as the relay does once per
 event-loop tick), prints microseconds per message and messages per second.
-Then the cost of the reads the relay makes: ``pending``, ``history``, ``prune``.
+Then the cost of the reads the relay makes: ``pending``, ``history``, ``first_id_since``
+(``Chatcli-Since``: a binary search over ids, O(log n)), ``prune``.
 
 ``--dir`` must be on the disk the server will use: on tmpfs an fsync is free
 and the "full" figures mean nothing.
@@ -81,11 +82,17 @@ def bench_reads(workdir: Path, rows: int) -> None:
             store.append(make_batch(1000, False))
         print(f"\nreads on {rows:,} messages, {USERS} users ({store.size_bytes() / 1e6:.1f} MB):")
         cursors = {f"user{i}": 10**6 for i in range(100)}
+        middle = store.first_id_since(0.0) or 0
+        (middle_ts,) = [m.ts for m in store.iter_messages_to("user3", middle + rows // 2, limit=1)] or [0.0]
         figures = {
             "pending(user, after_id=0) -> 1000 msgs": time_call(lambda: store.pending("user3", 0)),
             "pending(user), nothing pending": time_call(lambda: store.pending("user3", 10**9)),
             "history(user, peer, limit=50)": time_call(lambda: store.history("user3", "user24")),
             "advance_cursors(100 users)": time_call(lambda: store.advance_cursors(cursors)),
+            "first_id_since(a time mid-log)": time_call(lambda: store.first_id_since(middle_ts)),
+            "first_id_since(a future time)": time_call(lambda: store.first_id_since(time.time() + 3600)),
+            "pending page after first_id_since(middle)": time_call(
+                lambda: store.messages_to("user3", since_ts=middle_ts, limit=500), repeat=20),
         }
         for name, micros in figures.items():
             print(f"  {name:<40}{micros:>10.0f} µs")

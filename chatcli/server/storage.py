@@ -525,7 +525,9 @@ class SQLiteStore:
         never goes back). A time after the last message answers None after two lookups.
         """
         with sqlite_errors("find the messages since a time"):
-            lo, hi = self._conn.execute("SELECT min(id), max(id) FROM messages").fetchone()
+            # Two subqueries: min() and max() in one SELECT would scan the table instead of two lookups.
+            lo, hi = self._conn.execute(
+                "SELECT (SELECT min(id) FROM messages), (SELECT max(id) FROM messages)").fetchone()
             if lo is None or self._ts_at_or_after(hi)[1] < since_ts:
                 return None
             while lo < hi:  # the answer is the message at or after some id in [lo, hi]
