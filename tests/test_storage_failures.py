@@ -296,3 +296,20 @@ def test_since_replays_from_the_first_message_at_or_after_the_time(server: Runni
     since = p.format_ts(1000 + acks[1].msg_id)  # type: ignore[operator]
     bob, _ = native(server.ws_url, "bob", headers={p.REPLAY_SINCE_HEADER: since})
     assert [recv_frame(bob).text for _ in range(2)] == ["m1", "m2"]  # type: ignore[union-attr]
+
+
+def test_accept_times_never_go_back_even_after_a_restart(start_server: StartServer, db: Path) -> None:
+    """A clock that went back between two runs must not hide new messages from Chatcli-Since."""
+    first = start_server()
+    alice, _ = native(first.ws_url, "alice")
+    send_native(alice, "bob", "before")
+    assert first.stop() == 0
+    with sqlite3.connect(db) as conn:  # as if the previous run's clock was a day ahead
+        conn.execute("UPDATE messages SET ts = ts + 86400")
+        (ahead,) = conn.execute("SELECT ts FROM messages").fetchone()
+    second = start_server()
+    alice, _ = native(second.ws_url, "alice")
+    ack = send_native(alice, "bob", "after")
+    assert ack.ts is not None and p.parse_ts(ack.ts) >= ahead - 0.001
+    bob, _ = native(second.ws_url, "bob", headers={p.REPLAY_SINCE_HEADER: p.format_ts(ahead)})
+    assert [recv_frame(bob).text for _ in range(2)] == ["before", "after"]  # type: ignore[union-attr]

@@ -189,7 +189,8 @@ class Relay:
         self.clock = clock
         self.storage: StorageRunner = storage or InlineStorage()
         self.committing = False  # a batch is with the storage thread; the next one waits in `pending`
-        self.last_ts = 0.0  # accept times never decrease with ids (first_id_since relies on it)
+        # Accept times never decrease with ids (first_id_since relies on it), across restarts too.
+        self.last_ts = store.newest_ts if store is not None else 0.0
         #: The last storage failure, until a later storage call succeeds (reported by /healthz).
         self.storage_error: str | None = None
         # A session's history requests, answered one at a time: the key exists while one is being answered.

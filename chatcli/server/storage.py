@@ -221,6 +221,8 @@ class Appended(NamedTuple):
 class MessageStore(Protocol):
     """What the relay needs from durable storage (SQLite now; Redis could follow)."""
 
+    newest_ts: float
+
     def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int] | None = None) -> Appended: ...
     def cursor(self, user: str) -> int: ...
     def advance_cursor(self, user: str, msg_id: int) -> None: ...
@@ -312,6 +314,11 @@ class SQLiteStore:
         try:
             # Hints only, to decide when to index the tail; the file has the truth.
             self._indexed_upto, self._last_id = self._inbox_state()
+            with sqlite_errors("read the newest accept time"):
+                row = self._conn.execute("SELECT ts FROM messages ORDER BY id DESC LIMIT 1").fetchone()
+            #: The newest message's accept time at open: a writer continues from it, so that times
+            #: keep growing with ids even if the clock went back between two runs.
+            self.newest_ts = float(row[0]) if row else 0.0
         except BaseException:
             self._conn.close()
             raise
