@@ -446,10 +446,12 @@ class Relay:
         now = self.last_ts = max(self.last_ts, self.clock())
         rows = [NewMessage(session.user, to, text, now, client_id) for session, client_id, to, text in batch]
         self.committing = True
-        self.storage.submit(lambda: store.append(rows, updates), lambda done: self._committed(batch, rows, done))
+        started = self.batch_started  # the next batch's first message may arrive before this one is done
+        self.storage.submit(lambda: store.append(rows, updates),
+                            lambda done: self._committed(batch, rows, started, done))
 
     def _committed(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
-                   appended: Appended | StorageError) -> None:
+                   started: float, appended: Appended | StorageError) -> None:
         """Acknowledge and deliver a committed batch, in order; then send on what gathered meanwhile."""
         self.committing = False
         if isinstance(appended, StorageError):
@@ -458,16 +460,14 @@ class Relay:
                 self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
         else:
             self.storage_error = None
+            if batch:
+                self.metrics.ack_latency.observe(self.clock() - started, len(batch))
             self._acknowledge(batch, rows, appended)
         # Lost cursor updates only cost a repeat delivery later, never a loss.
         self.commit()
 
     def _acknowledge(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
                      appended: Appended) -> None:
-        if batch:
-            self.metrics.ack_latency.observe(self.clock() - self.batch_started, len(batch))
-        if self.pending:  # gathered while this batch was committed: their wait starts now
-            self.batch_started = self.clock()
         duplicates = appended.duplicates
         for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
                                                                                  strict=True)):
