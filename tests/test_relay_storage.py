@@ -28,12 +28,16 @@ class RecordingSession:
     user: str
     legacy: bool = False
     authenticated: bool = False
+    written_upto: int = 0
     sent: list[str] = field(default_factory=list)
 
     def send_text(self, text: str) -> None:
         self.sent.append(text)
 
     def written(self, msg_id: int) -> None:
+        self.written_upto = msg_id
+
+    def auth_failed(self) -> None:
         pass
 
     def allow_send(self) -> bool:

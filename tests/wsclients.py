@@ -44,16 +44,35 @@ def send_native(ws: ClientConnection, to: str, text: str, client_id: str | None 
     return ack
 
 
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """The bytes of one masked client frame, as any WebSocket client sends it."""
+    mask = os.urandom(4)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def request_head(path: str, headers: dict[str, str] | None = None) -> bytes:
+    """A WebSocket upgrade request for ``path`` with extra ``headers``."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
 class RawClient:
     """A WebSocket client on a bare socket, to send what well-behaved libraries refuse to."""
 
-    def __init__(self, port: int, path: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, port: int, path: str, headers: dict[str, str] | None = None, pipelined: bytes = b"") -> None:
+        """Open a connection and send the request, with ``pipelined`` bytes in the same write."""
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        key = base64.b64encode(os.urandom(16)).decode()
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                           f"{extra}\r\n").encode())
+        self.sock.sendall(request_head(path, headers) + pipelined)
         self.buffer = b""
         while b"\r\n\r\n" not in self.buffer:
             chunk = self.sock.recv(4096)
@@ -71,17 +90,7 @@ class RawClient:
         return data.decode()
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
-        mask = os.urandom(4)
-        head = bytes([(0x80 if fin else 0) | opcode])
-        n = len(payload)
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + struct.pack("!H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + masked)
+        self.sock.sendall(client_frame(opcode, payload, fin))
 
     def _read(self, n: int) -> bytes:
         while len(self.buffer) < n:

@@ -69,6 +69,16 @@ class ServerConfig:
         return self.max_text_bytes + FRAME_OVERHEAD_BYTES
 
     @property
+    def frame_rate(self) -> float:
+        """Frames of any kind a connection may send per second, sustained: well above the message rate,
+        so only a peer that ignores its refusals or floods empty frames reaches it (and is closed)."""
+        return max(4 * self.rate, 1000.0)
+
+    @property
+    def frame_burst(self) -> int:
+        return max(2 * self.burst, 2000)
+
+    @property
     def tls(self) -> bool:
         return self.certfile is not None
 

@@ -21,6 +21,7 @@ Two modes:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections import deque
@@ -61,8 +62,16 @@ class Session(Protocol):
 
     def send_text(self, text: str) -> None: ...
 
+    #: The highest message id written to this session: what it may acknowledge as received.
+    written_upto: int
+
     def written(self, msg_id: int) -> None:
-        """A seed client was sent message ``msg_id``; it counts as received once the bytes reach the kernel."""
+        """The session was sent message ``msg_id`` (seed clients: it counts as received once the bytes reach
+        the kernel)."""
+        ...
+
+    def auth_failed(self) -> None:
+        """A frame carried a wrong key (seed clients send it in every frame)."""
         ...
 
     def allow_send(self) -> bool:
@@ -287,8 +296,10 @@ class Relay:
             self.metrics.error("unknown-cmd")
             session.send_text(p.legacy_error(command.cmd))
             return
-        if not session.authenticated and command.auth != self.config.auth_key:
+        if not session.authenticated and not hmac.compare_digest((command.auth or "").encode("utf-8", "surrogatepass"),
+                                                                  self.config.auth_key.encode()):
             self.refuse(session, None, p.Reason.BAD_AUTH)
+            session.auth_failed()
             return
         if command.userid is None or command.msgtext is None:
             self.metrics.error("bad-frame")
@@ -334,7 +345,8 @@ class Relay:
                                                "binary frames are not supported: send JSON text frames")))
 
     def _received(self, session: Session, msg_id: int) -> None:
-        self.confirm_received(session.user, msg_id)
+        # Never past what this session was sent: a cursor beyond it would skip messages not yet delivered.
+        self.confirm_received(session.user, min(msg_id, session.written_upto))
 
     def confirm_received(self, user: str, msg_id: int) -> None:
         """``user`` has every message up to ``msg_id``: advance its cursor with the next commit."""
@@ -521,6 +533,7 @@ class Relay:
                 if native_frame is None:
                     native_frame = p.encode(self._message(message))
                 recipient.send_text(native_frame)
+                recipient.written(message.id)
 
     @staticmethod
     def _hold(replay: Replay, message: StoredMessage) -> None:
@@ -542,8 +555,7 @@ class Relay:
                           extra={"event": "bad-stored-message", "msg_id": message.id})
                 continue
             session.send_text(frame)
-            if session.legacy:
-                session.written(message.id)
+            session.written(message.id)
 
     @staticmethod
     def _message(stored: StoredMessage) -> p.Message:
@@ -574,8 +586,7 @@ class Relay:
         self.storage_error = None
         for msg_id, frame in page.frames:
             session.send_text(frame)
-            if session.legacy:
-                session.written(msg_id)
+            session.written(msg_id)
         replay.after, replay.since_ts = page.after, None
         if not page.complete or replay.overflowed:
             replay.overflowed = False

@@ -11,13 +11,14 @@ connection queues frames in its ServerProtocol and marks itself dirty; one
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
+import enum
 import logging
 import secrets
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final
 
-from websockets.datastructures import Headers
 from websockets.exceptions import NegotiationError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
@@ -27,7 +28,9 @@ from websockets.typing import BytesLike, Subprotocol
 
 from chatcli import __version__
 from chatcli import protocol as p
-from chatcli.errors import InvalidUserId, LocalProtocolError
+from chatcli.errors import StorageError
+from chatcli.server.admission import Admitted, Refused, admit
+from chatcli.server.throttle import AuthThrottle
 
 if TYPE_CHECKING:
     from chatcli.server.accounts import AccountStore
@@ -44,31 +47,33 @@ _ws_log.propagate = False
 _TEXT, _BINARY, _CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
 _OPEN = State.OPEN
 SERVER_NAME = f"chatcli/{__version__}"
-#: ``when_drained`` callbacks run once the outgoing buffer is at or below this many bytes.
-DRAIN_LOW_WATER = 64 * 1024
 
 
 _SUBPROTOCOLS = (Subprotocol(p.SUBPROTOCOL),)  # shared by every connection: idle connections must stay small
 
 
-def _bearer(headers: Headers) -> str | None:
-    value = headers.get("Authorization")
-    if value is None:
-        return None
-    scheme, _, credential = value.partition(" ")
-    return credential.strip() if scheme.lower() == "bearer" else ""
+#: Bytes a request head (request line and headers) may take before it is refused with 431.
+MAX_REQUEST_HEAD_BYTES: Final = 16 * 1024
+#: Connections beyond --max-connections that are still read, to be refused with a 503 that says why;
+#: past this many more, new connections are closed unread.
+HANDSHAKE_SLACK: Final = 256
+#: Fragments one message may arrive in: each costs a parse and a list slot, and empty
+#: continuation frames cost no bytes, so ``max_size`` alone does not bound them.
+MAX_FRAGMENTS: Final = 1024
+#: Outgoing bytes above which a connection counts as backlogged: its own further requests wait, and
+#: paced answers (replay and history pages) stop, until the buffer is back under LOW_WATER_BYTES.
+HIGH_WATER_BYTES: Final = 256 * 1024
+LOW_WATER_BYTES: Final = 64 * 1024
+_HEAD_END: Final = b"\r\n\r\n"
 
 
-def _check_resume_headers(headers: Headers) -> tuple[int, str] | None:
-    after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
-    if after is not None and not (after.isascii() and after.isdigit() and int(after) <= p.MAX_INT):
-        return 400, f"{p.RESUME_AFTER_HEADER} must be a message id (a non-negative integer)\n"
-    if since is not None:
-        try:
-            p.parse_ts(since)
-        except LocalProtocolError:
-            return 400, f"{p.REPLAY_SINCE_HEADER} must be an ISO 8601 time with a zone, e.g. 2026-11-25T10:00:00Z\n"
-    return None
+class Phase(enum.Enum):
+    """Where a connection is. Frames are acted on in OPEN only: admission first."""
+
+    HANDSHAKE = enum.auto()  # waiting for the request head; nothing after it is even parsed
+    OPEN = enum.auto()  # the handshake was accepted and the credentials proved
+    CLOSING = enum.auto()  # the server failed, dropped or closed it: the rest is only drained
+    REFUSED = enum.auto()  # the handshake was refused: everything more is discarded
 
 
 class RelayServerProtocol(ServerProtocol):
@@ -104,6 +109,16 @@ class RelayServerProtocol(ServerProtocol):
         self.writes.append(header + bytes(data))
 
 
+@contextlib.contextmanager
+def _logged_storage_error(doing: str) -> Iterator[None]:
+    """Log a storage error for the operator (the peer gets a plain 503), and let it propagate."""
+    try:
+        yield
+    except StorageError as exc:
+        log.error("cannot %s: %s", doing, exc, extra={"event": "storage-error"})
+        raise
+
+
 class WebSocketServer:
     """State shared by all connections: config, routing, the write-coalescing queue."""
 
@@ -121,6 +136,7 @@ class WebSocketServer:
         self.session_counter = 0
         self.closing = False
         self.all_closed = asyncio.Event()  # set once closing and the last connection is gone
+        self.auth_throttle = AuthThrottle()
 
     def protocol_factory(self) -> Connection:
         return Connection(self)
@@ -142,12 +158,30 @@ class WebSocketServer:
         self.session_counter += 1
         return f"{self.boot_id}-{self.session_counter}"
 
+    # -- what admission reads (chatcli.server.admission.AdmissionState) ------------------------
+
+    @property
+    def connection_count(self) -> int:
+        return len(self.connections)
+
+    def verify_token(self, user: str, token: str) -> bool:
+        assert self.accounts is not None
+        with _logged_storage_error("check a token"):
+            return self.accounts.verify(user, token)
+
+    def sessions_of(self, user: str) -> int:
+        return self.relay.sessions_of(user)
+
+    def auth_retry_after(self, address: str) -> float:
+        return self.auth_throttle.retry_after(address, self.loop.time())
+
     def accounts_on(self) -> bool:
         """Tokens are required with --require-auth, and as soon as any account exists (checked per handshake,
         so `chatcli user add` on a running server takes effect at once)."""
         if self.accounts is None:
             return False
-        return self.config.require_auth or self.accounts.any_accounts()
+        with _logged_storage_error("read the accounts"):
+            return self.config.require_auth or self.accounts.any_accounts()
 
     def heartbeat(self) -> None:
         """Ping sessions that have been silent for ping_interval; drop those whose pong is ping_timeout late."""
@@ -173,75 +207,158 @@ class WebSocketServer:
 
 
 class Connection(asyncio.Protocol):
-    """One TCP connection: handshake, then a chat session once open."""
+    """One TCP connection: the handshake and its admission, then a chat session once open."""
 
     # Slots: thousands of idle connections must stay under a few KB each.
-    __slots__ = ("authenticated", "confirmed_upto", "dirty", "drain_callbacks", "fragment_is_text", "fragments",
-                 "last_seen", "legacy",
-                 "open_timer", "peer", "ping_sent_at", "server", "session_id", "tokens", "tokens_at", "transport",
-                 "user", "writing_paused", "written_upto", "ws")
+    __slots__ = ("authenticated", "confirmed_upto", "dirty", "drain_waiters", "fragment_is_text", "fragments",
+                 "frame_budget", "frame_budget_at", "head_bytes", "head_tail", "held_frames", "last_seen", "legacy",
+                 "open_timer", "peer", "peer_address", "phase", "ping_sent_at", "queued_bytes", "server",
+                 "session_id", "tokens", "tokens_at", "transport", "user", "writing_paused", "written_upto", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
         self.ws = RelayServerProtocol(subprotocols=_SUBPROTOCOLS, max_size=server.config.max_frame_bytes,
                                       logger=_ws_log)
         self.transport: asyncio.Transport | None = None
+        # Admission: nothing the peer sends is acted on before phase is OPEN, and user is only set then.
+        self.phase = Phase.HANDSHAKE
+        self.head_bytes = 0  # request-head bytes seen so far, bounded by MAX_REQUEST_HEAD_BYTES
+        self.head_tail = b""  # the last bytes of the head so far: its end may straddle two reads
+        self.open_timer: asyncio.TimerHandle | None = None
+        # The session, once admitted.
         self.user = ""
         self.legacy = True
+        self.authenticated = False
         self.session_id = ""
         self.peer = ""
+        self.peer_address = ""
+        # Writing: frames queue in ws and go out once per tick. Backpressure: while the transport's
+        # buffer is above its high-water mark, the peer's own requests wait in held_frames (reading
+        # paused) and paced answers wait in drain_waiters; both are None when empty (idle connections
+        # must stay small).
         self.dirty = False
+        self.queued_bytes = 0  # bytes queued in ws this tick, not yet written
+        self.writing_paused = False
+        self.held_frames: list[Frame] | None = None
+        self.drain_waiters: list[Callable[[], None]] | None = None
+        # Reading: a message arriving in fragments.
         self.fragments: list[BytesLike] | None = None
         self.fragment_is_text = True
-        self.open_timer: asyncio.TimerHandle | None = None
-        self.authenticated = False
-        # Rate limit: a token bucket, refilled once per read rather than once per message.
+        # Rate limits, refilled once per read rather than once per frame: messages, and raw frames of any kind.
+        now = server.loop.time()
         self.tokens = float(server.config.burst)
-        self.tokens_at = self.last_seen = server.loop.time()
+        self.frame_budget = float(server.config.frame_burst)
+        self.tokens_at = self.frame_budget_at = self.last_seen = now
         self.ping_sent_at = 0.0
-        # Seed clients never acknowledge: the last message id written to them, and the last one
-        # whose bytes the kernel took (the buffer was empty after the write): that one counts as received.
+        # Messages written to this session: received acks cannot go past it. Seed clients never
+        # acknowledge: for them the last id whose bytes the kernel took (the buffer was empty after
+        # the write) counts as received.
         self.written_upto = self.confirmed_upto = 0
-        self.drain_callbacks: list[Callable[[], None]] | None = None
-        self.writing_paused = False
 
     # -- asyncio.Protocol -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        # pause_writing/resume_writing mark the low-water mark that when_drained waits for.
-        self.transport.set_write_buffer_limits(high=DRAIN_LOW_WATER, low=DRAIN_LOW_WATER)  # type: ignore[union-attr]
-        if self.server.closing:
-            transport.close()
+        tcp: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = tcp
+        server = self.server
+        if server.closing or len(server.connections) >= server.config.max_connections + HANDSHAKE_SLACK:
+            # Far past the limit even the polite 503 costs too much: close before reading anything.
+            tcp.abort()
             return
-        self.server.connections.add(self)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        server.connections.add(self)
+        tcp.set_write_buffer_limits(high=HIGH_WATER_BYTES, low=LOW_WATER_BYTES)
+        peer = tcp.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_address, self.peer = str(peer[0]), f"{peer[0]}:{peer[1]}"
+        else:
+            self.peer_address = self.peer = str(peer)
         self.open_timer = self.server.loop.call_later(self.server.config.open_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self.server.metrics.bytes_in += len(data)
-        self.last_seen = self.server.loop.time()  # any traffic, a pong included, proves the peer alive
+        server = self.server
+        server.metrics.bytes_in += len(data)
+        now = self.last_seen = server.loop.time()  # any traffic, a pong included, proves the peer alive
         self.ping_sent_at = 0.0
+        if self.phase is not Phase.OPEN:
+            data = self._receive_unless_open(data)
+            if not data:
+                self.schedule_flush()
+                return
         ws = self.ws
         ws.receive_data(data)
-        for event in ws.events_received():
-            if type(event) is Frame:
-                self._on_frame(event)
-            else:
-                self._on_request(event)  # type: ignore[arg-type]
+        events = ws.events_received()
+        if not self._take_frames(len(events), now):
+            return
+        self._handle_frames(events)  # type: ignore[arg-type]
         if ws.state is not _OPEN and self.session_id:
-            self.server.relay.close_session(self)  # closing: no longer a recipient (idempotent)
+            self._stop_receiving()
         self.schedule_flush()
 
+    def _handle_frames(self, frames: list[Frame]) -> None:
+        """Act on frames in order; once this connection is backlogged, hold the rest until it drains.
+
+        A peer that pipelines requests without reading their answers (history pages of up to
+        hundreds of KB each) then costs at most one read of held frames, not an answer per frame.
+        """
+        for position, frame in enumerate(frames):
+            if self.phase is not Phase.OPEN:
+                return  # failed or dropped while handling an earlier frame of this read: act on nothing more
+            if self.queued_bytes > HIGH_WATER_BYTES or self.writing_paused:
+                self.held_frames = frames[position:]
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                return
+            self._on_frame(frame)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        held, self.held_frames = self.held_frames, None
+        if held:
+            self._handle_frames(held)
+            self.schedule_flush()
+        if self.held_frames is None and self.transport is not None and self.phase is not Phase.REFUSED:
+            self.transport.resume_reading()
+        waiters, self.drain_waiters = self.drain_waiters, None
+        for callback in waiters or ():
+            callback()
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this connection's outgoing buffer is at or below the low-water mark.
+
+        Checked on the next loop turn, after this tick's writes went out: what was just queued counts.
+        Never called if the connection is gone first.
+        """
+        self.server.loop.call_soon(self._call_when_drained, callback)
+
+    def _call_when_drained(self, callback: Callable[[], None]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.writing_paused:
+            if self.drain_waiters is None:
+                self.drain_waiters = []
+            self.drain_waiters.append(callback)
+        else:
+            callback()
+
+    def _receive_unless_open(self, data: bytes) -> bytes:
+        """Before admission, only the request head reaches websockets; what follows it, only once admitted."""
+        if self.phase is Phase.HANDSHAKE:
+            return self._receive_handshake(data)
+        if self.phase is Phase.CLOSING:
+            return data  # still parsed, for the peer's close frame; no data frame is acted on
+        return b""  # refused: discarded unread
+
     def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        self.schedule_flush()
+        if self.phase is not Phase.REFUSED:
+            self.ws.receive_eof()
+            self.schedule_flush()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
-        self.drain_callbacks = None
         server.connections.discard(self)
         if server.closing and not server.connections:
             server.all_closed.set()
@@ -266,7 +383,9 @@ class Connection(asyncio.Protocol):
     def send_text(self, text: str) -> None:
         ws = self.ws
         if ws.state is _OPEN:
-            ws.send_text(text.encode())
+            data = text.encode()
+            self.queued_bytes += len(data)
+            ws.send_text(data)
             if not self.dirty:
                 self.dirty = True
                 self.server.mark_dirty(self)
@@ -284,34 +403,15 @@ class Connection(asyncio.Protocol):
         self.tokens -= 1.0
         return True
 
-    def when_drained(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once, on the loop, when the outgoing buffer is at or below DRAIN_LOW_WATER;
-        never if the session closed first."""
-        if self.drain_callbacks is None:
-            self.drain_callbacks = []
-        self.drain_callbacks.append(callback)
-        if not self.writing_paused:
-            self.server.loop.call_soon(self._drained)  # after this tick's flush
-
-    def pause_writing(self) -> None:
-        self.writing_paused = True
-
-    def resume_writing(self) -> None:
-        self.writing_paused = False
-        self._drained()
-
-    def _drained(self) -> None:
-        callbacks = self.drain_callbacks
-        if callbacks is None or self.writing_paused or not self.is_open:
-            return
-        self.drain_callbacks = None
-        for callback in callbacks:
-            callback()
+    def auth_failed(self) -> None:
+        """A frame of this session carried a wrong key: count it against its address, and stop a guesser."""
+        if self.server.auth_throttle.failed(self.peer_address, self.server.loop.time()):
+            self.drop("auth-failures", "too many failed authentication attempts")
 
     def drop(self, why: str, reason: str) -> None:
         """Close a session the server gave up on: a close frame with the reason, then the TCP connection."""
         self.server.metrics.closed[why] += 1
-        self.server.relay.close_session(self)  # from now on its messages are stored, not lost in a buffer
+        self._stop_receiving()  # from now on its messages are stored, not lost in a buffer
         log.info("closing session of %s: %s", self.user, reason,
                  extra={"event": "session-closed", "user": self.user, "session": self.session_id, "why": why})
         if self.ws.state is _OPEN:
@@ -333,8 +433,7 @@ class Connection(asyncio.Protocol):
         return "legacy" if self.legacy else p.SUBPROTOCOL
 
     def close(self, code: int, reason: str) -> None:
-        if self.session_id:
-            self.server.relay.close_session(self)
+        self._stop_receiving()
         if self.ws.state is _OPEN:
             self.ws.send_close(code, reason)
             self.schedule_flush()
@@ -343,6 +442,13 @@ class Connection(asyncio.Protocol):
 
     # -- internals -----------------------------------------------------------------
 
+    def _stop_receiving(self) -> None:
+        """No more frames of this connection are acted on, and it is no longer a recipient (idempotent)."""
+        if self.phase is Phase.OPEN:
+            self.phase = Phase.CLOSING
+        if self.session_id:
+            self.server.relay.close_session(self)
+
     def schedule_flush(self) -> None:
         if not self.dirty:
             self.dirty = True
@@ -350,6 +456,7 @@ class Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         self.dirty = False
+        self.queued_bytes = 0
         chunks = self.ws.data_to_send()
         if not chunks or self.transport is None:
             return
@@ -366,84 +473,105 @@ class Connection(asyncio.Protocol):
                 # so it gets them when it comes back.
                 self.drop("slow-consumer", "closed: too many unread messages (outgoing buffer full)")
                 return
-            if self.written_upto > self.confirmed_upto and buffered == 0:
+            if self.legacy and self.written_upto > self.confirmed_upto and buffered == 0:
                 self.confirmed_upto = self.written_upto
                 self.server.relay.confirm_received(self.user, self.written_upto)
         if eof:
-            # The server closes the TCP connection once the closing handshake is done.
+            # The server closes the TCP connection once the closing handshake is done, or after a refusal.
             self.transport.close()
 
     def _handshake_timeout(self) -> None:
         self.open_timer = None
-        if self.ws.state is State.CONNECTING and self.transport is not None:
+        if self.phase is Phase.HANDSHAKE and self.transport is not None:
             self.transport.abort()
 
+    def _take_frames(self, count: int, now: float) -> bool:
+        """Charge ``count`` frames of any kind to the frame budget; drop a peer that floods.
+
+        Messages have their own, finer limit; this one bounds what costs work before any message
+        exists: empty continuation frames, pings, frames the relay only answers with an error.
+        """
+        budget = self.frame_budget - count
+        if budget < 0:
+            config = self.server.config
+            budget = min(float(config.frame_burst), budget + (now - self.frame_budget_at) * config.frame_rate)
+            self.frame_budget_at = now
+            if budget < 0:
+                self.frame_budget = 0.0
+                if self.phase is Phase.OPEN:
+                    self.server.metrics.error("too-many-frames")
+                    self.drop("flood", "too many frames: slow down")
+                return False
+        self.frame_budget = budget
+        return True
+
+    # -- the handshake: admission first -----------------------------------------------
+
+    def _receive_handshake(self, data: bytes) -> bytes:
+        """Feed websockets the request head, and nothing after it until the handshake is accepted.
+
+        websockets parses a request and the frames pipelined behind it in one call; feeding it only
+        the head means no frame is even parsed for a connection that is refused. What follows the
+        head is returned to be parsed as frames once the session is open, and dropped otherwise.
+        """
+        end = self._head_end(data)
+        head = data if end < 0 else data[:end]
+        self.head_bytes += len(head)
+        ws = self.ws
+        if self.head_bytes > MAX_REQUEST_HEAD_BYTES:
+            self._refuse(ws.reject(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                   f"request head larger than {MAX_REQUEST_HEAD_BYTES} bytes\n"))
+            return b""
+        ws.receive_data(head)
+        for request in ws.events_received():  # the request, once its head is complete
+            self._on_request(request)  # type: ignore[arg-type]
+        if self.phase is Phase.HANDSHAKE and ws.eof_sent:
+            self.phase = Phase.REFUSED  # websockets refused a malformed request itself
+        return data[end:] if end >= 0 and self.phase is Phase.OPEN else b""
+
+    def _head_end(self, data: bytes) -> int:
+        """Where the request head ends in ``data`` (just past its blank line), or -1 when not in it."""
+        carried = self.head_tail
+        index = (carried + data).find(_HEAD_END)
+        if index < 0:
+            self.head_tail = (carried + data)[-(len(_HEAD_END) - 1):]
+            return -1
+        return index + len(_HEAD_END) - len(carried)
+
     def _on_request(self, request: Request) -> None:
-        response = self._handshake_response(request)
-        self.ws.send_response(response)
-        if response.status_code != 101:
-            self.server.metrics.handshakes_refused[response.status_code] += 1
-            return
         if self.open_timer is not None:
             self.open_timer.cancel()
             self.open_timer = None
-        receive = request.headers.get(p.RECEIVE_HEADER, "all").lower() != "none"
-        self._open(*self._resume_point(request.headers), receive=receive)
-
-    def _resume_point(self, headers: Headers) -> tuple[int | None, float | None]:
-        """Where a native client's backlog starts: after a message id, or since a time (checked at the handshake)."""
-        if self.legacy:
-            return None, None
-        after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
-        return (int(after) if after is not None else None), (p.parse_ts(since) if since is not None else None)
-
-    def _handshake_response(self, request: Request) -> Response:
-        try:
-            self.user, query = p.parse_user_path(request.path)
-        except InvalidUserId as exc:
-            return self.ws.reject(400, f"{exc}\n")
-        response = self.ws.accept(request)
+        server, ws = self.server, self.ws
+        response = ws.accept(request)  # websockets' own checks: a WebSocket upgrade, a known subprotocol
         if response.status_code != 101:
-            return response
-        self.legacy = self.ws.subprotocol is None
-        refusal = self._check_limits() or self._check_credentials(request.headers, query)
-        if refusal is None and not self.legacy:
-            refusal = _check_resume_headers(request.headers)
-        return self.ws.reject(*refusal) if refusal is not None else response
+            self._refuse(response)
+            return
+        legacy = ws.subprotocol is None
+        verdict = admit(request.path, request.headers, legacy=legacy, peer_address=self.peer_address, state=server)
+        if isinstance(verdict, Refused):
+            if verdict.auth_failure:
+                self._count_auth_failure()
+            self._refuse(ws.reject(verdict.status, verdict.reason))
+            return
+        ws.send_response(response)
+        self.user, self.authenticated, self.legacy = verdict.user, verdict.authenticated, legacy
+        self.phase = Phase.OPEN
+        self._open(verdict)
 
-    def _check_limits(self) -> tuple[int, str] | None:
-        config = self.server.config
-        if len(self.server.connections) > config.max_connections:
-            return 503, f"server full: {config.max_connections} connections; try again later\n"
-        if self.server.relay.sessions_of(self.user) >= config.max_sessions_per_user:
-            return 429, f"too many sessions for {self.user}: at most {config.max_sessions_per_user}\n"
-        return None
+    def _refuse(self, response: Response) -> None:
+        self.phase = Phase.REFUSED
+        self.server.metrics.handshakes_refused[response.status_code] += 1
+        self.ws.send_response(response)
 
-    def _check_credentials(self, headers: Headers, query: dict[str, str]) -> tuple[int, str] | None:
-        """With accounts, every session proves its user with a token (header, or ``?token=`` for seed apps).
+    def _count_auth_failure(self) -> None:
+        server = self.server
+        if server.auth_throttle.failed(self.peer_address, server.loop.time()):
+            log.warning("too many failed authentication attempts from %s: refusing it for %g s",
+                        self.peer_address, server.auth_throttle.window_s,
+                        extra={"event": "auth-throttled", "peer": self.peer_address})
 
-        Without accounts, native sessions prove the shared key at the handshake and seed clients
-        send it in each frame, as the old system did.
-        """
-        offered = _bearer(headers) or query.get(p.TOKEN_QUERY_PARAM)
-        if self.server.accounts_on():
-            assert self.server.accounts is not None
-            if not offered:
-                return 401, (f"authentication required: send 'Authorization: Bearer <token>' or add "
-                             f"?{p.TOKEN_QUERY_PARAM}=<token> to the URL\n")
-            if not self.server.accounts.verify(self.user, offered):
-                return 403, f"authentication refused: wrong token for {self.user}\n"
-            self.authenticated = True
-            return None
-        if self.legacy:
-            return None
-        if offered is None:
-            return 401, "missing credentials: send the header 'Authorization: Bearer <key>'\n"
-        if not hmac.compare_digest(offered.encode(), self.server.config.auth_key.encode()):
-            return 403, "authentication refused: wrong key\n"
-        return None
-
-    def _open(self, after: int | None, since_ts: float | None, receive: bool = True) -> None:
+    def _open(self, admitted: Admitted) -> None:
         server = self.server
         self.session_id = server.next_session_id()
         server.metrics.sessions_opened[self.protocol_name] += 1
@@ -457,7 +585,9 @@ class Connection(asyncio.Protocol):
             hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
                             max_text_bytes=server.config.max_text_bytes, features=features)
             self.send_text(p.encode(hello))
-        server.relay.open_session(self, after, since_ts, receive=receive)
+        server.relay.open_session(self, admitted.after, admitted.since_ts, receive=admitted.receive)
+
+    # -- frames ----------------------------------------------------------------------------
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -468,13 +598,17 @@ class Connection(asyncio.Protocol):
                 return
             self._on_message(opcode is _TEXT, frame.data)
         elif opcode is _CONT and self.fragments is not None:
+            if len(self.fragments) >= MAX_FRAGMENTS:
+                self._fail(1009, f"a message may arrive in at most {MAX_FRAGMENTS} fragments")
+                return
             self.fragments.append(frame.data)
             if frame.fin:
                 data, self.fragments = b"".join(self.fragments), None
                 self._on_message(self.fragment_is_text, data)
 
     def _on_message(self, is_text: bool, data: BytesLike) -> None:
-        # No state check: frames that arrived before a close frame in the same read still count.
+        # Frames that arrived before a peer's close frame in the same read still count: the phase,
+        # not websockets' state, says whether to act (it changes only when the server gives up).
         relay = self.server.relay
         if not is_text:
             relay.on_binary(self)
@@ -483,9 +617,14 @@ class Connection(asyncio.Protocol):
             text = str(data, "utf-8")
         except UnicodeDecodeError:
             self.server.metrics.error("bad-utf8")
-            self.ws.fail(1007, "invalid UTF-8 in a text frame")
+            self._fail(1007, "invalid UTF-8 in a text frame")
             return
         if self.legacy:
             relay.on_legacy_text(self, text)
         else:
             relay.on_native_text(self, text)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection (a close frame with ``code``): nothing more it sent is acted on."""
+        self._stop_receiving()
+        self.ws.fail(code, reason)
