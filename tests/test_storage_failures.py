@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from chatcli import protocol as p
 from chatcli.server.relay import HISTORY_QUEUE
-from chatcli.server.storage import INBOX_BATCH_ROWS
+from chatcli.server.storage import INBOX_BATCH_ROWS, NewMessage, SQLiteStore
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
 from tests.wsclients import legacy, native, recv_frame, send_native
 
@@ -221,6 +221,28 @@ def test_a_damaged_database_closes_only_the_reader_with_a_reason(server: Running
     carol, _ = native(server.ws_url, "carol", headers={p.RESUME_AFTER_HEADER: "0"})  # no cursor needed
     assert send_native(alice, "carol", "still works").status == p.Status.DELIVERED
     assert recv_frame(carol).text == "still works"  # type: ignore[union-attr]
+    assert not any("Traceback" in line for line in server.log)
+
+
+def test_a_corrupted_file_closes_the_reader_with_a_reason_and_stays_reported(start_server: StartServer,
+                                                                            db: Path) -> None:
+    with SQLiteStore(db) as store:
+        for _ in range(5):
+            store.append([NewMessage("alice", "bob", "x" * 500, 1000.0, None) for _ in range(2000)])
+        store.messages_to("bob", limit=1)  # indexed
+    with db.open("r+b") as file:  # a damaged stretch in the middle of the file
+        file.seek(db.stat().st_size // 2)
+        file.write(b"\xa5" * 4096 * 50)
+    server = start_server()
+    bob, _ = native(server.ws_url, "bob")
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            recv_frame(bob)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    alice, _ = native(server.ws_url, "alice")
+    assert send_native(alice, "carol", "new").status == p.Status.STORED  # a write elsewhere still works
+    status, body = health(server)
+    assert (status, body["status"]) == (503, "degraded") and "malformed" in body["storage"]["error"]
     assert not any("Traceback" in line for line in server.log)
 
 

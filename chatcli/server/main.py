@@ -202,8 +202,7 @@ async def _prune_forever(relay: Relay, storage: StorageThread, store: SQLiteStor
         while True:
             step = await storage.call(functools.partial(store.prune, cutoff, limit=PRUNE_STEP))
             if isinstance(step, StorageError):
-                relay.storage_error = str(step)
-                log.error("pruning failed: %s", step, extra={"event": "storage-error"})
+                relay.storage_failed("pruning failed", step)
                 break
             deleted += step
             if step < PRUNE_STEP:
@@ -234,11 +233,11 @@ async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
 
 
 def _storage_health(relay: Relay) -> dict[str, Any]:
-    """``ok`` is false while the file is gone or the last storage call failed (until one succeeds)."""
+    """``ok`` is false while the file is gone or damaged, or the last storage call failed (until one succeeds)."""
     store = relay.store
     if store is None:
         return {"mode": "ephemeral", "ok": True}
-    error = store.verify_file() or relay.storage_error
+    error = store.verify_file() or relay.storage_problem
     health: dict[str, Any] = {"mode": "sqlite", "ok": error is None, "db_bytes": store.size_bytes()}
     if error is not None:
         health["error"] = error

@@ -48,6 +48,8 @@ HISTORY_ANSWER_BYTES = 512 * 1024
 HISTORY_QUEUE = 8
 #: Live messages held for a session still receiving its backlog; beyond this they are read back from storage.
 HELD_LIMIT = 100
+#: SQLite's names for a damaged file: unlike a full disk or a held lock, a later success does not undo them.
+DAMAGED_FILE_ERRORS = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 #: The close code for a session whose backlog cannot be read (1011: the server hit an unexpected condition).
 CLOSE_STORAGE_FAILED = 1011
 
@@ -202,6 +204,8 @@ class Relay:
         self.last_ts = store.newest_ts if store is not None else 0.0
         #: The last storage failure, until a later storage call succeeds (reported by /healthz).
         self.storage_error: str | None = None
+        #: The file is damaged (SQLite found it malformed): reported until a restart, whatever succeeds later.
+        self.storage_damaged: str | None = None
         # A session's history requests, answered one at a time: the key exists while one is being answered.
         self.history_queues: dict[Session, deque[p.HistoryRequest]] = {}
         # user -> that user's open sessions; a user may be connected several times.
@@ -379,7 +383,7 @@ class Relay:
 
     def _answer_history(self, session: Session, answer: str | StorageError) -> None:
         if isinstance(answer, StorageError):
-            self._storage_failed(f"could not read history for {session.user}", answer)
+            self.storage_failed(f"could not read history for {session.user}", answer)
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
                                                "history is unavailable right now: the server's storage failed")))
         else:
@@ -397,9 +401,17 @@ class Relay:
         else:
             del self.history_queues[session]
 
-    def _storage_failed(self, what: str, exc: StorageError) -> None:
+    def storage_failed(self, what: str, exc: StorageError) -> None:
+        """Log a storage failure and report it in /healthz."""
         self.storage_error = str(exc)
+        if getattr(exc.__cause__, "sqlite_errorname", None) in DAMAGED_FILE_ERRORS:
+            self.storage_damaged = self.storage_damaged or str(exc)
         log.error("%s: %s", what, exc, extra={"event": "storage-error"})
+
+    @property
+    def storage_problem(self) -> str | None:
+        """What is wrong with storage now (for /healthz), or None."""
+        return self.storage_damaged or self.storage_error
 
     # -- accepting a message ---------------------------------------------------------
 
@@ -467,7 +479,7 @@ class Relay:
         """Acknowledge and deliver a committed batch, in order; then send on what gathered meanwhile."""
         self.committing = False
         if isinstance(appended, StorageError):
-            self._storage_failed(f"could not store {len(batch)} message(s)", appended)
+            self.storage_failed(f"could not store {len(batch)} message(s)", appended)
             for session, client_id, _, _ in batch:
                 self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
         else:
@@ -579,7 +591,7 @@ class Relay:
         if replay is None:  # closed meanwhile
             return
         if isinstance(page, StorageError):
-            self._storage_failed(f"could not read stored messages for {session.user}", page)
+            self.storage_failed(f"could not read stored messages for {session.user}", page)
             del self.replays[session]
             session.close(CLOSE_STORAGE_FAILED, "cannot read your stored messages: storage failed; try again later")
             return
