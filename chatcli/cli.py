@@ -95,6 +95,12 @@ def serve(
         help="Bytes of unread messages a session may have waiting before it is closed as too slow.")] = 4 << 20,
     ping_interval: Annotated[float, typer.Option(help="Ping sessions silent this many seconds.")] = 20.0,
     ping_timeout: Annotated[float, typer.Option(help="Close a session whose pong is this many seconds late.")] = 20.0,
+    max_http_connections: Annotated[int, typer.Option(
+        help="Open connections on the HTTP port at most; more are answered 503 and closed.")] = 256,
+    http_timeout: Annotated[float, typer.Option(
+        help="Seconds an HTTP connection may take to send a complete request (else 408 and closed).")] = 10.0,
+    http_idle_timeout: Annotated[float, typer.Option(
+        help="Seconds an idle keep-alive HTTP connection is kept open.")] = 5.0,
     log_level: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.info,
     log_format: Annotated[LogFormat, typer.Option(case_sensitive=False)] = LogFormat.text,
 ) -> None:
@@ -114,7 +120,9 @@ def serve(
                                 fsync=fsync.value, retention_s=retention_s, require_auth=require_auth,
                                 certfile=certfile, keyfile=keyfile, rate=rate, burst=burst,
                                 max_connections=max_connections, max_sessions_per_user=max_sessions_per_user,
-                                max_buffer_bytes=max_buffer, ping_interval=ping_interval, ping_timeout=ping_timeout)
+                                max_buffer_bytes=max_buffer, ping_interval=ping_interval, ping_timeout=ping_timeout,
+                                max_http_connections=max_http_connections, http_timeout=http_timeout,
+                                http_idle_timeout=http_idle_timeout)
     run(config, log_level=log_level.value, log_format=log_format.value)
 
 

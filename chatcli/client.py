@@ -12,7 +12,9 @@ websockets exception:
 
 Durability (servers announcing ``Feature.STORE`` / ``RESUME`` / ``HISTORY``):
 ``listen`` and ``chat`` reconnect with ``Chatcli-After`` = the last message id
-they saw and confirm handled messages with ``received``; ``send`` resends an
+they saw (and ``Chatcli-Epoch`` = the store it came from: a hello with ``reset``
+says the store changed, and they start from its beginning instead of skipping)
+and confirm handled messages with ``received``; ``send`` resends an
 unacknowledged message after a reconnect with the same client id, which the
 server answers as a ``duplicate`` if it had already stored it.
 """
@@ -30,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final, NamedTuple, TextIO
 from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -50,6 +52,8 @@ from chatcli.errors import (
     UsageError,
 )
 from chatcli.protocol import (
+    EPOCH_HEADER,
+    EPOCH_RULE,
     RECEIVE_HEADER,
     REPLAY_SINCE_HEADER,
     RESUME_AFTER_HEADER,
@@ -74,6 +78,7 @@ from chatcli.protocol import (
     check_user_id,
     encode,
     format_ts,
+    is_valid_epoch,
     parse_server_frame,
 )
 from chatcli.units import parse_duration
@@ -87,6 +92,8 @@ class ResumePoint:
 
     #: Only messages with a greater id (``Chatcli-After``); 0 means every stored message.
     after: int | None = None
+    #: The store ``after`` belongs to (``Chatcli-Epoch``, from a hello); None when unknown.
+    epoch: str | None = None
     #: Only messages received since this ISO 8601 UTC time (``Chatcli-Since``).
     since: str | None = None
     #: False for sessions that only send or ask (``Chatcli-Receive: none``): they get no messages and
@@ -102,6 +109,8 @@ class ResumePoint:
         out = {}
         if self.after is not None:
             out[RESUME_AFTER_HEADER] = str(self.after)
+            if self.epoch is not None:
+                out[EPOCH_HEADER] = self.epoch
         if self.since is not None:
             out[REPLAY_SINCE_HEADER] = self.since
         if not self.receive:
@@ -429,21 +438,28 @@ class Backoff:
 
 
 class MessageCursor:
-    """The last message id seen, so a resumed stream neither repeats nor skips messages."""
+    """The last message id seen and the store it came from, so a resumed stream neither repeats nor skips."""
 
-    def __init__(self, last_id: int | None = None) -> None:
-        self.last_id = last_id
+    def __init__(self) -> None:
+        self.last_id: int | None = None
+        #: The epoch of the server's store that ``last_id`` belongs to (None: an older server).
+        self.epoch: str | None = None
         self.resumable = False
 
-    def on_hello(self, hello: Hello) -> None:
-        # Ids of a server without resume restart after it does: forget ours.
+    def on_hello(self, hello: Hello) -> bool:
+        """Adopt the server's store; True when it says our resume point was from another store (a reset)."""
         self.resumable = Feature.RESUME in hello.features
+        self.epoch = hello.epoch
         if not self.resumable:
-            self.last_id = None
+            self.last_id = None  # ids of a server without resume restart after it does: forget ours
+            return False
+        if hello.reset:
+            self.last_id = 0  # the server replays this store from its beginning: skip nothing of it
+        return hello.reset
 
     def resume_point(self, start: ResumePoint | None) -> ResumePoint | None:
         """Where the next session starts: right after the last message seen, else at ``start``."""
-        return ResumePoint(after=self.last_id) if self.last_id is not None else start
+        return ResumePoint(after=self.last_id, epoch=self.epoch) if self.last_id is not None else start
 
     def is_new(self, message: Message) -> bool:
         if self.resumable and self.last_id is not None and message.id <= self.last_id:
@@ -452,18 +468,37 @@ class MessageCursor:
         return True
 
 
-class CursorFile:
-    """``listen --cursor-file``: the last message id handled, kept between runs.
+def store_changed(resumed: ResumePoint | None) -> str:
+    """The warning for a hello with ``reset``: our resume point was from another store."""
+    after = f" instead of after message {resumed.after}" if resumed is not None and resumed.after else ""
+    return ("the server's message store changed (a new, wiped or restored database): "
+            f"starting from its beginning{after}")
 
-    The file holds one decimal id. It is replaced atomically (temporary file, then
-    ``os.replace``), so a listener killed at any moment leaves the old or the new id.
+
+class SavedCursor(NamedTuple):
+    """What a cursor file holds: the last message id handled, and the store (epoch) it came from."""
+
+    last_id: int
+    epoch: str | None  # None in files written before epochs, or for a server that announces none
+
+    def resume_point(self) -> ResumePoint:
+        return ResumePoint(after=self.last_id, epoch=self.epoch)
+
+
+class CursorFile:
+    """``listen --cursor-file``: the last message id handled and its store's epoch, kept between runs.
+
+    The file holds one line: the decimal id, then a space and the epoch of the server's store
+    (``42 5d1c0a3e…``). A file with the id alone (written by an older chatcli) still loads:
+    the server then checks the id only. It is replaced atomically (temporary file, then
+    ``os.replace``), so a listener killed at any moment leaves the old or the new line.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def load(self) -> int | None:
-        """The saved id; ``None`` when the file does not exist yet."""
+    def load(self) -> SavedCursor | None:
+        """The saved cursor; ``None`` when the file does not exist yet."""
         try:
             text = self.path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
@@ -474,15 +509,17 @@ class CursorFile:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read the cursor file {str(self.path)!r}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from None
-        if not (text.isascii() and text.isdigit()):
-            raise UsageError(f"the cursor file {str(self.path)!r} is corrupt: expected one message id, "
-                             f"found {text[:40]!r}; delete it to start from the server's cursor")
-        return int(text)
+        last_id, _, epoch = text.partition(" ")
+        if not (last_id.isascii() and last_id.isdigit() and (not epoch or is_valid_epoch(epoch))):
+            raise UsageError(f"the cursor file {str(self.path)!r} is corrupt: expected a message id, optionally "
+                             f"followed by a space and an epoch ({EPOCH_RULE}), found {text[:80]!r}; "
+                             "delete it to start from the server's cursor")
+        return SavedCursor(int(last_id), epoch or None)
 
-    def save(self, msg_id: int) -> None:
+    def save(self, msg_id: int, epoch: str | None) -> None:
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            temporary.write_text(f"{msg_id}\n", encoding="ascii")
+            temporary.write_text(f"{msg_id} {epoch}\n" if epoch else f"{msg_id}\n", encoding="ascii")
             os.replace(temporary, self.path)
         except OSError as exc:
             raise ClientError(f"cannot write the cursor file {str(self.path)!r}: {exc.strerror or exc}") from None
@@ -635,7 +672,7 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
         return options.count is not None and received >= options.count
 
     saved = options.cursor_file.load() if options.cursor_file is not None else None
-    start = options.start or (ResumePoint(after=saved) if saved is not None else None)
+    start = options.start or (saved.resume_point() if saved is not None else None)
     try:
         async with asyncio.timeout(options.duration):
             await _listen_forever(settings, me, options, MessageCursor(), start, take, notice)
@@ -652,13 +689,16 @@ async def _listen_forever(settings: ClientSettings, me: str, options: ListenOpti
     backoff = Backoff()
     connected_before = False
     while True:
+        resume = cursor.resume_point(start)
         try:
-            async with open_session(settings, me, cursor.resume_point(start)) as session:
-                cursor.on_hello(session.hello)
+            async with open_session(settings, me, resume) as session:
+                store_changed_here = cursor.on_hello(session.hello)
                 backoff.reset()
                 notice(f"{'reconnected' if connected_before else 'listening'} as {me} on {settings.url}")
                 if not cursor.resumable and not connected_before and start is not None:
                     notice("this server stores no messages (--ephemeral): nothing to replay or resume")
+                if store_changed_here:
+                    _restart_cursor(resume, cursor, options.cursor_file, notice)
                 connected_before = True
                 handled = _handler(session, options, cursor, take)
                 async for frame in session.frames():
@@ -672,6 +712,14 @@ async def _listen_forever(settings: ClientSettings, me: str, options: ListenOpti
             await asyncio.sleep(delay)
 
 
+def _restart_cursor(resumed: ResumePoint | None, cursor: MessageCursor, cursor_file: CursorFile | None,
+                    notice: Notice) -> None:
+    """The server's store is not the one our cursor came from: say so, and keep the new starting point."""
+    notice(store_changed(resumed))
+    if cursor_file is not None:  # so that the next run starts here too, even if nothing arrives now
+        cursor_file.save(0, cursor.epoch)
+
+
 def _handler(session: Session, options: ListenOptions, cursor: MessageCursor,
              take: Callable[[Message], bool]) -> Callable[[Message], Awaitable[bool]]:
     """Print a new message, then record it as handled: in the cursor file, and on the server.
@@ -683,7 +731,7 @@ def _handler(session: Session, options: ListenOptions, cursor: MessageCursor,
     async def handle(message: Message) -> bool:
         done = take(message)  # printed and flushed (or skipped by --from) before it counts as handled
         if options.cursor_file is not None and cursor.resumable:
-            options.cursor_file.save(message.id)
+            options.cursor_file.save(message.id, cursor.epoch)
         if options.sender is None:
             await session.acknowledge(message.id)
         return done

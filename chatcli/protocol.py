@@ -48,6 +48,9 @@ RECEIVE_HEADER: Final = "Chatcli-Receive"
 RESUME_AFTER_HEADER: Final = "Chatcli-After"
 #: Handshake header asking for a replay of the messages since an ISO 8601 time.
 REPLAY_SINCE_HEADER: Final = "Chatcli-Since"
+#: Handshake header naming the message store a ``Chatcli-After`` id came from (``hello.epoch``): a cursor
+#: from another store must not skip this store's messages.
+EPOCH_HEADER: Final = "Chatcli-Epoch"
 
 
 class Feature:
@@ -99,6 +102,15 @@ class ErrorCode:
 USER_ID_MAX_LEN: Final = 64
 USER_ID_RULE: Final = "1-64 characters from A-Z a-z 0-9 . _ - @, starting with a letter or digit"
 _USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+
+
+EPOCH_RULE: Final = "1-64 characters from A-Z a-z 0-9 . _ -"
+_EPOCH = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+
+
+def is_valid_epoch(value: object) -> bool:
+    """A store's identity as the server announces it: opaque, but safe to echo in a header or a file."""
+    return isinstance(value, str) and _EPOCH.match(value) is not None
 
 
 def is_valid_user_id(value: object) -> bool:
@@ -200,6 +212,11 @@ class Hello:
     protocol: int = PROTOCOL_VERSION
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     features: tuple[str, ...] = ()
+    #: The identity of the server's message store; changes when the store is replaced. None: an older server.
+    epoch: str | None = None
+    #: True when the client's resume point (``Chatcli-After`` / ``Chatcli-Epoch``) came from another store:
+    #: the server ignored it and the backlog starts at this store's beginning.
+    reset: bool = False
 
     def __post_init__(self) -> None:
         check_user_id(self.user)
@@ -209,9 +226,13 @@ class Hello:
         _require_int("max_text_bytes", self.max_text_bytes)
         if not isinstance(self.features, tuple) or not all(isinstance(f, str) for f in self.features):
             raise LocalProtocolError("features must be strings")
+        if self.epoch is not None and not is_valid_epoch(self.epoch):
+            raise LocalProtocolError(f"epoch must be {EPOCH_RULE}")
+        if not isinstance(self.reset, bool):
+            raise LocalProtocolError("reset must be a boolean")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "type": self.TYPE,
             "protocol": self.protocol,
             "server": self.server,
@@ -220,6 +241,11 @@ class Hello:
             "max_text_bytes": self.max_text_bytes,
             "features": list(self.features),
         }
+        if self.epoch is not None:
+            out["epoch"] = self.epoch
+        if self.reset:
+            out["reset"] = True
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +543,8 @@ def _parse_hello(obj: dict[str, Any]) -> Frame:
     return _build(Hello, user=obj.get("user"), session=obj.get("session"), server=obj.get("server"),
                   protocol=obj.get("protocol"),
                   max_text_bytes=obj.get("max_text_bytes", DEFAULT_MAX_TEXT_BYTES),
-                  features=tuple(features) if isinstance(features, list) else None)
+                  features=tuple(features) if isinstance(features, list) else None,
+                  epoch=obj.get("epoch"), reset=obj.get("reset", False))
 
 
 def _parse_ack(obj: dict[str, Any]) -> Frame:

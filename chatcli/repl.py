@@ -25,7 +25,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Final
 
 from chatcli import render
-from chatcli.client import Backoff, MessageCursor, Session, open_session
+from chatcli.client import Backoff, MessageCursor, ResumePoint, Session, open_session, store_changed
 from chatcli.config import ClientSettings, state_dir
 from chatcli.errors import AuthError, CertificateError, ClientError, ConnectError, RefusedError, UsageError
 from chatcli.protocol import Ack, Error, Feature, Message, Presence, Send, ServerFrame, check_user_id
@@ -90,10 +90,11 @@ class ChatClient:
         """Stay connected until cancelled, or until the server refuses our credentials."""
         backoff = Backoff()
         while True:
+            resume = self.cursor.resume_point(None)
             try:
-                async with open_session(self.settings, self.me, self.cursor.resume_point(None)) as session:
+                async with open_session(self.settings, self.me, resume) as session:
                     backoff.reset()
-                    await self._serve(session)
+                    await self._serve(session, resume)
             except (AuthError, CertificateError) as exc:
                 self._session = None
                 self.fatal_error = exc
@@ -105,9 +106,11 @@ class ChatClient:
                 self._session = None
                 await self._wait_to_retry(backoff.next_delay(), str(exc))
 
-    async def _serve(self, session: Session) -> None:
+    async def _serve(self, session: Session, resumed: ResumePoint | None) -> None:
         self._session, self._sent = session, set()
-        self.cursor.on_hello(session.hello)
+        if self.cursor.on_hello(session.hello):
+            self._history_ids.clear()  # ids of the old store: the new one's messages with those ids are others
+            self.notice(store_changed(resumed))
         self._held, self._history_request = [], None
         self._set_state("connected")
         if session.offers(Feature.PRESENCE):

@@ -48,14 +48,15 @@ class RunningServer:
         return self.proc.wait(timeout=timeout)
 
 
-def _start(args: list[str], env: dict[str, str] | None = None, timeout: float = 20) -> RunningServer:
+def _start(args: list[str], env: dict[str, str] | None = None, timeout: float = 20,
+           preexec_fn: Callable[[], object] | None = None) -> RunningServer:
     cmd = [sys.executable, "-m", "chatcli", "serve", "--log-format", "json", *args]
     if "--ws-port" not in args:
         cmd += ["--ws-port", "0"]
     if "--http-port" not in args:
         cmd += ["--http-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
     ready = threading.Event()
     lines: list[str] = []
     ports: dict[str, int] = {}
@@ -95,16 +96,19 @@ def _kill_leftovers(procs: Iterable[subprocess.Popen[str]]) -> None:
 def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     """Factory: ``start_server("--auth-key", "k")`` starts a server; all are stopped at teardown.
 
+    Keywords: ``env`` (extra variables), ``preexec_fn`` (run in the child before exec, e.g. to set rlimits).
+
     Each server stores messages in ``tmp_path/chatcli.db`` unless ``--db`` or ``--ephemeral`` is
     given, so a server restarted by a test finds the messages of the one before.
     """
     started: list[RunningServer] = []
 
-    def factory(*args: str, env: dict[str, str] | None = None) -> RunningServer:
+    def factory(*args: str, env: dict[str, str] | None = None,
+                preexec_fn: Callable[[], object] | None = None) -> RunningServer:
         argv = list(args)
         if "--db" not in argv and "--ephemeral" not in argv:
             argv += ["--db", str(tmp_path / "chatcli.db")]
-        server = _start(argv, env)
+        server = _start(argv, env, preexec_fn=preexec_fn)
         started.append(server)
         return server
 

@@ -76,6 +76,8 @@ def test_frames_behind_a_refused_handshake_are_never_acted_on(
     assert next_text_for(lambda: recv_frame(bob)) == "real"
     assert stored_rows(db) == [("carol", "bob", "real")]
     assert not any("Traceback" in line for line in server.log)
+    assert server.wait_log('"event": "handshake-refused"')  # the operator hears of it
+    assert not any(tokens["alice"] in line or "token=wrong" in line for line in server.log)
 
 
 def test_a_pipelined_frame_is_acted_on_once_the_handshake_is_accepted(

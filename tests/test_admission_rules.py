@@ -93,3 +93,12 @@ def test_the_throttle_is_checked_before_the_credentials() -> None:
     state = State(tokens={"alice": "t-alice"}, retry_after=30)
     verdict = decide(headers=[("Authorization", "Bearer t-alice")], state=state)
     assert isinstance(verdict, Refused) and verdict.status == HTTPStatus.TOO_MANY_REQUESTS
+
+
+def test_a_resume_point_names_its_store() -> None:
+    verdict = decide(headers=[("Authorization", KEY), (p.RESUME_AFTER_HEADER, "7"), (p.EPOCH_HEADER, "ab12")])
+    assert isinstance(verdict, Admitted) and (verdict.after, verdict.epoch) == (7, "ab12")
+    for bad in ([(p.EPOCH_HEADER, "not an epoch!")], [(p.EPOCH_HEADER, "a"), (p.EPOCH_HEADER, "b")]):
+        refused = decide(headers=[("Authorization", KEY), *bad])
+        assert isinstance(refused, Refused) and refused.status == HTTPStatus.BAD_REQUEST
+        assert p.EPOCH_HEADER in refused.reason

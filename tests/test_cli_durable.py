@@ -88,7 +88,8 @@ def test_cursor_file_resumes_exactly_after_the_last_printed_message(chatcli: Cha
     bob = listening(chatcli, server, "bob", "--from", "alice", "--cursor-file", str(cursor))
     first = send_stored(server, "bob", "a", "b", "c")
     bob.wait_stdout_lines(3)
-    wait_until(lambda: cursor.exists() and cursor.read_text() == f"{first[-1]}\n", what="the cursor file")
+    epoch = native(server.ws_url, "carol")[1].epoch  # the store's identity, in every hello
+    wait_until(lambda: cursor.exists() and cursor.read_text() == f"{first[-1]} {epoch}\n", what="the cursor file")
     bob.proc.send_signal(signal.SIGKILL)
     bob.wait()
     later = send_stored(server, "bob", "d", "e")

@@ -53,6 +53,19 @@ def test_cursor_skips_repeats_only_from_servers_that_resume() -> None:
     assert cursor.is_new(message(1))
 
 
+def test_cursor_restarts_when_the_server_says_its_store_changed() -> None:
+    cursor = MessageCursor()
+    assert cursor.on_hello(Hello("bob", "s1", "chatcli", features=(Feature.RESUME,), epoch="old")) is False
+    assert cursor.is_new(message(5))
+    assert cursor.resume_point(None) == ResumePoint(after=5, epoch="old")
+    assert cursor.resume_point(None).headers() == {"Chatcli-After": "5", "Chatcli-Epoch": "old"}  # type: ignore[union-attr]
+    assert cursor.on_hello(Hello("bob", "s2", "chatcli", features=(Feature.RESUME,), epoch="new", reset=True))
+    assert cursor.is_new(message(1))  # the new store's message 1: not "already seen"
+    assert cursor.resume_point(None) == ResumePoint(after=1, epoch="new")
+    # A server without resume replays nothing and its ids restart anyway: nothing to warn about.
+    assert cursor.on_hello(Hello("bob", "s3", "chatcli", epoch="run", reset=True)) is False
+
+
 def test_read_texts_argument_stdin_and_lines() -> None:
     assert list(read_texts("hi", lines=False, stdin=io.StringIO())) == ["hi"]
     assert list(read_texts(None, lines=False, stdin=io.StringIO("a\nb\n"))) == ["a\nb"]

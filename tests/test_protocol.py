@@ -15,6 +15,8 @@ from chatcli.errors import InvalidUserId, LocalProtocolError, RemoteProtocolErro
 from chatcli.protocol import (
     DEFAULT_AUTH_KEY,
     DEFAULT_MAX_TEXT_BYTES,
+    EPOCH_HEADER,
+    EPOCH_RULE,
     HISTORY_MAX_LIMIT,
     LEGACY_CONNECTED,
     LEGACY_SEND_ERROR,
@@ -50,6 +52,7 @@ from chatcli.protocol import (
     encode_legacy_message,
     encode_legacy_send,
     format_ts,
+    is_valid_epoch,
     is_valid_user_id,
     legacy_error,
     parse_client_frame,
@@ -294,6 +297,10 @@ def _parser_for(frame: Frame) -> Callable[[str | bytes], Frame]:
 
 
 HELLO = Hello(user="alice", session="s-1", server="chatcli/0.1.0", features=("store", "history"))
+EPOCH = "5d1c0a3e9f7b4e21a8c6d2f0b3e94a17"
+HELLO_EPOCH = Hello(user="alice", session="s-2", server="chatcli/0.1.0", features=("store", "resume"), epoch=EPOCH)
+HELLO_RESET = Hello(user="alice", session="s-3", server="chatcli/0.1.0", features=("store", "resume"), epoch=EPOCH,
+                    reset=True)
 SEND = Send(id="c1", to="bob", text='say "hi" é 😀\n')
 ACK_DELIVERED = Ack(id="c1", status=Status.DELIVERED, msg_id=7, ts=TS)
 ACK_STORED = Ack(id="c2", status=Status.STORED, msg_id=8, ts=TS)
@@ -308,6 +315,10 @@ EXACT_ENCODINGS: list[tuple[Frame, str]] = [
             '"max_text_bytes":65536,"features":["store","history"]}'),
     (Hello(user="bob", session="s", server="x", protocol=2, max_text_bytes=10),
      '{"type":"hello","protocol":2,"server":"x","user":"bob","session":"s","max_text_bytes":10,"features":[]}'),
+    (HELLO_EPOCH, '{"type":"hello","protocol":1,"server":"chatcli/0.1.0","user":"alice","session":"s-2",'
+                  f'"max_text_bytes":65536,"features":["store","resume"],"epoch":"{EPOCH}"}}'),
+    (HELLO_RESET, '{"type":"hello","protocol":1,"server":"chatcli/0.1.0","user":"alice","session":"s-3",'
+                  f'"max_text_bytes":65536,"features":["store","resume"],"epoch":"{EPOCH}","reset":true}}'),
     (SEND, '{"type":"send","id":"c1","to":"bob","text":"say \\"hi\\" é 😀\\n"}'),
     (Send(id="c3", to="bob", text=""), '{"type":"send","id":"c3","to":"bob","text":""}'),
     (ACK_DELIVERED, f'{{"type":"ack","id":"c1","status":"delivered","msg_id":7,"ts":"{TS}"}}'),
@@ -392,8 +403,8 @@ def test_stable_codes() -> None:
 
 
 def test_handshake_names() -> None:
-    assert (RESUME_AFTER_HEADER, REPLAY_SINCE_HEADER, RECEIVE_HEADER) == ("Chatcli-After", "Chatcli-Since",
-                                                                          "Chatcli-Receive")
+    assert (RESUME_AFTER_HEADER, REPLAY_SINCE_HEADER, RECEIVE_HEADER, EPOCH_HEADER) == (
+        "Chatcli-After", "Chatcli-Since", "Chatcli-Receive", "Chatcli-Epoch")
     assert TOKEN_QUERY_PARAM == "token"
     assert parse_user_path(f"/alice?{TOKEN_QUERY_PARAM}=t%2Bk") == ("alice", {"token": "t+k"})
 
@@ -422,6 +433,25 @@ def test_hello_defaults_when_parsed() -> None:
     assert isinstance(frame, Hello)
     assert frame.max_text_bytes == DEFAULT_MAX_TEXT_BYTES
     assert frame.features == ()
+    assert (frame.epoch, frame.reset) == (None, False)  # an older server: no store identity, nothing reset
+
+
+def test_hello_reset_is_false_unless_the_server_says_true() -> None:
+    base = encode(HELLO_EPOCH)
+    explicit_false = parse_server_frame(base[:-1] + ',"reset":false}')
+    assert explicit_false == HELLO_EPOCH
+    assert encode(explicit_false) == base  # false is the default, never written
+    reset = parse_server_frame(base[:-1] + ',"reset":true}')
+    assert isinstance(reset, Hello) and (reset.epoch, reset.reset) == (EPOCH, True)
+
+
+@pytest.mark.parametrize(("value", "valid"), [
+    (EPOCH, True), ("a", True), ("A-z_0.9", True), ("x" * 64, True),
+    ("", False), ("x" * 65, False), ("two words", False), ("é", False), ("a\r\nX-Evil: 1", False), (7, False),
+    (None, False),
+])
+def test_epoch_rule(value: object, valid: bool) -> None:
+    assert is_valid_epoch(value) is valid
 
 
 def test_hello_lists_every_feature() -> None:
@@ -623,6 +653,13 @@ INVALID_SERVER_FRAMES = [
     _with(_HELLO, max_text_bytes=_TOO_BIG),
     _with(_HELLO, features="store"),
     _with(_HELLO, features=[1]),
+    _with(_HELLO, epoch=""),
+    _with(_HELLO, epoch=7),
+    _with(_HELLO, epoch="has space"),
+    _with(_HELLO, epoch="x" * 65),
+    _with(_HELLO, reset="true"),
+    _with(_HELLO, reset=1),
+    _with(_HELLO, reset=None),
     _with(_ACK, id=_DROP),
     _with(_ACK, status="lost"),
     _with(_ACK, status=_DROP),
@@ -730,6 +767,8 @@ def test_empty_send_text_parses_so_the_server_can_refuse_it_with_a_reason() -> N
         lambda: Hello(user="alice", session="", server="x"),
         lambda: Hello(user="alice", session="s", server="x", features=["store"]),  # type: ignore[arg-type]
         lambda: Hello(user="alice", session="s", server="x", max_text_bytes=-1),
+        lambda: Hello(user="alice", session="s", server="x", epoch="a b"),
+        lambda: Hello(user="alice", session="s", server="x", reset=1),  # type: ignore[arg-type]
         lambda: Send(id="c1", to="bob", text="\ud800"),
         lambda: Send(id="", to="bob", text="hi"),
         lambda: Send(id="c1", to="", text="hi"),
@@ -1045,7 +1084,8 @@ def test_doc_examples_show_every_frame_class() -> None:
 def test_doc_names_every_stable_code_and_handshake_name() -> None:
     doc = DOC.read_text(encoding="utf-8")
     names = [*REFUSED_REASONS, *ERROR_CODES, *sorted(Status.ALL), *FEATURES, RESUME_AFTER_HEADER,
-             REPLAY_SINCE_HEADER, RECEIVE_HEADER, f"?{TOKEN_QUERY_PARAM}=<token>", "duplicate", str(MAX_INT)]
+             REPLAY_SINCE_HEADER, RECEIVE_HEADER, EPOCH_HEADER, EPOCH_RULE, f"?{TOKEN_QUERY_PARAM}=<token>",
+             "duplicate", '"reset":true', str(MAX_INT)]
     assert [name for name in names if name not in doc] == []
     for reason in REFUSED_REASONS:
         assert f"| `{reason}` |" in doc  # each reason has a row saying when

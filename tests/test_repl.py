@@ -163,6 +163,27 @@ def test_typed_while_disconnected_waits_then_goes_out_on_reconnect(
     assert "Traceback" not in chat.screen
 
 
+def test_chat_warns_and_shows_everything_when_the_server_comes_back_with_another_store(
+        terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+    first = start_server("--db", str(tmp_path / "old.db"))
+    chat = terminal("alice", "bob", "--url", first.ws_url)
+    chat.wait_for("connected")
+    bob, _ = native(first.ws_url, "bob")
+    send_native(bob, "alice", "from the old store")  # message 1 of the old store: the chat's cursor
+    chat.wait_for("bob: from the old store")
+    bob.close()
+    first.stop()
+    chat.wait_for("reconnecting in")
+    replaced = start_server("--ws-port", str(first.ws_port), "--db", str(tmp_path / "new.db"))
+    chat.wait_for("the server's message store changed", timeout=20)
+    bob, _ = native(replaced.ws_url, "bob")
+    ack = send_native(bob, "alice", "first of the new store")
+    assert (ack.status, ack.msg_id) == ("delivered", 1)  # the id the chat had already seen, in the old store
+    chat.wait_for("bob: first of the new store")
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
+
+
 def test_chat_opens_with_the_conversation_so_far_each_message_once(terminal: Callable[..., Terminal],
                                                                     server: RunningServer) -> None:
     no_backlog = {REPLAY_SINCE_HEADER: "2999-01-01T00:00:00Z"}  # these sessions only send

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -255,7 +256,7 @@ def test_schema_version_is_recorded_and_not_redone(db_path: Path) -> None:
     SQLiteStore(db_path).close()
     conn = open_database(db_path)
     try:
-        assert schema_version(conn, MESSAGES_COMPONENT) == len(MESSAGE_MIGRATIONS) == 1
+        assert schema_version(conn, MESSAGES_COMPONENT) == len(MESSAGE_MIGRATIONS) == 2
         assert migrate(conn, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS) == []
     finally:
         conn.close()
@@ -264,14 +265,50 @@ def test_schema_version_is_recorded_and_not_redone(db_path: Path) -> None:
 def test_a_new_migration_upgrades_an_existing_file_once(db_path: Path) -> None:
     with SQLiteStore(db_path) as store:
         store.append([msg("alice", "bob", "from v1")])
-    v2 = (*MESSAGE_MIGRATIONS, ("ALTER TABLE messages ADD COLUMN edited_ts REAL",))
+    v3 = (*MESSAGE_MIGRATIONS, ("ALTER TABLE messages ADD COLUMN edited_ts REAL",))
     conn = open_database(db_path)
     try:
-        assert migrate(conn, MESSAGES_COMPONENT, v2) == [2]
-        assert migrate(conn, MESSAGES_COMPONENT, v2) == []
+        assert migrate(conn, MESSAGES_COMPONENT, v3) == [3]
+        assert migrate(conn, MESSAGES_COMPONENT, v3) == []
         assert conn.execute("SELECT text, edited_ts FROM messages").fetchall() == [("from v1", None)]
     finally:
         conn.close()
+
+
+# -- the store's identity (epoch) -------------------------------------------------------
+
+
+def test_every_store_has_its_own_epoch_kept_across_reopening(tmp_path: Path) -> None:
+    with SQLiteStore(tmp_path / "one.db") as one, SQLiteStore(tmp_path / "two.db") as two:
+        first = one.epoch
+        assert re.fullmatch(r"[0-9a-f]{32}", first) and two.epoch != first  # 128 random bits each
+    with SQLiteStore(tmp_path / "one.db") as reopened:
+        assert reopened.epoch == first
+    (tmp_path / "one.db").unlink()  # wiped: the file made in its place is another store
+    with SQLiteStore(tmp_path / "one.db") as replaced:
+        assert replaced.epoch != first
+
+
+def test_a_file_from_before_epochs_gets_one_on_first_open_and_keeps_its_messages(db_path: Path) -> None:
+    conn = open_database(db_path)
+    try:  # the file as chatcli wrote it before v2: no store_identity table
+        migrate(conn, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS[:1])
+        conn.execute("INSERT INTO messages (sender, recipient, text, ts) VALUES ('alice', 'bob', 'old', 1.0)")
+    finally:
+        conn.close()
+    with SQLiteStore(db_path) as store:
+        epoch = store.epoch
+        assert texts(store.messages_to("bob")) == ["old"] and store.highest_id() == 1
+    with SQLiteStore(db_path) as store:
+        assert store.epoch == epoch  # made once, by the migration, not at every open
+
+
+def test_highest_id_counts_ids_given_out_even_when_pruned(store: SQLiteStore) -> None:
+    assert store.highest_id() == 0
+    ids = store.append([msg("alice", "bob", "a"), msg("alice", "bob", "b")]).ids
+    assert store.highest_id() == ids[-1]
+    store.prune(older_than_ts=1e12)
+    assert store.messages_to("bob") == [] and store.highest_id() == ids[-1]
 
 
 def test_a_file_from_a_newer_chatcli_is_refused(db_path: Path) -> None:

@@ -24,7 +24,8 @@ from chatcli.server.config import ServerConfig
 __all__ = ["AdmissionState", "Admitted", "Refused", "admit"]
 
 #: Headers that must appear at most once: with two, which one wins would be a guess.
-SINGLE_HEADERS: Final = ("Authorization", p.RECEIVE_HEADER, p.RESUME_AFTER_HEADER, p.REPLAY_SINCE_HEADER)
+SINGLE_HEADERS: Final = ("Authorization", p.RECEIVE_HEADER, p.RESUME_AFTER_HEADER, p.REPLAY_SINCE_HEADER,
+                          p.EPOCH_HEADER)
 #: Digits of the largest message id (2**63 - 1); checked before int(), which is slow on thousands of digits.
 _MAX_ID_DIGITS: Final = len(str(p.MAX_INT))
 
@@ -38,6 +39,8 @@ class Admitted:
     authenticated: bool
     after: int | None = None
     since_ts: float | None = None
+    #: The store the client's ``after`` belongs to (Chatcli-Epoch), if it said.
+    epoch: str | None = None
     receive: bool = True
 
 
@@ -162,9 +165,13 @@ def _check_credentials(user: str, legacy: bool, headers: Headers, query: Mapping
     return False
 
 
-def _resume_point(headers: Headers) -> Refused | tuple[int | None, float | None]:
-    """Where a native client's backlog starts: after a message id, or since a time."""
+def _resume_point(headers: Headers) -> Refused | tuple[int | None, float | None, str | None]:
+    """Where a native client's backlog starts: after a message id (of the store named by an epoch), or since
+    a time."""
     after, since = headers.get(p.RESUME_AFTER_HEADER), headers.get(p.REPLAY_SINCE_HEADER)
+    epoch = headers.get(p.EPOCH_HEADER)
+    if epoch is not None and not p.is_valid_epoch(epoch):
+        return Refused(HTTPStatus.BAD_REQUEST, f"{p.EPOCH_HEADER} must be the epoch of a hello: {p.EPOCH_RULE}\n")
     if after is not None and not (after.isascii() and after.isdigit() and len(after) <= _MAX_ID_DIGITS
                                   and int(after) <= p.MAX_INT):
         return Refused(HTTPStatus.BAD_REQUEST,
@@ -176,4 +183,4 @@ def _resume_point(headers: Headers) -> Refused | tuple[int | None, float | None]
         except LocalProtocolError:
             return Refused(HTTPStatus.BAD_REQUEST, f"{p.REPLAY_SINCE_HEADER} must be an ISO 8601 time with a "
                                                    "zone, e.g. 2026-11-25T10:00:00Z\n")
-    return (int(after) if after is not None else None), since_ts
+    return (int(after) if after is not None else None), since_ts, epoch

@@ -41,6 +41,13 @@ class ServerConfig:
     open_timeout: float = 10.0
     #: Seconds to wait for sessions to close on shutdown before dropping them.
     close_timeout: float = 3.0
+    #: HTTP port: connections served at once (more are answered 503 and closed), so that it cannot
+    #: take the file descriptors the WebSocket listener needs.
+    max_http_connections: int = 256
+    #: HTTP port: seconds a connection may take to send a complete request head.
+    http_timeout: float = 10.0
+    #: HTTP port: seconds a keep-alive connection may stay idle between requests.
+    http_idle_timeout: float = 5.0
 
     @classmethod
     def build(cls, *, auth_key: str | None = None, **options: object) -> ServerConfig:
@@ -52,7 +59,7 @@ class ServerConfig:
         if config.require_auth and config.db_path is None:
             raise UsageError("--require-auth needs accounts, which live in the database: drop --ephemeral")
         for name in ("rate", "burst", "max_connections", "max_sessions_per_user", "max_buffer_bytes",
-                     "ping_interval", "ping_timeout"):
+                     "ping_interval", "ping_timeout", "max_http_connections", "http_timeout", "http_idle_timeout"):
             if getattr(config, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
         if config.max_text_bytes < 1:

@@ -19,7 +19,8 @@ from chatcli import __version__
 from chatcli.errors import StorageError
 from chatcli.server.accounts import AccountStore
 from chatcli.server.config import ServerConfig
-from chatcli.server.http_api import Handler, HttpConnection, json_response, text_response
+from chatcli.server.fdlimit import FdLimit, connection_capacity, open_fd_count, raise_fd_limit
+from chatcli.server.http_api import Handler, HttpServer, json_response, text_response
 from chatcli.server.metrics import Metrics, render_prometheus
 from chatcli.server.relay import Relay
 from chatcli.server.storage import SQLiteStore
@@ -87,6 +88,7 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    fd_limit = raise_fd_limit()
     metrics = Metrics()
     tls = _tls_context(config)
     store = _open_store(config)
@@ -95,12 +97,15 @@ async def serve(config: ServerConfig) -> None:
     relay = Relay(config, metrics, store, schedule=loop.call_soon, storage=storage)
     ws_server = WebSocketServer(config, relay, metrics, accounts)
     started = time.monotonic()
+    http_server = HttpServer(config, _http_routes(ws_server, started), loop)
     try:
+        # A TLS handshake happens before a protocol sees its connection: bound it like the rest of the opening.
         ws_listener = await loop.create_server(ws_server.protocol_factory, config.host, config.ws_port,
-                                               backlog=2048, reuse_address=True, ssl=tls)
-        routes = _http_routes(ws_server, started)
-        http_listener = await loop.create_server(lambda: HttpConnection(routes), config.host, config.http_port,
-                                                 reuse_address=True, ssl=tls)
+                                               backlog=2048, reuse_address=True, ssl=tls,
+                                               ssl_handshake_timeout=config.open_timeout if tls else None)
+        http_listener = await loop.create_server(http_server.protocol_factory, config.host, config.http_port,
+                                                 reuse_address=True, ssl=tls,
+                                                 ssl_handshake_timeout=config.http_timeout if tls else None)
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.host, exc.strerror or exc,
                   extra={"event": "listen-failed"})
@@ -115,6 +120,7 @@ async def serve(config: ServerConfig) -> None:
     log.info("listening on %s://%s:%d (HTTP on port %d), chatcli %s", scheme, config.host, ws_port, http_port,
              __version__, extra={"event": "listening", "ws_port": ws_port, "http_port": http_port,
                                  "host": config.host, "version": __version__, "tls": bool(tls)})
+    _log_fd_capacity(config, fd_limit)
     _log_auth_mode(ws_server)
 
     if store is not None:
@@ -128,6 +134,7 @@ async def serve(config: ServerConfig) -> None:
     log.info("shutting down: closing %d sessions", len(ws_server.connections), extra={"event": "shutdown"})
     ws_listener.close()
     http_listener.close()
+    http_server.close_all()
     heartbeat.cancel()
     if pruning is not None:
         pruning.cancel()
@@ -159,6 +166,32 @@ def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
                   extra={"event": "tls-error"})
         raise SystemExit(1) from None
     return context
+
+
+#: Descriptors assumed open at start-up where the platform cannot count them (stdio, listeners, database).
+_ASSUMED_OPEN_FDS = 16
+
+
+def _log_fd_capacity(config: ServerConfig, fd_limit: FdLimit) -> None:
+    """Log how many connections the file-descriptor limit leaves room for; warn when that is below
+    --max-connections, which would otherwise fail silently at accept time."""
+    if fd_limit.after is None:
+        log.info("file descriptors: no per-process limit to check", extra={"event": "capacity", "fd_limit": None})
+        return
+    open_now = open_fd_count() or _ASSUMED_OPEN_FDS
+    capacity = connection_capacity(fd_limit.after, open_now, config.max_http_connections)
+    raised = f" (raised from {fd_limit.before})" if fd_limit.raised else ""
+    fields = {"fd_limit": fd_limit.after, "fd_limit_before": fd_limit.before, "fds_open": open_now,
+              "ws_capacity": capacity, "max_connections": config.max_connections,
+              "max_http_connections": config.max_http_connections}
+    log.info("file descriptors: limit %d%s, %d open: room for %d WebSocket connections beside %d HTTP ones",
+             fd_limit.after, raised, open_now, capacity, config.max_http_connections,
+             extra={"event": "capacity", **fields})
+    if capacity < config.max_connections:
+        log.warning("the file-descriptor limit (%d) leaves room for only %d WebSocket connections, below "
+                    "--max-connections %d: connections beyond it will fail. Raise the hard limit (ulimit -Hn, "
+                    "systemd LimitNOFILE=) or lower --max-connections / --max-http-connections",
+                    fd_limit.after, capacity, config.max_connections, extra={"event": "capacity-low", **fields})
 
 
 def _log_auth_mode(ws_server: WebSocketServer) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -212,6 +213,8 @@ class Relay:
         self.sessions: dict[str, list[Session]] = {}
         self.replays: dict[Session, Replay] = {}
         self.last_msg_id = 0  # ephemeral mode's id counter
+        # The identity announced in every hello: the store's, or this process's (its memory is the store).
+        self.epoch = store.epoch if store is not None else secrets.token_hex(16)
         # Accepted this tick, committed together: (sender session, client id, recipient, text).
         self.pending: list[tuple[Session, str | None, str, str]] = []
         self.cursor_updates: dict[str, int] = {}
@@ -244,6 +247,28 @@ class Relay:
         if self.store is not None:
             self.replays[session] = Replay(after, since_ts)
             self._request_page(session)
+
+    def resume_after(self, user: str, after: int | None, epoch: str | None) -> tuple[int | None, bool]:
+        """Where a session resuming after message ``after`` of store ``epoch`` starts; True if that is a reset.
+
+        An id from another store (another epoch), or above every id this store gave out (a restored
+        backup, or a client whose epoch is unknown), is no position here: skipping up to it would
+        drop this store's messages, so the backlog starts at this store's beginning instead.
+        """
+        if after is None or ((epoch is None or epoch == self.epoch) and after <= self._highest_id()):
+            return after, False
+        log.info("%s resumes after message %d of another store (epoch %s): replaying from the beginning",
+                 user, after, epoch or "unknown", extra={"event": "cursor-reset", "user": user})
+        return 0, True
+
+    def _highest_id(self) -> int:
+        if self.store is None:
+            return self.last_msg_id
+        try:
+            return self.store.highest_id()
+        except StorageError as exc:  # cannot tell: trust the client's id, as before epochs existed
+            log.error("could not read the highest message id: %s", exc, extra={"event": "storage-error"})
+            return p.MAX_INT
 
     def close_session(self, session: Session) -> None:
         """Remove exactly this session; the user's other sessions stay reachable."""

@@ -23,7 +23,12 @@ which keeps its own tables in the same file.
 
 Message ids are ``INTEGER PRIMARY KEY AUTOINCREMENT``: increasing and never
 reused, even after ``prune`` deleted the newest rows, so they are safe delivery
-cursors. The relay gives accept times that never decrease with ids, so the first
+cursors, within one store. Ids of another store (a new machine, a wiped file)
+start again at 1, so every store has an ``epoch``: a random 128-bit token made
+with the file (or added on the first open of an older file), which clients keep
+beside their cursor. A client's id from another epoch, or above the highest id
+this store ever gave out (a restored backup), is not a position in this store.
+The relay gives accept times that never decrease with ids, so the first
 message since a time is found by binary search over ids (``first_id_since``).
 
 Errors: every ``sqlite3.Error`` becomes ``StorageError`` with what was being
@@ -35,6 +40,7 @@ what it wrote would vanish at the next start.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -241,6 +247,15 @@ class MessageStore(Protocol):
     def verify_file(self) -> str | None: ...
     def close(self) -> None: ...
 
+    @property
+    def epoch(self) -> str:
+        """This store's identity: made with it, never changed, different for every other store."""
+        ...
+
+    def highest_id(self) -> int:
+        """The highest message id this store ever gave out (pruned messages included; 0 if none)."""
+        ...
+
 
 # ---------------------------------------------------------------------------
 # SQLite
@@ -272,7 +287,12 @@ MESSAGE_MIGRATIONS: Final[tuple[Migration, ...]] = (
         "INSERT INTO inbox_progress (indexed_upto) VALUES (0)",
         "CREATE TABLE cursors (user TEXT PRIMARY KEY, last_id INTEGER NOT NULL) WITHOUT ROWID",
     ),
-    # v2 goes here, e.g. ("ALTER TABLE messages ADD COLUMN edited_ts REAL",).
+    # v2: the store's identity, 128 random bits as 32 hex digits; an older file gets one on its first open.
+    (
+        "CREATE TABLE store_identity (epoch TEXT NOT NULL)",
+        "INSERT INTO store_identity (epoch) VALUES (lower(hex(randomblob(16))))",
+    ),
+    # v3 goes here, e.g. ("ALTER TABLE messages ADD COLUMN edited_ts REAL",).
 )
 
 _COLUMNS: Final = "m.id, m.sender, m.recipient, m.text, m.ts, m.client_id"
@@ -592,6 +612,24 @@ class SQLiteStore:
             self._conn.executemany("DELETE FROM inbox WHERE recipient = ? AND id = ?", rows)
             self._conn.executemany("DELETE FROM messages WHERE id = ?", [(msg_id,) for _, msg_id in rows])
         return len(rows)
+
+    # -- identity ----------------------------------------------------------
+
+    @functools.cached_property
+    def epoch(self) -> str:
+        """This store's identity (see the module docstring); read once, it never changes."""
+        try:
+            return str(self._conn.execute("SELECT epoch FROM store_identity").fetchone()[0])
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the store's epoch: {exc}") from exc
+
+    def highest_id(self) -> int:
+        """The highest message id ever given out: AUTOINCREMENT's high-water mark, which pruning keeps."""
+        try:
+            row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the highest message id: {exc}") from exc
+        return int(row[0]) if row else 0
 
     def size_bytes(self) -> int:
         """Bytes on disk: the database file plus its write-ahead log."""

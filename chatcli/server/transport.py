@@ -30,6 +30,7 @@ from chatcli import __version__
 from chatcli import protocol as p
 from chatcli.errors import StorageError
 from chatcli.server.admission import Admitted, Refused, admit
+from chatcli.server.limitlog import LimitLog
 from chatcli.server.throttle import AuthThrottle
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ class WebSocketServer:
         self.closing = False
         self.all_closed = asyncio.Event()  # set once closing and the last connection is gone
         self.auth_throttle = AuthThrottle()
+        self.refusal_log = LimitLog("handshake-refused")
 
     def protocol_factory(self) -> Connection:
         return Connection(self)
@@ -561,7 +563,13 @@ class Connection(asyncio.Protocol):
 
     def _refuse(self, response: Response) -> None:
         self.phase = Phase.REFUSED
-        self.server.metrics.handshakes_refused[response.status_code] += 1
+        status = response.status_code
+        self.server.metrics.handshakes_refused[status] += 1
+        reason = (response.body or b"").decode("utf-8", "replace").strip()
+        # Not the request path: a seed app's ?token= is in it, and tokens never reach the log.
+        self.server.refusal_log.bit(str(status), logging.INFO,
+                                    f"refused a handshake from {self.peer_address}: {status} {reason}",
+                                    status=status, peer=self.peer_address)
         self.ws.send_response(response)
 
     def _count_auth_failure(self) -> None:
@@ -578,14 +586,17 @@ class Connection(asyncio.Protocol):
         log.info("connect user=%s protocol=%s peer=%s session=%s", self.user, self.protocol_name, self.peer,
                  self.session_id, extra={"event": "connect", "user": self.user, "protocol": self.protocol_name,
                                          "peer": self.peer, "session": self.session_id})
+        after = admitted.after
         if self.legacy:
             self.send_text(p.LEGACY_CONNECTED)
         else:
             features = server.relay.features + ((p.Feature.TOKENS,) if self.authenticated else ())
+            after, reset = server.relay.resume_after(self.user, admitted.after, admitted.epoch)
             hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
-                            max_text_bytes=server.config.max_text_bytes, features=features)
+                            max_text_bytes=server.config.max_text_bytes, features=features,
+                            epoch=server.relay.epoch, reset=reset)
             self.send_text(p.encode(hello))
-        server.relay.open_session(self, admitted.after, admitted.since_ts, receive=admitted.receive)
+        server.relay.open_session(self, after, admitted.since_ts, receive=admitted.receive)
 
     # -- frames ----------------------------------------------------------------------------
 
