@@ -101,8 +101,9 @@ def non_reading_session(server: RunningServer, user: str, headers: dict[str, str
 
 
 def who_answers(server: RunningServer) -> bool:
-    """Another client's request is answered: the event loop is not stuck."""
-    probe, _ = native(server.ws_url, "probe", headers={p.RECEIVE_HEADER: "none"})
+    """Another client connects (resuming, which checks the id against the store) and its request is
+    answered: the event loop is not stuck."""
+    probe, _ = native(server.ws_url, "probe", headers={p.RECEIVE_HEADER: "none", p.RESUME_AFTER_HEADER: "1"})
     probe.send(p.encode(p.WhoRequest("w")))
     answered = isinstance(recv_frame(probe, timeout=4), p.Who)
     probe.close()

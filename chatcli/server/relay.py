@@ -215,6 +215,9 @@ class Relay:
         self.last_msg_id = 0  # ephemeral mode's id counter
         # The identity announced in every hello: the store's, or this process's (its memory is the store).
         self.epoch = store.epoch if store is not None else secrets.token_hex(16)
+        # The highest id the store gave out, read once here and then kept up to date by our own commits
+        # (this process is the only writer of messages): a handshake must not wait for the storage thread.
+        self.highest_id = self._read_highest_id(store) if store is not None else 0
         # Accepted this tick, committed together: (sender session, client id, recipient, text).
         self.pending: list[tuple[Session, str | None, str, str]] = []
         self.cursor_updates: dict[str, int] = {}
@@ -261,14 +264,16 @@ class Relay:
                  user, after, epoch or "unknown", extra={"event": "cursor-reset", "user": user})
         return 0, True
 
-    def _highest_id(self) -> int:
-        if self.store is None:
-            return self.last_msg_id
+    @staticmethod
+    def _read_highest_id(store: MessageStore) -> int:
         try:
-            return self.store.highest_id()
+            return store.highest_id()
         except StorageError as exc:  # cannot tell: trust the client's id, as before epochs existed
             log.error("could not read the highest message id: %s", exc, extra={"event": "storage-error"})
             return p.MAX_INT
+
+    def _highest_id(self) -> int:
+        return self.last_msg_id if self.store is None else self.highest_id
 
     def close_session(self, session: Session) -> None:
         """Remove exactly this session; the user's other sessions stay reachable."""
@@ -509,6 +514,8 @@ class Relay:
                 self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
         else:
             self.storage_error = None
+            if appended.ids:
+                self.highest_id = max(self.highest_id, max(appended.ids))
             if batch:
                 self.metrics.ack_latency.observe(self.clock() - started, len(batch))
             self._acknowledge(batch, rows, appended)

@@ -339,6 +339,7 @@ class SQLiteStore:
             #: The newest message's accept time at open: a writer continues from it, so that times
             #: keep growing with ids even if the clock went back between two runs.
             self.newest_ts = float(row[0]) if row else 0.0
+            _ = self.epoch  # read now: a file that cannot tell its epoch is refused at open
         except BaseException:
             self._conn.close()
             raise
