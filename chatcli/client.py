@@ -203,11 +203,20 @@ class Session:
         return request.id
 
     async def history(self, peer: str, limit: int, before: int | None = None) -> tuple[Message, ...]:
-        """The last ``limit`` messages between us and ``peer``, oldest first."""
-        request_id = await self.request_history(peer, limit, before)
-        reply = await self._answer(lambda r: isinstance(r, History) and r.id == request_id, "history")
-        assert isinstance(reply, History)
-        return reply.messages
+        """The last ``limit`` messages between us and ``peer``, oldest first.
+
+        A server caps each answer in bytes and says ``more`` when it cut one short: ask again
+        for what comes before the oldest message so far, until ``limit`` or no more.
+        """
+        messages: tuple[Message, ...] = ()
+        while True:
+            request_id = await self.request_history(peer, limit - len(messages), before)
+            reply = await self._answer(_history_answer_to(request_id), "history")
+            assert isinstance(reply, History)
+            messages = reply.messages + messages
+            if not reply.more or not reply.messages or len(messages) >= limit:
+                return messages
+            before = reply.messages[0].id
 
     async def who(self) -> tuple[str, ...]:
         """The users with at least one open session that receives messages, sorted."""
@@ -607,6 +616,10 @@ async def _send_all(session: Session, peer: str, texts: Iterator[str], unacked: 
         on_ack(ack)
         if not ack.accepted:
             raise refusal(ack, peer)
+
+
+def _history_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:
+    return lambda frame: isinstance(frame, History) and frame.id == request_id
 
 
 async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int) -> tuple[Message, ...]:
