@@ -189,3 +189,13 @@ def test_a_seed_app_guessing_the_key_is_cut_off(server: RunningServer) -> None:
     with pytest.raises(Exception, match="1008"):
         app.recv(timeout=5)
     assert RawClient(server.ws_port, "/mallory").status == 429
+
+
+def test_a_watch_of_too_many_users_is_refused_and_the_session_stays_open(server: RunningServer) -> None:
+    ws, _ = native(server.ws_url, "alice")
+    ws.send(p.encode(p.Watch(tuple(f"u{i}" for i in range(513)))))
+    error = recv_frame(ws)
+    assert isinstance(error, p.Error) and error.code == p.ErrorCode.BAD_FRAME and "512" in error.message
+    ws.send(p.encode(p.Watch(("bob",))))
+    presence = recv_frame(ws)
+    assert isinstance(presence, p.Presence) and presence.user == "bob" and not presence.online

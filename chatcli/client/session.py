@@ -129,11 +129,20 @@ class ClientSession:
         return request.id
 
     async def history(self, peer: str, limit: int, before: int | None = None) -> tuple[Message, ...]:
-        """The last ``limit`` messages between us and ``peer``, oldest first."""
-        request_id = await self.request_history(peer, limit, before)
-        reply = await self._answer(lambda r: isinstance(r, History) and r.id == request_id, "history")
-        assert isinstance(reply, History)
-        return reply.messages
+        """The last ``limit`` messages between us and ``peer``, oldest first.
+
+        A server caps each answer in bytes and says ``more`` when it cut one short: ask again
+        for what comes before the oldest message so far, until ``limit`` or no more.
+        """
+        messages: tuple[Message, ...] = ()
+        while True:
+            request_id = await self.request_history(peer, limit - len(messages), before)
+            reply = await self._answer(_history_answer_to(request_id), "history")
+            assert isinstance(reply, History)
+            messages = reply.messages + messages
+            if not reply.more or not reply.messages or len(messages) >= limit:
+                return messages
+            before = reply.messages[0].id
 
     async def who(self) -> tuple[str, ...]:
         """The users with at least one open session that receives messages, sorted."""
@@ -173,6 +182,10 @@ class ClientSession:
             raise _lost(exc) from None
         detail = _close_detail(self._ws.close_code, self._ws.close_reason)
         raise ConnectError(f"the server closed the session{detail}")
+
+
+def _history_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:
+    return lambda frame: isinstance(frame, History) and frame.id == request_id
 
 
 @asynccontextmanager

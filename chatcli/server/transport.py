@@ -292,7 +292,10 @@ class Connection(asyncio.Protocol):
         events = ws.events_received()
         if not self._take_frames(len(events), now):
             return
-        self._handle_frames(events)  # type: ignore[arg-type]
+        if self.held_frames is None:
+            self._handle_frames(events)  # type: ignore[arg-type]
+        else:  # reading is paused, but a transport may still hand over what it had: keep the order
+            self.held_frames.extend(events)  # type: ignore[arg-type]
         if ws.state is not _OPEN and self.session_id:
             self._stop_receiving()
         self.schedule_flush()
