@@ -19,6 +19,8 @@ from chatcli import __version__
 from chatcli.client.environment import Environment, point_at_devnull
 from chatcli.errors import ExitStatus, exit_status_for
 
+__all__ = ["app", "main", "run"]
+
 if TYPE_CHECKING:
     from chatcli.client.settings import ClientSettings
     from chatcli.protocol import Ack, Message

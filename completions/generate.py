@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+__all__ = ["SCRIPTS", "generate", "main"]
+
 HERE = Path(__file__).resolve().parent
 #: shell → file name, as each shell's completion directory expects it.
 SCRIPTS = {"bash": "chatcli.bash", "zsh": "_chatcli", "fish": "chatcli.fish"}
