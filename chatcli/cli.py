@@ -220,7 +220,6 @@ def send(
     """
     import asyncio
 
-    from chatcli.client import render
     from chatcli.client.commands import send_messages
     from chatcli.client.inputs import read_texts
 
@@ -231,7 +230,9 @@ def send(
 
     def on_ack(ack: Ack) -> None:
         if json_output:
-            env.write_line(render.ack_json(ack, peer))
+            from chatcli.client.render import ack_json  # only here: a plain send prints nothing
+
+            env.write_line(ack_json(ack, peer))
 
     asyncio.run(send_messages(settings, me, peer, texts, on_ack))
 
