@@ -559,7 +559,7 @@ class Connection(asyncio.Protocol):
         self.phase = Phase.REFUSED
         status = response.status_code
         self.server.metrics.handshakes_refused[status] += 1
-        reason = (response.body or b"").decode("utf-8", "replace").strip()
+        reason = (response.body or b"").decode("utf-8", "replace").strip().partition("\n")[0]  # one log line
         # Not the request path: a seed app's ?token= is in it, and tokens never reach the log.
         self.server.refusal_log.bit(str(status), logging.INFO,
                                     f"refused a handshake from {self.peer_address}: {status} {reason}",
