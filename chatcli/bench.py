@@ -269,13 +269,14 @@ OnFrames = Callable[[list[bytes]], None]
 class _Session(asyncio.Protocol):
     """One WebSocket client connection; hands each burst of text frames to ``on_frames`` at once."""
 
-    def __init__(self, url: str, subprotocols: list[str], headers: dict[str, str]) -> None:
+    def __init__(self, url: str, subprotocols: list[str], headers: dict[str, str], on_frames: OnFrames) -> None:
         self.ws = ClientProtocol(parse_uri(url), subprotocols=[Subprotocol(s) for s in subprotocols] or None,
                                  max_size=None)
         self.headers = headers
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.on_frames: OnFrames = lambda frames: None
+        #: Set before the handshake: the first frames may come in the same read as the handshake's answer.
+        self.on_frames = on_frames
         self.closed = False
         self._partial: list[bytes] = []
 
@@ -352,7 +353,7 @@ def _handshake_error(response: Any, exc: BaseException) -> Exception:
     return ConnectError(f"handshake refused (HTTP {status}): {body or exc}")
 
 
-async def _open(options: BenchOptions, user: str, *, receives: bool) -> _Session:
+async def _open(options: BenchOptions, user: str, on_frames: OnFrames, *, receives: bool) -> _Session:
     from urllib.parse import urlsplit
 
     parts = urlsplit(options.url)
@@ -374,7 +375,7 @@ async def _open(options: BenchOptions, user: str, *, receives: bool) -> _Session
     loop = asyncio.get_running_loop()
     host, port = parts.hostname or "127.0.0.1", parts.port or (443 if ssl_context else 80)
     try:
-        _, session = await loop.create_connection(lambda: _Session(url, subprotocols, headers), host, port,
+        _, session = await loop.create_connection(lambda: _Session(url, subprotocols, headers, on_frames), host, port,
                                                   ssl=ssl_context, server_hostname=host if ssl_context else None)
         await session.opened
     except OSError as exc:
@@ -437,15 +438,15 @@ class Worker:
         opts = self.options
         try:
             receivers = await asyncio.wait_for(asyncio.gather(
-                *(_open(opts, opts.user(pair.index, "r"), receives=True) for pair in self.pairs)), opts.timeout)
+                *(_open(opts, opts.user(pair.index, "r"), self._receiver_callback(pair), receives=True)
+                  for pair in self.pairs)), opts.timeout)
             for pair, session in zip(self.pairs, receivers, strict=True):
                 pair.receiver = session
-                session.on_frames = self._receiver_callback(pair)
             senders = await asyncio.wait_for(asyncio.gather(
-                *(_open(opts, opts.user(pair.index, "s"), receives=False) for pair in self.pairs)), opts.timeout)
+                *(_open(opts, opts.user(pair.index, "s"), self._sender_callback(pair), receives=False)
+                  for pair in self.pairs)), opts.timeout)
             for pair, session in zip(self.pairs, senders, strict=True):
                 pair.sender = session
-                session.on_frames = self._sender_callback(pair)
         except TimeoutError:
             self.close()
             raise ConnectError(f"cannot connect to {opts.url}: the sessions did not open in {opts.timeout:g} s") \
@@ -465,8 +466,8 @@ class Worker:
     def _pump(self, pair: _Pair) -> None:
         """Fill ``pair``'s window: every frame of the burst leaves in one write."""
         window, total = self.options.window, self.options.messages
-        if pair.inflight >= window or pair.sent >= total or pair.sender is None:
-            return
+        if pair.inflight >= window or pair.sent >= total or pair.sender is None or not self.start_ns:
+            return  # nothing to send, or the clock has not started
         size = self.options.size
         frames = []
         native, to, auth = self.native, pair.to, self.options.auth_key
