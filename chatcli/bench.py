@@ -167,8 +167,8 @@ class BenchOptions:
             raise UsageError(f"--size must be 0 or more, not {self.size}")
         if self.procs > self.pairs:
             raise UsageError(f"--procs {self.procs} is more than --pairs {self.pairs}: each process drives whole pairs")
-        p.check_user_id(self.user(0, "s") if self.prefix else "x")
-
+        if self.prefix and not p.is_valid_user_id(self.user(self.pairs - 1, "s")):
+            raise UsageError(f"--prefix {self.prefix!r} does not make valid user ids: {p.USER_ID_RULE}")
 
     def user(self, index: int, role: str) -> str:
         return f"{self.prefix}{role}{index}"
