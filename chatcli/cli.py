@@ -203,6 +203,8 @@ def send(
     text: Annotated[str | None, typer.Argument(
         metavar="TEXT", help="The message; omitted or '-' reads it from stdin.", show_default=False)] = None,
     lines: Annotated[bool, typer.Option("--lines", help="Send each stdin line as its own message.")] = False,
+    window: Annotated[int, typer.Option(
+        "--window", min=1, help="Messages in flight, unacknowledged, at most (1: wait for each ack).")] = 256,
     json_output: Annotated[bool, typer.Option("--json", help="Print each ack as a JSON line.")] = False,
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
@@ -234,7 +236,7 @@ def send(
 
             env.write_line(ack_json(ack, peer))
 
-    asyncio.run(send_messages(settings, me, peer, texts, on_ack))
+    asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines))
 
 
 @app.command()
