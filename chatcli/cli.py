@@ -281,10 +281,10 @@ def listen(
     options = ListenOptions(
         count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
         start=parse_since(since) if since is not None else None,
-        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None)
+        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None, flush=env.flush)
 
     def on_message(message: Message) -> None:
-        env.write_line(render.message_json(message))
+        env.write_line(render.message_json(message), flush=False)  # flushed once per batch that arrived
 
     asyncio.run(listen(settings, me, options, on_message, env.notice))
 

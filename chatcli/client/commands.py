@@ -121,19 +121,22 @@ async def send_messages(settings: ClientSettings, me: str, peer: str, texts: Tex
     backoff = Backoff()
     can_retry = False  # set once a session to a storing server was open
     lost_at: float | None = None
-    while True:
-        try:
-            async with open_session(settings, me, ResumePoint.live_only()) as session:
-                backoff.reset()
-                lost_at = None
-                can_retry = session.offers(Feature.STORE)
-                await _send_all(session, peer, source, pending, new_id, settings.timeout)
-                break
-        except ConnectError as exc:
-            if not can_retry:
-                raise
-            lost_at = time.monotonic() if lost_at is None else lost_at
-            await _wait_to_resend(exc, lost_at, backoff, settings.timeout, len(pending.by_id))
+    try:
+        while True:
+            try:
+                async with open_session(settings, me, ResumePoint.live_only()) as session:
+                    backoff.reset()
+                    lost_at = None
+                    can_retry = session.offers(Feature.STORE)
+                    await _send_all(session, peer, source, pending, new_id, settings.timeout)
+                    break
+            except ConnectError as exc:
+                if not can_retry:
+                    raise
+                lost_at = time.monotonic() if lost_at is None else lost_at
+                await _wait_to_resend(exc, lost_at, backoff, settings.timeout, len(pending.by_id))
+    finally:
+        source.close()
     if pending.refused:
         raise _refused_lines(pending.refused, peer, by_line=by_line)
 
@@ -142,19 +145,28 @@ class _Lines:
     """The texts to send, taken as many at a time as the window has room for.
 
     Never waits for a batch to fill: whatever has arrived goes out at once, so a line piped in by
-    ``tail -f`` is sent when it is written.
+    ``tail -f`` is sent when it is written. The input is read by a task of its own into a short
+    queue, so a session lost while waiting for input loses no line already read.
     """
+
+    #: Batches read ahead of sending: bounds memory when stdin is faster than the server.
+    READ_AHEAD = 8
 
     def __init__(self, batches: TextBatches) -> None:
         self._batches = batches
-        self._iterator: AsyncIterator[list[tuple[int, str]]] | None = None
+        self._queue: asyncio.Queue[list[tuple[int, str]] | BaseException | None] = asyncio.Queue(self.READ_AHEAD)
+        self._reader: asyncio.Task[None] | None = None
         self._ready: deque[tuple[int, str]] = deque()
         self._ended = False
 
     async def take(self, most: int) -> list[tuple[int, str]]:
         """Up to ``most`` texts: what is ready, else wait for the next batch; [] at the end."""
         if not self._ready and not self._ended:
-            batch = await self._next_batch()
+            if self._reader is None:
+                self._reader = asyncio.create_task(self._read_all())
+            batch = await self._queue.get()  # safe to cancel: nothing is lost
+            if isinstance(batch, BaseException):
+                raise batch
             if batch is None:
                 self._ended = True
             else:
@@ -162,14 +174,19 @@ class _Lines:
         ready = self._ready
         return [ready.popleft() for _ in range(min(most, len(ready)))]
 
-    async def _next_batch(self) -> list[tuple[int, str]] | None:
-        if self._iterator is None:
-            batches = self._batches
-            self._iterator = batches.__aiter__() if hasattr(batches, "__aiter__") else _aiter(batches)
+    async def _read_all(self) -> None:
+        batches = self._batches
         try:
-            return await self._iterator.__anext__()
-        except StopAsyncIteration:
-            return None
+            async for batch in (batches if isinstance(batches, AsyncIterator) else _aiter(batches)):
+                await self._queue.put(batch)
+        except Exception as exc:  # e.g. UsageError: nothing to send; raised where the lines are taken
+            await self._queue.put(exc)
+            return
+        await self._queue.put(None)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
 
 
 async def _aiter(batches: Iterable[list[tuple[int, str]]]) -> AsyncIterator[list[tuple[int, str]]]:
@@ -205,9 +222,10 @@ async def _send_all(session: ClientSession, peer: str, source: _Lines, pending: 
             lines = await _wait(functools.partial(source.take, pending.room), acks, pending, timeout)
             if not lines:
                 break
-            for number, text in lines:
-                outgoing = _Outgoing(number, Send(id=new_id(), to=peer, text=text))
+            batch = [_Outgoing(number, Send(id=new_id(), to=peer, text=text)) for number, text in lines]
+            for outgoing in batch:  # all in the window first: a drop mid-batch resends the rest
                 pending.add(outgoing)
+            for outgoing in batch:
                 await send(outgoing)
         while pending.by_id:  # the rest of the acks, refused or not
             await _wait(pending.wait_for_change, acks, pending, timeout)
@@ -288,6 +306,8 @@ class ListenOptions:
     #: Where the first session starts (``--since``); None = the cursor file, else the server-side cursor.
     start: ResumePoint | None = None
     cursor_file: CursorFile | None = None
+    #: Makes what ``on_message`` wrote visible (stdout's flush): called once per batch of messages.
+    flush: Callable[[], None] = lambda: None
 
 
 async def listen(settings: ClientSettings, me: str, options: ListenOptions,
@@ -334,10 +354,8 @@ async def _listen_forever(settings: ClientSettings, me: str, options: ListenOpti
                 if store_changed_here:
                     _restart_cursor(resume, cursor, options.cursor_file, notice)
                 connected_before = True
-                handled = _handler(session, options, cursor, take)
-                async for frame in session.frames():
-                    if isinstance(frame, Message) and cursor.is_new(frame) and await handled(frame):
-                        return
+                if await _take_batches(session, options, cursor, take):
+                    return
         except ConnectError as exc:
             if not options.reconnect or isinstance(exc, CertificateError):
                 raise
@@ -354,20 +372,28 @@ def _restart_cursor(resumed: ResumePoint | None, cursor: MessageCursor, cursor_f
         cursor_file.save(0, cursor.epoch)
 
 
-def _handler(session: ClientSession, options: ListenOptions, cursor: MessageCursor,
-             take: Callable[[Message], bool]) -> Callable[[Message], Awaitable[bool]]:
-    """Print a new message, then record it as handled: in the cursor file, and on the server.
+async def _take_batches(session: ClientSession, options: ListenOptions, cursor: MessageCursor,
+                        take: Callable[[Message], bool]) -> bool:
+    """Hand on each new message; True once ``take`` says it has enough.
 
-    A ``--from`` listener leaves the server-side cursor alone: it skips other senders'
-    messages, which a later unfiltered listener must still get.
+    Per batch of messages that arrived together, once ``take`` wrote them all: flush them,
+    then record the last as handled, in the cursor file and on the server. A ``--from``
+    listener leaves the server-side cursor alone: it skips other senders' messages, which a
+    later unfiltered listener must still get.
     """
-
-    async def handle(message: Message) -> bool:
-        done = take(message)  # printed and flushed (or skipped by --from) before it counts as handled
-        if options.cursor_file is not None and cursor.resumable:
-            options.cursor_file.save(message.id, cursor.epoch)
-        if options.sender is None:
-            await session.acknowledge(message.id)
-        return done
-
-    return handle
+    async for batch in session.frame_batches():
+        last_id, done = None, False
+        for frame in batch:
+            if isinstance(frame, Message) and cursor.is_new(frame):
+                last_id, done = frame.id, take(frame)
+                if done:
+                    break
+        if last_id is not None:
+            options.flush()  # printed before it counts as handled
+            if options.cursor_file is not None and cursor.resumable:
+                options.cursor_file.save(last_id, cursor.epoch)
+            if options.sender is None:
+                await session.acknowledge(last_id)
+        if done:
+            return True
+    return False  # pragma: no cover - frame_batches ends by raising ConnectError
