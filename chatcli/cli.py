@@ -15,6 +15,7 @@ import typer
 
 from chatcli import __version__
 from chatcli.errors import ExitStatus, exit_status_for
+from chatcli.server.engine.options import Fsync
 
 if TYPE_CHECKING:
     from chatcli.config import ClientSettings
@@ -34,11 +35,6 @@ app = typer.Typer(
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
-
-
-class Fsync(StrEnum):
-    normal = "normal"
-    full = "full"
 
 
 class Presence(StrEnum):
@@ -129,7 +125,7 @@ def serve(
         raise typer.BadParameter(str(exc), param_hint="--retention") from None
     config = ServerConfig.build(host=host, ws_port=ws_port, http_port=http_port, auth_key=auth_key,
                                 max_text_bytes=max_text_bytes, db_path=None if ephemeral else db or default_db_path(),
-                                fsync=fsync.value, retention_s=retention_s, require_auth=require_auth,
+                                fsync=fsync, retention_s=retention_s, require_auth=require_auth,
                                 certfile=certfile, keyfile=keyfile, rate=rate, burst=burst,
                                 max_connections=max_connections, max_sessions_per_user=max_sessions_per_user,
                                 presence=presence.value if presence is not None else None,
