@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from chatcli import protocol as p
 from chatcli.server.accounts import AccountStore
 from chatcli.server.config import ServerConfig
+from chatcli.server.engine.memory import MemoryEngine
 from chatcli.server.metrics import Metrics
 from chatcli.server.relay import Relay
 from chatcli.server.transport import (
@@ -174,7 +175,7 @@ async def _drive(chunks: list[bytes], accounts: AccountStore | None) -> tuple[Co
     config = ServerConfig.build(db_path=None)
     metrics = Metrics()
     loop = asyncio.get_running_loop()
-    relay = Relay(config, metrics, None, schedule=loop.call_soon)
+    relay = Relay(config, metrics, MemoryEngine(), schedule=loop.call_soon)
     server = WebSocketServer(config, relay, metrics, accounts)
     bob = Recipient()
     relay.open_session(bob)  # type: ignore[arg-type]
@@ -249,7 +250,7 @@ def test_connections_far_past_the_limit_are_closed_unread() -> None:
     async def flood() -> list[RecordingTransport]:
         config = ServerConfig.build(db_path=None, max_connections=1)
         metrics = Metrics()
-        server = WebSocketServer(config, Relay(config, metrics, None), metrics)
+        server = WebSocketServer(config, Relay(config, metrics, MemoryEngine()), metrics)
         transports = [RecordingTransport() for _ in range(1 + HANDSHAKE_SLACK + 3)]
         for transport in transports:
             server.protocol_factory().connection_made(transport)
