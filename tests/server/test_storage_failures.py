@@ -6,12 +6,9 @@ deleted, a trigger makes SQLite fail a write as a full disk does, a table is dam
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import socket
 import sqlite3
-import struct
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,7 +22,7 @@ from chatcli import protocol as p
 from chatcli.server.relay import HISTORY_QUEUE
 from chatcli.server.storage import INBOX_BATCH_ROWS, NewMessage, SQLiteStore
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.wsclients import legacy, native, recv_frame, send_native
+from tests.wsclients import client_frame, legacy, native, recv_frame, request_head, send_native
 
 StartServer = Callable[..., RunningServer]
 Chatcli = Callable[..., ChatcliProcess]
@@ -72,30 +69,13 @@ def store_legacy(server: RunningServer, to: str, texts: list[str]) -> None:
     sender.close()
 
 
-def masked(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One client frame (masked, as clients must send)."""
-    mask = os.urandom(4)
-    n = len(payload)
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 def non_reading_session(server: RunningServer, user: str, headers: dict[str, str]) -> socket.socket:
     """A native session on a socket with a tiny receive buffer that never reads past the handshake."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.ws_port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    sock.sendall((f"GET /{user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: "
-                  f"{p.SUBPROTOCOL}\r\nAuthorization: Bearer {p.DEFAULT_AUTH_KEY}\r\n{extra}\r\n").encode())
+    sock.sendall(request_head(f"/{user}", {"Sec-WebSocket-Protocol": p.SUBPROTOCOL,
+                                           "Authorization": f"Bearer {p.DEFAULT_AUTH_KEY}", **headers}))
     assert sock.recv(12).startswith(b"HTTP/1.1 101")
     return sock
 
@@ -281,7 +261,7 @@ def test_pipelined_history_requests_are_answered_one_at_a_time_and_bounded(serve
     send_native(alice, "bob", "hello")
     extra = 3
     requests = [p.encode(p.HistoryRequest(f"h{i}", "bob")) for i in range(HISTORY_QUEUE + 1 + extra)]
-    alice.socket.sendall(b"".join(masked(r.encode()) for r in requests))  # one write: read together
+    alice.socket.sendall(b"".join(client_frame(0x1, r.encode()) for r in requests))  # one write: read together
     frames = [recv_frame(alice) for _ in requests]
     answers = [f for f in frames if isinstance(f, p.History)]
     refusals = [f for f in frames if isinstance(f, p.Error)]
