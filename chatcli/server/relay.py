@@ -605,16 +605,17 @@ class Relay:
     def _acknowledge(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
                      appended: Appended) -> None:
         unusual = appended.duplicates or appended.offline  # both empty in the common case: one test
+        statuses, offline, duplicate = _ACK_STATUS, Outcome.OFFLINE, Outcome.DUPLICATE  # per message: locals
         for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
                                                                                  strict=True)):
             message = StoredMessage(msg_id, *row)
             outcome = self._settled(position, appended) if unusual else None
             if outcome is None:
                 outcome = self._dispatch(message)
-            if outcome is Outcome.OFFLINE:
+            if outcome is offline:
                 self.refuse(session, client_id, p.Reason.OFFLINE)
             else:
-                self._ack(session, client_id, message, outcome.status, duplicate=outcome is Outcome.DUPLICATE)
+                self._ack(session, client_id, message, statuses[outcome], duplicate=outcome is duplicate)
 
     def _settled(self, position: int, appended: Appended) -> Outcome | None:
         """The outcome the engine already decided for a message (a retry, an offline recipient), or None."""
