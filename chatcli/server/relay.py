@@ -107,21 +107,16 @@ class Replay:
 
 
 class Outcome(enum.Enum):
-    """What became of an accepted message once its batch was committed; its ack says so."""
+    """What became of an accepted message once its batch was committed; ``status`` is what its ack says."""
 
-    DELIVERED = enum.auto()  # handed to at least one open session of the recipient here
-    STORED = enum.auto()  # kept for a recipient with no open session here
-    DUPLICATE = enum.auto()  # a retried client id: nothing new stored, the original's id acknowledged
-    OFFLINE = enum.auto()  # refused: nobody would keep it (the engine stores nothing) and nobody is online
+    DELIVERED = (1, p.Status.DELIVERED)  # handed to at least one open session of the recipient here
+    STORED = (2, p.Status.STORED)  # kept for a recipient with no open session here
+    DUPLICATE = (3, p.Status.STORED)  # a retried client id: nothing new stored, the original's id acknowledged
+    OFFLINE = (4, p.Status.REFUSED)  # refused: nobody would keep it (the engine stores nothing), nobody online
 
-    @property
-    def status(self) -> str:
-        """The ack's ``status`` for this outcome."""
-        return _ACK_STATUS[self]
-
-
-_ACK_STATUS = {Outcome.DELIVERED: p.Status.DELIVERED, Outcome.STORED: p.Status.STORED,
-               Outcome.DUPLICATE: p.Status.STORED, Outcome.OFFLINE: p.Status.REFUSED}
+    def __init__(self, _order: int, status: str) -> None:
+        #: A plain attribute: read once per message on the ack path (an enum-keyed dict would hash in Python).
+        self.status = status
 
 
 def encode_stored(message: StoredMessage, legacy: bool) -> str:
@@ -605,7 +600,7 @@ class Relay:
     def _acknowledge(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
                      appended: Appended) -> None:
         unusual = appended.duplicates or appended.offline  # both empty in the common case: one test
-        statuses, offline, duplicate = _ACK_STATUS, Outcome.OFFLINE, Outcome.DUPLICATE  # per message: locals
+        offline, duplicate = Outcome.OFFLINE, Outcome.DUPLICATE  # looked up once, not per message
         for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
                                                                                  strict=True)):
             message = StoredMessage(msg_id, *row)
@@ -615,7 +610,7 @@ class Relay:
             if outcome is offline:
                 self.refuse(session, client_id, p.Reason.OFFLINE)
             else:
-                self._ack(session, client_id, message, statuses[outcome], duplicate=outcome is duplicate)
+                self._ack(session, client_id, message, outcome.status, duplicate=outcome is duplicate)
 
     def _settled(self, position: int, appended: Appended) -> Outcome | None:
         """The outcome the engine already decided for a message (a retry, an offline recipient), or None."""
