@@ -18,6 +18,7 @@ import typer
 from chatcli import __version__
 from chatcli.client.environment import Environment, point_at_devnull
 from chatcli.errors import ExitStatus, exit_status_for
+from chatcli.server.engine.options import Fsync
 
 __all__ = ["app", "main", "run"]
 
@@ -39,11 +40,6 @@ app = typer.Typer(
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
-
-
-class Fsync(StrEnum):
-    normal = "normal"
-    full = "full"
 
 
 class Presence(StrEnum):
@@ -135,7 +131,7 @@ def serve(
         raise typer.BadParameter(str(exc), param_hint="--retention") from None
     config = ServerConfig.build(host=host, ws_port=ws_port, http_port=http_port, auth_key=auth_key,
                                 max_text_bytes=max_text_bytes, db_path=None if ephemeral else db or default_db_path(),
-                                fsync=fsync.value, retention_s=retention_s, require_auth=require_auth,
+                                fsync=fsync, retention_s=retention_s, require_auth=require_auth,
                                 certfile=certfile, keyfile=keyfile, rate=rate, burst=burst,
                                 max_connections=max_connections, max_sessions_per_user=max_sessions_per_user,
                                 presence=presence.value if presence is not None else None,
