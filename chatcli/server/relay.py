@@ -41,8 +41,8 @@ from chatcli.server.engine.base import Appended, BacklogPage, Capability, Engine
 from chatcli.server.engine.pages import message_frame
 from chatcli.server.metrics import Metrics
 
-__all__ = ["CLOSE_STORAGE_FAILED", "HELD_LIMIT", "HISTORY_QUEUE", "MAX_WATCHED_USERS", "Outcome", "Relay", "Session",
-           "UserQuota", "encode_stored", "message_frame"]
+__all__ = ["CLOSE_STORAGE_FAILED", "HELD_CHARS", "HELD_LIMIT", "HISTORY_QUEUE", "MAX_WATCHED_USERS", "Outcome", "Relay",
+           "Session", "UserQuota", "encode_stored", "message_frame"]
 
 log = logging.getLogger("chatcli.server")
 
@@ -50,6 +50,9 @@ log = logging.getLogger("chatcli.server")
 HISTORY_QUEUE = 8
 #: Live messages held for a session still receiving its backlog; beyond this they are read back from storage.
 HELD_LIMIT = 100
+#: ... and at most this many characters of text (256 KiB of UTF-8 at most), so a few large messages cannot
+#: pin megabytes per replaying session.
+HELD_CHARS = 64 * 1024
 #: The close code for a session whose backlog cannot be read (1011: the server hit an unexpected condition).
 CLOSE_STORAGE_FAILED = 1011
 
@@ -93,16 +96,18 @@ class Session(Protocol):
 class Replay:
     """A session receiving its backlog; live messages wait in ``held`` so that order is kept.
 
-    Past ``HELD_LIMIT`` live messages, ``held`` is dropped and ``overflowed`` set: those messages
-    are stored, so one more page read at the end of the backlog finds them.
+    Past ``HELD_LIMIT`` live messages or ``HELD_CHARS`` of their text, ``held`` is dropped and
+    ``overflowed`` set: those messages are stored, so one more page read at the end of the backlog
+    finds them.
     """
 
-    __slots__ = ("after", "held", "overflowed", "since_ts")
+    __slots__ = ("after", "held", "held_chars", "overflowed", "since_ts")
 
     def __init__(self, after: int | None, since_ts: float | None) -> None:
         self.after = after
         self.since_ts = since_ts
         self.held: list[StoredMessage] = []
+        self.held_chars = 0
         self.overflowed = False
 
 
@@ -669,7 +674,8 @@ class Relay:
         """Keep a live message until the backlog is sent; past HELD_LIMIT, storage has them (read once more)."""
         if replay.overflowed:
             return
-        if len(replay.held) < HELD_LIMIT:
+        replay.held_chars += len(message.text)
+        if len(replay.held) < HELD_LIMIT and replay.held_chars <= HELD_CHARS:
             replay.held.append(message)
         else:
             replay.held.clear()

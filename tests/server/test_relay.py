@@ -167,3 +167,43 @@ def test_what_the_engine_hands_over_from_elsewhere_reaches_local_sessions(engine
 def test_outcomes_map_to_ack_statuses() -> None:
     assert {o: o.status for o in Outcome} == {Outcome.DELIVERED: p.Status.DELIVERED, Outcome.STORED: p.Status.STORED,
                                               Outcome.DUPLICATE: p.Status.STORED, Outcome.OFFLINE: p.Status.REFUSED}
+
+
+class SlowReader(RecordingSession):
+    """A session that has not read its last page yet: the next one waits for ``drain()``."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__(user)
+        self.waiting: list[Callable[[], None]] = []
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        self.waiting.append(callback)
+
+    def drain(self) -> None:
+        while self.waiting:
+            self.waiting.pop(0)()
+
+
+def test_live_messages_held_during_a_slow_replay_are_bounded_yet_all_arrive_in_order(tmp_path: Path) -> None:
+    ticks = Ticks()
+    engine = make_engine("sqlite", tmp_path)
+    relay = relay_on(engine, ticks)
+    alice = RecordingSession("alice")
+    relay.open_session(alice, receive=False)
+    backlog = [f"old {i}" for i in range(3000)]  # more than one page
+    for i, text in enumerate(backlog):
+        relay.submit(alice, f"o{i}", "bob", text)
+    ticks.end()
+    bob = SlowReader("bob")
+    relay.open_session(bob)  # the first page goes out; the next waits for bob to read
+    live = [f"live {i} " + "x" * 20_000 for i in range(5)]  # 100,000 characters: past what is held
+    for i, text in enumerate(live):
+        relay.submit(alice, f"l{i}", "bob", text)
+        ticks.end()
+    replay = relay.replays[bob]  # type: ignore[index]
+    assert replay.overflowed and not replay.held  # dropped from memory: storage has them
+    while bob.waiting:
+        bob.drain()
+        ticks.end()
+    engine.close()
+    assert bob.texts() == backlog + live
