@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from chatcli import protocol as p
+from chatcli.server.codecs import NATIVE, Codec
 from chatcli.server.config import ServerConfig
 from chatcli.server.metrics import Metrics
 from chatcli.server.relay import Relay
@@ -26,7 +27,7 @@ class RecordingSession:
     """A session as the relay sees it; what it was sent is kept."""
 
     user: str
-    legacy: bool = False
+    codec: Codec = NATIVE
     authenticated: bool = False
     written_upto: int = 0
     sent: list[str] = field(default_factory=list)

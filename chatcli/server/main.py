@@ -18,6 +18,7 @@ from typing import Any
 from chatcli import __version__
 from chatcli.errors import StorageError
 from chatcli.server.accounts import AccountStore
+from chatcli.server.codecs import CODECS
 from chatcli.server.config import ServerConfig
 from chatcli.server.fdlimit import FdLimit, connection_capacity, open_fd_count, raise_fd_limit
 from chatcli.server.http_api import Handler, HttpServer, json_response, text_response
@@ -295,10 +296,10 @@ def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handle
 
     def metrics() -> tuple[int, str, bytes]:
         relay = ws_server.relay
-        sessions: dict[str, float] = {"legacy": 0, "chatcli.v1": 0}
+        sessions: dict[str, float] = dict.fromkeys((codec.name for codec in CODECS), 0)
         for mine in relay.sessions.values():
             for session in mine:
-                sessions["legacy" if session.legacy else "chatcli.v1"] += 1
+                sessions[session.codec.name] += 1
         gauges: dict[str, dict[str, float]] = {"connections": {"": len(ws_server.connections)}, "sessions": sessions,
                   "db_bytes": {"": relay.store.size_bytes() if relay.store is not None else 0}}
         body = render_prometheus(ws_server.metrics, gauges)

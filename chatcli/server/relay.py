@@ -1,8 +1,10 @@
 """Routing: who is connected, and what happens to each frame a session sends.
 
-Transport-free: sessions are anything with ``user``, ``legacy`` and
+Transport-free: sessions are anything with ``user``, ``codec`` and
 ``send_text()``; the transport turns WebSocket frames into calls of
-``on_legacy_text`` / ``on_native_text`` and writes what sessions are given.
+``on_legacy_text`` / ``on_native_text`` (through the session's codec) and writes
+what sessions are given. What a session is sent comes from its codec
+(``chatcli.server.codecs``), so routing never asks which protocol a session speaks.
 
 Two modes:
 
@@ -34,6 +36,7 @@ from typing import NamedTuple, Protocol
 
 from chatcli import protocol as p
 from chatcli.errors import ChatcliError, RemoteProtocolError, StorageError
+from chatcli.server.codecs import Codec, Outcome, message_frame
 from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.metrics import Metrics
 from chatcli.server.storage import Appended, MessageStore, NewMessage, StoredMessage
@@ -66,7 +69,8 @@ class Session(Protocol):
     """What routing needs of a connected session."""
 
     user: str
-    legacy: bool
+    #: What the session is sent is encoded by its protocol's codec, picked at the handshake.
+    codec: Codec
     #: The session proved its user with a token at the handshake (accounts on).
     authenticated: bool
 
@@ -124,19 +128,7 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())
 
 
-def message_frame(stored: StoredMessage) -> p.Message:
-    return p.Message(stored.id, stored.sender, stored.recipient, stored.text, p.format_ts(stored.ts))
-
-
-def encode_stored(message: StoredMessage, legacy: bool) -> str:
-    """The frame a session is sent for a stored message; raises ChatcliError for a row that breaks the
-    protocol (e.g. an invalid sender stored by an older, exploitable server)."""
-    if legacy:
-        return p.encode_legacy_message(message.sender, message.text)
-    return p.encode(message_frame(message))
-
-
-def read_replay_page(store: MessageStore, user: str, legacy: bool, after: int | None,
+def read_replay_page(store: MessageStore, user: str, codec: Codec, after: int | None,
                      since_ts: float | None) -> ReplayPage:
     """One page of ``user``'s backlog, at most ``REPLAY_PAGE`` messages and ``REPLAY_PAGE_BYTES`` (storage thread).
 
@@ -153,7 +145,7 @@ def read_replay_page(store: MessageStore, user: str, legacy: bool, after: int | 
     size = read = 0
     for message in store.iter_messages_to(user, start, REPLAY_PAGE):
         try:
-            frame = encode_stored(message, legacy)
+            frame = codec.encode_message(message)
         except ChatcliError as exc:
             log.error("skipping stored message %d to %s: %s", message.id, user, exc,
                       extra={"event": "bad-stored-message", "msg_id": message.id})
@@ -547,11 +539,8 @@ class Relay:
 
     def on_binary(self, session: Session) -> None:
         self.metrics.error(p.ErrorCode.BINARY_UNSUPPORTED)
-        if session.legacy:
-            session.send_text(p.LEGACY_SEND_ERROR)
-        else:
-            session.send_text(p.encode(p.Error(p.ErrorCode.BINARY_UNSUPPORTED,
-                                               "binary frames are not supported: send JSON text frames")))
+        session.send_text(session.codec.error(p.ErrorCode.BINARY_UNSUPPORTED,
+                                              "binary frames are not supported: send JSON text frames"))
 
     def _received(self, session: Session, msg_id: int) -> None:
         # Never past what this session was sent: a cursor beyond it would skip messages not yet delivered.
@@ -638,10 +627,7 @@ class Relay:
 
     def refuse(self, session: Session, client_id: str | None, reason: str) -> None:
         self.metrics.refused(reason)
-        if session.legacy:
-            session.send_text(p.LEGACY_SEND_ERROR)
-        else:
-            session.send_text(p.encode(p.Ack(client_id or "", p.Status.REFUSED, reason=reason)))
+        session.send_text(session.codec.refusal(client_id, reason))
 
     def _route_ephemeral(self, session: Session, client_id: str | None, to: str, text: str) -> None:
         recipients = self.sessions.get(to)
@@ -651,7 +637,7 @@ class Relay:
         self.last_msg_id += 1
         message = StoredMessage(self.last_msg_id, session.user, to, text, self.clock(), client_id)
         self._deliver(message, recipients)
-        self._ack(session, client_id, message, p.Status.DELIVERED)
+        session.send_text(session.codec.ack(client_id, message, Outcome.DELIVERED))
         self.metrics.ack_latency.observe(0.0)  # acknowledged while handling the frame
 
     def _schedule_commit(self) -> None:
@@ -708,17 +694,18 @@ class Relay:
             message = StoredMessage(msg_id, *row)
             if duplicates and position in duplicates:
                 self.metrics.error("duplicate")
-                self._ack(session, client_id, message, p.Status.STORED, duplicate=True)
+                session.send_text(session.codec.ack(client_id, message, Outcome.DUPLICATE))
             else:
                 self._dispatch(session, client_id, message)
 
     def _dispatch(self, session: Session, client_id: str | None, message: StoredMessage) -> None:
         recipients = self.sessions.get(message.recipient)
         if recipients is not None and self._delivered(message, recipients):
-            self._ack(session, client_id, message, p.Status.DELIVERED)
+            outcome = Outcome.DELIVERED
         else:
             self.metrics.stored += 1
-            self._ack(session, client_id, message, p.Status.STORED)
+            outcome = Outcome.STORED
+        session.send_text(session.codec.ack(client_id, message, outcome))
 
     def _delivered(self, message: StoredMessage, recipients: list[Session]) -> bool:
         """Deliver a stored message; False (logged) for one that cannot be encoded, which fails alone."""
@@ -730,31 +717,17 @@ class Relay:
             return False
         return True
 
-    def _ack(self, session: Session, client_id: str | None, message: StoredMessage, status: str,
-             duplicate: bool = False) -> None:
-        if session.legacy:
-            session.send_text(p.LEGACY_SEND_SUCCESS)
-        else:
-            session.send_text(p.encode(p.Ack(client_id or "", status, msg_id=message.id,
-                                             ts=p.format_ts(message.ts), duplicate=duplicate)))
-
     # -- delivering ----------------------------------------------------------------------
 
     def _deliver(self, message: StoredMessage, recipients: list[Session]) -> None:
+        """Send ``message`` to each recipient (encoded once per protocol: the codecs cache it), or hold it
+        for those still receiving their backlog. Raises ChatcliError when it cannot be encoded."""
         self.metrics.routed += 1
-        legacy_frame = native_frame = None
         for recipient in recipients:
             if self.replays and recipient in self.replays:
                 self._hold(self.replays[recipient], message)
-            elif recipient.legacy:
-                if legacy_frame is None:
-                    legacy_frame = p.encode_legacy_message(message.sender, message.text)
-                recipient.send_text(legacy_frame)
-                recipient.written(message.id)
             else:
-                if native_frame is None:
-                    native_frame = p.encode(self._message(message))
-                recipient.send_text(native_frame)
+                recipient.send_text(recipient.codec.message(message))
                 recipient.written(message.id)
 
     @staticmethod
@@ -771,17 +744,13 @@ class Relay:
     def _send_stored(self, session: Session, messages: Iterable[StoredMessage]) -> None:
         for message in messages:
             try:
-                frame = encode_stored(message, session.legacy)
+                frame = session.codec.message(message)
             except ChatcliError as exc:
                 log.error("skipping stored message %d to %s: %s", message.id, session.user, exc,
                           extra={"event": "bad-stored-message", "msg_id": message.id})
                 continue
             session.send_text(frame)
             session.written(message.id)
-
-    @staticmethod
-    def _message(stored: StoredMessage) -> p.Message:
-        return message_frame(stored)
 
     # -- replaying a backlog ------------------------------------------------------------
 
@@ -791,8 +760,8 @@ class Relay:
         store = self.store
         if replay is None or store is None or not session.is_open:
             return
-        user, legacy, after, since_ts = session.user, session.legacy, replay.after, replay.since_ts
-        self.storage.submit(lambda: read_replay_page(store, user, legacy, after, since_ts),
+        user, codec, after, since_ts = session.user, session.codec, replay.after, replay.since_ts
+        self.storage.submit(lambda: read_replay_page(store, user, codec, after, since_ts),
                             lambda page: self._send_page(session, page))
 
     def _send_page(self, session: Session, page: ReplayPage | StorageError) -> None:

@@ -6,6 +6,10 @@ Why not the websockets high-level API: measured here, a relay on it reaches
 event-loop tick, reach 1.18x (``../shared/bench/README.md``). So each
 connection queues frames in its ServerProtocol and marks itself dirty; one
 ``call_soon`` callback per tick writes every dirty connection's bytes at once.
+
+Which wire protocol a session speaks is decided once, at the handshake: the
+connection keeps the protocol's codec (``chatcli.server.codecs``), which encodes
+what it is sent and hands what it sends to the relay's reader for that protocol.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from chatcli import __version__
 from chatcli import protocol as p
 from chatcli.errors import StorageError
 from chatcli.server.admission import Admitted, Refused, admit
+from chatcli.server.codecs import LEGACY, Codec, codec_for
 from chatcli.server.limitlog import LimitLog
 from chatcli.server.throttle import AuthThrottle
 
@@ -213,8 +218,8 @@ class Connection(asyncio.Protocol):
     """One TCP connection: the handshake and its admission, then a chat session once open."""
 
     # Slots: thousands of idle connections must stay under a few KB each.
-    __slots__ = ("authenticated", "confirmed_upto", "dirty", "drain_waiters", "fragment_is_text", "fragments",
-                 "frame_budget", "frame_budget_at", "head_bytes", "head_tail", "held_frames", "last_seen", "legacy",
+    __slots__ = ("authenticated", "codec", "confirmed_upto", "dirty", "drain_waiters", "fragment_is_text",
+                 "fragments", "frame_budget", "frame_budget_at", "head_bytes", "head_tail", "held_frames", "last_seen",
                  "open_timer", "peer", "peer_address", "phase", "ping_sent_at", "queued_bytes", "server",
                  "session_id", "transport", "user", "writing_paused", "written_upto", "ws")
 
@@ -230,7 +235,7 @@ class Connection(asyncio.Protocol):
         self.open_timer: asyncio.TimerHandle | None = None
         # The session, once admitted.
         self.user = ""
-        self.legacy = True
+        self.codec: Codec = LEGACY  # replaced at the handshake; nothing is sent or read before it
         self.authenticated = False
         self.session_id = ""
         self.peer = ""
@@ -371,10 +376,10 @@ class Connection(asyncio.Protocol):
         if self.session_id:
             server.relay.close_session(self)
             code = self._close_code()
-            log.info("disconnect user=%s protocol=%s peer=%s session=%s code=%s", self.user, self.protocol_name,
-                     self.peer, self.session_id,
-                     code, extra={"event": "disconnect", "user": self.user, "protocol": self.protocol_name,
-                                  "peer": self.peer, "session": self.session_id, "code": code})
+            protocol = self.codec.name
+            log.info("disconnect user=%s protocol=%s peer=%s session=%s code=%s", self.user, protocol, self.peer,
+                     self.session_id, code, extra={"event": "disconnect", "user": self.user, "protocol": protocol,
+                                                   "peer": self.peer, "session": self.session_id, "code": code})
 
     def _close_code(self) -> int:
         """The close code of the closing handshake, whoever started it; 1006 when there was none."""
@@ -421,10 +426,6 @@ class Connection(asyncio.Protocol):
     def is_open(self) -> bool:
         return self.ws.state is _OPEN
 
-    @property
-    def protocol_name(self) -> str:
-        return "legacy" if self.legacy else p.SUBPROTOCOL
-
     def close(self, code: int, reason: str) -> None:
         self._stop_receiving()
         if self.ws.state is _OPEN:
@@ -466,7 +467,7 @@ class Connection(asyncio.Protocol):
                 # so it gets them when it comes back.
                 self.drop("slow-consumer", "closed: too many unread messages (outgoing buffer full)")
                 return
-            if self.legacy and self.written_upto > self.confirmed_upto and buffered == 0:
+            if self.codec.confirms_on_write and self.written_upto > self.confirmed_upto and buffered == 0:
                 self.confirmed_upto = self.written_upto
                 self.server.relay.confirm_received(self.user, self.written_upto)
         if eof:
@@ -540,15 +541,16 @@ class Connection(asyncio.Protocol):
         if response.status_code != 101:
             self._refuse(response)
             return
-        legacy = ws.subprotocol is None
-        verdict = admit(request.path, request.headers, legacy=legacy, peer_address=self.peer_address, state=server)
+        codec = codec_for(ws.subprotocol)
+        verdict = admit(request.path, request.headers, legacy=codec is LEGACY, peer_address=self.peer_address,
+                        state=server)
         if isinstance(verdict, Refused):
             if verdict.auth_failure:
                 self._count_auth_failure()
             self._refuse(ws.reject(verdict.status, verdict.reason))
             return
         ws.send_response(response)
-        self.user, self.authenticated, self.legacy = verdict.user, verdict.authenticated, legacy
+        self.user, self.authenticated, self.codec = verdict.user, verdict.authenticated, codec
         self.phase = Phase.OPEN
         self._open(verdict)
 
@@ -573,21 +575,18 @@ class Connection(asyncio.Protocol):
     def _open(self, admitted: Admitted) -> None:
         server = self.server
         self.session_id = server.next_session_id()
-        server.metrics.sessions_opened[self.protocol_name] += 1
-        log.info("connect user=%s protocol=%s peer=%s session=%s", self.user, self.protocol_name, self.peer,
-                 self.session_id, extra={"event": "connect", "user": self.user, "protocol": self.protocol_name,
+        protocol = self.codec.name
+        server.metrics.sessions_opened[protocol] += 1
+        log.info("connect user=%s protocol=%s peer=%s session=%s", self.user, protocol, self.peer,
+                 self.session_id, extra={"event": "connect", "user": self.user, "protocol": protocol,
                                          "peer": self.peer, "session": self.session_id})
-        after = admitted.after
-        if self.legacy:
-            self.send_text(p.LEGACY_CONNECTED)
-        else:
-            features = server.relay.features + ((p.Feature.TOKENS,) if self.authenticated else ())
-            after, reset = server.relay.resume_after(self.user, admitted.after, admitted.epoch)
-            hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
-                            max_text_bytes=server.config.max_text_bytes, features=features,
-                            epoch=server.relay.epoch, reset=reset)
-            self.send_text(p.encode(hello))
-        server.relay.open_session(self, after, admitted.since_ts, receive=admitted.receive)
+        relay = server.relay
+        after, reset = relay.resume_after(self.user, admitted.after, admitted.epoch)  # seed clients: (None, False)
+        features = relay.features + ((p.Feature.TOKENS,) if self.authenticated else ())
+        hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
+                        max_text_bytes=server.config.max_text_bytes, features=features, epoch=relay.epoch, reset=reset)
+        self.send_text(self.codec.greeting(hello))
+        relay.open_session(self, after, admitted.since_ts, receive=admitted.receive)
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -621,10 +620,7 @@ class Connection(asyncio.Protocol):
             self.server.metrics.error("bad-utf8")
             self._fail(1007, "invalid UTF-8 in a text frame")
             return
-        if self.legacy:
-            relay.on_legacy_text(self, text)
-        else:
-            relay.on_native_text(self, text)
+        self.codec.dispatch(relay, self, text)
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection (a close frame with ``code``): nothing more it sent is acted on."""
