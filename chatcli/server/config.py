@@ -100,10 +100,6 @@ class ServerConfig:
         return max(2 * self.burst, 2000)
 
     @property
-    def tls(self) -> bool:
-        return self.certfile is not None
-
-    @property
     def uses_default_key(self) -> bool:
         return self.auth_key == DEFAULT_AUTH_KEY
 

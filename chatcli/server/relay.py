@@ -34,6 +34,8 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Set
 from typing import NamedTuple, Protocol
 
+from websockets.frames import CloseCode  # an enum only: the relay stays transport-free
+
 from chatcli import protocol as p
 from chatcli.errors import ChatcliError, RemoteProtocolError, StorageError
 from chatcli.server.codecs import Codec, Outcome, message_frame
@@ -57,8 +59,8 @@ HISTORY_QUEUE = 8
 HELD_LIMIT = 100
 #: SQLite's names for a damaged file: unlike a full disk or a held lock, a later success does not undo them.
 DAMAGED_FILE_ERRORS = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
-#: The close code for a session whose backlog cannot be read (1011: the server hit an unexpected condition).
-CLOSE_STORAGE_FAILED = 1011
+#: The close code for a session whose backlog cannot be read: the server hit an unexpected condition.
+CLOSE_STORAGE_FAILED = CloseCode.INTERNAL_ERROR
 
 
 #: Users one session may watch at once (a watch replaces the session's previous one).

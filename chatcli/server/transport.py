@@ -24,7 +24,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
 from websockets.exceptions import NegotiationError
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -224,22 +224,24 @@ class Connection(asyncio.Protocol):
                  "session_id", "transport", "user", "writing_paused", "written_upto", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
+        # The connection: its server, its socket and peer (set once connected), websockets' state for it.
         self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""  # host:port, for the logs
+        self.peer_address = ""  # the host: failed authentications are counted against it
         self.ws = RelayServerProtocol(subprotocols=_SUBPROTOCOLS, max_size=server.config.max_frame_bytes,
                                       logger=_ws_log)
-        self.transport: asyncio.Transport | None = None
         # Admission: nothing the peer sends is acted on before phase is OPEN, and user is only set then.
         self.phase = Phase.HANDSHAKE
         self.head_bytes = 0  # request-head bytes seen so far, bounded by MAX_REQUEST_HEAD_BYTES
         self.head_tail = b""  # the last bytes of the head so far: its end may straddle two reads
         self.open_timer: asyncio.TimerHandle | None = None
-        # The session, once admitted.
+        # The session, once admitted: who, and the codec of its wire protocol (what it is sent is encoded
+        # by it, and what it sends is handed by it to the relay's reader for that protocol).
         self.user = ""
         self.codec: Codec = LEGACY  # replaced at the handshake; nothing is sent or read before it
         self.authenticated = False
         self.session_id = ""
-        self.peer = ""
-        self.peer_address = ""
         # Writing: frames queue in ws and go out once per tick. Backpressure: while the transport's
         # buffer is above its high-water mark, the peer's own requests wait in held_frames (reading
         # paused) and paced answers wait in drain_waiters; both are None when empty (idle connections
@@ -249,18 +251,19 @@ class Connection(asyncio.Protocol):
         self.writing_paused = False
         self.held_frames: list[Frame] | None = None
         self.drain_waiters: list[Callable[[], None]] | None = None
-        # Reading: a message arriving in fragments.
+        # Reading: a message arriving in fragments, and the frame limit, refilled once per read rather
+        # than once per frame (messages and requests draw on the user's bucket in the relay).
         self.fragments: list[BytesLike] | None = None
         self.fragment_is_text = True
-        # The frame limit, refilled once per read rather than once per frame (messages and requests
-        # draw on the user's bucket in the relay).
         now = server.loop.time()
         self.frame_budget = float(server.config.frame_burst)
-        self.frame_budget_at = self.last_seen = now
+        self.frame_budget_at = now
+        # Liveness: any traffic proves the peer alive; a ping is sent after ping_interval of silence.
+        self.last_seen = now
         self.ping_sent_at = 0.0
         # Messages written to this session: received acks cannot go past it. Seed clients never
-        # acknowledge: for them the last id whose bytes the kernel took (the buffer was empty after
-        # the write) counts as received.
+        # acknowledge (their codec confirms on write): for them the last id whose bytes the kernel took
+        # (the buffer was empty after the write) counts as received.
         self.written_upto = self.confirmed_upto = 0
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -384,7 +387,7 @@ class Connection(asyncio.Protocol):
     def _close_code(self) -> int:
         """The close code of the closing handshake, whoever started it; 1006 when there was none."""
         close = self.ws.close_rcvd or self.ws.close_sent
-        return close.code if close is not None else 1006
+        return close.code if close is not None else CloseCode.ABNORMAL_CLOSURE
 
     # -- what routing calls ------------------------------------------------------
 
@@ -538,7 +541,7 @@ class Connection(asyncio.Protocol):
             self.open_timer = None
         server, ws = self.server, self.ws
         response = ws.accept(request)  # websockets' own checks: a WebSocket upgrade, a known subprotocol
-        if response.status_code != 101:
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
             self._refuse(response)
             return
         codec = codec_for(ws.subprotocol)
