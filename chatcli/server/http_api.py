@@ -23,6 +23,9 @@ from http import HTTPStatus
 from chatcli.server.config import ServerConfig
 from chatcli.server.limitlog import LimitLog
 
+__all__ = ["MAX_REQUESTS_PER_CONNECTION", "MAX_REQUEST_BYTES", "BadRequest", "Handler", "HttpConnection", "HttpServer",
+           "Request", "Response", "encode_response", "json_response", "parse_request_head", "text_response"]
+
 log = logging.getLogger("chatcli.server")
 
 #: The longest request head (request line and headers) read; longer ones get 431.

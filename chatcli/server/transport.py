@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from chatcli.server.metrics import Metrics
     from chatcli.server.relay import Relay
 
+__all__ = ["HANDSHAKE_SLACK", "HIGH_WATER_BYTES", "LOW_WATER_BYTES", "MAX_FRAGMENTS", "MAX_REQUEST_HEAD_BYTES",
+           "SERVER_NAME", "Connection", "Phase", "RelayServerProtocol", "WebSocketServer"]
+
 log = logging.getLogger("chatcli.server")
 # websockets logs every open and close at INFO; we write our own single line per connection.
 _ws_log = logging.getLogger("chatcli.server.websockets")
