@@ -17,6 +17,7 @@ on the event loop only; code on the storage thread calls ``encode_message``.
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -45,8 +46,8 @@ def message_frame(stored: StoredMessage) -> p.Message:
     return p.Message(stored.id, stored.sender, stored.recipient, stored.text, p.format_ts(stored.ts))
 
 
-class Codec:
-    """How one wire protocol says each thing the server tells a session. Subclasses fill every method."""
+class Codec(abc.ABC):
+    """How one wire protocol says each thing the server tells a session."""
 
     __slots__ = ("_last_frame", "_last_message")
 
@@ -59,26 +60,26 @@ class Codec:
         self._last_message: StoredMessage | None = None
         self._last_frame = ""
 
+    @abc.abstractmethod
     def greeting(self, hello: p.Hello) -> str:
         """The first frame of a session."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def ack(self, client_id: str | None, message: StoredMessage, outcome: Outcome) -> str:
         """The answer to a send that was accepted as ``message``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def refusal(self, client_id: str | None, reason: str) -> str:
         """The answer to a send that was refused; ``reason`` is a ``p.Reason``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def error(self, code: str, text: str, details: Mapping[str, Any] | None = None) -> str:
         """A frame that could not be acted on; ``code`` is a ``p.ErrorCode``. The session stays open."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def encode_message(self, message: StoredMessage) -> str:
         """The frame delivering ``message``; safe on any thread. Raises ChatcliError for a row that breaks
         the protocol."""
-        raise NotImplementedError
 
     def message(self, message: StoredMessage) -> str:
         """``encode_message``, encoded once however many sessions it goes to (event loop only)."""
@@ -87,9 +88,9 @@ class Codec:
             self._last_message = message
         return self._last_frame
 
+    @abc.abstractmethod
     def dispatch(self, relay: Relay, session: Session, text: str) -> None:
         """Hand a text frame the session sent to the relay's reader for this protocol."""
-        raise NotImplementedError
 
 
 class NativeCodec(Codec):
