@@ -38,7 +38,7 @@ from websockets.frames import CloseCode  # an enum only: the relay stays transpo
 
 from chatcli import protocol as p
 from chatcli.errors import ChatcliError, RemoteProtocolError, StorageError
-from chatcli.server.codecs import Codec, Outcome, message_frame
+from chatcli.server.codecs import DELIVERED, DUPLICATE, STORED, Codec, message_frame
 from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.metrics import Metrics
 from chatcli.server.storage import Appended, MessageStore, NewMessage, StoredMessage
@@ -639,7 +639,7 @@ class Relay:
         self.last_msg_id += 1
         message = StoredMessage(self.last_msg_id, session.user, to, text, self.clock(), client_id)
         self._deliver(message, recipients)
-        session.send_text(session.codec.ack(client_id, message, Outcome.DELIVERED))
+        session.send_text(session.codec.ack(client_id, message, DELIVERED))
         self.metrics.ack_latency.observe(0.0)  # acknowledged while handling the frame
 
     def _schedule_commit(self) -> None:
@@ -696,17 +696,17 @@ class Relay:
             message = StoredMessage(msg_id, *row)
             if duplicates and position in duplicates:
                 self.metrics.error("duplicate")
-                session.send_text(session.codec.ack(client_id, message, Outcome.DUPLICATE))
+                session.send_text(session.codec.ack(client_id, message, DUPLICATE))
             else:
                 self._dispatch(session, client_id, message)
 
     def _dispatch(self, session: Session, client_id: str | None, message: StoredMessage) -> None:
         recipients = self.sessions.get(message.recipient)
         if recipients is not None and self._delivered(message, recipients):
-            outcome = Outcome.DELIVERED
+            outcome = DELIVERED
         else:
             self.metrics.stored += 1
-            outcome = Outcome.STORED
+            outcome = STORED
         session.send_text(session.codec.ack(client_id, message, outcome))
 
     def _delivered(self, message: StoredMessage, recipients: list[Session]) -> bool:
