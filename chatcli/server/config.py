@@ -9,6 +9,7 @@ from typing import Final, Literal, TypeAlias
 
 from chatcli.errors import UsageError
 from chatcli.protocol import DEFAULT_AUTH_KEY, DEFAULT_MAX_TEXT_BYTES, FRAME_OVERHEAD_BYTES
+from chatcli.server.engine.options import Fsync
 
 __all__ = ["PRESENCE_MODES", "PresenceMode", "ServerConfig"]
 
@@ -26,7 +27,7 @@ class ServerConfig:
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     #: The SQLite file; None keeps nothing (--ephemeral): offline recipients are refused.
     db_path: Path | None = None
-    fsync: Literal["normal", "full"] = "normal"
+    fsync: Fsync = Fsync.normal
     #: Messages older than this many seconds are pruned; None keeps them forever.
     retention_s: float | None = None
     #: Sessions must prove their user with a token; also on whenever the database has an account.

@@ -39,8 +39,8 @@ from chatcli.server.limitlog import LimitLog
 from chatcli.server.throttle import AuthThrottle
 
 if TYPE_CHECKING:
-    from chatcli.server.accounts import AccountStore
     from chatcli.server.config import ServerConfig
+    from chatcli.server.engine.base import Accounts
     from chatcli.server.metrics import Metrics
     from chatcli.server.relay import Relay
 
@@ -132,7 +132,7 @@ class WebSocketServer:
     """State shared by all connections: config, routing, the write-coalescing queue."""
 
     def __init__(self, config: ServerConfig, relay: Relay, metrics: Metrics,
-                 accounts: AccountStore | None = None) -> None:
+                 accounts: Accounts | None = None) -> None:
         self.config = config
         self.relay = relay
         self.metrics = metrics
@@ -303,7 +303,10 @@ class Connection(asyncio.Protocol):
         events = ws.events_received()
         if not self._take_frames(len(events), now):
             return
-        self._handle_frames(events)  # type: ignore[arg-type]
+        if self.held_frames is None:
+            self._handle_frames(events)  # type: ignore[arg-type]
+        else:  # reading is paused, but a transport may still hand over what it had: keep the order
+            self.held_frames.extend(events)  # type: ignore[arg-type]
         if ws.state is not _OPEN and self.session_id:
             self._stop_receiving()
         self.schedule_flush()
@@ -564,7 +567,7 @@ class Connection(asyncio.Protocol):
         self.phase = Phase.REFUSED
         status = response.status_code
         self.server.metrics.handshakes_refused[status] += 1
-        reason = (response.body or b"").decode("utf-8", "replace").strip()
+        reason = (response.body or b"").decode("utf-8", "replace").strip().partition("\n")[0]  # one log line
         # Not the request path: a seed app's ?token= is in it, and tokens never reach the log.
         self.server.refusal_log.bit(str(status), logging.INFO,
                                     f"refused a handshake from {self.peer_address}: {status} {reason}",

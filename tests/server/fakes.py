@@ -1,19 +1,39 @@
-"""Fakes for in-process server tests: a session as the relay sees it, recording what it is sent."""
+"""In-process stand-ins for what the relay talks to: sessions that record what they are sent, and
+engines built on real SQLite files (their storage calls run inline, on the test's thread)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from chatcli import protocol as p
 from chatcli.server.codecs import NATIVE, Codec
+from chatcli.server.engine.base import Engine, StoredMessage
+from chatcli.server.engine.memory import MemoryEngine
+from chatcli.server.engine.options import Fsync
+from chatcli.server.engine.sqlite import SQLiteEngine
+from chatcli.server.storage_thread import InlineStorage
 
-__all__ = ["RecordingSession"]
+__all__ = ["ENGINES", "RecordingListener", "RecordingSession", "make_engine"]
+
+#: Every engine the contract suite and the in-process relay tests run against.
+ENGINES = ("memory", "sqlite")
+
+
+def make_engine(kind: str, tmp_path: Path) -> Engine:
+    """A fresh engine of ``kind``; the SQLite one in ``tmp_path/chat.db``, reopened if it exists."""
+    if kind == "memory":
+        return MemoryEngine()
+    if kind == "sqlite":
+        return SQLiteEngine.open(tmp_path / "chat.db", Fsync.normal, InlineStorage())
+    raise ValueError(kind)
 
 
 @dataclass(eq=False)
 class RecordingSession:
-    """A session of ``user`` speaking ``codec``'s protocol; ``sent`` holds every frame it was sent, in order."""
+    """A session of ``user`` speaking ``codec``'s protocol, as the relay sees it; ``sent`` holds every frame
+    it was sent, in order."""
 
     user: str
     codec: Codec = NATIVE
@@ -45,3 +65,24 @@ class RecordingSession:
     def frames(self) -> list[p.ServerFrame]:
         """What a native session was sent, parsed."""
         return [p.parse_server_frame(text) for text in self.sent]
+
+    def texts(self) -> list[str]:
+        """The texts of the messages it received."""
+        return [frame.text for frame in self.frames() if isinstance(frame, p.Message)]
+
+    def acks(self) -> list[p.Ack]:
+        return [frame for frame in self.frames() if isinstance(frame, p.Ack)]
+
+
+@dataclass
+class RecordingListener:
+    """An ``EngineListener`` that keeps what the engine told it."""
+
+    messages: list[StoredMessage] = field(default_factory=list)
+    presence: list[tuple[str, bool]] = field(default_factory=list)
+
+    def message_committed_elsewhere(self, message: StoredMessage) -> None:
+        self.messages.append(message)
+
+    def presence_changed(self, user: str, online: bool) -> None:
+        self.presence.append((user, online))

@@ -7,6 +7,7 @@ the server reads them together.
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import struct
 from collections.abc import Callable
@@ -78,6 +79,15 @@ def test_frames_behind_a_refused_handshake_are_never_acted_on(
     assert not any("Traceback" in line for line in server.log)
     assert server.wait_log('"event": "handshake-refused"')  # the operator hears of it
     assert not any(tokens["alice"] in line or "token=wrong" in line for line in server.log)
+
+
+def test_a_refusal_is_logged_as_one_line(server: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.ws_port), timeout=5) as browser:  # not an upgrade
+        browser.sendall(b"GET /alice HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert browser.recv(100).startswith(b"HTTP/1.1 426")  # websockets' answer: several lines of text
+    assert server.wait_log('"event": "handshake-refused"')
+    (line,) = [line for line in server.log if '"handshake-refused"' in line]
+    assert "\n" not in json.loads(line)["message"]
 
 
 def test_a_pipelined_frame_is_acted_on_once_the_handshake_is_accepted(

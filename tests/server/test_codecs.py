@@ -9,7 +9,7 @@ import pytest
 from chatcli import protocol as p
 from chatcli.errors import ChatcliError
 from chatcli.server.codecs import CODECS, LEGACY, NATIVE, Codec, LegacyCodec, NativeCodec, Outcome, codec_for
-from chatcli.server.storage import StoredMessage
+from chatcli.server.engine.base import StoredMessage
 
 #: 2026-11-27T04:00:00.250Z
 TS = 1_795_752_000.25

@@ -1,4 +1,4 @@
-"""The relay's routing in-process, with fake sessions of both protocols and no store (``--ephemeral``).
+"""The relay's routing in-process, with fake sessions of both protocols on the memory engine (``--ephemeral``).
 
 Each session's frames come from its codec: these tests check who gets what, in which protocol,
 and that a message fanned out to many sessions is encoded once per protocol.
@@ -11,16 +11,17 @@ import pytest
 from chatcli import protocol as p
 from chatcli.server.codecs import LEGACY, NATIVE, Codec, LegacyCodec, NativeCodec
 from chatcli.server.config import ServerConfig
+from chatcli.server.engine.base import StoredMessage
+from chatcli.server.engine.memory import MemoryEngine
 from chatcli.server.metrics import Metrics
 from chatcli.server.relay import Relay
-from chatcli.server.storage import StoredMessage
 from tests.server.fakes import RecordingSession
 
 LEGACY_SEND = "{'auth':'" + p.DEFAULT_AUTH_KEY + "','cmd':'send','userid':'bob', 'msgtext':'hi bob'}"
 
 
 def ephemeral_relay() -> Relay:
-    return Relay(ServerConfig(), Metrics(), clock=lambda: 1_795_752_000.0)
+    return Relay(ServerConfig(), Metrics(), MemoryEngine(), clock=lambda: 1_795_752_000.0)
 
 
 def opened(relay: Relay, user: str, codec: Codec = NATIVE, receive: bool = True) -> RecordingSession:
