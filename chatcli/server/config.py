@@ -1,4 +1,4 @@
-"""The server's settings, checked once at start-up."""
+"""The server's settings (``chatcli serve``'s options), checked once at start-up."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Final, Literal, TypeAlias
 from chatcli.errors import UsageError
 from chatcli.protocol import DEFAULT_AUTH_KEY, DEFAULT_MAX_TEXT_BYTES, FRAME_OVERHEAD_BYTES
 from chatcli.server.engine.options import Fsync
+
+__all__ = ["PRESENCE_MODES", "PresenceMode", "ServerConfig"]
 
 #: Whose presence a user sees (``who``, ``watch``): everyone's, only their contacts', or nobody's.
 PresenceMode: TypeAlias = Literal["all", "contacts", "off"]

@@ -23,6 +23,9 @@ from http import HTTPStatus
 from chatcli.server.config import ServerConfig
 from chatcli.server.limitlog import LimitLog
 
+__all__ = ["MAX_REQUESTS_PER_CONNECTION", "MAX_REQUEST_BYTES", "BadRequest", "Handler", "HttpConnection", "HttpServer",
+           "Request", "Response", "encode_response", "json_response", "parse_request_head", "text_response"]
+
 log = logging.getLogger("chatcli.server")
 
 #: The longest request head (request line and headers) read; longer ones get 431.
@@ -30,18 +33,20 @@ MAX_REQUEST_BYTES = 8192
 #: Requests one keep-alive connection may make before the server closes it (bounds what one peer holds).
 MAX_REQUESTS_PER_CONNECTION = 100
 
-Handler = Callable[[], tuple[int, str, bytes]]
+#: A route: the answer's status, content type and body.
+Response = tuple[HTTPStatus, str, bytes]
+Handler = Callable[[], Response]
 
 #: The blank line that ends a request head (bare LF tolerated, as RFC 9112 allows).
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 _HTTP_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
 
 
-def text_response(body: str, status: int = 200) -> tuple[int, str, bytes]:
+def text_response(body: str, status: HTTPStatus = HTTPStatus.OK) -> Response:
     return status, "text/plain; charset=utf-8", body.encode()
 
 
-def json_response(value: object, status: int = 200) -> tuple[int, str, bytes]:
+def json_response(value: object, status: HTTPStatus = HTTPStatus.OK) -> Response:
     return status, "application/json", (json.dumps(value) + "\n").encode()
 
 
@@ -95,7 +100,7 @@ class HttpServer:
     def protocol_factory(self) -> HttpConnection:
         return HttpConnection(self)
 
-    def route(self, request: Request) -> tuple[int, str, bytes]:
+    def route(self, request: Request) -> Response:
         if request.method not in ("GET", "HEAD"):
             return text_response("only GET is supported\n", HTTPStatus.METHOD_NOT_ALLOWED)
         handler = self.routes.get(request.path)
@@ -112,11 +117,12 @@ class HttpServer:
             connection.close()
 
 
-def encode_response(status: int, content_type: str, body: bytes, *, head_only: bool, keep_alive: bool) -> bytes:
+def encode_response(status: HTTPStatus, content_type: str, body: bytes, *, head_only: bool,
+                    keep_alive: bool) -> bytes:
     extra = "" if keep_alive else "Connection: close\r\n"
     if status == HTTPStatus.METHOD_NOT_ALLOWED:
         extra += "Allow: GET, HEAD\r\n"
-    header = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {content_type}\r\n"
+    header = (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: {content_type}\r\n"
               f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n{extra}\r\n")
     return header.encode() + (b"" if head_only else body)
 

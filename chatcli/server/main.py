@@ -12,16 +12,18 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from chatcli import __version__
 from chatcli.errors import StorageError
+from chatcli.server.codecs import CODECS
 from chatcli.server.config import ServerConfig
 from chatcli.server.engine.base import Capability, Engine
 from chatcli.server.engine.memory import MemoryEngine
 from chatcli.server.engine.sqlite import SQLiteEngine
 from chatcli.server.fdlimit import FdLimit, connection_capacity, open_fd_count, raise_fd_limit
-from chatcli.server.http_api import Handler, HttpServer, json_response, text_response
+from chatcli.server.http_api import Handler, HttpServer, Response, json_response, text_response
 from chatcli.server.metrics import Metrics, render_prometheus
 from chatcli.server.relay import Relay
 from chatcli.server.storage_thread import StorageThread
@@ -265,7 +267,7 @@ async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
 
 
 def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handler]:
-    def health() -> tuple[int, str, bytes]:
+    def health() -> Response:
         relay = ws_server.relay
         storage = relay.engine.health()
         return json_response({
@@ -278,18 +280,18 @@ def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handle
             "messages_routed": ws_server.metrics.routed,
             "messages_stored_for_offline": ws_server.metrics.stored,
             "storage": storage,
-        }, 200 if storage["ok"] else 503)
+        }, HTTPStatus.OK if storage["ok"] else HTTPStatus.SERVICE_UNAVAILABLE)
 
-    def metrics() -> tuple[int, str, bytes]:
+    def metrics() -> Response:
         relay = ws_server.relay
-        sessions: dict[str, float] = {"legacy": 0, "chatcli.v1": 0}
+        sessions: dict[str, float] = dict.fromkeys((codec.name for codec in CODECS), 0)
         for mine in relay.sessions.values():
             for session in mine:
-                sessions["legacy" if session.legacy else "chatcli.v1"] += 1
+                sessions[session.codec.name] += 1
         gauges: dict[str, dict[str, float]] = {"connections": {"": len(ws_server.connections)}, "sessions": sessions,
                   "db_bytes": {"": relay.engine.health().get("db_bytes", 0)}}
         body = render_prometheus(ws_server.metrics, gauges)
-        return 200, "text/plain; version=0.0.4; charset=utf-8", body.encode()
+        return HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", body.encode()
 
     return {
         "/": lambda: text_response("chatcli server is running\n"),

@@ -1,5 +1,8 @@
 """Counters the server keeps about itself, cheap enough for the per-message path, and their
-Prometheus text exposition for ``GET /metrics``."""
+Prometheus text exposition for ``GET /metrics``.
+
+Sessions are counted by protocol under their codec's name (``chatcli.server.codecs``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+__all__ = ["ACK_LATENCY_BUCKETS", "Histogram", "Metrics", "render_prometheus"]
 
 #: Upper bounds (seconds) of the ack latency buckets: from a frame's arrival to its ack being queued.
 ACK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -28,7 +33,7 @@ class Histogram:
 
 @dataclass
 class Metrics:
-    sessions_opened: Counter[str] = field(default_factory=Counter)  # by protocol
+    sessions_opened: Counter[str] = field(default_factory=Counter)  # by protocol (its codec's name)
     handshakes_refused: Counter[int] = field(default_factory=Counter)  # by HTTP status
     routed: int = 0  # delivered to at least one open session
     stored: int = 0  # accepted for a recipient with no open session

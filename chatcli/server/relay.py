@@ -1,8 +1,10 @@
 """Routing: who is connected here, and what happens to each frame a session sends.
 
-Transport-free: sessions are anything with ``user``, ``legacy`` and
+Transport-free: sessions are anything with ``user``, ``codec`` and
 ``send_text()``; the transport turns WebSocket frames into calls of
-``on_legacy_text`` / ``on_native_text`` and writes what sessions are given.
+``on_legacy_text`` / ``on_native_text`` (through the session's codec) and writes
+what sessions are given. What a session is sent comes from its codec
+(``chatcli.server.codecs``), so routing never asks which protocol a session speaks.
 
 The relay keeps what belongs to this process's sockets: the registry of open
 sessions, their backlogs being sent (replays), their history queues and watches,
@@ -26,7 +28,6 @@ Limits are per user, not per session: ``UserQuota`` counts a user's open session
 
 from __future__ import annotations
 
-import enum
 import hmac
 import logging
 import time
@@ -34,15 +35,17 @@ from collections import deque
 from collections.abc import Callable, Iterable, Set
 from typing import Protocol
 
+from websockets.frames import CloseCode  # an enum only: the relay stays transport-free
+
 from chatcli import protocol as p
 from chatcli.errors import ChatcliError, RemoteProtocolError, StorageError
+from chatcli.server.codecs import Codec, Outcome
 from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.engine.base import Appended, BacklogPage, Capability, Engine, NewMessage, StoredMessage
-from chatcli.server.engine.pages import message_frame
 from chatcli.server.metrics import Metrics
 
 __all__ = ["CLOSE_STORAGE_FAILED", "HELD_CHARS", "HELD_LIMIT", "HISTORY_QUEUE", "MAX_WATCHED_USERS", "Outcome", "Relay",
-           "Session", "UserQuota", "encode_stored", "message_frame"]
+           "Session", "UserQuota"]
 
 log = logging.getLogger("chatcli.server")
 
@@ -54,7 +57,7 @@ HELD_LIMIT = 100
 #: pin megabytes per replaying session.
 HELD_CHARS = 64 * 1024
 #: The close code for a session whose backlog cannot be read (1011: the server hit an unexpected condition).
-CLOSE_STORAGE_FAILED = 1011
+CLOSE_STORAGE_FAILED = CloseCode.INTERNAL_ERROR
 
 
 #: Users one session may watch at once (a watch replaces the session's previous one).
@@ -65,7 +68,8 @@ class Session(Protocol):
     """What routing needs of a connected session."""
 
     user: str
-    legacy: bool
+    #: What the session is sent is encoded by its protocol's codec, picked at the handshake.
+    codec: Codec
     #: The session proved its user with a token at the handshake (accounts on).
     authenticated: bool
 
@@ -109,27 +113,6 @@ class Replay:
         self.held: list[StoredMessage] = []
         self.held_chars = 0
         self.overflowed = False
-
-
-class Outcome(enum.Enum):
-    """What became of an accepted message once its batch was committed; ``status`` is what its ack says."""
-
-    DELIVERED = (1, p.Status.DELIVERED)  # handed to at least one open session of the recipient here
-    STORED = (2, p.Status.STORED)  # kept for a recipient with no open session here
-    DUPLICATE = (3, p.Status.STORED)  # a retried client id: nothing new stored, the original's id acknowledged
-    OFFLINE = (4, p.Status.REFUSED)  # refused: nobody would keep it (the engine stores nothing), nobody online
-
-    def __init__(self, _order: int, status: str) -> None:
-        #: A plain attribute: read once per message on the ack path (an enum-keyed dict would hash in Python).
-        self.status = status
-
-
-def encode_stored(message: StoredMessage, legacy: bool) -> str:
-    """The frame a session is sent for a stored message; raises ChatcliError for a row that breaks the
-    protocol (e.g. an invalid sender stored by an older, exploitable server)."""
-    if legacy:
-        return p.encode_legacy_message(message.sender, message.text)
-    return p.encode(message_frame(message))
 
 
 class UserQuota:
@@ -488,11 +471,8 @@ class Relay:
 
     def on_binary(self, session: Session) -> None:
         self.metrics.error(p.ErrorCode.BINARY_UNSUPPORTED)
-        if session.legacy:
-            session.send_text(p.LEGACY_SEND_ERROR)
-        else:
-            session.send_text(p.encode(p.Error(p.ErrorCode.BINARY_UNSUPPORTED,
-                                               "binary frames are not supported: send JSON text frames")))
+        session.send_text(session.codec.error(p.ErrorCode.BINARY_UNSUPPORTED,
+                                              "binary frames are not supported: send JSON text frames"))
 
     def confirm_received(self, user: str, msg_id: int) -> None:
         """``user`` has every message up to ``msg_id``: advance its cursor with the next commit."""
@@ -557,10 +537,7 @@ class Relay:
 
     def refuse(self, session: Session, client_id: str | None, reason: str) -> None:
         self.metrics.refused(reason)
-        if session.legacy:
-            session.send_text(p.LEGACY_SEND_ERROR)
-        else:
-            session.send_text(p.encode(p.Ack(client_id or "", p.Status.REFUSED, reason=reason)))
+        session.send_text(session.codec.refusal(client_id, reason))
 
     def _schedule_commit(self) -> None:
         if not self.commit_scheduled:
@@ -605,7 +582,7 @@ class Relay:
     def _acknowledge(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
                      appended: Appended) -> None:
         unusual = appended.duplicates or appended.offline  # both empty in the common case: one test
-        offline, duplicate = Outcome.OFFLINE, Outcome.DUPLICATE  # looked up once, not per message
+        offline = Outcome.OFFLINE  # looked up once, not per message
         for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
                                                                                  strict=True)):
             message = StoredMessage(msg_id, *row)
@@ -615,7 +592,7 @@ class Relay:
             if outcome is offline:
                 self.refuse(session, client_id, p.Reason.OFFLINE)
             else:
-                self._ack(session, client_id, message, outcome.status, duplicate=outcome is duplicate)
+                session.send_text(session.codec.ack(client_id, message, outcome))
 
     def _settled(self, position: int, appended: Appended) -> Outcome | None:
         """The outcome the engine already decided for a message (a retry, an offline recipient), or None."""
@@ -642,31 +619,17 @@ class Relay:
             return False
         return True
 
-    def _ack(self, session: Session, client_id: str | None, message: StoredMessage, status: str,
-             duplicate: bool = False) -> None:
-        if session.legacy:
-            session.send_text(p.LEGACY_SEND_SUCCESS)
-        else:
-            session.send_text(p.encode(p.Ack(client_id or "", status, msg_id=message.id,
-                                             ts=p.format_ts(message.ts), duplicate=duplicate)))
-
     # -- delivering ----------------------------------------------------------------------
 
     def _deliver(self, message: StoredMessage, recipients: list[Session]) -> None:
+        """Send ``message`` to each recipient (encoded once per protocol: the codecs cache it), or hold it
+        for those still receiving their backlog. Raises ChatcliError when it cannot be encoded."""
         self.metrics.routed += 1
-        legacy_frame = native_frame = None
         for recipient in recipients:
             if self.replays and recipient in self.replays:
                 self._hold(self.replays[recipient], message)
-            elif recipient.legacy:
-                if legacy_frame is None:
-                    legacy_frame = p.encode_legacy_message(message.sender, message.text)
-                recipient.send_text(legacy_frame)
-                recipient.written(message.id)
             else:
-                if native_frame is None:
-                    native_frame = p.encode(message_frame(message))
-                recipient.send_text(native_frame)
+                recipient.send_text(recipient.codec.message(message))
                 recipient.written(message.id)
 
     @staticmethod
@@ -684,7 +647,7 @@ class Relay:
     def _send_stored(self, session: Session, messages: Iterable[StoredMessage]) -> None:
         for message in messages:
             try:
-                frame = encode_stored(message, session.legacy)
+                frame = session.codec.message(message)
             except ChatcliError as exc:
                 log.error("skipping stored message %d to %s: %s", message.id, session.user, exc,
                           extra={"event": "bad-stored-message", "msg_id": message.id})
@@ -699,9 +662,8 @@ class Relay:
         replay = self.replays.get(session)
         if replay is None or not session.is_open:
             return
-        legacy = session.legacy
-        self.engine.read_backlog(session.user, replay.after, replay.since_ts,
-                                 lambda message: encode_stored(message, legacy),
+        # The engine may encode on another thread: the codec's uncached encoder, not its loop-only cache.
+        self.engine.read_backlog(session.user, replay.after, replay.since_ts, session.codec.encode_message,
                                  lambda page: self._send_page(session, page))
 
     def _send_page(self, session: Session, page: BacklogPage | StorageError) -> None:

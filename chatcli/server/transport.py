@@ -6,6 +6,10 @@ Why not the websockets high-level API: measured here, a relay on it reaches
 event-loop tick, reach 1.18x (``../shared/bench/README.md``). So each
 connection queues frames in its ServerProtocol and marks itself dirty; one
 ``call_soon`` callback per tick writes every dirty connection's bytes at once.
+
+Which wire protocol a session speaks is decided once, at the handshake: the
+connection keeps the protocol's codec (``chatcli.server.codecs``), which encodes
+what it is sent and hands what it sends to the relay's reader for that protocol.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
 from websockets.exceptions import NegotiationError
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -30,6 +34,7 @@ from chatcli import __version__
 from chatcli import protocol as p
 from chatcli.errors import StorageError
 from chatcli.server.admission import Admitted, Refused, admit
+from chatcli.server.codecs import LEGACY, Codec, codec_for
 from chatcli.server.limitlog import LimitLog
 from chatcli.server.throttle import AuthThrottle
 
@@ -38,6 +43,9 @@ if TYPE_CHECKING:
     from chatcli.server.engine.base import Accounts
     from chatcli.server.metrics import Metrics
     from chatcli.server.relay import Relay
+
+__all__ = ["HANDSHAKE_SLACK", "HIGH_WATER_BYTES", "LOW_WATER_BYTES", "MAX_FRAGMENTS", "MAX_REQUEST_HEAD_BYTES",
+           "SERVER_NAME", "Connection", "Phase", "RelayServerProtocol", "WebSocketServer"]
 
 log = logging.getLogger("chatcli.server")
 # websockets logs every open and close at INFO; we write our own single line per connection.
@@ -213,28 +221,30 @@ class Connection(asyncio.Protocol):
     """One TCP connection: the handshake and its admission, then a chat session once open."""
 
     # Slots: thousands of idle connections must stay under a few KB each.
-    __slots__ = ("authenticated", "confirmed_upto", "dirty", "drain_waiters", "fragment_is_text", "fragments",
-                 "frame_budget", "frame_budget_at", "head_bytes", "head_tail", "held_frames", "last_seen", "legacy",
+    __slots__ = ("authenticated", "codec", "confirmed_upto", "dirty", "drain_waiters", "fragment_is_text",
+                 "fragments", "frame_budget", "frame_budget_at", "head_bytes", "head_tail", "held_frames", "last_seen",
                  "open_timer", "peer", "peer_address", "phase", "ping_sent_at", "queued_bytes", "server",
                  "session_id", "transport", "user", "writing_paused", "written_upto", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
+        # The connection: its server, its socket and peer (set once connected), websockets' state for it.
         self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""  # host:port, for the logs
+        self.peer_address = ""  # the host: failed authentications are counted against it
         self.ws = RelayServerProtocol(subprotocols=_SUBPROTOCOLS, max_size=server.config.max_frame_bytes,
                                       logger=_ws_log)
-        self.transport: asyncio.Transport | None = None
         # Admission: nothing the peer sends is acted on before phase is OPEN, and user is only set then.
         self.phase = Phase.HANDSHAKE
         self.head_bytes = 0  # request-head bytes seen so far, bounded by MAX_REQUEST_HEAD_BYTES
         self.head_tail = b""  # the last bytes of the head so far: its end may straddle two reads
         self.open_timer: asyncio.TimerHandle | None = None
-        # The session, once admitted.
+        # The session, once admitted: who, and the codec of its wire protocol (what it is sent is encoded
+        # by it, and what it sends is handed by it to the relay's reader for that protocol).
         self.user = ""
-        self.legacy = True
+        self.codec: Codec = LEGACY  # replaced at the handshake; nothing is sent or read before it
         self.authenticated = False
         self.session_id = ""
-        self.peer = ""
-        self.peer_address = ""
         # Writing: frames queue in ws and go out once per tick. Backpressure: while the transport's
         # buffer is above its high-water mark, the peer's own requests wait in held_frames (reading
         # paused) and paced answers wait in drain_waiters; both are None when empty (idle connections
@@ -244,18 +254,19 @@ class Connection(asyncio.Protocol):
         self.writing_paused = False
         self.held_frames: list[Frame] | None = None
         self.drain_waiters: list[Callable[[], None]] | None = None
-        # Reading: a message arriving in fragments.
+        # Reading: a message arriving in fragments, and the frame limit, refilled once per read rather
+        # than once per frame (messages and requests draw on the user's bucket in the relay).
         self.fragments: list[BytesLike] | None = None
         self.fragment_is_text = True
-        # The frame limit, refilled once per read rather than once per frame (messages and requests
-        # draw on the user's bucket in the relay).
         now = server.loop.time()
         self.frame_budget = float(server.config.frame_burst)
-        self.frame_budget_at = self.last_seen = now
+        self.frame_budget_at = now
+        # Liveness: any traffic proves the peer alive; a ping is sent after ping_interval of silence.
+        self.last_seen = now
         self.ping_sent_at = 0.0
         # Messages written to this session: received acks cannot go past it. Seed clients never
-        # acknowledge: for them the last id whose bytes the kernel took (the buffer was empty after
-        # the write) counts as received.
+        # acknowledge (their codec confirms on write): for them the last id whose bytes the kernel took
+        # (the buffer was empty after the write) counts as received.
         self.written_upto = self.confirmed_upto = 0
 
     # -- asyncio.Protocol -------------------------------------------------------
@@ -374,15 +385,15 @@ class Connection(asyncio.Protocol):
         if self.session_id:
             server.relay.close_session(self)
             code = self._close_code()
-            log.info("disconnect user=%s protocol=%s peer=%s session=%s code=%s", self.user, self.protocol_name,
-                     self.peer, self.session_id,
-                     code, extra={"event": "disconnect", "user": self.user, "protocol": self.protocol_name,
-                                  "peer": self.peer, "session": self.session_id, "code": code})
+            protocol = self.codec.name
+            log.info("disconnect user=%s protocol=%s peer=%s session=%s code=%s", self.user, protocol, self.peer,
+                     self.session_id, code, extra={"event": "disconnect", "user": self.user, "protocol": protocol,
+                                                   "peer": self.peer, "session": self.session_id, "code": code})
 
     def _close_code(self) -> int:
         """The close code of the closing handshake, whoever started it; 1006 when there was none."""
         close = self.ws.close_rcvd or self.ws.close_sent
-        return close.code if close is not None else 1006
+        return close.code if close is not None else CloseCode.ABNORMAL_CLOSURE
 
     # -- what routing calls ------------------------------------------------------
 
@@ -423,10 +434,6 @@ class Connection(asyncio.Protocol):
     @property
     def is_open(self) -> bool:
         return self.ws.state is _OPEN
-
-    @property
-    def protocol_name(self) -> str:
-        return "legacy" if self.legacy else p.SUBPROTOCOL
 
     def close(self, code: int, reason: str) -> None:
         self._stop_receiving()
@@ -469,7 +476,7 @@ class Connection(asyncio.Protocol):
                 # so it gets them when it comes back.
                 self.drop("slow-consumer", "closed: too many unread messages (outgoing buffer full)")
                 return
-            if self.legacy and self.written_upto > self.confirmed_upto and buffered == 0:
+            if self.codec.confirms_on_write and self.written_upto > self.confirmed_upto and buffered == 0:
                 self.confirmed_upto = self.written_upto
                 self.server.relay.confirm_received(self.user, self.written_upto)
         if eof:
@@ -540,18 +547,19 @@ class Connection(asyncio.Protocol):
             self.open_timer = None
         server, ws = self.server, self.ws
         response = ws.accept(request)  # websockets' own checks: a WebSocket upgrade, a known subprotocol
-        if response.status_code != 101:
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
             self._refuse(response)
             return
-        legacy = ws.subprotocol is None
-        verdict = admit(request.path, request.headers, legacy=legacy, peer_address=self.peer_address, state=server)
+        codec = codec_for(ws.subprotocol)
+        verdict = admit(request.path, request.headers, legacy=codec is LEGACY, peer_address=self.peer_address,
+                        state=server)
         if isinstance(verdict, Refused):
             if verdict.auth_failure:
                 self._count_auth_failure()
             self._refuse(ws.reject(verdict.status, verdict.reason))
             return
         ws.send_response(response)
-        self.user, self.authenticated, self.legacy = verdict.user, verdict.authenticated, legacy
+        self.user, self.authenticated, self.codec = verdict.user, verdict.authenticated, codec
         self.phase = Phase.OPEN
         self._open(verdict)
 
@@ -576,21 +584,18 @@ class Connection(asyncio.Protocol):
     def _open(self, admitted: Admitted) -> None:
         server = self.server
         self.session_id = server.next_session_id()
-        server.metrics.sessions_opened[self.protocol_name] += 1
-        log.info("connect user=%s protocol=%s peer=%s session=%s", self.user, self.protocol_name, self.peer,
-                 self.session_id, extra={"event": "connect", "user": self.user, "protocol": self.protocol_name,
+        protocol = self.codec.name
+        server.metrics.sessions_opened[protocol] += 1
+        log.info("connect user=%s protocol=%s peer=%s session=%s", self.user, protocol, self.peer,
+                 self.session_id, extra={"event": "connect", "user": self.user, "protocol": protocol,
                                          "peer": self.peer, "session": self.session_id})
-        after = admitted.after
-        if self.legacy:
-            self.send_text(p.LEGACY_CONNECTED)
-        else:
-            features = server.relay.features + ((p.Feature.TOKENS,) if self.authenticated else ())
-            after, reset = server.relay.resume_after(self.user, admitted.after, admitted.epoch)
-            hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
-                            max_text_bytes=server.config.max_text_bytes, features=features,
-                            epoch=server.relay.epoch, reset=reset)
-            self.send_text(p.encode(hello))
-        server.relay.open_session(self, after, admitted.since_ts, receive=admitted.receive)
+        relay = server.relay
+        after, reset = relay.resume_after(self.user, admitted.after, admitted.epoch)  # seed clients: (None, False)
+        features = relay.features + ((p.Feature.TOKENS,) if self.authenticated else ())
+        hello = p.Hello(user=self.user, session=self.session_id, server=SERVER_NAME,
+                        max_text_bytes=server.config.max_text_bytes, features=features, epoch=relay.epoch, reset=reset)
+        self.send_text(self.codec.greeting(hello))
+        relay.open_session(self, after, admitted.since_ts, receive=admitted.receive)
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -624,10 +629,7 @@ class Connection(asyncio.Protocol):
             self.server.metrics.error("bad-utf8")
             self._fail(1007, "invalid UTF-8 in a text frame")
             return
-        if self.legacy:
-            relay.on_legacy_text(self, text)
-        else:
-            relay.on_native_text(self, text)
+        self.codec.dispatch(relay, self, text)
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection (a close frame with ``code``): nothing more it sent is acted on."""

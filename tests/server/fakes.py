@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatcli import protocol as p
+from chatcli.server.codecs import NATIVE, Codec
 from chatcli.server.engine.base import Engine, StoredMessage
 from chatcli.server.engine.memory import MemoryEngine
 from chatcli.server.engine.options import Fsync
@@ -31,13 +32,15 @@ def make_engine(kind: str, tmp_path: Path) -> Engine:
 
 @dataclass(eq=False)
 class RecordingSession:
-    """A session as the relay sees it; what it was sent is kept."""
+    """A session of ``user`` speaking ``codec``'s protocol, as the relay sees it; ``sent`` holds every frame
+    it was sent, in order."""
 
     user: str
-    legacy: bool = False
+    codec: Codec = NATIVE
     authenticated: bool = False
     written_upto: int = 0
     sent: list[str] = field(default_factory=list)
+    auth_failures: int = 0
     closed: tuple[int, str] | None = None
 
     def send_text(self, text: str) -> None:
@@ -47,7 +50,7 @@ class RecordingSession:
         self.written_upto = msg_id
 
     def auth_failed(self) -> None:
-        pass
+        self.auth_failures += 1
 
     @property
     def is_open(self) -> bool:
@@ -60,6 +63,7 @@ class RecordingSession:
         self.closed = (code, reason)
 
     def frames(self) -> list[p.ServerFrame]:
+        """What a native session was sent, parsed."""
         return [p.parse_server_frame(text) for text in self.sent]
 
     def texts(self) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from chatcli import protocol as p
+from chatcli.server.codecs import LEGACY
 from chatcli.server.config import ServerConfig
 from chatcli.server.engine.base import Capability, Engine, StoredMessage
 from chatcli.server.metrics import Metrics
@@ -65,7 +66,7 @@ def test_a_sender_with_an_invalid_id_fails_alone_in_its_batch(tmp_path: Path,
 def test_a_tick_is_acknowledged_and_delivered_once_committed(engine: Engine) -> None:
     ticks = Ticks()
     relay = relay_on(engine, ticks)
-    alice, bob = RecordingSession("alice"), RecordingSession("bob", legacy=True)
+    alice, bob = RecordingSession("alice"), RecordingSession("bob", LEGACY)
     relay.open_session(alice)
     relay.open_session(bob)
     relay.submit(alice, "c1", "bob", "one")

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from chatcli import protocol as p
 from chatcli.server.accounts import AccountStore
+from chatcli.server.codecs import NATIVE
 from chatcli.server.config import ServerConfig
 from chatcli.server.engine.memory import MemoryEngine
 from chatcli.server.metrics import Metrics
@@ -83,7 +84,7 @@ class Recipient:
     """A receiving session registered directly with the relay: what a refused peer must never reach."""
 
     user = "bob"
-    legacy = False
+    codec = NATIVE
     authenticated = True
     written_upto = 0
     is_open = True

@@ -17,7 +17,7 @@ import pytest
 
 from chatcli import protocol as p
 from tests.conftest import RunningServer, wait_until
-from tests.test_network_server import add_user
+from tests.server.test_network_server import add_user
 from tests.wsclients import RawClient, client_frame, legacy, native, recv_frame, send_native
 
 StartServer = Callable[..., RunningServer]

@@ -10,7 +10,7 @@ from websockets.sync.client import ClientConnection
 
 from chatcli import protocol as p
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.test_network_server import metric
+from tests.server.test_network_server import metric
 from tests.wsclients import RawClient, native, recv_frame, send_native
 
 StartServer = Callable[..., RunningServer]
