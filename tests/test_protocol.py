@@ -47,10 +47,8 @@ from chatcli.protocol import (
     WhoRequest,
     check_text,
     check_user_id,
-    decode_legacy_message,
     encode,
     encode_legacy_message,
-    encode_legacy_send,
     format_ts,
     is_valid_epoch,
     is_valid_user_id,
@@ -62,6 +60,7 @@ from chatcli.protocol import (
     parse_user_path,
     text_size,
 )
+from tests.flutter_app import decode_legacy_message, encode_legacy_send
 
 #: hypothesis is in the `test` extra; without it the nasty-string lists below still run.
 HAS_HYPOTHESIS = find_spec("hypothesis") is not None

@@ -1,162 +1,69 @@
-"""The chatcli wire protocols, sans I/O: parse, validate and encode frames.
+"""``chatcli.v1``, the native protocol: frozen frame objects that check themselves, parsed and encoded side by side.
 
-Two protocols share one WebSocket port:
+Negotiated as the WebSocket subprotocol ``chatcli.v1``: JSON text frames, one
+object each, with a ``type`` field. Each frame class has ``from_dict`` (the
+peer's object → a checked frame) beside ``to_dict`` (the frame → the object
+``encode`` serialises), as websockets' ``Frame.parse`` / ``serialize``.
+``parse_client_frame`` and ``parse_server_frame`` pick the class from a table
+by ``type`` and direction (``history`` and ``who`` name a request and its answer).
+Pure: no I/O.
 
-* ``chatcli.v1`` (negotiated as the WebSocket subprotocol): JSON text frames,
-  one object each, with a ``type`` field. Typed, frozen frame objects below.
-* the seed's legacy frames, spoken by unchanged clients of the old Flutter app
-  (they offer no subprotocol): single-quoted pseudo-JSON with raw, unescaped
-  text, and bare acknowledgements such as ``send:success``.
-
-Nothing here touches a socket or an event loop; the server and every client
-feed text in and get text out. ``docs/protocol.md`` describes both protocols
-with an example of every frame.
-
-Compatibility rules of ``chatcli.v1`` (so later features need no v2): unknown
-fields are ignored, unknown frame types are answered with an ``unknown-type``
-error without closing the session, and new capabilities are announced in the
-server's ``hello`` under ``features``.
+Compatibility rules (so later features need no v2): unknown fields are
+ignored, unknown frame types raise ``UnknownFrameType`` (the server answers
+with an ``unknown-type`` error without closing the session), and new
+capabilities are announced in the server's ``hello`` under ``features``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, ClassVar, Final, NamedTuple
-from urllib.parse import parse_qsl, unquote
+from typing import Any, ClassVar, Final, Self, TypeVar
 
-from chatcli.errors import InvalidUserId, LocalProtocolError, RemoteProtocolError, UnknownFrameType
+from chatcli.errors import LocalProtocolError, RemoteProtocolError, UnknownFrameType
+from chatcli.protocol._values import (
+    DEFAULT_MAX_TEXT_BYTES,
+    EPOCH_RULE,
+    MAX_INT,
+    ErrorCode,
+    Status,
+    check_user_id,
+    is_valid_epoch,
+    is_valid_user_id,
+)
+
+__all__ = [
+    "CLIENT_ID_MAX_LEN",
+    "HISTORY_MAX_LIMIT",
+    "PROTOCOL_VERSION",
+    "SUBPROTOCOL",
+    "Ack",
+    "ClientFrame",
+    "Error",
+    "Frame",
+    "Hello",
+    "History",
+    "HistoryRequest",
+    "Message",
+    "Presence",
+    "Received",
+    "Send",
+    "ServerFrame",
+    "Watch",
+    "Who",
+    "WhoRequest",
+    "encode",
+    "parse_client_frame",
+    "parse_server_frame",
+]
 
 PROTOCOL_VERSION: Final = 1
 SUBPROTOCOL: Final = "chatcli.v1"
-DEFAULT_MAX_TEXT_BYTES: Final = 64 * 1024
-#: Room for the JSON envelope around a maximal text; frames beyond it are closed with 1009.
-FRAME_OVERHEAD_BYTES: Final = 4 * 1024
 CLIENT_ID_MAX_LEN: Final = 128
-#: The largest integer a frame may carry (ids, cursors, limits): SQLite's INTEGER range, where the server keeps
-#: them. A larger one would reach the store and fail there, after the frame was accepted.
-MAX_INT: Final = 2**63 - 1
-#: Query parameter carrying a user's token for clients that cannot set headers (the seed app's URL).
-TOKEN_QUERY_PARAM: Final = "token"
-#: Handshake header of a session that only sends or asks (``send``, ``history``): with the value
-#: ``none`` it receives no messages and does not count as its user being online.
-RECEIVE_HEADER: Final = "Chatcli-Receive"
-#: Handshake header of a native client resuming after the last message id it handled.
-RESUME_AFTER_HEADER: Final = "Chatcli-After"
-#: Handshake header asking for a replay of the messages since an ISO 8601 time.
-REPLAY_SINCE_HEADER: Final = "Chatcli-Since"
-#: Handshake header naming the message store a ``Chatcli-After`` id came from (``hello.epoch``): a cursor
-#: from another store must not skip this store's messages.
-EPOCH_HEADER: Final = "Chatcli-Epoch"
+HISTORY_MAX_LIMIT: Final = 1000
 
-
-class Feature:
-    """Capabilities a server announces in ``hello.features``."""
-
-    STORE: Final = "store"  # offline recipients' messages are stored; acks may say "stored"
-    RESUME: Final = "resume"  # the Chatcli-After / Chatcli-Since headers and the "received" frame
-    HISTORY: Final = "history"  # the "history" request
-    PRESENCE: Final = "presence"  # the "who" request and "watch" / "presence" frames
-    TOKENS: Final = "tokens"  # per-user accounts: sessions proved their user with a token
-
-
-class Status:
-    """Values of an ack's ``status``."""
-
-    DELIVERED: Final = "delivered"  # handed to at least one open session of the recipient
-    STORED: Final = "stored"  # kept for a recipient who is offline (durable servers)
-    REFUSED: Final = "refused"  # not accepted; ``reason`` says why
-
-    ALL: ClassVar[frozenset[str]] = frozenset({"delivered", "stored", "refused"})
-
-
-class Reason:
-    """Stable codes of a refused ack's ``reason``."""
-
-    OFFLINE: Final = "offline"  # recipient has no open session and the server stores nothing
-    TOO_LARGE: Final = "too-large"
-    EMPTY: Final = "empty"
-    BAD_AUTH: Final = "bad-auth"
-    BAD_RECIPIENT: Final = "bad-recipient"
-    RATE_LIMITED: Final = "rate-limited"
-    STORAGE_FAILED: Final = "storage-failed"  # the server could not commit the message; nothing was stored
-
-
-class ErrorCode:
-    """Stable codes of the ``error`` frame."""
-
-    BAD_JSON: Final = "bad-json"
-    BAD_FRAME: Final = "bad-frame"
-    UNKNOWN_TYPE: Final = "unknown-type"
-    BINARY_UNSUPPORTED: Final = "binary-unsupported"
-    UNAVAILABLE: Final = "unavailable"  # the request needs a feature this server runs without (e.g. history)
-    RATE_LIMITED: Final = "rate-limited"  # the user asks faster than --rate / --burst allow (who, history, watch)
-
-
-# ---------------------------------------------------------------------------
-# Values: user ids, texts, timestamps
-# ---------------------------------------------------------------------------
-
-USER_ID_MAX_LEN: Final = 64
-USER_ID_RULE: Final = "1-64 characters from A-Z a-z 0-9 . _ - @, starting with a letter or digit"
-_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
-
-
-EPOCH_RULE: Final = "1-64 characters from A-Z a-z 0-9 . _ -"
-_EPOCH = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
-
-
-def is_valid_epoch(value: object) -> bool:
-    """A store's identity as the server announces it: opaque, but safe to echo in a header or a file."""
-    return isinstance(value, str) and _EPOCH.match(value) is not None
-
-
-def is_valid_user_id(value: object) -> bool:
-    return isinstance(value, str) and _USER_ID.match(value) is not None
-
-
-def check_user_id(value: object) -> str:
-    """Return ``value`` if it is a valid user id, else raise ``LocalProtocolError``."""
-    if not is_valid_user_id(value):
-        raise LocalProtocolError(f"invalid user id {value!r}: use {USER_ID_RULE}")
-    return value  # type: ignore[return-value]
-
-
-def parse_user_path(target: str) -> tuple[str, dict[str, str]]:
-    """Split a WebSocket request target into the user id and the query parameters.
-
-    The id is the path without its leading ``/``, percent-decoded; the query
-    string is reserved for credentials and is never part of the id.
-    """
-    path, _, query = target.partition("?")
-    raw = path[1:] if path.startswith("/") else path
-    try:
-        user = unquote(raw, errors="strict") if "%" in raw else raw
-    except UnicodeDecodeError:  # e.g. /%ff: the bytes are not UTF-8, so no id could match
-        raise InvalidUserId(f"invalid user id {raw[:80]!r}: use {USER_ID_RULE}") from None
-    if not user:
-        raise InvalidUserId(f"no user id in the URL: connect to /<your-id>, with {USER_ID_RULE}")
-    if not is_valid_user_id(user):
-        raise InvalidUserId(f"invalid user id {user[:80]!r}: use {USER_ID_RULE}")
-    return user, dict(parse_qsl(query)) if query else {}
-
-
-def text_size(text: str) -> int:
-    """Size of a text in bytes as UTF-8, the unit of every text limit."""
-    # A character is at most 4 bytes: skip the encoding when even that fits.
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-def check_text(text: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> str | None:
-    """The refusal reason for a message text, or ``None`` when it is acceptable."""
-    if not text:
-        return Reason.EMPTY
-    if len(text) > max_bytes or (len(text) * 4 > max_bytes and text_size(text) > max_bytes):
-        return Reason.TOO_LARGE
-    return None
+_F = TypeVar("_F")
 
 
 def _is_unicode(text: str) -> bool:
@@ -166,28 +73,6 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def format_ts(epoch_seconds: float) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. ``2026-11-25T19:34:47.123Z``."""
-    moment = datetime.fromtimestamp(epoch_seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def parse_ts(value: str) -> float:
-    """Epoch seconds of an ISO 8601 timestamp with a zone (``Z`` or an offset)."""
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except (ValueError, AttributeError) as exc:
-        raise LocalProtocolError(f"invalid timestamp {value!r}") from exc
-    if moment.tzinfo is None:
-        raise LocalProtocolError(f"timestamp without a zone: {value!r}")
-    return moment.timestamp()
-
-
-# ---------------------------------------------------------------------------
-# chatcli.v1: frame objects
-# ---------------------------------------------------------------------------
 
 
 def _require_str(name: str, value: object, *, allow_empty: bool = False) -> str:
@@ -200,6 +85,20 @@ def _require_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
         raise LocalProtocolError(f"{name} must be an integer from 0 to {MAX_INT}")
     return value
+
+
+def _build(cls: Callable[..., _F], **fields: Any) -> _F:
+    """Build a frame from peer data, turning a validation failure into the peer's fault."""
+    try:
+        return cls(**fields)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"invalid {getattr(cls, 'TYPE', 'frame')} frame: {exc}",
+                                  ErrorCode.BAD_FRAME) from None
+
+
+def _user_list(obj: dict[str, Any]) -> tuple[str, ...] | None:
+    users = obj.get("users")
+    return tuple(users) if isinstance(users, list) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +130,15 @@ class Hello:
             raise LocalProtocolError(f"epoch must be {EPOCH_RULE}")
         if not isinstance(self.reset, bool):
             raise LocalProtocolError("reset must be a boolean")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        features = obj.get("features", [])
+        return _build(cls, user=obj.get("user"), session=obj.get("session"), server=obj.get("server"),
+                      protocol=obj.get("protocol"),
+                      max_text_bytes=obj.get("max_text_bytes", DEFAULT_MAX_TEXT_BYTES),
+                      features=tuple(features) if isinstance(features, list) else None,
+                      epoch=obj.get("epoch"), reset=obj.get("reset", False))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -266,6 +174,10 @@ class Send:
         _require_str("text", self.text, allow_empty=True)
         if not _is_unicode(self.text):
             raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), to=obj.get("to"), text=obj.get("text"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "id": self.id, "to": self.to, "text": self.text}
@@ -305,6 +217,11 @@ class Ack:
     def accepted(self) -> bool:
         return self.status != Status.REFUSED
 
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), status=obj.get("status"), msg_id=obj.get("msg_id"),
+                      reason=obj.get("reason"), ts=obj.get("ts"), duplicate=obj.get("duplicate", False))
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "status": self.status}
         if self.msg_id is not None:
@@ -338,6 +255,11 @@ class Message:
             raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
         _require_str("ts", self.ts)
 
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), sender=obj.get("from"), to=obj.get("to"), text=obj.get("text"),
+                      ts=obj.get("ts"))
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "id": self.id, "from": self.sender, "to": self.to, "text": self.text,
                 "ts": self.ts}
@@ -361,6 +283,11 @@ class Error:
         if not _ERROR_FIELDS.isdisjoint(self.details):  # details must not forge the frame's own fields
             raise LocalProtocolError(f"details must not contain {sorted(_ERROR_FIELDS)}")
 
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        details = {k: v for k, v in obj.items() if k not in _ERROR_FIELDS}
+        return _build(cls, code=obj.get("code"), message=obj.get("message"), details=details)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "code": self.code, "message": self.message}
         out.update(self.details)
@@ -380,11 +307,12 @@ class Received:
     def __post_init__(self) -> None:
         _require_int("id", self.id)
 
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"))
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "id": self.id}
-
-
-HISTORY_MAX_LIMIT: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +333,11 @@ class HistoryRequest:
             raise LocalProtocolError(f"limit must be at most {HISTORY_MAX_LIMIT}")
         if self.before is not None:
             _require_int("before", self.before)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), peer=obj.get("peer"), limit=obj.get("limit", 50),
+                      before=obj.get("before"))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "peer": self.peer, "limit": self.limit}
@@ -428,6 +361,19 @@ class History:
         if not isinstance(self.messages, tuple) or not all(isinstance(m, Message) for m in self.messages):
             raise LocalProtocolError("messages must be a tuple of Message")
 
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        items = obj.get("messages")
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise RemoteProtocolError("invalid history frame: messages must be a list of objects",
+                                      ErrorCode.BAD_FRAME)
+        try:
+            messages = tuple(Message.from_dict(item) for item in items)
+        except RemoteProtocolError as exc:  # name the frame the peer sent, not the object nested in it
+            raise RemoteProtocolError(f"invalid history frame: in messages: {exc.message}",
+                                      ErrorCode.BAD_FRAME) from None
+        return _build(cls, id=obj.get("id"), peer=obj.get("peer"), messages=messages)
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "id": self.id, "peer": self.peer,
                 "messages": [m.to_dict() for m in self.messages]}
@@ -442,6 +388,10 @@ class WhoRequest:
 
     def __post_init__(self) -> None:
         _require_str("id", self.id)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "id": self.id}
@@ -460,6 +410,10 @@ class Who:
         if not isinstance(self.users, tuple) or not all(is_valid_user_id(u) for u in self.users):
             raise LocalProtocolError("users must be a tuple of user ids")
 
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), users=_user_list(obj))
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "id": self.id, "users": list(self.users)}
 
@@ -474,6 +428,10 @@ class Watch:
     def __post_init__(self) -> None:
         if not isinstance(self.users, tuple) or not all(is_valid_user_id(u) for u in self.users):
             raise LocalProtocolError("users must be a tuple of user ids")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, users=_user_list(obj))
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.TYPE, "users": list(self.users)}
@@ -494,6 +452,10 @@ class Presence:
         check_user_id(self.user)
         if not isinstance(self.online, bool) or not isinstance(self.hidden, bool):
             raise LocalProtocolError("online and hidden must be booleans")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, user=obj.get("user"), online=obj.get("online"), hidden=obj.get("hidden", False))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "user": self.user, "online": self.online}
@@ -525,89 +487,11 @@ def _load_object(data: str | bytes) -> dict[str, Any]:
     return obj
 
 
-def _build(cls: Callable[..., Frame], **fields: Any) -> Frame:
-    """Build a frame from peer data, turning a validation failure into the peer's fault."""
-    try:
-        return cls(**fields)
-    except LocalProtocolError as exc:
-        raise RemoteProtocolError(f"invalid {getattr(cls, 'TYPE', 'frame')} frame: {exc}",
-                                  ErrorCode.BAD_FRAME) from None
-
-
-def _parse_send(obj: dict[str, Any]) -> Frame:
-    return _build(Send, id=obj.get("id"), to=obj.get("to"), text=obj.get("text"))
-
-
-def _parse_hello(obj: dict[str, Any]) -> Frame:
-    features = obj.get("features", [])
-    return _build(Hello, user=obj.get("user"), session=obj.get("session"), server=obj.get("server"),
-                  protocol=obj.get("protocol"),
-                  max_text_bytes=obj.get("max_text_bytes", DEFAULT_MAX_TEXT_BYTES),
-                  features=tuple(features) if isinstance(features, list) else None,
-                  epoch=obj.get("epoch"), reset=obj.get("reset", False))
-
-
-def _parse_ack(obj: dict[str, Any]) -> Frame:
-    return _build(Ack, id=obj.get("id"), status=obj.get("status"), msg_id=obj.get("msg_id"),
-                  reason=obj.get("reason"), ts=obj.get("ts"), duplicate=obj.get("duplicate", False))
-
-
-def _parse_message(obj: dict[str, Any]) -> Frame:
-    return _build(Message, id=obj.get("id"), sender=obj.get("from"), to=obj.get("to"), text=obj.get("text"),
-                  ts=obj.get("ts"))
-
-
-def _parse_error(obj: dict[str, Any]) -> Frame:
-    details = {k: v for k, v in obj.items() if k not in _ERROR_FIELDS}
-    return _build(Error, code=obj.get("code"), message=obj.get("message"), details=details)
-
-
-def _parse_received(obj: dict[str, Any]) -> Frame:
-    return _build(Received, id=obj.get("id"))
-
-
-def _parse_history_request(obj: dict[str, Any]) -> Frame:
-    return _build(HistoryRequest, id=obj.get("id"), peer=obj.get("peer"), limit=obj.get("limit", 50),
-                  before=obj.get("before"))
-
-
-def _parse_history(obj: dict[str, Any]) -> Frame:
-    items = obj.get("messages")
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise RemoteProtocolError("invalid history frame: messages must be a list of objects", ErrorCode.BAD_FRAME)
-    try:
-        messages = tuple(_parse_message(item) for item in items)
-    except RemoteProtocolError as exc:  # name the frame the peer sent, not the object nested in it
-        raise RemoteProtocolError(f"invalid history frame: in messages: {exc.message}", ErrorCode.BAD_FRAME) from None
-    return _build(History, id=obj.get("id"), peer=obj.get("peer"), messages=messages)
-
-
-def _user_list(obj: dict[str, Any]) -> tuple[str, ...] | None:
-    users = obj.get("users")
-    return tuple(users) if isinstance(users, list) else None
-
-
-def _parse_who_request(obj: dict[str, Any]) -> Frame:
-    return _build(WhoRequest, id=obj.get("id"))
-
-
-def _parse_who(obj: dict[str, Any]) -> Frame:
-    return _build(Who, id=obj.get("id"), users=_user_list(obj))
-
-
-def _parse_watch(obj: dict[str, Any]) -> Frame:
-    return _build(Watch, users=_user_list(obj))
-
-
-def _parse_presence(obj: dict[str, Any]) -> Frame:
-    return _build(Presence, user=obj.get("user"), online=obj.get("online"), hidden=obj.get("hidden", False))
-
-
-_CLIENT_PARSERS: Final = {"send": _parse_send, "received": _parse_received, "history": _parse_history_request,
-                          "who": _parse_who_request, "watch": _parse_watch}
-_SERVER_PARSERS: Final = {"hello": _parse_hello, "ack": _parse_ack, "message": _parse_message,
-                          "history": _parse_history, "error": _parse_error, "who": _parse_who,
-                          "presence": _parse_presence}
+#: The parsers by ``type``, one table per direction: ``history`` and ``who`` name a request and its answer.
+_CLIENT_PARSERS: Final[dict[str, Callable[[dict[str, Any]], ClientFrame]]] = {
+    cls.TYPE: cls.from_dict for cls in (Send, Received, HistoryRequest, WhoRequest, Watch)}
+_SERVER_PARSERS: Final[dict[str, Callable[[dict[str, Any]], ServerFrame]]] = {
+    cls.TYPE: cls.from_dict for cls in (Hello, Ack, Message, History, Error, Who, Presence)}
 
 
 def parse_client_frame(data: str | bytes) -> ClientFrame:
@@ -616,7 +500,7 @@ def parse_client_frame(data: str | bytes) -> ClientFrame:
     parser = _CLIENT_PARSERS.get(obj["type"])
     if parser is None:
         raise UnknownFrameType(f"unknown frame type {obj['type'][:40]!r}")
-    return parser(obj)  # type: ignore[return-value]
+    return parser(obj)
 
 
 def parse_server_frame(data: str | bytes) -> ServerFrame:
@@ -625,145 +509,6 @@ def parse_server_frame(data: str | bytes) -> ServerFrame:
     parser = _SERVER_PARSERS.get(obj["type"])
     if parser is None:
         raise UnknownFrameType(f"unknown frame type {obj['type'][:40]!r}")
-    return parser(obj)  # type: ignore[return-value]
+    return parser(obj)
 
 
-# ---------------------------------------------------------------------------
-# The seed's legacy frames
-# ---------------------------------------------------------------------------
-
-LEGACY_CONNECTED: Final = "connected"
-LEGACY_SEND_SUCCESS: Final = "send:success"
-LEGACY_SEND_ERROR: Final = "send:error"
-#: The seed's shared key, the default so that unchanged apps keep working.
-DEFAULT_AUTH_KEY: Final = "addauthkeyifrequired"
-
-
-class LegacyCommand(NamedTuple):
-    """A command from a seed client, as sent. A NamedTuple: built once per message on the hot path.
-
-    ``userid`` is the RECIPIENT of a ``send``. Fields the frame lacked are ``None``.
-    """
-
-    cmd: str
-    auth: str | None
-    userid: str | None
-    msgtext: str | None
-
-
-# The Flutter app's template, with the text inserted raw: everything between
-# 'msgtext':' and the final '} is the text, whatever quotes or keys it holds.
-_LEGACY_TEMPLATE = re.compile(
-    r"\{\s*'auth'\s*:\s*'([^']*)'\s*,\s*'cmd'\s*:\s*'([^']*)'\s*,\s*'userid'\s*:\s*'([^']*)'\s*,"
-    r"\s*'msgtext'\s*:\s*'(.*)'\s*\}\s*\Z",
-    re.DOTALL,
-)
-
-
-def parse_legacy_frame(data: str) -> LegacyCommand:
-    """Parse a seed client's frame: the Flutter template, then strict JSON, then the quote-replaced form."""
-    exact = _parse_exact_template(data)
-    if exact is not None:
-        return exact
-    match = _LEGACY_TEMPLATE.match(data)
-    if match is not None:
-        auth, cmd, userid, text = match.groups()
-        return LegacyCommand(cmd, auth, userid, text)
-    for candidate in (data, data.replace("'", '"')):
-        try:
-            obj = json.loads(candidate)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(obj, dict):
-            return _legacy_from_object(obj)
-    raise RemoteProtocolError("not a seed frame: expected {'auth':…,'cmd':…,'userid':…,'msgtext':…}",
-                              ErrorCode.BAD_FRAME)
-
-
-_TEMPLATE_HEAD: Final = "{'auth':'"
-_TEMPLATE_CMD: Final = "','cmd':'"
-_TEMPLATE_USERID: Final = "','userid':'"
-_TEMPLATE_TAIL: Final = "'}"
-
-
-def _parse_exact_template(data: str) -> LegacyCommand | None:
-    """The app's template byte for byte, with plain string searches: the per-message fast path.
-
-    Anything that deviates (other spacing, key order) returns ``None`` for the general parsers.
-    """
-    if not data.startswith(_TEMPLATE_HEAD) or not data.endswith(_TEMPLATE_TAIL):
-        return None
-    cmd_at = data.find(_TEMPLATE_CMD, 9)
-    userid_at = data.find(_TEMPLATE_USERID, cmd_at + 9) if cmd_at >= 0 else -1
-    userid_end = data.find("',", userid_at + 12) if userid_at >= 0 else -1
-    if userid_end < 0:
-        return None
-    if data.startswith(" 'msgtext':'", userid_end + 2):
-        text_at = userid_end + 14
-    elif data.startswith("'msgtext':'", userid_end + 2):
-        text_at = userid_end + 13
-    else:
-        return None
-    auth, cmd, userid = data[9:cmd_at], data[cmd_at + 9:userid_at], data[userid_at + 12:userid_end]
-    if "'" in auth or "'" in cmd or text_at > len(data) - 2:
-        return None
-    return LegacyCommand(cmd, auth, userid, data[text_at:-2])
-
-
-def _legacy_from_object(obj: dict[str, Any]) -> LegacyCommand:
-    cmd, auth, userid, msgtext = (obj.get(key) for key in ("cmd", "auth", "userid", "msgtext"))
-    if not isinstance(cmd, str) or not all(v is None or isinstance(v, str) for v in (auth, userid, msgtext)):
-        raise RemoteProtocolError("seed frame fields must be strings", ErrorCode.BAD_FRAME)
-    return LegacyCommand(cmd, auth, userid, msgtext)
-
-
-_LEGACY_CMD = re.compile(r"[A-Za-z0-9_.-]{0,32}\Z")
-
-
-def legacy_error(cmd: str) -> str:
-    """The ``<cmd>:error`` ack; a cmd that is not a plain word is answered as ``send:error``."""
-    return f"{cmd}:error" if _LEGACY_CMD.match(cmd) else LEGACY_SEND_ERROR
-
-
-_LEGACY_NEEDS_ESCAPE = re.compile(r"['\"\\\x00-\x1f\x7f\u2028\u2029]")
-
-
-def encode_legacy_message(sender: str, text: str) -> str:
-    """The frame that delivers ``text`` from ``sender`` to a seed client.
-
-    The app checks the frame starts with ``{'cmd'``, replaces every ``'`` with
-    ``"`` and decodes strict JSON, reading ``userid`` as the author. So the text
-    is JSON-escaped with its apostrophes as ``\\u0027``: after the app's
-    replacement it decodes to exactly the original text.
-    """
-    if _LEGACY_NEEDS_ESCAPE.search(text) is not None:
-        text = json.dumps(text, ensure_ascii=False)[1:-1].replace("'", "\\u0027")
-    return "{'cmd':'send','userid':'" + sender + "', 'msgtext':'" + text + "'}"
-
-
-def encode_legacy_send(to: str, text: str, auth: str = DEFAULT_AUTH_KEY) -> str:
-    """The frame the Flutter app sends: its template with the text inserted raw."""
-    return "{'auth':'" + auth + "','cmd':'send','userid':'" + to + "', 'msgtext':'" + text + "'}"
-
-
-def decode_legacy_message(data: str) -> tuple[str, str] | None:
-    """What the Flutter app reads from a frame: ``(author, text)``, or ``None`` for a non-message frame.
-
-    Mirrors the app exactly (prefix check, quote replacement, strict JSON), so
-    tests can prove the app would display what was sent. Raises
-    ``RemoteProtocolError`` where the app would throw.
-    """
-    if data in (LEGACY_CONNECTED, LEGACY_SEND_SUCCESS, LEGACY_SEND_ERROR):
-        return None
-    if len(data) < 6:
-        raise RemoteProtocolError(f"frame {data!r} is shorter than 6 characters: the app throws on it")
-    if not data.startswith("{'cmd'"):
-        return None
-    try:
-        obj = json.loads(data.replace("'", '"'))
-    except (ValueError, RecursionError) as exc:
-        raise RemoteProtocolError(f"the app cannot decode this frame: {exc}") from None
-    author, text = obj.get("userid"), obj.get("msgtext")
-    if not isinstance(author, str) or not isinstance(text, str):
-        raise RemoteProtocolError("the app needs string userid and msgtext")
-    return author, text
