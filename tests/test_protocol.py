@@ -397,8 +397,19 @@ def test_stable_codes() -> None:
                                "storage-failed"]
     assert ERROR_CODES == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported", "unavailable",
                            "rate-limited"]
-    assert sorted(Status.ALL) == ["delivered", "refused", "stored"]
+    assert sorted(Status) == ["delivered", "refused", "stored"]
     assert FEATURES == ["store", "resume", "history", "presence", "tokens"]
+
+
+def test_codes_are_their_wire_strings() -> None:
+    """A member goes into JSON as its bare value and equals what a parser reads off the wire."""
+    built = Ack(id="c9", status=Status.REFUSED, reason=Reason.RATE_LIMITED)
+    wire = Ack(id="c9", status="refused", reason="rate-limited")
+    assert built == wire
+    assert encode(built) == encode(wire) == '{"type":"ack","id":"c9","status":"refused","reason":"rate-limited"}'
+    assert encode(Error(ErrorCode.UNAVAILABLE, "m")) == '{"type":"error","code":"unavailable","message":"m"}'
+    assert f"{Reason.TOO_LARGE}" == "too-large"
+    assert check_text("") is Reason.EMPTY
 
 
 def test_handshake_names() -> None:
@@ -1073,7 +1084,7 @@ def test_doc_examples_show_every_frame_class() -> None:
 
 def test_doc_names_every_stable_code_and_handshake_name() -> None:
     doc = DOC.read_text(encoding="utf-8")
-    names = [*REFUSED_REASONS, *ERROR_CODES, *sorted(Status.ALL), *FEATURES, RESUME_AFTER_HEADER,
+    names = [*REFUSED_REASONS, *ERROR_CODES, *sorted(Status), *FEATURES, RESUME_AFTER_HEADER,
              REPLAY_SINCE_HEADER, RECEIVE_HEADER, EPOCH_HEADER, EPOCH_RULE, f"?{TOKEN_QUERY_PARAM}=<token>",
              "duplicate", '"reset":true', "hidden", str(MAX_INT)]
     assert [name for name in names if name not in doc] == []

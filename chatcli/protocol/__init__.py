@@ -5,7 +5,7 @@ in and get text out, and nothing here touches a socket or an event loop.
 ``docs/protocol.md`` describes both with an example of every frame. The rooms:
 
 * ``_values``: what both protocols share: limits (``MAX_INT``,
-  ``DEFAULT_MAX_TEXT_BYTES``), the stable codes (``Feature``,
+  ``DEFAULT_MAX_TEXT_BYTES``), the stable codes as ``StrEnum``s (``Feature``,
   ``Status``, ``Reason``, ``ErrorCode``), user ids and the request path,
   texts, timestamps, and the handshake's header and query names.
 * ``v1``: ``chatcli.v1``, negotiated as the WebSocket subprotocol: JSON text

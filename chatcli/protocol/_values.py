@@ -3,13 +3,18 @@
 The room below the frames: ``v1`` and ``legacy`` build on it, and the server's
 admission reads the handshake names and ``parse_user_path`` before it knows
 which protocol a session speaks. Pure: no I/O.
+
+The stable codes are ``StrEnum``s: a member *is* its string, so it goes into
+JSON as the bare value and compares equal to the plain string a parser read
+off the wire (``Status.DELIVERED == "delivered"``).
 """
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import ClassVar, Final
+from enum import StrEnum
+from typing import Final
 from urllib.parse import parse_qsl, unquote
 
 from chatcli.errors import InvalidUserId, LocalProtocolError
@@ -72,47 +77,45 @@ EPOCH_HEADER: Final = "Chatcli-Epoch"
 # ---------------------------------------------------------------------------
 
 
-class Feature:
+class Feature(StrEnum):
     """Capabilities a server announces in ``hello.features``."""
 
-    STORE: Final = "store"  # offline recipients' messages are stored; acks may say "stored"
-    RESUME: Final = "resume"  # the Chatcli-After / Chatcli-Since headers and the "received" frame
-    HISTORY: Final = "history"  # the "history" request
-    PRESENCE: Final = "presence"  # the "who" request and "watch" / "presence" frames
-    TOKENS: Final = "tokens"  # per-user accounts: sessions proved their user with a token
+    STORE = "store"  # offline recipients' messages are stored; acks may say "stored"
+    RESUME = "resume"  # the Chatcli-After / Chatcli-Since headers and the "received" frame
+    HISTORY = "history"  # the "history" request
+    PRESENCE = "presence"  # the "who" request and "watch" / "presence" frames
+    TOKENS = "tokens"  # per-user accounts: sessions proved their user with a token
 
 
-class Status:
+class Status(StrEnum):
     """Values of an ack's ``status``."""
 
-    DELIVERED: Final = "delivered"  # handed to at least one open session of the recipient
-    STORED: Final = "stored"  # kept for a recipient who is offline (durable servers)
-    REFUSED: Final = "refused"  # not accepted; ``reason`` says why
-
-    ALL: ClassVar[frozenset[str]] = frozenset({"delivered", "stored", "refused"})
+    DELIVERED = "delivered"  # handed to at least one open session of the recipient
+    STORED = "stored"  # kept for a recipient who is offline (durable servers)
+    REFUSED = "refused"  # not accepted; ``reason`` says why
 
 
-class Reason:
+class Reason(StrEnum):
     """Stable codes of a refused ack's ``reason``."""
 
-    OFFLINE: Final = "offline"  # recipient has no open session and the server stores nothing
-    TOO_LARGE: Final = "too-large"
-    EMPTY: Final = "empty"
-    BAD_AUTH: Final = "bad-auth"
-    BAD_RECIPIENT: Final = "bad-recipient"
-    RATE_LIMITED: Final = "rate-limited"
-    STORAGE_FAILED: Final = "storage-failed"  # the server could not commit the message; nothing was stored
+    OFFLINE = "offline"  # recipient has no open session and the server stores nothing
+    TOO_LARGE = "too-large"
+    EMPTY = "empty"
+    BAD_AUTH = "bad-auth"
+    BAD_RECIPIENT = "bad-recipient"
+    RATE_LIMITED = "rate-limited"
+    STORAGE_FAILED = "storage-failed"  # the server could not commit the message; nothing was stored
 
 
-class ErrorCode:
+class ErrorCode(StrEnum):
     """Stable codes of the ``error`` frame."""
 
-    BAD_JSON: Final = "bad-json"
-    BAD_FRAME: Final = "bad-frame"
-    UNKNOWN_TYPE: Final = "unknown-type"
-    BINARY_UNSUPPORTED: Final = "binary-unsupported"
-    UNAVAILABLE: Final = "unavailable"  # the request needs a feature this server runs without (e.g. history)
-    RATE_LIMITED: Final = "rate-limited"  # the user asks faster than --rate / --burst allow (who, history, watch)
+    BAD_JSON = "bad-json"
+    BAD_FRAME = "bad-frame"
+    UNKNOWN_TYPE = "unknown-type"
+    BINARY_UNSUPPORTED = "binary-unsupported"
+    UNAVAILABLE = "unavailable"  # the request needs a feature this server runs without (e.g. history)
+    RATE_LIMITED = "rate-limited"  # the user asks faster than --rate / --burst allow (who, history, watch)
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +177,7 @@ def text_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def check_text(text: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> str | None:
+def check_text(text: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Reason | None:
     """The refusal reason for a message text, or ``None`` when it is acceptable."""
     if not text:
         return Reason.EMPTY

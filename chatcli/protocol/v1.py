@@ -63,6 +63,11 @@ SUBPROTOCOL: Final = "chatcli.v1"
 CLIENT_ID_MAX_LEN: Final = 128
 HISTORY_MAX_LIMIT: Final = 1000
 
+#: An ack's status is checked on every ack built or read: against plain strings, which hash and compare
+#: faster than the enum members (and the error message lists the wire values).
+_STATUSES: Final = frozenset(status.value for status in Status)
+_REFUSED: Final = Status.REFUSED.value
+
 _F = TypeVar("_F")
 
 
@@ -189,6 +194,7 @@ class Ack:
 
     TYPE: ClassVar[str] = "ack"
     id: str
+    #: A ``Status``; a parsed ack holds the wire's plain string, which equals the member.
     status: str
     msg_id: int | None = None
     reason: str | None = None
@@ -200,9 +206,9 @@ class Ack:
         _require_str("id", self.id)
         if not isinstance(self.duplicate, bool):
             raise LocalProtocolError("duplicate must be a boolean")
-        if self.status not in Status.ALL:
-            raise LocalProtocolError(f"status must be one of {sorted(Status.ALL)}")
-        if self.status == Status.REFUSED:
+        if self.status not in _STATUSES:
+            raise LocalProtocolError(f"status must be one of {sorted(_STATUSES)}")
+        if self.status == _REFUSED:
             _require_str("reason", self.reason)
         elif self.msg_id is None:
             raise LocalProtocolError("an accepted ack needs msg_id")
@@ -215,7 +221,7 @@ class Ack:
 
     @property
     def accepted(self) -> bool:
-        return self.status != Status.REFUSED
+        return self.status != _REFUSED
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Self:
