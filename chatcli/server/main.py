@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from websockets.frames import CloseCode
+
 from chatcli import __version__
 from chatcli.errors import StorageError
 from chatcli.server.accounts import AccountStore
@@ -239,7 +241,7 @@ async def _prune_forever(store: SQLiteStore, retention_s: float) -> None:
 
 async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
     """Ask every session to close with 1001; drop whoever has not finished by the deadline."""
-    ws_server.close_all(1001, "server shutting down")
+    ws_server.close_all(CloseCode.GOING_AWAY, "server shutting down")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(ws_server.all_closed.wait(), timeout)
     for connection in list(ws_server.connections):

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Final, Literal, NamedTuple, Protocol, TypeAlias
 
 from chatcli.errors import StorageError
+from chatcli.protocol import MAX_INT
 
 Fsync: TypeAlias = Literal["normal", "full"]
 #: One schema version: the SQL statements that take the previous version to it.
@@ -502,7 +503,7 @@ class SQLiteStore:
             f"SELECT {_COLUMNS} FROM inbox AS i JOIN messages AS m ON m.id = i.id "
             "WHERE i.recipient = ? AND i.sender = ? AND i.id < ? ORDER BY i.id DESC LIMIT ?"
         )
-        before = before_id if before_id is not None else 2**63 - 1
+        before = before_id if before_id is not None else MAX_INT
         params: tuple[object, ...]
         if user == peer:
             sql, params = one_way, (user, user, before, limit)
