@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Collection, Set
-from typing import Protocol
+from typing import Final, Protocol
 
 from chatcli import protocol as p
 from chatcli.errors import RemoteProtocolError, StorageError
@@ -33,6 +33,12 @@ from chatcli.server.metrics import Metrics
 from chatcli.server.storage import MessageStore, NewMessage, StoredMessage
 
 log = logging.getLogger("chatcli.server")
+
+#: The ack statuses, read off the enum once: on Python 3.11 ``EnumType.__getattr__`` makes each
+#: ``p.Status.X`` look-up ~75 ns slower than a global, and acks are built once per message.
+_DELIVERED: Final = p.Status.DELIVERED
+_STORED: Final = p.Status.STORED
+_REFUSED: Final = p.Status.REFUSED
 
 #: Stored messages sent to a connecting session per loop tick, so a long backlog never stalls others.
 REPLAY_PAGE = 500
@@ -463,7 +469,7 @@ class Relay:
         if session.legacy:
             session.send_text(p.LEGACY_SEND_ERROR)
         else:
-            session.send_text(p.encode(p.Ack(client_id or "", p.Status.REFUSED, reason=reason)))
+            session.send_text(p.encode(p.Ack(client_id or "", _REFUSED, reason=reason)))
 
     def _route_ephemeral(self, session: Session, client_id: str | None, to: str, text: str) -> None:
         recipients = self.sessions.get(to)
@@ -473,7 +479,7 @@ class Relay:
         self.last_msg_id += 1
         message = StoredMessage(self.last_msg_id, session.user, to, text, self.clock(), client_id)
         self._deliver(message, recipients)
-        self._ack(session, client_id, message, p.Status.DELIVERED)
+        self._ack(session, client_id, message, _DELIVERED)
         self.metrics.ack_latency.observe(0.0)  # acknowledged while handling the frame
 
     def _schedule_commit(self) -> None:
@@ -507,7 +513,7 @@ class Relay:
             message = StoredMessage(msg_id, *row)
             if duplicates and position in duplicates:
                 self.metrics.error("duplicate")
-                self._ack(session, client_id, message, p.Status.STORED, duplicate=True)
+                self._ack(session, client_id, message, _STORED, duplicate=True)
             else:
                 self._dispatch(session, client_id, message)
 
@@ -515,10 +521,10 @@ class Relay:
         recipients = self.sessions.get(message.recipient)
         if recipients is None:
             self.metrics.stored += 1
-            self._ack(session, client_id, message, p.Status.STORED)
+            self._ack(session, client_id, message, _STORED)
         else:
             self._deliver(message, recipients)
-            self._ack(session, client_id, message, p.Status.DELIVERED)
+            self._ack(session, client_id, message, _DELIVERED)
 
     def _ack(self, session: Session, client_id: str | None, message: StoredMessage, status: str,
              duplicate: bool = False) -> None:
