@@ -5,7 +5,8 @@
 For each fsync mode, with and without client ids, and batch sizes 1, 10, 100
 and 1000 (one ``append`` call = one transaction, as the relay does once per
 event-loop tick), prints microseconds per message and messages per second.
-Then the cost of the reads the relay makes: ``pending``, ``history``, ``prune``.
+Then the cost of the reads the relay makes: ``pending``, ``history``, ``first_id_since``
+(``Chatcli-Since``: a binary search over ids, O(log n)), ``prune``.
 
 ``--dir`` must be on the disk the server will use: on tmpfs an fsync is free
 and the "full" figures mean nothing.
@@ -84,6 +85,8 @@ def bench_reads(workdir: Path, rows: int) -> None:
         online = {f"user{i}" for i in range(0, 20_000 * 7, 7)}  # a few of them contacts of user3
         fifty = set(sorted(online)[:50])
         store.append([NewMessage("hub", f"user{i}", TEXT, time.time()) for i in range(5000)])
+        middle = store.first_id_since(0.0) or 0
+        (middle_ts,) = [m.ts for m in store.iter_messages_to("user3", middle + rows // 2, limit=1)] or [0.0]
         figures = {
             "pending(user, after_id=0) -> 1000 msgs": time_call(lambda: store.pending("user3", 0)),
             "pending(user), nothing pending": time_call(lambda: store.pending("user3", 10**9)),
@@ -93,6 +96,10 @@ def bench_reads(workdir: Path, rows: int) -> None:
             "contacts_among(user, 50 online)": time_call(lambda: store.contacts_among("user3", fifty)),
             "contacts_among(user, 20,000 online)": time_call(lambda: store.contacts_among("user3", online), 20),
             "contacts_among(hub of 5,000, 50 online)": time_call(lambda: store.contacts_among("hub", fifty)),
+            "first_id_since(a time mid-log)": time_call(lambda: store.first_id_since(middle_ts)),
+            "first_id_since(a future time)": time_call(lambda: store.first_id_since(time.time() + 3600)),
+            "pending page after first_id_since(middle)": time_call(
+                lambda: store.messages_to("user3", since_ts=middle_ts, limit=500), repeat=20),
         }
         for name, micros in figures.items():
             print(f"  {name:<40}{micros:>10.0f} µs")

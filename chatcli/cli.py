@@ -1,7 +1,9 @@
 """The command-line interface: each command parses options and calls one function.
 
 Typer lives here and nowhere else. Errors are not handled in the commands:
-``main`` maps every exception to an exit status through ``errors.exit_status_for``.
+``run`` maps every exception to an exit status through ``errors.exit_status_for``.
+The client commands reach stdin, stdout and stderr only through the ``Environment``
+that ``run`` is given (``ctx.obj``), so tests can run them in-process.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from chatcli import __version__
+from chatcli.client.environment import Environment, point_at_devnull
 from chatcli.errors import ExitStatus, exit_status_for
 
+__all__ = ["app", "main", "run"]
+
 if TYPE_CHECKING:
-    from chatcli.config import ClientSettings
+    from chatcli.client.settings import ClientSettings
     from chatcli.protocol import Ack, Message
     from chatcli.server.accounts import AccountStore
 
@@ -117,9 +122,10 @@ def serve(
     log_format: Annotated[LogFormat, typer.Option(case_sensitive=False)] = LogFormat.text,
 ) -> None:
     """Run the relay server."""
+    from chatcli.paths import default_db_path
     from chatcli.server.config import ServerConfig
     from chatcli.server.main import run
-    from chatcli.units import default_db_path, parse_duration
+    from chatcli.units import parse_duration
 
     if ephemeral and db is not None:
         raise typer.BadParameter("--db and --ephemeral exclude each other", param_hint="--ephemeral")
@@ -141,7 +147,7 @@ def serve(
 
 # ---------------------------------------------------------------------------
 # Client commands: send, listen, history, who, chat. Settings resolve as flag > environment >
-# profile > default (chatcli.config); imports are lazy so `send` and `listen`
+# profile > default (chatcli.client.settings); imports are lazy so `send` and `listen`
 # never load prompt_toolkit or Rich.
 # ---------------------------------------------------------------------------
 
@@ -171,21 +177,27 @@ MeArgument = Annotated[str, typer.Argument(metavar="ME", help="Your user id.", s
 PeerArgument = Annotated[str, typer.Argument(metavar="PEER", help="The other user's id.", show_default=False)]
 
 
-def _settings(url: str | None, auth_key: str | None, auth_key_file: Path | None, timeout: float | None,
-              profile: str | None, *, token_file: Path | None, cafile: Path | None,
+def _environment(ctx: typer.Context) -> Environment:
+    """The streams ``run`` was given; the process's own when the app is called another way."""
+    return ctx.obj if isinstance(ctx.obj, Environment) else Environment.from_process()
+
+
+def _settings(env: Environment, url: str | None, auth_key: str | None, auth_key_file: Path | None,
+              timeout: float | None, profile: str | None, *, token_file: Path | None, cafile: Path | None,
               insecure: bool) -> ClientSettings:
-    from chatcli.config import resolve_settings
+    from chatcli.client.settings import resolve_settings
 
     settings = resolve_settings(url=url, auth_key=auth_key, auth_key_file=auth_key_file, timeout=timeout,
                                 profile=profile, token_file=token_file, cafile=cafile, insecure=insecure)
     if settings.insecure:  # every time: skipping verification must never go unnoticed
-        print(f"chatcli: WARNING: --insecure: the TLS certificate of {settings.url} is NOT verified; anyone on "
-              "the network path can read and change this session", file=sys.stderr, flush=True)
+        env.notice(f"WARNING: --insecure: the TLS certificate of {settings.url} is NOT verified; anyone on "
+                   "the network path can read and change this session")
     return settings
 
 
 @app.command()
 def send(
+    ctx: typer.Context,
     me: MeArgument,
     peer: PeerArgument,
     text: Annotated[str | None, typer.Argument(
@@ -208,21 +220,26 @@ def send(
     """
     import asyncio
 
-    from chatcli import client, render
+    from chatcli.client.commands import send_messages
+    from chatcli.client.inputs import read_texts
 
-    settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    texts = client.read_texts(text, lines=lines, stdin=sys.stdin)
+    texts = read_texts(text, lines=lines, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
 
     def on_ack(ack: Ack) -> None:
         if json_output:
-            render.write_line(sys.stdout, render.ack_json(ack, peer))
+            from chatcli.client.render import ack_json  # only here: a plain send prints nothing
 
-    asyncio.run(client.send_messages(settings, me, peer, texts, on_ack))
+            env.write_line(ack_json(ack, peer))
+
+    asyncio.run(send_messages(settings, me, peer, texts, on_ack))
 
 
 @app.command()
 def listen(
+    ctx: typer.Context,
     me: MeArgument,
     count: Annotated[int | None, typer.Option(
         "--count", min=1, help="Exit 0 after this many messages.", show_default=False)] = None,
@@ -251,26 +268,28 @@ def listen(
     """Print each incoming message as a JSON line: {"id", "from", "to", "text", "ts"}."""
     import asyncio
 
-    from chatcli import client, render
+    from chatcli.client import render
+    from chatcli.client.commands import ListenOptions, listen
+    from chatcli.client.inputs import parse_since
+    from chatcli.client.reconnect import CursorFile
 
-    settings = _settings(url, auth_key, auth_key_file, None, profile, token_file=token_file, cafile=cafile,
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, None, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    options = client.ListenOptions(
+    options = ListenOptions(
         count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
-        start=client.parse_since(since) if since is not None else None,
-        cursor_file=client.CursorFile(cursor_file) if cursor_file is not None else None)
+        start=parse_since(since) if since is not None else None,
+        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None)
 
     def on_message(message: Message) -> None:
-        render.write_line(sys.stdout, render.message_json(message))
+        env.write_line(render.message_json(message))
 
-    def notice(text: str) -> None:
-        print(f"chatcli: {text}", file=sys.stderr, flush=True)
-
-    asyncio.run(client.listen(settings, me, options, on_message, notice))
+    asyncio.run(listen(settings, me, options, on_message, env.notice))
 
 
 @app.command()
 def history(
+    ctx: typer.Context,
     me: MeArgument,
     peer: PeerArgument,
     limit: Annotated[int, typer.Option(
@@ -289,19 +308,21 @@ def history(
     """Print the conversation between ME and PEER, oldest first (exit 5 on a server that stores nothing)."""
     import asyncio
 
-    from chatcli import client, render
+    from chatcli.client import render
+    from chatcli.client.commands import fetch_history
 
-    settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    messages = asyncio.run(client.fetch_history(settings, me, peer, limit))
-    colour = render.wants_colour(sys.stdout)
+    messages = asyncio.run(fetch_history(settings, me, peer, limit))
     for message in messages:
-        line = render.message_json(message) if json_output else render.history_ansi(message, colour=colour)
-        render.write_line(sys.stdout, line)
+        env.write_line(render.message_json(message) if json_output
+                       else render.history_ansi(message, colour=env.colour))
 
 
 @app.command()
 def who(
+    ctx: typer.Context,
     me: MeArgument,
     json_output: Annotated[bool, typer.Option(
         "--json", help='Print one JSON array of user ids, e.g. ["alice", "bob"].')] = False,
@@ -317,20 +338,23 @@ def who(
     """List the users online, one per line, sorted; ME is who asks (the server checks ME's credentials)."""
     import asyncio
 
-    from chatcli import client, render
+    from chatcli.client import render
+    from chatcli.client.commands import fetch_online
 
-    settings = _settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    users = asyncio.run(client.fetch_online(settings, me))
+    users = asyncio.run(fetch_online(settings, me))
     if json_output:
-        render.write_line(sys.stdout, render.users_json(users))
+        env.write_line(render.users_json(users))
     else:
         for user in users:
-            render.write_line(sys.stdout, user)
+            env.write_line(user)
 
 
 @app.command()
 def chat(
+    ctx: typer.Context,
     me: MeArgument,
     peer: PeerArgument,
     url: UrlOption = None,
@@ -346,10 +370,11 @@ def chat(
 
     Opens with the last messages of the conversation, on a server that keeps them.
     """
-    from chatcli import repl
+    from chatcli.client import repl
 
-    repl.chat(_settings(url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
-                         insecure=insecure), me, peer)
+    env = _environment(ctx)
+    repl.chat(_settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+                        insecure=insecure), me, peer, env)
 
 
 # ---------------------------------------------------------------------------
@@ -365,8 +390,8 @@ DbOption = Annotated[Path | None, typer.Option(
 
 
 def _accounts(db: Path | None) -> AccountStore:
+    from chatcli.paths import default_db_path
     from chatcli.server.accounts import AccountStore
-    from chatcli.units import default_db_path
 
     path = db or default_db_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,36 +439,33 @@ def user_list(db: DbOption = None) -> None:
             print(f"{account.name}\t{format_ts(account.created_ts)}")
 
 
-def main() -> None:
-    """Console entry point: run the app and map whatever it raised to one exit status."""
+def run(args: list[str] | None = None, env: Environment | None = None) -> int:
+    """Run the app on ``args`` (default: argv) with ``env``'s streams; the exit status of whatever happened."""
+    env = Environment.from_process() if env is None else env
     # Typer >= 0.20 vendors click: its exceptions derive from typer.TyperException, and in
     # non-standalone mode Exit (also Ctrl-C, as 130) comes back as the return value.
     try:
-        status = app(standalone_mode=False)
+        status = app(args=args, standalone_mode=False, obj=env)
     except typer.Abort:
-        sys.exit(ExitStatus.INTERRUPTED)
+        return ExitStatus.INTERRUPTED
     except typer.TyperException as exc:
         show = getattr(exc, "show", None)
         if callable(show):
             show()
         else:
-            print(f"chatcli: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+            env.notice(exc.format_message())
+        return exc.exit_code
     except KeyboardInterrupt:
-        sys.exit(ExitStatus.INTERRUPTED)
-    except BrokenPipeError:
-        _quiet_broken_pipe()
+        return ExitStatus.INTERRUPTED
+    except BrokenPipeError:  # the reader went away (``| head -1``): a quiet success
+        point_at_devnull(env.stdout)
+        return ExitStatus.SUCCESS
     except Exception as exc:  # the one place where errors become exit statuses
-        status = exit_status_for(exc)
-        print(f"chatcli: {exc}" if str(exc) else f"chatcli: {type(exc).__name__}", file=sys.stderr)
-        sys.exit(status)
-    sys.exit(status if isinstance(status, int) else ExitStatus.SUCCESS)
+        env.notice(str(exc) or type(exc).__name__)
+        return exit_status_for(exc)
+    return status if isinstance(status, int) else ExitStatus.SUCCESS
 
 
-def _quiet_broken_pipe() -> None:
-    """The reader went away (``| head -1``): exit 0 without a traceback at interpreter exit."""
-    import os
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    sys.exit(ExitStatus.SUCCESS)
+def main() -> None:
+    """Console entry point: run the app on argv and exit with its status."""
+    sys.exit(run())

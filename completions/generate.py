@@ -5,7 +5,7 @@
 
 The scripts are Typer's: each asks ``chatcli`` itself for the candidates, so
 new commands and options complete without regenerating. They only change when
-the program name or Typer's templates change; tests/test_completions.py fails then.
+the program name or Typer's templates change; tests/client/test_completions.py fails then.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+__all__ = ["SCRIPTS", "generate", "main"]
 
 HERE = Path(__file__).resolve().parent
 #: shell → file name, as each shell's completion directory expects it.

@@ -7,6 +7,7 @@ the server reads them together.
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import struct
 from collections.abc import Callable
@@ -79,6 +80,15 @@ def test_frames_behind_a_refused_handshake_are_never_acted_on(
     assert not any("Traceback" in line for line in server.log)
     assert server.wait_log('"event": "handshake-refused"')  # the operator hears of it
     assert not any(tokens["alice"] in line or "token=wrong" in line for line in server.log)
+
+
+def test_a_refusal_is_logged_as_one_line(server: RunningServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.ws_port), timeout=5) as browser:  # not an upgrade
+        browser.sendall(b"GET /alice HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert browser.recv(100).startswith(b"HTTP/1.1 426")  # websockets' answer: several lines of text
+    assert server.wait_log('"event": "handshake-refused"')
+    (line,) = [line for line in server.log if '"handshake-refused"' in line]
+    assert "\n" not in json.loads(line)["message"]
 
 
 def test_a_pipelined_frame_is_acted_on_once_the_handshake_is_accepted(
@@ -190,3 +200,13 @@ def test_a_seed_app_guessing_the_key_is_cut_off(server: RunningServer) -> None:
     with pytest.raises(Exception, match="1008"):
         app.recv(timeout=5)
     assert RawClient(server.ws_port, "/mallory").status == 429
+
+
+def test_a_watch_of_too_many_users_is_refused_and_the_session_stays_open(server: RunningServer) -> None:
+    ws, _ = native(server.ws_url, "alice")
+    ws.send(p.encode(p.Watch(tuple(f"u{i}" for i in range(513)))))
+    error = recv_frame(ws)
+    assert isinstance(error, p.Error) and error.code == p.ErrorCode.BAD_FRAME and "512" in error.message
+    ws.send(p.encode(p.Watch(("bob",))))
+    presence = recv_frame(ws)
+    assert isinstance(presence, p.Presence) and presence.user == "bob" and not presence.online

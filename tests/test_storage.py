@@ -376,3 +376,64 @@ def test_a_file_that_is_not_a_database_is_a_clear_error(db_path: Path) -> None:
     db_path.write_bytes(b"this is a text file, not SQLite\n" * 100)
     with pytest.raises(StorageError, match=r"chat\.db"):
         SQLiteStore(db_path)
+
+
+# -- failures: every sqlite3 error is a StorageError; acks match what is stored -------------------
+
+
+def test_first_id_since_is_the_first_message_at_or_after_the_time(store: SQLiteStore) -> None:
+    assert store.first_id_since(0.0) is None  # an empty store
+    ids = store.append([msg("alice", "bob", f"t{ts}", ts=float(ts)) for ts in (10, 20, 20, 30, 40, 50)]).ids
+    store.prune(older_than_ts=15.0)  # a gap at the start
+    assert store.first_id_since(0.0) == ids[1]
+    assert store.first_id_since(20.0) == ids[1]
+    assert store.first_id_since(20.5) == ids[3]
+    assert store.first_id_since(50.0) == ids[5]
+    assert store.first_id_since(50.1) is None  # the future: nothing to replay
+    assert texts(store.messages_to("bob", since_ts=25.0)) == ["t30", "t40", "t50"]
+
+
+def test_reads_stop_reading_where_the_caller_stops(store: SQLiteStore) -> None:
+    store.append([msg("alice", "bob", f"m{i}") for i in range(10)])
+    newest_first = store.iter_history("bob", "alice", limit=10)
+    assert next(newest_first).text == "m9"
+    oldest_first = store.iter_messages_to("bob", limit=10)
+    assert [next(oldest_first).text for _ in range(2)] == ["m0", "m1"]
+    oldest_first.close()  # abandoned midway: the store stays usable
+    store.append([msg("alice", "bob", "after")])
+    assert texts(store.messages_to("bob", limit=100))[-1] == "after"
+
+
+def test_a_failed_index_after_commit_keeps_the_batch_stored(db_path: Path, store: SQLiteStore) -> None:
+    with sqlite3.connect(db_path) as other:  # indexing fails as with a full disk
+        other.execute("CREATE TRIGGER full BEFORE INSERT ON inbox BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
+    appended = store.append([msg("alice", "bob", f"m{i}") for i in range(INBOX_BATCH_ROWS)])
+    assert len(appended.ids) == INBOX_BATCH_ROWS  # no StorageError: the messages are committed
+    with pytest.raises(StorageError, match="disk is full"):
+        store.messages_to("bob")  # a read needs the index: a clear error, no sqlite3 exception
+    with sqlite3.connect(db_path) as other:
+        other.execute("DROP TRIGGER full")
+    assert len(store.messages_to("bob", limit=INBOX_BATCH_ROWS)) == INBOX_BATCH_ROWS
+
+
+def test_a_deleted_file_fails_every_later_append(db_path: Path, store: SQLiteStore) -> None:
+    store.append([msg("alice", "bob", "kept")])
+    assert store.verify_file() is None
+    db_path.unlink()
+    with pytest.raises(StorageError, match="deleted or replaced"):
+        store.append([msg("alice", "bob", "would vanish")])
+    SQLiteStore(db_path).close()  # a new file at the same path is not ours
+    with pytest.raises(StorageError, match="deleted or replaced"):
+        store.append([msg("alice", "bob", "still refused")])
+    assert store.verify_file() is not None
+
+
+def test_reads_of_a_damaged_file_raise_storage_error(db_path: Path, store: SQLiteStore) -> None:
+    store.append([msg("alice", "bob", "hi")])
+    with sqlite3.connect(db_path) as other:
+        other.execute("DROP TABLE cursors")
+        other.execute("DROP TABLE messages")
+    for read in (lambda: store.cursor("bob"), lambda: store.pending("bob"), lambda: store.first_id_since(0.0),
+                 lambda: store.history("alice", "bob"), lambda: store.messages_to("bob", after_id=0)):
+        with pytest.raises(StorageError, match="cannot "):
+            read()

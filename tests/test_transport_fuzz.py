@@ -259,3 +259,31 @@ def test_connections_far_past_the_limit_are_closed_unread() -> None:
 
     transports = asyncio.run(flood())
     assert [t.closed for t in transports[-4:]] == [False, True, True, True]
+
+
+def test_a_backlogged_connections_frames_wait_in_order_until_it_drains() -> None:
+    """While the peer does not read, its further requests are held (reading paused), then handled in order."""
+    async def scenario() -> tuple[list[str], list[str], bool, bool]:
+        config = ServerConfig.build(db_path=None)
+        metrics = Metrics()
+        relay = Relay(config, metrics, None, schedule=asyncio.get_running_loop().call_soon)
+        server = WebSocketServer(config, relay, metrics)
+        bob = Recipient()
+        relay.open_session(bob)  # type: ignore[arg-type]
+        connection, transport = server.protocol_factory(), RecordingTransport()
+        connection.connection_made(transport)
+        sends = [json.dumps({"type": "send", "id": f"m{i}", "to": "bob", "text": f"t{i}"}).encode() for i in range(6)]
+        head = _stream("/alice", [("Sec-WebSocket-Protocol", p.SUBPROTOCOL),
+                                  ("Authorization", f"Bearer {p.DEFAULT_AUTH_KEY}")], [], token="")
+        connection.data_received(head + client_frame(0x1, sends[0]))
+        connection.pause_writing()  # the kernel buffer filled: the peer is not reading
+        connection.data_received(b"".join(client_frame(0x1, s) for s in sends[1:4]))
+        connection.data_received(b"".join(client_frame(0x1, s) for s in sends[4:]))  # already read by TLS
+        held = [json.loads(f)["text"] for f in bob.frames]
+        paused = not transport.reading
+        connection.resume_writing()
+        return held, [json.loads(f)["text"] for f in bob.frames], paused, transport.reading
+
+    held, after, paused, reading_again = asyncio.run(scenario())
+    assert held == ["t0"] and paused
+    assert after == [f"t{i}" for i in range(6)] and reading_again

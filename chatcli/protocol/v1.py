@@ -360,12 +360,16 @@ class History:
     id: str
     peer: str
     messages: tuple[Message, ...]
+    #: The server's size cap cut the answer short: older messages exist; ask again with ``before``.
+    more: bool = False
 
     def __post_init__(self) -> None:
         _require_str("id", self.id)
         check_user_id(self.peer)
         if not isinstance(self.messages, tuple) or not all(isinstance(m, Message) for m in self.messages):
             raise LocalProtocolError("messages must be a tuple of Message")
+        if not isinstance(self.more, bool):
+            raise LocalProtocolError("more must be a boolean")
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Self:
@@ -378,11 +382,14 @@ class History:
         except RemoteProtocolError as exc:  # name the frame the peer sent, not the object nested in it
             raise RemoteProtocolError(f"invalid history frame: in messages: {exc.message}",
                                       ErrorCode.BAD_FRAME) from None
-        return _build(cls, id=obj.get("id"), peer=obj.get("peer"), messages=messages)
+        return _build(cls, id=obj.get("id"), peer=obj.get("peer"), messages=messages, more=obj.get("more", False))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "id": self.id, "peer": self.peer,
-                "messages": [m.to_dict() for m in self.messages]}
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "peer": self.peer,
+                               "messages": [m.to_dict() for m in self.messages]}
+        if self.more:
+            out["more"] = True
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -24,7 +25,8 @@ from chatcli.server.fdlimit import FdLimit, connection_capacity, open_fd_count, 
 from chatcli.server.http_api import Handler, HttpServer, json_response, text_response
 from chatcli.server.metrics import Metrics, render_prometheus
 from chatcli.server.relay import Relay
-from chatcli.server.storage import MessageStore, SQLiteStore
+from chatcli.server.storage import SQLiteStore
+from chatcli.server.storage_thread import StorageThread
 from chatcli.server.transport import WebSocketServer
 
 log = logging.getLogger("chatcli.server")
@@ -93,7 +95,8 @@ async def serve(config: ServerConfig) -> None:
     tls = _tls_context(config)
     store = _open_store(config)
     accounts = AccountStore(config.db_path) if config.db_path is not None else None
-    relay = Relay(config, metrics, store, schedule=loop.call_soon)
+    storage = StorageThread(loop)
+    relay = Relay(config, metrics, store, schedule=loop.call_soon, storage=storage)
     ws_server = WebSocketServer(config, relay, metrics, accounts)
     started = time.monotonic()
     http_server = HttpServer(config, _http_routes(ws_server, started), loop)
@@ -108,6 +111,7 @@ async def serve(config: ServerConfig) -> None:
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.host, exc.strerror or exc,
                   extra={"event": "listen-failed"})
+        storage.close()
         if store is not None:
             store.close()
         raise SystemExit(1) from None
@@ -124,7 +128,8 @@ async def serve(config: ServerConfig) -> None:
     if store is not None:
         log.info("storing messages in %s (fsync %s)", config.db_path, config.fsync,
                  extra={"event": "storage", "db": str(config.db_path), "fsync": config.fsync})
-    pruning = asyncio.create_task(_prune_forever(store, config.retention_s)) if store and config.retention_s else None
+    pruning = (asyncio.create_task(_prune_forever(relay, storage, store, config.retention_s))
+               if store and config.retention_s else None)
     heartbeat = asyncio.create_task(_every(config.ping_interval / 2, ws_server.heartbeat))
 
     await stop.wait()
@@ -136,8 +141,9 @@ async def serve(config: ServerConfig) -> None:
     if pruning is not None:
         pruning.cancel()
     await _close_sessions(ws_server, config.close_timeout)
+    await _settle_storage(relay, storage)
+    storage.close()
     if store is not None:
-        await asyncio.sleep(0)  # let a commit scheduled by the last frames run before closing the file
         store.close()
     if accounts is not None:
         accounts.close()
@@ -223,20 +229,31 @@ PRUNE_EVERY_S = 3600.0
 PRUNE_STEP = 2000
 
 
-async def _prune_forever(store: SQLiteStore, retention_s: float) -> None:
-    """Delete messages past the retention period at start-up, then hourly, in small steps."""
+async def _prune_forever(relay: Relay, storage: StorageThread, store: SQLiteStore, retention_s: float) -> None:
+    """Delete messages past the retention period at start-up, then hourly, in small steps on the storage
+    thread (each step one short transaction, so commits get their turn in between)."""
     while True:
         cutoff, deleted = time.time() - retention_s, 0
-        try:
-            while (step := store.prune(cutoff, limit=PRUNE_STEP)) > 0:
-                deleted += step
-                await asyncio.sleep(0)
-        except StorageError as exc:
-            log.error("pruning failed: %s", exc, extra={"event": "storage-error"})
+        while True:
+            step = await storage.call(functools.partial(store.prune, cutoff, limit=PRUNE_STEP))
+            if isinstance(step, StorageError):
+                relay.storage_failed("pruning failed", step)
+                break
+            deleted += step
+            if step < PRUNE_STEP:
+                break
         if deleted:
             log.info("pruned %d message(s) older than the retention period", deleted,
                      extra={"event": "pruned", "count": deleted})
         await asyncio.sleep(PRUNE_EVERY_S)
+
+
+async def _settle_storage(relay: Relay, storage: StorageThread) -> None:
+    """Let the batches accepted before shutdown be committed (their senders may still get the ack)."""
+    await asyncio.sleep(0)  # a commit scheduled by the last frames
+    while relay.committing or relay.pending or relay.cursor_updates:
+        await storage.call(lambda: None)  # after every job submitted so far
+        await asyncio.sleep(0)  # their results, which may start the next batch
 
 
 async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
@@ -250,17 +267,24 @@ async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
                 connection.transport.abort()
 
 
-def _storage_health(store: MessageStore | None) -> dict[str, Any]:
+def _storage_health(relay: Relay) -> dict[str, Any]:
+    """``ok`` is false while the file is gone or damaged, or the last storage call failed (until one succeeds)."""
+    store = relay.store
     if store is None:
-        return {"mode": "ephemeral"}
-    return {"mode": "sqlite", "db_bytes": store.size_bytes()}
+        return {"mode": "ephemeral", "ok": True}
+    error = store.verify_file() or relay.storage_problem
+    health: dict[str, Any] = {"mode": "sqlite", "ok": error is None, "db_bytes": store.size_bytes()}
+    if error is not None:
+        health["error"] = error
+    return health
 
 
 def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handler]:
     def health() -> tuple[int, str, bytes]:
         relay = ws_server.relay
+        storage = _storage_health(relay)
         return json_response({
-            "status": "ok",
+            "status": "ok" if storage["ok"] else "degraded",
             "version": __version__,
             "uptime_s": round(time.monotonic() - started, 3),
             "connections": len(ws_server.connections),
@@ -268,8 +292,8 @@ def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handle
             "users_online": len(relay.sessions),
             "messages_routed": ws_server.metrics.routed,
             "messages_stored_for_offline": ws_server.metrics.stored,
-            "storage": _storage_health(relay.store),
-        })
+            "storage": storage,
+        }, 200 if storage["ok"] else 503)
 
     def metrics() -> tuple[int, str, bytes]:
         relay = ws_server.relay

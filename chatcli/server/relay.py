@@ -11,6 +11,11 @@ Two modes:
   are committed together (``schedule`` runs ``commit`` once the tick's reads
   are done), so durability costs one transaction per tick, not per message.
   A recipient with no open session gets the message when it connects.
+  Every storage call runs on the storage thread (``StorageRunner``), never on
+  the loop: while one batch is being committed, the next ticks' messages
+  gather into the next batch, so batches grow with the load.
+  Backlogs (replay) and history answers are read in pages bounded in bytes, and
+  the next page is read only once the session's outgoing buffer has drained.
 * ephemeral (no store): delivered at once or refused as ``offline``.
 
 Limits are per user, not per session: ``UserQuota`` counts a user's open sessions
@@ -23,14 +28,18 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable, Collection, Set
-from typing import Final, Protocol
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Set
+from typing import Final, NamedTuple, Protocol
+
+from websockets.frames import CloseCode
 
 from chatcli import protocol as p
-from chatcli.errors import RemoteProtocolError, StorageError
+from chatcli.errors import ChatcliError, RemoteProtocolError, StorageError
 from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.metrics import Metrics
-from chatcli.server.storage import MessageStore, NewMessage, StoredMessage
+from chatcli.server.storage import Appended, MessageStore, NewMessage, StoredMessage
+from chatcli.server.storage_thread import InlineStorage, StorageRunner
 
 log = logging.getLogger("chatcli.server")
 
@@ -40,8 +49,25 @@ _DELIVERED: Final = p.Status.DELIVERED
 _STORED: Final = p.Status.STORED
 _REFUSED: Final = p.Status.REFUSED
 
-#: Stored messages sent to a connecting session per loop tick, so a long backlog never stalls others.
+#: Stored messages sent to a connecting session per page, so a long backlog never stalls others.
 REPLAY_PAGE = 500
+#: ... and at most this many bytes of frames per page (one message always fits, even a larger one).
+#: A native frame can be 6 times its text (control characters become \u00XX escapes).
+REPLAY_PAGE_BYTES = 256 * 1024
+#: The most bytes of messages in one history answer; a cut answer says ``"more": true``.
+HISTORY_ANSWER_BYTES = 512 * 1024
+#: History requests a session may have waiting behind the one being answered.
+HISTORY_QUEUE = 8
+#: Live messages held for a session still receiving its backlog; beyond this they are read back from storage.
+HELD_LIMIT = 100
+#: SQLite's names for a damaged file: unlike a full disk or a held lock, a later success does not undo them.
+DAMAGED_FILE_ERRORS = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+#: The close code for a session whose backlog cannot be read (1011: the server hit an unexpected condition).
+CLOSE_STORAGE_FAILED = CloseCode.INTERNAL_ERROR
+
+
+#: Users one session may watch at once (a watch replaces the session's previous one).
+MAX_WATCHED_USERS = 512
 
 
 class Session(Protocol):
@@ -69,16 +95,108 @@ class Session(Protocol):
     @property
     def is_open(self) -> bool: ...
 
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, on the loop, when the outgoing buffer is low (never if the session closed)."""
+        ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
 
 class Replay:
-    """A session receiving its backlog; live messages wait in ``held`` so that order is kept."""
+    """A session receiving its backlog; live messages wait in ``held`` so that order is kept.
 
-    __slots__ = ("after", "held", "since_ts")
+    Past ``HELD_LIMIT`` live messages, ``held`` is dropped and ``overflowed`` set: those messages
+    are stored, so one more page read at the end of the backlog finds them.
+    """
+
+    __slots__ = ("after", "held", "overflowed", "since_ts")
 
     def __init__(self, after: int | None, since_ts: float | None) -> None:
         self.after = after
         self.since_ts = since_ts
         self.held: list[StoredMessage] = []
+        self.overflowed = False
+
+
+class ReplayPage(NamedTuple):
+    """Read on the storage thread: (id, encoded frame) to send, where the next page starts, and
+    whether the backlog ended in this page."""
+
+    frames: list[tuple[int, str]]
+    after: int
+    complete: bool
+
+
+def utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8; free for ASCII (``isascii`` is O(1))."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def message_frame(stored: StoredMessage) -> p.Message:
+    return p.Message(stored.id, stored.sender, stored.recipient, stored.text, p.format_ts(stored.ts))
+
+
+def encode_stored(message: StoredMessage, legacy: bool) -> str:
+    """The frame a session is sent for a stored message; raises ChatcliError for a row that breaks the
+    protocol (e.g. an invalid sender stored by an older, exploitable server)."""
+    if legacy:
+        return p.encode_legacy_message(message.sender, message.text)
+    return p.encode(message_frame(message))
+
+
+def read_replay_page(store: MessageStore, user: str, legacy: bool, after: int | None,
+                     since_ts: float | None) -> ReplayPage:
+    """One page of ``user``'s backlog, at most ``REPLAY_PAGE`` messages and ``REPLAY_PAGE_BYTES`` (storage thread).
+
+    Without a start point the page starts after the user's cursor. Rows are read one at a time
+    and reading stops once the byte budget is used.
+    """
+    start = store.cursor(user) if after is None and since_ts is None else after or 0
+    if since_ts is not None:
+        first = store.first_id_since(since_ts)  # O(log n), no scan of the inbox
+        if first is None:
+            return ReplayPage([], start, True)
+        start = max(start, first - 1)
+    frames: list[tuple[int, str]] = []
+    size = read = 0
+    for message in store.iter_messages_to(user, start, REPLAY_PAGE):
+        try:
+            frame = encode_stored(message, legacy)
+        except ChatcliError as exc:
+            log.error("skipping stored message %d to %s: %s", message.id, user, exc,
+                      extra={"event": "bad-stored-message", "msg_id": message.id})
+            frame = ""
+        if frame and frames and size + utf8_len(frame) > REPLAY_PAGE_BYTES:
+            return ReplayPage(frames, start, False)
+        read += 1
+        start = message.id
+        if frame:
+            frames.append((message.id, frame))
+            size += utf8_len(frame)
+    return ReplayPage(frames, start, read < REPLAY_PAGE)
+
+
+def read_history_answer(store: MessageStore, user: str, request: p.HistoryRequest) -> str:
+    """The encoded answer to ``request``: newest messages first until ``limit`` or ``HISTORY_ANSWER_BYTES``
+    (storage thread). An answer cut by the byte cap says ``more``; one message always fits."""
+    messages: list[p.Message] = []
+    size = 0
+    more = False
+    for stored in store.iter_history(user, request.peer, request.limit, request.before):
+        try:
+            message = message_frame(stored)
+            cost = utf8_len(p.encode(message))
+        except ChatcliError as exc:
+            log.error("skipping stored message %d in a history answer: %s", stored.id, exc,
+                      extra={"event": "bad-stored-message", "msg_id": stored.id})
+            continue
+        if messages and size + cost > HISTORY_ANSWER_BYTES:
+            more = True
+            break
+        messages.append(message)
+        size += cost
+    messages.reverse()
+    return p.encode(p.History(request.id, request.peer, tuple(messages), more=more))
 
 
 class UserQuota:
@@ -105,7 +223,7 @@ class Relay:
 
     def __init__(self, config: ServerConfig, metrics: Metrics, store: MessageStore | None = None,
                  schedule: Callable[[Callable[[], None]], object] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, storage: StorageRunner | None = None) -> None:
         self.config = config
         self.metrics = metrics
         self.store = store
@@ -117,12 +235,25 @@ class Relay:
         self.quotas: dict[str, UserQuota] = {}
         self.idle_quotas: set[str] = set()  # users in quotas with no open session
         self.open: set[Session] = set()  # every registered session, receiving or not
+        self.storage: StorageRunner = storage or InlineStorage()
+        self.committing = False  # a batch is with the storage thread; the next one waits in `pending`
+        # Accept times never decrease with ids (first_id_since relies on it), across restarts too.
+        self.last_ts = store.newest_ts if store is not None else 0.0
+        #: The last storage failure, until a later storage call succeeds (reported by /healthz).
+        self.storage_error: str | None = None
+        #: The file is damaged (SQLite found it malformed): reported until a restart, whatever succeeds later.
+        self.storage_damaged: str | None = None
+        # A session's history requests, answered one at a time: the key exists while one is being answered.
+        self.history_queues: dict[Session, deque[p.HistoryRequest]] = {}
         # user -> that user's open sessions; a user may be connected several times.
         self.sessions: dict[str, list[Session]] = {}
         self.replays: dict[Session, Replay] = {}
         self.last_msg_id = 0  # ephemeral mode's id counter
         # The identity announced in every hello: the store's, or this process's (its memory is the store).
         self.epoch = store.epoch if store is not None else secrets.token_hex(16)
+        # The highest id the store gave out, read once here and then kept up to date by our own commits
+        # (this process is the only writer of messages): a handshake must not wait for the storage thread.
+        self.highest_id = self._read_highest_id(store) if store is not None else 0
         # Accepted this tick, committed together: (sender session, client id, recipient, text).
         self.pending: list[tuple[Session, str | None, str, str]] = []
         self.cursor_updates: dict[str, int] = {}
@@ -159,7 +290,7 @@ class Relay:
             self._announce(session.user, online=True)
         if self.store is not None:
             self.replays[session] = Replay(after, since_ts)
-            self._replay_page(session)
+            self._request_page(session)
 
     def resume_after(self, user: str, after: int | None, epoch: str | None) -> tuple[int | None, bool]:
         """Where a session resuming after message ``after`` of store ``epoch`` starts; True if that is a reset.
@@ -174,18 +305,21 @@ class Relay:
                  user, after, epoch or "unknown", extra={"event": "cursor-reset", "user": user})
         return 0, True
 
-    def _highest_id(self) -> int:
-        if self.store is None:
-            return self.last_msg_id
+    @staticmethod
+    def _read_highest_id(store: MessageStore) -> int:
         try:
-            return self.store.highest_id()
+            return store.highest_id()
         except StorageError as exc:  # cannot tell: trust the client's id, as before epochs existed
             log.error("could not read the highest message id: %s", exc, extra={"event": "storage-error"})
             return p.MAX_INT
 
+    def _highest_id(self) -> int:
+        return self.last_msg_id if self.store is None else self.highest_id
+
     def close_session(self, session: Session) -> None:
         """Remove exactly this session; the user's other sessions stay reachable."""
         self.replays.pop(session, None)
+        self.history_queues.pop(session, None)
         self._unwatch(session)
         if session not in self.open:
             return
@@ -388,6 +522,11 @@ class Relay:
             self._presence_off(session)
             return
         users = tuple(dict.fromkeys(users))  # a user named twice is still one subscription
+        if len(users) > MAX_WATCHED_USERS:  # each costs an entry per session for as long as it is open
+            self.metrics.error(p.ErrorCode.BAD_FRAME)
+            session.send_text(p.encode(p.Error(p.ErrorCode.BAD_FRAME,
+                                               f"watch at most {MAX_WATCHED_USERS} users at once")))
+            return
         visible: set[str] | None = None  # None: every user is visible
         if mode == "contacts" and users:
             visible = self._visible(session, set(users))
@@ -433,18 +572,59 @@ class Relay:
             self._schedule_commit()
 
     def _history(self, session: Session, request: p.HistoryRequest) -> None:
+        """Answer history requests one at a time: the next is read once the previous answer has drained."""
         if self.store is None:
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
                                                "this server stores no messages (--ephemeral): no history")))
             return
-        try:
-            stored = self.store.history(session.user, request.peer, request.limit, request.before)
-        except StorageError as exc:
-            log.error("could not read history for %s: %s", session.user, exc, extra={"event": "storage-error"})
-            session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE, "history is unavailable right now")))
+        queue = self.history_queues.get(session)
+        if queue is None:
+            self.history_queues[session] = deque()
+            self._read_history(session, request)
+        elif len(queue) < HISTORY_QUEUE:
+            queue.append(request)
+        else:
+            session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE, (
+                f"too many history requests at once (at most {HISTORY_QUEUE} waiting): "
+                "read the answers, then ask again"))))
+
+    def _read_history(self, session: Session, request: p.HistoryRequest) -> None:
+        store, user = self.store, session.user
+        assert store is not None
+        self.storage.submit(lambda: read_history_answer(store, user, request),
+                            lambda answer: self._answer_history(session, answer))
+
+    def _answer_history(self, session: Session, answer: str | StorageError) -> None:
+        if isinstance(answer, StorageError):
+            self.storage_failed(f"could not read history for {session.user}", answer)
+            session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
+                                               "history is unavailable right now: the server's storage failed")))
+        else:
+            self.storage_error = None
+            session.send_text(answer)
+        if session in self.history_queues:
+            session.when_drained(lambda: self._next_history(session))
+
+    def _next_history(self, session: Session) -> None:
+        queue = self.history_queues.get(session)
+        if queue is None:
             return
-        messages = tuple(self._message(m) for m in stored)
-        session.send_text(p.encode(p.History(request.id, request.peer, messages)))
+        if queue:
+            self._read_history(session, queue.popleft())
+        else:
+            del self.history_queues[session]
+
+    def storage_failed(self, what: str, exc: StorageError) -> None:
+        """Log a storage failure and report it in /healthz."""
+        self.storage_error = str(exc)
+        if getattr(exc.__cause__, "sqlite_errorname", None) in DAMAGED_FILE_ERRORS:
+            self.storage_damaged = self.storage_damaged or str(exc)
+        log.error("%s: %s", what, exc, extra={"event": "storage-error"})
+
+    @property
+    def storage_problem(self) -> str | None:
+        """What is wrong with storage now (for /healthz), or None."""
+        return self.storage_damaged or self.storage_error
 
     # -- accepting a message ---------------------------------------------------------
 
@@ -488,25 +668,48 @@ class Relay:
             self.schedule(self.commit)
 
     def commit(self) -> None:
-        """Store this tick's messages in one transaction, then deliver and acknowledge each."""
+        """Hand this tick's messages and cursor moves to the storage thread as one batch.
+
+        While a batch is being committed the next ticks' messages wait: ``_committed`` sends them on
+        as the next batch. Acks and deliveries happen only once their batch is committed.
+        """
         self.commit_scheduled = False
         store = self.store
         assert store is not None
+        if self.committing or not (self.pending or self.cursor_updates):
+            return
         batch, self.pending = self.pending, []
         updates, self.cursor_updates = self.cursor_updates, {}
-        now = self.clock()  # one accept time per tick: the batch is accepted together
+        # One accept time per batch, never before the previous one: ids and times grow together.
+        now = self.last_ts = max(self.last_ts, self.clock())
         rows = [NewMessage(session.user, to, text, now, client_id) for session, client_id, to, text in batch]
-        try:
-            appended = store.append(rows, updates)
-        except StorageError as exc:
-            log.error("could not store %d message(s): %s", len(batch), exc, extra={"event": "storage-error"})
+        self.committing = True
+        started = self.batch_started  # the next batch's first message may arrive before this one is done
+        self.storage.submit(lambda: store.append(rows, updates),
+                            lambda done: self._committed(batch, rows, started, done))
+
+    def _committed(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
+                   started: float, appended: Appended | StorageError) -> None:
+        """Acknowledge and deliver a committed batch, in order; then send on what gathered meanwhile."""
+        self.committing = False
+        if isinstance(appended, StorageError):
+            self.storage_failed(f"could not store {len(batch)} message(s)", appended)
             for session, client_id, _, _ in batch:
                 self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
-            return  # lost cursor updates only cost a repeat delivery later, never a loss
-        if batch:
-            self.metrics.ack_latency.observe(self.clock() - self.batch_started, len(batch))
-        if self.hidden_watchers:  # rare: someone watches a user they have not talked to yet
-            self._reveal(rows)
+        else:
+            self.storage_error = None
+            if appended.ids:
+                self.highest_id = max(self.highest_id, max(appended.ids))
+            if batch:
+                self.metrics.ack_latency.observe(self.clock() - started, len(batch))
+            if self.hidden_watchers:  # rare: someone watches a user they have not talked to yet
+                self._reveal(rows)
+            self._acknowledge(batch, rows, appended)
+        # Lost cursor updates only cost a repeat delivery later, never a loss.
+        self.commit()
+
+    def _acknowledge(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
+                     appended: Appended) -> None:
         duplicates = appended.duplicates
         for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
                                                                                  strict=True)):
@@ -519,12 +722,21 @@ class Relay:
 
     def _dispatch(self, session: Session, client_id: str | None, message: StoredMessage) -> None:
         recipients = self.sessions.get(message.recipient)
-        if recipients is None:
+        if recipients is not None and self._delivered(message, recipients):
+            self._ack(session, client_id, message, _DELIVERED)
+        else:
             self.metrics.stored += 1
             self._ack(session, client_id, message, _STORED)
-        else:
+
+    def _delivered(self, message: StoredMessage, recipients: list[Session]) -> bool:
+        """Deliver a stored message; False (logged) for one that cannot be encoded, which fails alone."""
+        try:
             self._deliver(message, recipients)
-            self._ack(session, client_id, message, _DELIVERED)
+        except ChatcliError as exc:
+            log.error("cannot deliver stored message %d: %s", message.id, exc,
+                      extra={"event": "bad-stored-message", "msg_id": message.id})
+            return False
+        return True
 
     def _ack(self, session: Session, client_id: str | None, message: StoredMessage, status: str,
              duplicate: bool = False) -> None:
@@ -541,7 +753,7 @@ class Relay:
         legacy_frame = native_frame = None
         for recipient in recipients:
             if self.replays and recipient in self.replays:
-                self.replays[recipient].held.append(message)
+                self._hold(self.replays[recipient], message)
             elif recipient.legacy:
                 if legacy_frame is None:
                     legacy_frame = p.encode_legacy_message(message.sender, message.text)
@@ -553,41 +765,62 @@ class Relay:
                 recipient.send_text(native_frame)
                 recipient.written(message.id)
 
-    def _send_stored(self, session: Session, message: StoredMessage) -> None:
-        if session.legacy:
-            session.send_text(p.encode_legacy_message(message.sender, message.text))
-            session.written(message.id)
+    @staticmethod
+    def _hold(replay: Replay, message: StoredMessage) -> None:
+        """Keep a live message until the backlog is sent; past HELD_LIMIT, storage has them (read once more)."""
+        if replay.overflowed:
+            return
+        if len(replay.held) < HELD_LIMIT:
+            replay.held.append(message)
         else:
-            session.send_text(p.encode(self._message(message)))
+            replay.held.clear()
+            replay.overflowed = True
+
+    def _send_stored(self, session: Session, messages: Iterable[StoredMessage]) -> None:
+        for message in messages:
+            try:
+                frame = encode_stored(message, session.legacy)
+            except ChatcliError as exc:
+                log.error("skipping stored message %d to %s: %s", message.id, session.user, exc,
+                          extra={"event": "bad-stored-message", "msg_id": message.id})
+                continue
+            session.send_text(frame)
             session.written(message.id)
 
     @staticmethod
     def _message(stored: StoredMessage) -> p.Message:
-        return p.Message(stored.id, stored.sender, stored.recipient, stored.text, p.format_ts(stored.ts))
+        return message_frame(stored)
 
-    def _replay_page(self, session: Session) -> None:
-        """Send one page of the backlog; schedule the next, or release the messages held meanwhile."""
+    # -- replaying a backlog ------------------------------------------------------------
+
+    def _request_page(self, session: Session) -> None:
+        """Read the next page of ``session``'s backlog on the storage thread."""
         replay = self.replays.get(session)
-        if replay is None or self.store is None or not session.is_open:
+        store = self.store
+        if replay is None or store is None or not session.is_open:
             return
-        try:
-            if replay.since_ts is None and replay.after is None:
-                page = self.store.pending(session.user, limit=REPLAY_PAGE)
-            else:
-                page = self.store.messages_to(session.user, replay.after, replay.since_ts, REPLAY_PAGE)
-        except StorageError as exc:
-            log.error("could not read stored messages for %s: %s", session.user, exc,
-                      extra={"event": "storage-error"})
-            page = []
-        for message in page:
-            self._send_stored(session, message)
-        if page:
-            replay.after = page[-1].id
-        if len(page) == REPLAY_PAGE:
-            self.schedule(lambda: self._replay_page(session))
+        user, legacy, after, since_ts = session.user, session.legacy, replay.after, replay.since_ts
+        self.storage.submit(lambda: read_replay_page(store, user, legacy, after, since_ts),
+                            lambda page: self._send_page(session, page))
+
+    def _send_page(self, session: Session, page: ReplayPage | StorageError) -> None:
+        """Send a page; ask for the next once it has drained, or end the replay and send what was held."""
+        replay = self.replays.get(session)
+        if replay is None:  # closed meanwhile
+            return
+        if isinstance(page, StorageError):
+            self.storage_failed(f"could not read stored messages for {session.user}", page)
+            del self.replays[session]
+            session.close(CLOSE_STORAGE_FAILED, "cannot read your stored messages: storage failed; try again later")
+            return
+        self.storage_error = None
+        for msg_id, frame in page.frames:
+            session.send_text(frame)
+            session.written(msg_id)
+        replay.after, replay.since_ts = page.after, None
+        if not page.complete or replay.overflowed:
+            replay.overflowed = False
+            session.when_drained(lambda: self._request_page(session))
             return
         del self.replays[session]
-        last = replay.after or 0
-        for message in replay.held:
-            if message.id > last:  # a held message may also have come in the last page
-                self._send_stored(session, message)
+        self._send_stored(session, (m for m in replay.held if m.id > page.after))

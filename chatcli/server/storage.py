@@ -28,6 +28,13 @@ start again at 1, so every store has an ``epoch``: a random 128-bit token made
 with the file (or added on the first open of an older file), which clients keep
 beside their cursor. A client's id from another epoch, or above the highest id
 this store ever gave out (a restored backup), is not a position in this store.
+The relay gives accept times that never decrease with ids, so the first
+message since a time is found by binary search over ids (``first_id_since``).
+
+Errors: every ``sqlite3.Error`` becomes ``StorageError`` with what was being
+done. A file deleted or replaced under a running store is noticed at the next
+append (one ``stat`` per batch): from then on every append fails, because
+what it wrote would vanish at the next start.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence, Set
@@ -43,6 +51,8 @@ from typing import Final, Literal, NamedTuple, Protocol, TypeAlias
 
 from chatcli.errors import StorageError
 from chatcli.protocol import MAX_INT
+
+log = logging.getLogger("chatcli.server")
 
 Fsync: TypeAlias = Literal["normal", "full"]
 #: One schema version: the SQL statements that take the previous version to it.
@@ -56,6 +66,15 @@ JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 #: Index the log's tail into ``inbox`` once it is this long: longer amortises better,
 #: shorter bounds the one slower ``append`` that does it (about 1 µs per row).
 INBOX_BATCH_ROWS: Final = 8192
+
+
+@contextlib.contextmanager
+def sqlite_errors(doing: str) -> Iterator[None]:
+    """Turn any sqlite3 error (I/O, a corrupted file, a lock held too long) into StorageError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot {doing}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -210,6 +229,8 @@ class Appended(NamedTuple):
 class MessageStore(Protocol):
     """What the relay needs from durable storage (SQLite now; Redis could follow)."""
 
+    newest_ts: float
+
     def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int] | None = None) -> Appended: ...
     def cursor(self, user: str) -> int: ...
     def advance_cursor(self, user: str, msg_id: int) -> None: ...
@@ -218,10 +239,15 @@ class MessageStore(Protocol):
     def messages_to(
         self, user: str, after_id: int | None = None, since_ts: float | None = None, limit: int = 1000
     ) -> list[StoredMessage]: ...
+    def iter_messages_to(self, user: str, after_id: int = 0, limit: int = 1000) -> Iterator[StoredMessage]: ...
+    def first_id_since(self, since_ts: float) -> int | None: ...
     def history(self, user: str, peer: str, limit: int = 50, before_id: int | None = None) -> list[StoredMessage]: ...
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]: ...
+    def iter_history(self, user: str, peer: str, limit: int = 50,
+                     before_id: int | None = None) -> Iterator[StoredMessage]: ...
     def prune(self, older_than_ts: float, limit: int | None = None) -> int: ...
     def size_bytes(self) -> int: ...
+    def verify_file(self) -> str | None: ...
     def close(self) -> None: ...
 
     @property
@@ -303,11 +329,10 @@ _ADVANCE: Final = (
     "ON CONFLICT (user) DO UPDATE SET last_id = excluded.last_id WHERE excluded.last_id > cursors.last_id"
 )
 
-_Row: TypeAlias = tuple[int, str, str, str, float, "str | None"]
-
-
-def _message(row: _Row) -> StoredMessage:
-    return StoredMessage(*row)
+_MESSAGE_BY_ID: Final = "SELECT id, sender, recipient, text, ts, client_id FROM messages WHERE id = ?"
+# One direction of a conversation, newest first: ids only (the inbox holds no text), so a long
+# history costs a few KB until the texts are read one by one.
+_CONVERSATION_IDS: Final = "SELECT id FROM inbox WHERE recipient = ? AND sender = ? AND id < ? ORDER BY id DESC LIMIT ?"
 
 
 class _RetryInBatch(Exception):
@@ -331,9 +356,19 @@ class SQLiteStore:
             migrate(self._conn, CONTACTS_COMPONENT, CONTACT_MIGRATIONS)
             # Hints only, to decide when to index the tail; the file has the truth.
             self._indexed_upto, self._last_id = self._inbox_state()
+            with sqlite_errors("read the newest accept time"):
+                row = self._conn.execute("SELECT ts FROM messages ORDER BY id DESC LIMIT 1").fetchone()
+            #: The newest message's accept time at open: a writer continues from it, so that times
+            #: keep growing with ids even if the clock went back between two runs.
+            self.newest_ts = float(row[0]) if row else 0.0
+            _ = self.epoch  # read now: a file that cannot tell its epoch is refused at open
         except BaseException:
             self._conn.close()
             raise
+        # Which file we opened, to notice it being deleted or replaced (see ``_check_file``).
+        self._identity = self._file_identity()
+        #: Why this store refuses every write from now on (its file is gone), or None.
+        self.lost: str | None = None
 
     def __enter__(self) -> SQLiteStore:
         return self
@@ -351,6 +386,8 @@ class SQLiteStore:
         ``cursors`` are advanced in the same transaction (one commit per tick, not two).
         On error nothing of the batch is stored and ``StorageError`` is raised.
         """
+        if self.lost is not None:
+            raise StorageError(self.lost)
         if not batch:
             if cursors:
                 self.advance_cursors(cursors)
@@ -369,10 +406,48 @@ class SQLiteStore:
                 if cursors:
                     self._conn.executemany(_ADVANCE, cursors.items())
         self._remember_contacts(new_contacts)  # only once committed: a rolled-back pair is not known
+        self._check_file()
         if self._last_id - self._indexed_upto >= INBOX_BATCH_ROWS:
+            self._index_committed()
+        return results
+
+    def _index_committed(self) -> None:
+        """Index the tail after a commit. A failure (e.g. disk full) must not fail the append: the
+        batch IS stored, and a refusal would make senders retry it. Reads index before reading."""
+        try:
             with write_transaction(self._conn, "index new messages"):
                 self._index_tail()
-        return results
+        except StorageError as exc:
+            log.warning("%s; the messages are stored, indexing is retried later", exc,
+                        extra={"event": "storage-index-failed"})
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    def _check_file(self) -> None:
+        """Fail for good if our file was deleted or replaced: what we write now would vanish at the next start.
+
+        One stat per batch. SQLite keeps writing to the open, unlinked file without an error.
+        """
+        lost = self.verify_file()
+        if lost is not None:
+            raise StorageError(lost)
+
+    def verify_file(self) -> str | None:
+        """Why the store can no longer keep messages (its file was deleted or replaced), or None.
+
+        Once lost, lost for good (logged once): a file put back is not the one we have open.
+        Safe from any thread: a stat, and one attribute set once.
+        """
+        if self.lost is None and self._file_identity() != self._identity:
+            self.lost = (f"the database file {self.path} was deleted or replaced while the server ran: "
+                         "messages can no longer be stored; restart the server")
+            log.critical("%s", self.lost, extra={"event": "storage-lost", "db": str(self.path)})
+        return self.lost
 
     def _insert_all(self, batch: Sequence[NewMessage]) -> Appended:
         """One executemany; raises ``_RetryInBatch`` if any row was a retry.
@@ -433,9 +508,10 @@ class SQLiteStore:
 
     def _inbox_state(self) -> tuple[int, int]:
         """(highest id indexed into the inbox, highest id in the log)."""
-        upto, last = self._conn.execute(
-            "SELECT indexed_upto, (SELECT ifnull(max(id), 0) FROM messages) FROM inbox_progress"
-        ).fetchone()
+        with sqlite_errors("read the inbox index state"):
+            upto, last = self._conn.execute(
+                "SELECT indexed_upto, (SELECT ifnull(max(id), 0) FROM messages) FROM inbox_progress"
+            ).fetchone()
         return int(upto), int(last)
 
     def _index_tail(self) -> None:
@@ -457,7 +533,8 @@ class SQLiteStore:
 
     def cursor(self, user: str) -> int:
         """The highest message id ``user`` acknowledged (0 if none)."""
-        row = self._conn.execute("SELECT last_id FROM cursors WHERE user = ?", (user,)).fetchone()
+        with sqlite_errors(f"read the delivery cursor of {user}"):
+            row = self._conn.execute("SELECT last_id FROM cursors WHERE user = ?", (user,)).fetchone()
         return int(row[0]) if row else 0
 
     def advance_cursor(self, user: str, msg_id: int) -> None:
@@ -481,37 +558,85 @@ class SQLiteStore:
         self, user: str, after_id: int | None = None, since_ts: float | None = None, limit: int = 1000
     ) -> list[StoredMessage]:
         """Messages to ``user`` with id > ``after_id`` and ts >= ``since_ts`` (if given), oldest first."""
+        start = after_id or 0
+        if since_ts is not None:
+            first = self.first_id_since(since_ts)
+            if first is None:
+                return []
+            start = max(start, first - 1)
+        return list(self.iter_messages_to(user, start, limit))
+
+    def iter_messages_to(self, user: str, after_id: int = 0, limit: int = 1000) -> Iterator[StoredMessage]:
+        """``messages_to`` one row at a time: a reader with a byte budget stops early, and the rows
+        after that are never read (a page of large messages is never held whole)."""
         _check_limit(limit)
         self._catch_up()
-        sql = f"SELECT {_COLUMNS} FROM inbox AS i JOIN messages AS m ON m.id = i.id WHERE i.recipient = ? AND i.id > ?"
-        params: tuple[object, ...] = (user, after_id or 0)
-        if since_ts is not None:
-            sql += " AND m.ts >= ?"
-            params += (since_ts,)
-        rows = self._conn.execute(sql + " ORDER BY i.id LIMIT ?", (*params, limit)).fetchall()
-        return [_message(row) for row in rows]
+        yield from self._rows(
+            f"read the messages to {user}",
+            f"SELECT {_COLUMNS} FROM inbox AS i JOIN messages AS m ON m.id = i.id "
+            "WHERE i.recipient = ? AND i.id > ? ORDER BY i.id LIMIT ?",
+            (user, after_id, limit),
+        )
+
+    def _rows(self, doing: str, sql: str, params: tuple[object, ...]) -> Iterator[StoredMessage]:
+        with sqlite_errors(doing):
+            rows = self._conn.execute(sql, params)
+            try:
+                for row in rows:
+                    yield StoredMessage(*row)
+            finally:
+                rows.close()
+
+    def first_id_since(self, since_ts: float) -> int | None:
+        """The id of the first message accepted at or after ``since_ts``; None if there is none.
+
+        O(log n): a binary search over ids, each probe a primary-key lookup. Valid because
+        accept times never decrease as ids grow (the relay stamps each batch with a clock that
+        never goes back). A time after the last message answers None after two lookups.
+        """
+        with sqlite_errors("find the messages since a time"):
+            # Two subqueries: min() and max() in one SELECT would scan the table instead of two lookups.
+            lo, hi = self._conn.execute(
+                "SELECT (SELECT min(id) FROM messages), (SELECT max(id) FROM messages)").fetchone()
+            if lo is None or self._ts_at_or_after(hi)[1] < since_ts:
+                return None
+            while lo < hi:  # the answer is the message at or after some id in [lo, hi]
+                mid = (lo + hi) // 2
+                if self._ts_at_or_after(mid)[1] >= since_ts:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return self._ts_at_or_after(lo)[0]
+
+    def _ts_at_or_after(self, msg_id: int) -> tuple[int, float]:
+        """(id, ts) of the first message with an id >= ``msg_id``; the caller knows there is one."""
+        row = self._conn.execute("SELECT id, ts FROM messages WHERE id >= ? ORDER BY id LIMIT 1",
+                                 (msg_id,)).fetchone()
+        return int(row[0]), float(row[1])
 
     def history(self, user: str, peer: str, limit: int = 50, before_id: int | None = None) -> list[StoredMessage]:
         """The last ``limit`` messages between ``user`` and ``peer`` (both ways), oldest first.
 
         ``before_id`` pages back: only messages with a smaller id count.
         """
+        return list(reversed(list(self.iter_history(user, peer, limit, before_id))))
+
+    def iter_history(self, user: str, peer: str, limit: int = 50,
+                     before_id: int | None = None) -> Iterator[StoredMessage]:
+        """``history`` newest first, one message read at a time (a reader with a byte budget stops early)."""
         _check_limit(limit)
         self._catch_up()
-        # One descending inbox scan per direction, each stopping after `limit` rows.
-        one_way = (
-            f"SELECT {_COLUMNS} FROM inbox AS i JOIN messages AS m ON m.id = i.id "
-            "WHERE i.recipient = ? AND i.sender = ? AND i.id < ? ORDER BY i.id DESC LIMIT ?"
-        )
         before = before_id if before_id is not None else MAX_INT
-        params: tuple[object, ...]
-        if user == peer:
-            sql, params = one_way, (user, user, before, limit)
-        else:
-            sql = f"SELECT * FROM ({one_way}) UNION ALL SELECT * FROM ({one_way}) ORDER BY 1 DESC LIMIT ?"
-            params = (peer, user, before, limit, user, peer, before, limit, limit)
-        rows = self._conn.execute(sql, params).fetchall()
-        return [_message(row) for row in reversed(rows)]
+        with sqlite_errors(f"read the history of {user} and {peer}"):
+            ids = [row[0] for row in self._conn.execute(_CONVERSATION_IDS, (peer, user, before, limit))]
+            if user != peer:
+                ids += [row[0] for row in self._conn.execute(_CONVERSATION_IDS, (user, peer, before, limit))]
+                ids.sort(reverse=True)
+        for msg_id in ids[:limit]:
+            with sqlite_errors(f"read message {msg_id}"):
+                row = self._conn.execute(_MESSAGE_BY_ID, (msg_id,)).fetchone()
+            if row is not None:  # pruned meanwhile
+                yield StoredMessage(*row)
 
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
         """Those of ``candidates`` who have exchanged a message with ``user``, either way.

@@ -292,7 +292,10 @@ class Connection(asyncio.Protocol):
         events = ws.events_received()
         if not self._take_frames(len(events), now):
             return
-        self._handle_frames(events)  # type: ignore[arg-type]
+        if self.held_frames is None:
+            self._handle_frames(events)  # type: ignore[arg-type]
+        else:  # reading is paused, but a transport may still hand over what it had: keep the order
+            self.held_frames.extend(events)  # type: ignore[arg-type]
         if ws.state is not _OPEN and self.session_id:
             self._stop_receiving()
         self.schedule_flush()
@@ -556,7 +559,7 @@ class Connection(asyncio.Protocol):
         self.phase = Phase.REFUSED
         status = response.status_code
         self.server.metrics.handshakes_refused[status] += 1
-        reason = (response.body or b"").decode("utf-8", "replace").strip()
+        reason = (response.body or b"").decode("utf-8", "replace").strip().partition("\n")[0]  # one log line
         # Not the request path: a seed app's ?token= is in it, and tokens never reach the log.
         self.server.refusal_log.bit(str(status), logging.INFO,
                                     f"refused a handshake from {self.peer_address}: {status} {reason}",

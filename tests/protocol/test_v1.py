@@ -99,6 +99,9 @@ EXACT_ENCODINGS: list[tuple[Frame, str]] = [
      f'{{"type":"history","id":"h2","peer":"bob","messages":['
      f'{{"type":"message","id":7,"from":"alice","to":"bob","text":"it\'s \\\\ fine","ts":"{TS}"}},'
      f'{{"type":"message","id":9,"from":"bob","to":"alice","text":"\\"ok\\" 😀","ts":"{TS}"}}]}}'),
+    (History(id="h3", peer="bob", messages=(MESSAGE,), more=True),
+     f'{{"type":"history","id":"h3","peer":"bob","messages":['
+     f'{{"type":"message","id":7,"from":"alice","to":"bob","text":"it\'s \\\\ fine","ts":"{TS}"}}],"more":true}}'),
     (WhoRequest(id="w1"), '{"type":"who","id":"w1"}'),
     (Who(id="w1", users=("alice", "bob")), '{"type":"who","id":"w1","users":["alice","bob"]}'),
     (Who(id="w2", users=()), '{"type":"who","id":"w2","users":[]}'),
@@ -228,6 +231,14 @@ def test_unknown_fields_are_ignored(frame: Frame, text: str) -> None:
         assert parsed == Error(frame.code, frame.message, {**frame.details, **extra})
     else:
         assert parsed == frame
+
+
+def test_history_more_is_false_unless_the_server_says_true() -> None:
+    base = encode(History(id="h", peer="bob", messages=()))
+    assert parse_server_frame(base) == History(id="h", peer="bob", messages=(), more=False)
+    assert parse_server_frame(base[:-1] + ',"more":false}') == History(id="h", peer="bob", messages=())
+    cut = parse_server_frame(base[:-1] + ',"more":true}')
+    assert isinstance(cut, History) and cut.more is True
 
 
 def test_unknown_fields_inside_history_messages_are_ignored() -> None:
@@ -418,6 +429,8 @@ INVALID_SERVER_FRAMES = [
     _with(_HISTORY, messages=[{**_MESSAGE, "id": -1}]),
     _with(_HISTORY, messages=[_MESSAGE, {**_MESSAGE, "text": None}]),
     _with(_HISTORY, messages=[{"type": "message"}]),
+    _with(_HISTORY, more="true"),
+    _with(_HISTORY, more=None),
     _with(_WHO, id=_DROP),
     _with(_WHO, users=_DROP),
     _with(_WHO, users="alice"),

@@ -19,21 +19,25 @@ shown, so the screen stays in order. Each incoming message shown is confirmed
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Final
 
-from chatcli import render
-from chatcli.client import Backoff, MessageCursor, ResumePoint, Session, open_session, store_changed
-from chatcli.config import ClientSettings, state_dir
+from chatcli.client import render
+from chatcli.client.environment import Environment
+from chatcli.client.reconnect import Backoff, MessageCursor, ResumePoint, store_changed
+from chatcli.client.render import ConnectionState
+from chatcli.client.session import ClientSession, open_session
+from chatcli.client.settings import ClientSettings
 from chatcli.errors import AuthError, CertificateError, ClientError, ConnectError, RefusedError, UsageError
-from chatcli.protocol import Ack, Error, Feature, Message, Presence, Send, ServerFrame, check_user_id
-from chatcli.protocol import History as HistoryFrame
+from chatcli.paths import state_dir
+from chatcli.protocol import Ack, Error, Feature, History, Message, Presence, Send, ServerFrame, Status, check_user_id
+
+__all__ = ["HELP", "HISTORY_LINES", "ChatClient", "chat"]
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import History
+    from prompt_toolkit.history import History as Recall
     from prompt_toolkit.input import Input
     from prompt_toolkit.output import Output
 
@@ -41,8 +45,12 @@ HELP: Final = (
     "Enter sends · Alt+Enter (or Esc, Enter) adds a newline · Ctrl-D or /quit leaves",
     "/help shows this · //text sends '/text' · messages typed while offline are sent on reconnect",
 )
-#: Messages of the conversation shown when the chat opens.
+#: Messages of the conversation shown when the chat opens. In this module "history" is always the
+#: conversation kept by the server; the lines typed at the prompt are the "recall".
 HISTORY_LINES: Final = 20
+#: The recall's file in the state directory; its name predates the distinction and is kept, so
+#: existing users keep what they typed.
+RECALL_FILE: Final = "history"
 
 
 class ChatClient:
@@ -56,14 +64,14 @@ class ChatClient:
         self.colour = colour
         self.show = show
         self.on_change: Callable[[], None] = lambda: None
-        self.state = "connecting"
+        self.state = ConnectionState.CONNECTING
         self.retry_at: float | None = None
         self.pending: dict[str, str] = {}  # client id → text, in typing order
         #: Why the chat stopped connecting for good (credentials or certificate refused): exits with it.
         self.fatal_error: ClientError | None = None
         self.peer_online: bool | None = None  # unknown until the server says
         self.peer_hidden = False  # the server does not show us the peer's presence
-        self._session: Session | None = None
+        self._session: ClientSession | None = None
         self._sent: set[str] = set()  # ids sent on the current session
         self.cursor = MessageCursor()
         self._history_ids: set[int] = set()  # shown as history: not shown again when they arrive
@@ -78,9 +86,9 @@ class ChatClient:
         return render.StatusView(self.state, self.settings.url, self.me, self.peer, retry_in,
                                  tuple(self.pending.values()), self.peer_online, self.peer_hidden)
 
-    def _set_state(self, state: str, retry_at: float | None = None) -> None:
+    def _set_state(self, state: ConnectionState, retry_at: float | None = None) -> None:
         self.state, self.retry_at = state, retry_at
-        if state != "connected":
+        if state is not ConnectionState.CONNECTED:
             self.peer_online, self.peer_hidden = None, False  # nobody tells us while we are away
         self.on_change()
 
@@ -99,21 +107,21 @@ class ChatClient:
             except (AuthError, CertificateError) as exc:
                 self._session = None
                 self.fatal_error = exc
-                self._set_state("authentication refused" if isinstance(exc, AuthError)
-                                else "TLS certificate not trusted")
+                self._set_state(ConnectionState.AUTH_REFUSED if isinstance(exc, AuthError)
+                                else ConnectionState.CERTIFICATE_UNTRUSTED)
                 self.notice(f"{exc}; /quit to leave")
                 return
             except ConnectError as exc:
                 self._session = None
                 await self._wait_to_retry(backoff.next_delay(), str(exc))
 
-    async def _serve(self, session: Session, resumed: ResumePoint | None) -> None:
+    async def _serve(self, session: ClientSession, resumed: ResumePoint | None) -> None:
         self._session, self._sent = session, set()
         if self.cursor.on_hello(session.hello):
             self._history_ids.clear()  # ids of the old store: the new one's messages with those ids are others
             self.notice(store_changed(resumed))
         self._held, self._history_request = [], None
-        self._set_state("connected")
+        self._set_state(ConnectionState.CONNECTED)
         if session.offers(Feature.PRESENCE):
             await session.watch((self.peer,))  # answered at once with a Presence, then one per change
         if not self._history_loaded and session.offers(Feature.HISTORY):
@@ -126,33 +134,33 @@ class ChatClient:
     async def _wait_to_retry(self, delay: float, why: str) -> None:
         loop = asyncio.get_running_loop()
         retry_at = loop.time() + delay
-        self._set_state("reconnecting", retry_at)
+        self._set_state(ConnectionState.RECONNECTING, retry_at)
         self.notice(f"{why}; reconnecting in {delay:.1f} s")
         while (left := retry_at - loop.time()) > 0:
             await asyncio.sleep(min(left, 1.0))
             self.on_change()  # the countdown on the status line
-        self._set_state("connecting")
+        self._set_state(ConnectionState.CONNECTING)
 
     async def submit(self, text: str) -> None:
         """Queue a message and send it now if a session is open."""
-        client_id = Session.new_id()
+        client_id = ClientSession.new_id()
         self.pending[client_id] = text
         self.on_change()
         if self._session is not None:
             await self._send(self._session, client_id)
 
-    async def _send(self, session: Session, client_id: str) -> None:
+    async def _send(self, session: ClientSession, client_id: str) -> None:
         if client_id in self._sent or client_id not in self.pending:
             return
         self._sent.add(client_id)
         try:
             await session.send_frame(Send(id=client_id, to=self.peer, text=self.pending[client_id]))
         except RefusedError as exc:  # refused before sending, e.g. too large for this server
-            self._resolve(client_id, render.Outcome("refused", exc.reason))
+            self._resolve(client_id, render.Outcome(Status.REFUSED, exc.reason))
         except ConnectError:
             pass  # still pending: the next session sends it
 
-    async def _handle(self, session: Session, frame: ServerFrame) -> None:
+    async def _handle(self, session: ClientSession, frame: ServerFrame) -> None:
         if isinstance(frame, Message):
             if self._history_request is not None:
                 self._held.append(frame)
@@ -163,14 +171,14 @@ class ChatClient:
         elif isinstance(frame, Presence) and frame.user == self.peer:
             self.peer_online, self.peer_hidden = frame.online, frame.hidden
             self.on_change()
-        elif isinstance(frame, HistoryFrame) and frame.id == self._history_request:
+        elif isinstance(frame, History) and frame.id == self._history_request:
             await self._show_history(session, frame.messages)
         elif isinstance(frame, Error):
             self.notice(f"server error {frame.code}: {frame.message}")
             if self._history_request is not None:  # the only request that can fail without an ack
                 await self._show_history(session, ())
 
-    async def _show_history(self, session: Session, messages: tuple[Message, ...]) -> None:
+    async def _show_history(self, session: ClientSession, messages: tuple[Message, ...]) -> None:
         self._history_request, self._history_loaded = None, True
         if messages:
             self.notice(f"the last {len(messages)} message(s) with {self.peer}")
@@ -181,7 +189,7 @@ class ChatClient:
         for message in held:
             await self._show_incoming(session, message)
 
-    async def _show_incoming(self, session: Session, message: Message) -> None:
+    async def _show_incoming(self, session: ClientSession, message: Message) -> None:
         """Show a message once, then confirm it: the server will not send it to a later session."""
         if not self.cursor.is_new(message):
             return
@@ -196,25 +204,25 @@ class ChatClient:
             self.on_change()
 
 
-def chat(settings: ClientSettings, me: str, peer: str, *, input: Input | None = None,
+def chat(settings: ClientSettings, me: str, peer: str, env: Environment, *, input: Input | None = None,
          output: Output | None = None) -> None:
     """Run the REPL until /quit or Ctrl-D; Ctrl-C ends it as an interruption (exit 130)."""
     check_user_id(me)
     check_user_id(peer)
-    if input is None and not sys.stdin.isatty():
+    if input is None and not env.stdin_isatty:
         raise UsageError("chat needs a terminal; in scripts use 'chatcli send' and 'chatcli listen'")
-    interrupted, client = asyncio.run(_chat(settings, me, peer, input, output))
+    interrupted, client = asyncio.run(_chat(settings, me, peer, env, input, output))
     if client.fatal_error is not None:
         raise client.fatal_error
     if interrupted:
         raise KeyboardInterrupt
 
 
-async def _chat(settings: ClientSettings, me: str, peer: str, input: Input | None,
+async def _chat(settings: ClientSettings, me: str, peer: str, env: Environment, input: Input | None,
                 output: Output | None) -> tuple[bool, ChatClient]:
     from prompt_toolkit.patch_stdout import patch_stdout
 
-    colour = output is None and render.wants_colour(sys.stdout)
+    colour = output is None and env.colour
     client = ChatClient(settings, me, peer, colour=colour)
     with patch_stdout(raw=True):
         prompt = _prompt_session(client, input, output)
@@ -263,11 +271,12 @@ def _prompt_session(client: ChatClient, input: Input | None, output: Output | No
     def toolbar() -> ANSI:
         return ANSI(render.status_ansi(client.view(), colour=client.colour))
 
-    return PromptSession(f"{client.me}> ", history=_history(), bottom_toolbar=toolbar, key_bindings=bindings,
+    return PromptSession(f"{client.me}> ", history=_recall(), bottom_toolbar=toolbar, key_bindings=bindings,
                          multiline=False, input=input, output=output, erase_when_done=False)
 
 
-def _history() -> History:
+def _recall() -> Recall:
+    """The lines typed at the prompt, recalled with the arrow keys, kept between chats when the disk allows."""
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
     directory = state_dir()
@@ -275,4 +284,4 @@ def _history() -> History:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
         return InMemoryHistory()  # a read-only home should not stop the chat
-    return FileHistory(str(directory / "history"))
+    return FileHistory(str(directory / RECALL_FILE))

@@ -9,15 +9,20 @@ a message cannot move the cursor, retitle the window or clear the screen.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TextIO
+from enum import StrEnum
+from typing import TYPE_CHECKING, Final
 
 from chatcli.errors import LocalProtocolError
-from chatcli.protocol import Ack, Message, parse_ts
+from chatcli.protocol import Ack, Message, Status, parse_ts
+
+__all__ = [
+    "ConnectionState", "Outcome", "StatusView", "ack_json", "author_colour", "history_ansi", "message_ansi",
+    "message_json", "notice_ansi", "own_message_ansi", "safe_text", "status_ansi", "status_text", "users_json",
+]
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -68,34 +73,12 @@ def users_json(users: tuple[str, ...]) -> str:
     return json.dumps(list(users))
 
 
-def write_line(stream: TextIO, line: str) -> None:
-    """Write one line and flush it at once.
-
-    If the reader has gone (``| head -1``), stdout is pointed at /dev/null so the
-    interpreter's final flush stays quiet, and ``BrokenPipeError`` is re-raised
-    for the caller to stop.
-    """
-    try:
-        stream.write(line + "\n")
-        stream.flush()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-        raise
-
-
 # ---------------------------------------------------------------------------
 # The chat screen (Rich)
 # ---------------------------------------------------------------------------
 
 _AUTHOR_COLOURS: Final = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan",
                           "bright_magenta")
-
-
-def wants_colour(stream: TextIO) -> bool:
-    """Colour only on a terminal, and never when ``NO_COLOR`` is set (https://no-color.org)."""
-    return not os.environ.get("NO_COLOR") and stream.isatty()
 
 
 def _to_ansi(text: Text, colour: bool, width: int = 10_000) -> str:
@@ -152,7 +135,7 @@ def history_ansi(message: Message, *, colour: bool) -> str:
 class Outcome:
     """What became of one of our messages."""
 
-    status: str  # "delivered", "stored" or "refused"
+    status: str  # a protocol.Status: delivered, stored or refused
     reason: str | None = None
     ts: str | None = None
 
@@ -160,7 +143,7 @@ class Outcome:
 def own_message_ansi(me: str, text: str, outcome: Outcome, *, colour: bool) -> str:
     """Our message once the server answered: ``HH:MM me: text  ✓ delivered`` or ``✗ refused (offline)``."""
     line = _chat_line(_clock(outcome.ts), me, "white", text)
-    if outcome.status == "refused":
+    if outcome.status == Status.REFUSED:
         line.append(f"  ✗ refused ({safe_text(outcome.reason or 'no reason')})", style="bold red")
     else:
         line.append(f"  ✓ {outcome.status}", style="green")
@@ -174,11 +157,21 @@ def notice_ansi(text: str, *, colour: bool) -> str:
     return _to_ansi(Text("-- " + safe_text(text), style="dim italic"), colour)
 
 
+class ConnectionState(StrEnum):
+    """The chat's connection, as the status line names it; the last two are final (the chat stops connecting)."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    AUTH_REFUSED = "authentication refused"
+    CERTIFICATE_UNTRUSTED = "TLS certificate not trusted"
+
+
 @dataclass(frozen=True, slots=True)
 class StatusView:
     """Everything the status line shows."""
 
-    state: str  # "connecting", "connected", "reconnecting", "authentication refused", "TLS certificate not trusted"
+    state: ConnectionState
     url: str
     me: str
     peer: str
@@ -190,7 +183,13 @@ class StatusView:
     peer_hidden: bool = False
 
 
-_STATE_STYLES: Final = {"connected": "bold green", "connecting": "bold yellow", "reconnecting": "bold yellow"}
+_STATE_STYLES: Final = {
+    ConnectionState.CONNECTING: "bold yellow",
+    ConnectionState.CONNECTED: "bold green",
+    ConnectionState.RECONNECTING: "bold yellow",
+    ConnectionState.AUTH_REFUSED: "bold red",
+    ConnectionState.CERTIFICATE_UNTRUSTED: "bold red",
+}
 
 
 def status_text(view: StatusView) -> str:
@@ -205,11 +204,11 @@ def status_ansi(view: StatusView, *, colour: bool, width: int = 10_000) -> str:
 def _status(view: StatusView) -> Text:
     from rich.text import Text
 
-    state = view.state
-    if state == "reconnecting" and view.retry_in is not None:
+    state = str(view.state)
+    if view.state is ConnectionState.RECONNECTING and view.retry_in is not None:
         state = f"reconnecting in {max(0, round(view.retry_in))} s"
     line = Text()
-    line.append(f"● {state}", style=_STATE_STYLES.get(view.state, "bold red"))
+    line.append(f"● {state}", style=_STATE_STYLES[view.state])
     line.append(f"  {view.url}  ", style="dim")
     line.append(f"{view.me} → {view.peer}", style="bold")
     if view.peer_hidden:

@@ -7,18 +7,11 @@ import io
 
 import pytest
 
-from chatcli.client import (
-    Backoff,
-    MessageCursor,
-    ResumePoint,
-    fetch_history,
-    open_session,
-    parse_since,
-    read_texts,
-    send_messages,
-    user_url,
-)
-from chatcli.config import ClientSettings
+from chatcli.client.commands import fetch_history, send_messages
+from chatcli.client.inputs import parse_since, read_texts
+from chatcli.client.reconnect import Backoff, MessageCursor, ResumePoint
+from chatcli.client.session import open_session, user_url
+from chatcli.client.settings import ClientSettings
 from chatcli.errors import ConnectError, LocalProtocolError, RefusedError, UsageError
 from chatcli.protocol import Ack, Feature, Hello, Message
 from tests.conftest import RunningServer
@@ -67,14 +60,16 @@ def test_cursor_restarts_when_the_server_says_its_store_changed() -> None:
 
 
 def test_read_texts_argument_stdin_and_lines() -> None:
-    assert list(read_texts("hi", lines=False, stdin=io.StringIO())) == ["hi"]
-    assert list(read_texts(None, lines=False, stdin=io.StringIO("a\nb\n"))) == ["a\nb"]
-    assert list(read_texts("-", lines=False, stdin=io.StringIO("x\r\n"))) == ["x"]
-    assert list(read_texts(None, lines=True, stdin=io.StringIO("a\n\nb\r\nc"))) == ["a", "b", "c"]
+    assert list(read_texts("hi", lines=False, stdin=io.StringIO(), stdin_isatty=False)) == ["hi"]
+    assert list(read_texts(None, lines=False, stdin=io.StringIO("a\nb\n"), stdin_isatty=False)) == ["a\nb"]
+    assert list(read_texts("-", lines=False, stdin=io.StringIO("x\r\n"), stdin_isatty=False)) == ["x"]
+    assert list(read_texts(None, lines=True, stdin=io.StringIO("a\n\nb\r\nc"), stdin_isatty=False)) == ["a", "b", "c"]
     with pytest.raises(UsageError, match="--lines reads stdin"):
-        read_texts("hi", lines=True, stdin=io.StringIO())
+        read_texts("hi", lines=True, stdin=io.StringIO(), stdin_isatty=False)
     with pytest.raises(UsageError, match="empty"):
-        read_texts(None, lines=False, stdin=io.StringIO("\n"))
+        read_texts(None, lines=False, stdin=io.StringIO("\n"), stdin_isatty=False)
+    with pytest.raises(UsageError, match="stdin is a terminal"):
+        read_texts(None, lines=False, stdin=io.StringIO("typed"), stdin_isatty=True)
 
 
 def test_user_url_percent_encodes_and_checks_the_id() -> None:

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-COMPLETIONS = Path(__file__).resolve().parent.parent / "completions"
+COMPLETIONS = Path(__file__).resolve().parents[2] / "completions"
 
 
 def load_generator() -> ModuleType:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chatcli.config import DEFAULT_URL, resolve_settings
+from chatcli.client.settings import DEFAULT_URL, resolve_settings
 from chatcli.errors import UsageError
 from chatcli.protocol import DEFAULT_AUTH_KEY
 from tests.conftest import ChatcliProcess, RunningServer

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from chatcli import render
+from chatcli.client import render
+from chatcli.client.render import ConnectionState
 from chatcli.protocol import REPLAY_SINCE_HEADER, Message
+from tests.client.test_cli_network import add_user, start_tls_server
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.test_cli_network import add_user, start_tls_server
 from tests.wsclients import legacy, native, recv_frame, send_native
 
 Chatcli = Callable[..., ChatcliProcess]
@@ -311,15 +312,22 @@ def test_safe_text_replaces_every_control_but_newline_and_tab() -> None:
 
 
 def test_status_line_names_state_server_and_direction() -> None:
-    view = render.StatusView("reconnecting", "ws://h:1", "alice", "bob", retry_in=2.6, pending=("hi",))
+    connected = ConnectionState.CONNECTED
+    view = render.StatusView(ConnectionState.RECONNECTING, "ws://h:1", "alice", "bob", retry_in=2.6, pending=("hi",))
     assert render.status_text(view) == "● reconnecting in 3 s  ws://h:1  alice → bob  1 pending\n  … hi"
-    assert render.status_text(render.StatusView("connected", "ws://h:1", "alice", "bob")) == \
+    assert render.status_text(render.StatusView(connected, "ws://h:1", "alice", "bob")) == \
         "● connected  ws://h:1  alice → bob"
-    assert render.status_text(render.StatusView("connected", "ws://h:1", "alice", "bob", peer_online=True)) == \
+    assert render.status_text(render.StatusView(connected, "ws://h:1", "alice", "bob", peer_online=True)) == \
         "● connected  ws://h:1  alice → bob  bob online"
-    assert render.status_text(render.StatusView("connected", "ws://h:1", "alice", "bob", peer_online=False,
+    assert render.status_text(render.StatusView(connected, "ws://h:1", "alice", "bob", peer_online=False,
                                                 peer_hidden=True)) == \
         "● connected  ws://h:1  alice → bob  bob's presence hidden until you exchange a message"
+
+
+def test_every_connection_state_has_a_status_line_style() -> None:
+    for state in ConnectionState:
+        assert render.status_text(render.StatusView(state, "ws://h:1", "a", "b")).startswith(f"● {state.value}")
+        assert "\x1b[1;3" in render.status_ansi(render.StatusView(state, "ws://h:1", "a", "b"), colour=True)
 
 
 def test_no_colour_means_no_escape_sequences(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Client settings: flag > environment > profile > default.
+"""Client settings, the room where flags, environment, profiles and defaults meet (in that order).
 
 Profiles live in ``$XDG_CONFIG_HOME/chatcli/config.toml``::
 
@@ -26,7 +26,10 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from chatcli.errors import UsageError
+from chatcli.paths import config_path
 from chatcli.protocol import DEFAULT_AUTH_KEY
+
+__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "ClientSettings", "check_url", "resolve_settings"]
 
 DEFAULT_URL: Final = "ws://127.0.0.1:6060"
 DEFAULT_TIMEOUT: Final = 10.0
@@ -62,19 +65,6 @@ class ClientSettings:
     @property
     def uses_tls(self) -> bool:
         return self.url.lower().startswith("wss://")
-
-
-def config_path(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "chatcli" / "config.toml"
-
-
-def state_dir(env: Mapping[str, str] | None = None) -> Path:
-    """Where the chat history lives (``$XDG_STATE_HOME/chatcli``)."""
-    env = os.environ if env is None else env
-    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "chatcli"
 
 
 def resolve_settings(

@@ -1,0 +1,84 @@
+"""The process's standard streams, as one object the commands are given (httpie's ``Environment``).
+
+Commands read stdin, write stdout and stderr, and ask whether each is a terminal only
+through an ``Environment``, so a test substitutes the streams (``io.StringIO``) and says
+whether they are terminals, without a pty. ``from_process()`` is the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+__all__ = ["Environment", "point_at_devnull"]
+
+
+class Environment:
+    """Standard streams, whether each is a terminal, and whether the user asked for no colour.
+
+    A plain class, not a dataclass: every command builds one, and ``chatcli send --help``
+    would otherwise pay for importing ``dataclasses``.
+    """
+
+    __slots__ = ("no_color", "stderr", "stderr_isatty", "stdin", "stdin_isatty", "stdout", "stdout_isatty")
+
+    def __init__(self, stdin: TextIO, stdout: TextIO, stderr: TextIO, *, stdin_isatty: bool = False,
+                 stdout_isatty: bool = False, stderr_isatty: bool = False, no_color: bool = False) -> None:
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.stdin_isatty, self.stdout_isatty, self.stderr_isatty = stdin_isatty, stdout_isatty, stderr_isatty
+        #: ``NO_COLOR`` is set to a non-empty value (https://no-color.org).
+        self.no_color = no_color
+
+    @classmethod
+    def from_process(cls) -> Environment:
+        """This process's ``sys.stdin``, ``sys.stdout`` and ``sys.stderr``, and ``$NO_COLOR``."""
+        return cls(sys.stdin, sys.stdout, sys.stderr, stdin_isatty=_isatty(sys.stdin),
+                   stdout_isatty=_isatty(sys.stdout), stderr_isatty=_isatty(sys.stderr),
+                   no_color=bool(os.environ.get("NO_COLOR")))
+
+    @property
+    def colour(self) -> bool:
+        """Colour on stdout: only on a terminal, and never with ``NO_COLOR``."""
+        return self.stdout_isatty and not self.no_color
+
+    def write_line(self, line: str) -> None:
+        """Write one line to stdout and flush it at once (a reader of ``listen`` sees each as it comes).
+
+        If the reader has gone (``| head -1``), stdout is pointed at /dev/null and
+        ``BrokenPipeError`` is re-raised for the caller to stop.
+        """
+        try:
+            self.stdout.write(line + "\n")
+            self.stdout.flush()
+        except BrokenPipeError:
+            point_at_devnull(self.stdout)
+            raise
+
+    def notice(self, text: str) -> None:
+        """A line from chatcli itself on stderr: ``chatcli: text``."""
+        print(f"chatcli: {text}", file=self.stderr, flush=True)
+
+
+def point_at_devnull(stream: TextIO) -> None:
+    """The reader of ``stream`` went away: send the rest to /dev/null.
+
+    Without this the interpreter's final flush at exit fails again and prints a
+    traceback after chatcli has already exited quietly. Streams without a file
+    descriptor (a test's ``StringIO``) are left alone.
+    """
+    try:
+        descriptor = stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+
+
+def _isatty(stream: TextIO | None) -> bool:
+    """Whether ``stream`` is a terminal; a closed or missing stream (``sys.stdin`` can be None) is not."""
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError):
+        return False

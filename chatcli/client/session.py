@@ -1,0 +1,341 @@
+"""One chatcli.v1 client session: connect, handshake, send and await answers, and error translation.
+
+The only client module that imports websockets. Every transport failure leaves
+here as a ``chatcli.errors.ClientError`` subclass, so commands never see a
+websockets exception:
+
+* the server cannot be reached, or the session drops → ``ConnectError`` (3)
+* its TLS certificate is not trusted (wss://)         → ``ConnectError`` (3), naming the cause
+* the handshake is refused with 401/403               → ``AuthError`` (4)
+* a message is refused (its ack says so)              → ``RefusedError`` (5)
+* an ack does not come in time                        → ``TimedOutError`` (6)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Final
+from urllib.parse import quote
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus, InvalidURI, WebSocketException
+
+from chatcli import __version__
+from chatcli.client.reconnect import ResumePoint
+from chatcli.client.settings import ClientSettings
+from chatcli.errors import (
+    AuthError,
+    CertificateError,
+    ConnectError,
+    RefusedError,
+    RemoteProtocolError,
+    TimedOutError,
+    UnknownFrameType,
+    UsageError,
+)
+from chatcli.protocol import (
+    SUBPROTOCOL,
+    Ack,
+    ClientFrame,
+    Error,
+    Feature,
+    Hello,
+    History,
+    HistoryRequest,
+    Message,
+    Reason,
+    Received,
+    Send,
+    ServerFrame,
+    Watch,
+    Who,
+    WhoRequest,
+    check_text,
+    check_user_id,
+    encode,
+    parse_server_frame,
+)
+
+__all__ = ["ClientSession", "open_session", "refusal", "tls_context", "user_url"]
+
+
+def user_url(server_url: str, user: str) -> str:
+    """``ws://host:port/<user>``, with the id percent-encoded."""
+    return server_url.rstrip("/") + "/" + quote(check_user_id(user), safe="")
+
+
+class ClientSession:
+    """An open chatcli.v1 session, after the server's hello."""
+
+    _ids: Final = itertools.count(1)
+    #: Servers that store messages treat a repeated (sender, id) as a retry of the same message,
+    #: so ids must differ between runs: a random tag per process, then a counter.
+    _tag: Final = os.urandom(6).hex()
+
+    def __init__(self, ws: ClientConnection, hello: Hello, timeout: float) -> None:
+        self._ws = ws
+        self.hello = hello
+        self.timeout = timeout
+
+    @staticmethod
+    def new_id() -> str:
+        """A client id for a ``send``: unique per run, and kept when a message is resent after a reconnect."""
+        return f"{ClientSession._tag}-{next(ClientSession._ids)}"
+
+    def offers(self, feature: str) -> bool:
+        """Whether the server announced ``feature`` (a ``protocol.Feature``) in its hello."""
+        return feature in self.hello.features
+
+    async def _write(self, frame: ClientFrame) -> None:
+        try:
+            await self._ws.send(encode(frame))
+        except ConnectionClosed as exc:
+            raise _lost(exc) from None
+
+    async def send_frame(self, frame: Send) -> None:
+        """Send without waiting for the ack (it arrives through ``frames()``)."""
+        reason = check_text(frame.text, self.hello.max_text_bytes)
+        if reason is not None:
+            raise RefusedError(_refusal_text(frame.to, reason, self.hello.max_text_bytes), reason)
+        await self._write(frame)
+
+    async def send(self, to: str, text: str) -> Ack:
+        """Send one message and return its ack (accepted or refused); messages meanwhile are dropped."""
+        return await self.send_and_wait(Send(id=self.new_id(), to=to, text=text))
+
+    async def send_and_wait(self, frame: Send) -> Ack:
+        """Send ``frame`` and return its ack; a resent id may be answered with ``duplicate``."""
+        await self.send_frame(frame)
+        reply = await self._answer(lambda r: isinstance(r, Ack) and r.id == frame.id, "acknowledgement")
+        assert isinstance(reply, Ack)
+        return reply
+
+    async def acknowledge(self, msg_id: int) -> None:
+        """Tell a resuming server every message up to ``msg_id`` was handled (advances its cursor)."""
+        if self.offers(Feature.RESUME):
+            await self._write(Received(msg_id))
+
+    async def request_history(self, peer: str, limit: int, before: int | None = None) -> str:
+        """Ask for the conversation with ``peer``; the ``History`` answer (same id) comes through ``frames()``."""
+        request = HistoryRequest(id=self.new_id(), peer=peer, limit=limit, before=before)
+        await self._write(request)
+        return request.id
+
+    async def history(self, peer: str, limit: int, before: int | None = None) -> tuple[Message, ...]:
+        """The last ``limit`` messages between us and ``peer``, oldest first.
+
+        A server caps each answer in bytes and says ``more`` when it cut one short: ask again
+        for what comes before the oldest message so far, until ``limit`` or no more.
+        """
+        messages: tuple[Message, ...] = ()
+        while True:
+            request_id = await self.request_history(peer, limit - len(messages), before)
+            reply = await self._answer(_history_answer_to(request_id), "history")
+            assert isinstance(reply, History)
+            messages = reply.messages + messages
+            if not reply.more or not reply.messages or len(messages) >= limit:
+                return messages
+            before = reply.messages[0].id
+
+    async def who(self) -> tuple[str, ...]:
+        """The users with at least one open session that receives messages, sorted."""
+        request = WhoRequest(id=self.new_id())
+        await self._write(request)
+        reply = await self._answer(lambda r: isinstance(r, Who) and r.id == request.id, "answer to who")
+        assert isinstance(reply, Who)
+        return reply.users
+
+    async def watch(self, users: tuple[str, ...]) -> None:
+        """Ask for ``Presence`` frames about ``users``: one each now, then one at every change."""
+        await self._write(Watch(users))
+
+    async def _answer(self, matches: Callable[[ServerFrame], bool], what: str) -> ServerFrame:
+        """The first frame that ``matches``; an ``Error`` meanwhile refuses the request."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                async for reply in self.frames():
+                    if matches(reply):
+                        return reply
+                    if isinstance(reply, Error):
+                        raise RefusedError(f"the server refused the request ({reply.code}): {reply.message}",
+                                           reply.code)
+        except TimeoutError:
+            raise TimedOutError(f"no {what} from the server within {self.timeout:g} s") from None
+        raise ConnectError(f"the server closed the session before its {what}")  # pragma: no cover
+
+    async def frames(self) -> AsyncIterator[ServerFrame]:
+        """Every frame the server sends, minus types from newer servers; ``ConnectError`` at close."""
+        try:
+            async for data in self._ws:
+                try:
+                    yield parse_server_frame(data)
+                except UnknownFrameType:
+                    continue
+        except ConnectionClosed as exc:
+            raise _lost(exc) from None
+        detail = _close_detail(self._ws.close_code, self._ws.close_reason)
+        raise ConnectError(f"the server closed the session{detail}")
+
+
+def _history_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:
+    return lambda frame: isinstance(frame, History) and frame.id == request_id
+
+
+@asynccontextmanager
+async def open_session(settings: ClientSettings, user: str,
+                       resume: ResumePoint | None = None) -> AsyncIterator[ClientSession]:
+    """Connect as ``user``, read the hello, yield the session, close it on the way out.
+
+    ``resume`` says where the stored backlog starts (default: after the server-side cursor).
+    """
+    url = user_url(settings.url, user)
+    ws = await _handshake(url, settings, resume.headers() if resume is not None else {})
+    try:
+        if ws.subprotocol != SUBPROTOCOL:
+            raise ConnectError(f"{settings.url} does not speak {SUBPROTOCOL} (is it an old seed server?)")
+        hello = await _read_hello(ws, settings)
+        yield ClientSession(ws, hello, settings.timeout)
+    finally:
+        await ws.close()
+
+
+async def _handshake(url: str, settings: ClientSettings, headers: dict[str, str]) -> ClientConnection:
+    tls = tls_context(settings.cafile, settings.insecure) if settings.uses_tls else None
+    try:
+        return await connect(
+            url,
+            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            additional_headers={"Authorization": f"Bearer {settings.credential}", **headers},
+            user_agent_header=f"chatcli/{__version__}",
+            open_timeout=settings.timeout,
+            close_timeout=1.0,  # leaving must stay quick, even from a hung server
+            max_size=None,
+            ssl=tls,
+        )
+    except InvalidStatus as exc:
+        raise _refused_handshake(settings, exc.response.status_code, exc.response.body) from None
+    except InvalidURI as exc:
+        raise UsageError(f"invalid server URL {settings.url!r}: {exc}") from None
+    except TimeoutError:
+        raise ConnectError(f"cannot connect to {settings.url}: no answer in {settings.timeout:g} s") from None
+    except ssl.SSLCertVerificationError as exc:  # before OSError, its base class
+        raise CertificateError(_untrusted(settings.url, exc)) from None
+    except ssl.SSLError as exc:
+        raise ConnectError(f"cannot connect to {settings.url}: TLS handshake failed ({exc.reason or exc}); "
+                           "is the server serving TLS? (a server started without --certfile needs ws://)") from None
+    except (OSError, WebSocketException) as exc:
+        raise ConnectError(f"cannot connect to {settings.url}: {_describe(exc)}{_tls_hint(settings, exc)}") from None
+
+
+def _tls_hint(settings: ClientSettings, exc: BaseException) -> str:
+    """A guess at the commonest cause of a garbled handshake: ws:// and wss:// mixed up."""
+    if isinstance(exc, ConnectionRefusedError | TimeoutError):
+        return ""
+    if settings.uses_tls and isinstance(exc, ConnectionResetError):
+        return " (is the server serving TLS? a server started without --certfile needs ws://)"
+    if not settings.uses_tls and isinstance(exc, InvalidMessage):
+        return " (if the server uses TLS, connect to wss://)"
+    return ""
+
+
+@functools.cache
+def tls_context(cafile: Path | None, insecure: bool) -> ssl.SSLContext:
+    """The TLS settings of wss:// sessions: the system's CAs (``SSL_CERT_FILE`` honoured), ``cafile``'s,
+    or no verification at all when ``insecure``."""
+    if insecure:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    try:
+        return ssl.create_default_context(cafile=str(cafile) if cafile is not None else None)
+    except FileNotFoundError:
+        raise UsageError(f"cannot read the CA file {str(cafile)!r}: no such file") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use the CA file {str(cafile)!r}: {_describe(exc)} "
+                         "(expected PEM certificates)") from None
+
+
+def _untrusted(url: str, exc: ssl.SSLCertVerificationError) -> str:
+    cause = exc.verify_message or exc.reason or str(exc)
+    return (f"cannot connect to {url}: the server's TLS certificate is not trusted ({cause}); "
+            "if the server uses its own CA, pass --cafile CA.pem (or set SSL_CERT_FILE)")
+
+
+async def _read_hello(ws: ClientConnection, settings: ClientSettings) -> Hello:
+    try:
+        async with asyncio.timeout(settings.timeout):
+            while True:
+                try:
+                    frame = parse_server_frame(await ws.recv())
+                except UnknownFrameType:
+                    continue
+                if isinstance(frame, Hello):
+                    return frame
+                raise ConnectError(f"{settings.url} sent {type(frame).__name__} before its hello")
+    except TimeoutError:
+        raise ConnectError(f"{settings.url} sent no hello within {settings.timeout:g} s") from None
+    except ConnectionClosed as exc:
+        raise _lost(exc) from None
+    except RemoteProtocolError as exc:
+        raise ConnectError(f"{settings.url} broke the protocol: {exc}") from None
+
+
+def _refused_handshake(settings: ClientSettings, status: int, body: bytes | bytearray | None) -> Exception:
+    url = settings.url
+    detail = bytes(body or b"").decode("utf-8", "replace").strip()[:200]
+    if status in (401, 403):
+        if settings.token is not None:
+            hint = "check the token (--token-file, CHATCLI_TOKEN, or the profile's token / token_file)"
+        else:
+            hint = ("a server with accounts needs your token (--token-file or CHATCLI_TOKEN; "
+                    "`chatcli user add` on the server makes one); otherwise check --auth-key, "
+                    "--auth-key-file or CHATCLI_AUTH_KEY")
+        return AuthError(f"authentication refused by {url} (HTTP {status}"
+                         f"{': ' + detail if detail else ''}): {hint}")
+    if status == 400:
+        return UsageError(f"the server refused the user id (HTTP 400){': ' + detail if detail else ''}")
+    return ConnectError(f"cannot connect to {url}: HTTP {status}{': ' + detail if detail else ''}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the server running?)"
+    if isinstance(exc, ConnectionResetError):
+        return "the server reset the connection"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _close_detail(code: int | None, reason: str | None) -> str:
+    if code is None:
+        return ""
+    return f" (close code {code}{': ' + reason if reason else ''})"
+
+
+def _lost(exc: ConnectionClosed) -> ConnectError:
+    frame = exc.rcvd or exc.sent
+    detail = _close_detail(frame.code, frame.reason) if frame is not None else ""
+    return ConnectError(f"lost the connection to the server{detail}")
+
+
+def _refusal_text(to: str, reason: str, max_bytes: int | None = None) -> str:
+    if reason == Reason.TOO_LARGE and max_bytes is not None:
+        return f"message to {to} refused: too-large (the server accepts at most {max_bytes} bytes)"
+    if reason == Reason.OFFLINE:
+        return f"message to {to} refused: offline ({to} is not connected and this server stores nothing)"
+    return f"message to {to} refused: {reason}"
+
+
+def refusal(ack: Ack, to: str) -> RefusedError:
+    """The error for a refused ack, with its reason."""
+    reason = ack.reason or "refused"
+    return RefusedError(_refusal_text(to, reason), reason)

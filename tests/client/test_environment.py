@@ -1,0 +1,65 @@
+"""The commands in-process through ``cli.run``, with substituted streams, against a real server."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from chatcli.cli import run
+from chatcli.client.environment import Environment
+from chatcli.errors import ExitStatus
+from tests.conftest import RunningServer
+
+
+class GoneReader(io.StringIO):
+    """A stdout whose reader has gone away, as with ``| head -1``."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError
+
+
+def environment(stdin: str = "", *, stdin_isatty: bool = False, stdout_isatty: bool = False,
+                no_color: bool = False, stdout: io.StringIO | None = None) -> Environment:
+    return Environment(io.StringIO(stdin), stdout if stdout is not None else io.StringIO(), io.StringIO(),
+                       stdin_isatty=stdin_isatty, stdout_isatty=stdout_isatty, no_color=no_color)
+
+
+def output(env: Environment) -> str:
+    assert isinstance(env.stdout, io.StringIO)
+    return env.stdout.getvalue()
+
+
+def errors(env: Environment) -> str:
+    assert isinstance(env.stderr, io.StringIO)
+    return env.stderr.getvalue()
+
+
+def test_send_reads_the_substituted_stdin_and_prints_its_ack(tmp_home: Path, server: RunningServer) -> None:
+    env = environment("from a pipe\n")
+    assert run(["send", "alice", "bob", "--json", "--url", server.ws_url], env) == ExitStatus.SUCCESS
+    assert '"status": "stored"' in output(env) and '"to": "bob"' in output(env)
+    assert errors(env) == ""
+
+
+def test_send_without_text_from_a_terminal_is_a_usage_error(tmp_home: Path) -> None:
+    env = environment(stdin_isatty=True)
+    assert run(["send", "alice", "bob"], env) == ExitStatus.USAGE
+    assert errors(env).startswith("chatcli: no TEXT given and stdin is a terminal")
+    assert output(env) == ""
+
+
+def test_history_colours_a_terminal_unless_no_color(tmp_home: Path, server: RunningServer) -> None:
+    assert run(["send", "alice", "bob", "hello", "--url", server.ws_url], environment()) == ExitStatus.SUCCESS
+    terminal = environment(stdout_isatty=True)
+    assert run(["history", "bob", "alice", "--url", server.ws_url], terminal) == ExitStatus.SUCCESS
+    assert "\x1b[" in output(terminal) and "hello" in output(terminal)
+    for plain in (environment(stdout_isatty=True, no_color=True), environment()):
+        assert run(["history", "bob", "alice", "--url", server.ws_url], plain) == ExitStatus.SUCCESS
+        assert "\x1b" not in output(plain) and "alice: hello" in output(plain)
+
+
+def test_a_reader_gone_away_is_a_quiet_success(tmp_home: Path, server: RunningServer) -> None:
+    assert run(["send", "alice", "bob", "hello", "--url", server.ws_url], environment()) == ExitStatus.SUCCESS
+    env = environment(stdout=GoneReader())
+    assert run(["history", "bob", "alice", "--json", "--url", server.ws_url], env) == ExitStatus.SUCCESS
+    assert errors(env) == ""
