@@ -377,6 +377,70 @@ def chat(
                         insecure=insecure), me, peer, env)
 
 
+class BenchProtocol(StrEnum):
+    native = "native"
+    legacy = "legacy"
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    pairs: Annotated[int, typer.Option("--pairs", min=1, help="Sender → receiver pairs.")] = 50,
+    messages: Annotated[int, typer.Option("--messages", min=1, help="Messages each sender sends.")] = 2000,
+    window: Annotated[int, typer.Option("--window", min=1, help="Unacknowledged messages per sender at most.")] = 32,
+    size: Annotated[int, typer.Option("--size", min=0, help="Bytes of text per message.")] = 64,
+    protocol: Annotated[BenchProtocol, typer.Option(
+        "--protocol", case_sensitive=False, help="native (chatcli.v1) or legacy (the seed app's frames; "
+        "drives the seed's Node server too).")] = BenchProtocol.native,
+    procs: Annotated[int, typer.Option("--procs", min=1, help="Processes to spread the pairs over.")] = 1,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with the results.")] = False,
+    grace: Annotated[float, typer.Option(
+        "--grace", min=0.0, help="Seconds to wait, once every ack is in, for acknowledged messages still "
+        "missing (then they count as lost).")] = 2.0,
+    prefix: Annotated[str | None, typer.Option(
+        "--prefix", help="User ids are PREFIXs0…, PREFIXr0… [default: a new random prefix per run].",
+        show_default=False)] = None,
+    url: UrlOption = None,
+    auth_key: AuthKeyOption = None,
+    auth_key_file: AuthKeyFileOption = None,
+    cafile: CafileOption = None,
+    insecure: InsecureOption = False,
+    timeout: TimeoutOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Load the server with sender → receiver pairs; print throughput and latency, verify every message.
+
+    Exit 0 when every message was accepted and arrived once, in order; 3 when sessions were lost,
+    5 when messages were refused, 6 when acks never came, 1 when messages were lost, duplicated or
+    out of order.
+    """
+    import json
+
+    from chatcli.client import bench as engine
+
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=None, cafile=cafile,
+                         insecure=insecure)
+    options = engine.BenchOptions(
+        url=settings.url, pairs=pairs, messages=messages, window=window, size=size, protocol=protocol.value,
+        procs=procs, auth_key=settings.auth_key, timeout=settings.timeout, grace=grace, prefix=prefix or "",
+        cafile=str(settings.cafile) if settings.cafile else None, insecure=settings.insecure)
+    if json_output or not (env.stdout_isatty and env.stderr_isatty):
+        counts, histogram = engine.run(options)
+    else:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("delivered"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=True, console=Console(stderr=True)) as bar:
+            task = bar.add_task("bench", total=pairs * messages)
+            counts, histogram = engine.run(options, lambda done, total: bar.update(task, completed=done))
+    res = engine.result(options, counts, histogram)
+    env.write_line(json.dumps(res) if json_output else engine.summary_text(res))
+    if res["exit_status"]:
+        raise typer.Exit(res["exit_status"])
+
+
 # ---------------------------------------------------------------------------
 # Accounts: `chatcli user add|list|remove|rotate`, on the server's database file.
 # ---------------------------------------------------------------------------
