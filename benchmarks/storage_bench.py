@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from chatcli.server.storage import Fsync, NewMessage, SQLiteStore
+from chatcli.server.engine.options import Fsync
+from chatcli.server.storage import NewMessage, SQLiteStore
 
 BATCH_SIZES = (1, 10, 100, 1000)
 USERS = 200
@@ -65,7 +66,7 @@ def time_call(call: Callable[[], object], repeat: int = 200) -> float:
 
 def bench_appends(workdir: Path, seconds: float) -> None:
     print(f"{'fsync':<7}{'client ids':<12}{'batch':>6}{'µs/msg':>10}{'msg/s':>12}{'slowest ms':>12}")
-    modes: tuple[Fsync, ...] = ("normal", "full")
+    modes = tuple(Fsync)
     for fsync, with_client_ids in itertools.product(modes, (False, True)):
         for batch_size in BATCH_SIZES:
             path = workdir / f"append-{fsync}-{with_client_ids}-{batch_size}.db"

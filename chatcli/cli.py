@@ -18,6 +18,7 @@ import typer
 from chatcli import __version__
 from chatcli.client.environment import Environment, point_at_devnull
 from chatcli.errors import ExitStatus, exit_status_for
+from chatcli.server.engine.options import Fsync
 
 __all__ = ["app", "main", "run"]
 
@@ -39,11 +40,6 @@ app = typer.Typer(
 class LogFormat(StrEnum):
     text = "text"
     json = "json"
-
-
-class Fsync(StrEnum):
-    normal = "normal"
-    full = "full"
 
 
 class Presence(StrEnum):
@@ -135,7 +131,7 @@ def serve(
         raise typer.BadParameter(str(exc), param_hint="--retention") from None
     config = ServerConfig.build(host=host, ws_port=ws_port, http_port=http_port, auth_key=auth_key,
                                 max_text_bytes=max_text_bytes, db_path=None if ephemeral else db or default_db_path(),
-                                fsync=fsync.value, retention_s=retention_s, require_auth=require_auth,
+                                fsync=fsync, retention_s=retention_s, require_auth=require_auth,
                                 certfile=certfile, keyfile=keyfile, rate=rate, burst=burst,
                                 max_connections=max_connections, max_sessions_per_user=max_sessions_per_user,
                                 presence=presence.value if presence is not None else None,
@@ -203,6 +199,8 @@ def send(
     text: Annotated[str | None, typer.Argument(
         metavar="TEXT", help="The message; omitted or '-' reads it from stdin.", show_default=False)] = None,
     lines: Annotated[bool, typer.Option("--lines", help="Send each stdin line as its own message.")] = False,
+    window: Annotated[int, typer.Option(
+        "--window", min=1, help="Messages in flight, unacknowledged, at most (1: wait for each ack).")] = 256,
     json_output: Annotated[bool, typer.Option("--json", help="Print each ack as a JSON line.")] = False,
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
@@ -234,7 +232,7 @@ def send(
 
             env.write_line(ack_json(ack, peer))
 
-    asyncio.run(send_messages(settings, me, peer, texts, on_ack))
+    asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines))
 
 
 @app.command()
@@ -279,10 +277,10 @@ def listen(
     options = ListenOptions(
         count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
         start=parse_since(since) if since is not None else None,
-        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None)
+        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None, flush=env.flush)
 
     def on_message(message: Message) -> None:
-        env.write_line(render.message_json(message))
+        env.write_line(render.message_json(message), flush=False)  # flushed once per batch that arrived
 
     asyncio.run(listen(settings, me, options, on_message, env.notice))
 

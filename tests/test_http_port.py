@@ -101,6 +101,7 @@ def test_half_sent_requests_are_closed_and_logged_once_per_interval(start_server
     for sock in socks:
         assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
     assert http_status(server, "/") == 200  # the port still serves
+    assert server.wait_log('"event": "http-limit"')  # the log arrives through a reader thread
     assert [e["count"] for e in events(server, "http-limit")] == [1]  # five bites, one line (the rest counted later)
 
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from chatcli import protocol as p
 from chatcli.server.accounts import AccountStore
 from chatcli.server.config import ServerConfig
+from chatcli.server.engine.memory import MemoryEngine
 from chatcli.server.metrics import Metrics
 from chatcli.server.relay import Relay
 from chatcli.server.transport import (
@@ -175,7 +176,7 @@ async def _drive(chunks: list[bytes], accounts: AccountStore | None) -> tuple[Co
     config = ServerConfig.build(db_path=None)
     metrics = Metrics()
     loop = asyncio.get_running_loop()
-    relay = Relay(config, metrics, None, schedule=loop.call_soon)
+    relay = Relay(config, metrics, MemoryEngine(), schedule=loop.call_soon)
     server = WebSocketServer(config, relay, metrics, accounts)
     bob = Recipient()
     relay.open_session(bob)  # type: ignore[arg-type]
@@ -250,7 +251,7 @@ def test_connections_far_past_the_limit_are_closed_unread() -> None:
     async def flood() -> list[RecordingTransport]:
         config = ServerConfig.build(db_path=None, max_connections=1)
         metrics = Metrics()
-        server = WebSocketServer(config, Relay(config, metrics, None), metrics)
+        server = WebSocketServer(config, Relay(config, metrics, MemoryEngine()), metrics)
         transports = [RecordingTransport() for _ in range(1 + HANDSHAKE_SLACK + 3)]
         for transport in transports:
             server.protocol_factory().connection_made(transport)
@@ -266,7 +267,7 @@ def test_a_backlogged_connections_frames_wait_in_order_until_it_drains() -> None
     async def scenario() -> tuple[list[str], list[str], bool, bool]:
         config = ServerConfig.build(db_path=None)
         metrics = Metrics()
-        relay = Relay(config, metrics, None, schedule=asyncio.get_running_loop().call_soon)
+        relay = Relay(config, metrics, MemoryEngine(), schedule=asyncio.get_running_loop().call_soon)
         server = WebSocketServer(config, relay, metrics)
         bob = Recipient()
         relay.open_session(bob)  # type: ignore[arg-type]
@@ -276,12 +277,14 @@ def test_a_backlogged_connections_frames_wait_in_order_until_it_drains() -> None
         head = _stream("/alice", [("Sec-WebSocket-Protocol", p.SUBPROTOCOL),
                                   ("Authorization", f"Bearer {p.DEFAULT_AUTH_KEY}")], [], token="")
         connection.data_received(head + client_frame(0x1, sends[0]))
+        await asyncio.sleep(0)  # the tick ends: its batch is committed and delivered
         connection.pause_writing()  # the kernel buffer filled: the peer is not reading
         connection.data_received(b"".join(client_frame(0x1, s) for s in sends[1:4]))
         connection.data_received(b"".join(client_frame(0x1, s) for s in sends[4:]))  # already read by TLS
         held = [json.loads(f)["text"] for f in bob.frames]
         paused = not transport.reading
         connection.resume_writing()
+        await asyncio.sleep(0)
         return held, [json.loads(f)["text"] for f in bob.frames], paused, transport.reading
 
     held, after, paused, reading_again = asyncio.run(scenario())

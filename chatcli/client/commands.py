@@ -15,9 +15,12 @@ server answers as a ``duplicate`` if it had already stored it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from chatcli.client.reconnect import Backoff, CursorFile, MessageCursor, ResumePoint, store_changed
 from chatcli.client.session import ClientSession, open_session, refusal
@@ -25,39 +28,170 @@ from chatcli.client.settings import ClientSettings
 from chatcli.errors import CertificateError, ConnectError, RefusedError, TimedOutError
 from chatcli.protocol import Ack, ErrorCode, Feature, Message, Send, check_user_id
 
-__all__ = ["ListenOptions", "Notice", "fetch_history", "fetch_online", "listen", "send_messages"]
+__all__ = ["DEFAULT_WINDOW", "ListenOptions", "Notice", "TextBatches", "fetch_history", "fetch_online", "listen",
+           "send_messages"]
+
+T = TypeVar("T")
+#: What ``send`` sends: batches of (input line number, text), in order, as they become available.
+TextBatches = AsyncIterator[list[tuple[int, str]]] | Iterable[list[tuple[int, str]]]
 
 #: Where ``listen`` reports connecting, reconnecting and store changes (stderr, in the CLI).
 Notice = Callable[[str], None]
 
 
-async def send_messages(settings: ClientSettings, me: str, peer: str, texts: Iterator[str],
-                        on_ack: Callable[[Ack], None], new_id: Callable[[], str] = ClientSession.new_id) -> None:
-    """Send each text in order; return once every one was accepted, else raise at the first refusal.
+#: Messages ``send`` keeps in flight, sent and not acknowledged yet: enough to keep a relay busy,
+#: few enough that a refusal stops the stream soon after it happens.
+DEFAULT_WINDOW = 256
 
+
+@dataclass(slots=True)
+class _Outgoing:
+    """One message of ``send``: its input line, its frame, and the ack once it came."""
+
+    line: int
+    frame: Send
+    sent_at: float = 0.0
+    ack: Ack | None = None
+
+
+class _Window:
+    """The messages in flight, in input order. Acks may come out of order (a refusal is answered at
+    once, an accepted message after its commit), so they are matched by client id and handed on in
+    input order."""
+
+    def __init__(self, size: int, on_ack: Callable[[Ack], None]) -> None:
+        self.size = size
+        self.on_ack = on_ack
+        self.in_order: deque[_Outgoing] = deque()
+        self.by_id: dict[str, _Outgoing] = {}
+        self.refused: list[_Outgoing] = []
+        self.changed = asyncio.Event()
+
+    @property
+    def room(self) -> int:
+        return self.size - len(self.in_order)
+
+    def add(self, outgoing: _Outgoing) -> None:
+        self.in_order.append(outgoing)
+        self.by_id[outgoing.frame.id] = outgoing
+
+    def unacknowledged(self) -> list[_Outgoing]:
+        return [o for o in self.in_order if o.ack is None]
+
+    def overdue_in(self, timeout: float) -> float | None:
+        """Seconds until the oldest unacknowledged message is ``timeout`` old (None: nothing is waiting)."""
+        for outgoing in self.in_order:  # acknowledged ones wait only for those before them
+            if outgoing.ack is None:
+                return outgoing.sent_at + timeout - time.monotonic()
+        return None
+
+    def acknowledged(self, ack: Ack) -> None:
+        outgoing = self.by_id.pop(ack.id, None)
+        if outgoing is None:
+            return  # not ours, or a second answer to a resend
+        outgoing.ack = ack
+        if not ack.accepted:
+            self.refused.append(outgoing)
+        in_order = self.in_order
+        while in_order and in_order[0].ack is not None:
+            self.on_ack(in_order.popleft().ack)  # type: ignore[arg-type]
+        self.changed.set()
+
+    async def wait_for_change(self) -> None:
+        self.changed.clear()
+        await self.changed.wait()
+
+
+async def send_messages(settings: ClientSettings, me: str, peer: str, texts: TextBatches,
+                        on_ack: Callable[[Ack], None], *, window: int = DEFAULT_WINDOW, by_line: bool = False,
+                        new_id: Callable[[], str] = ClientSession.new_id) -> None:
+    """Send each text in order, up to ``window`` unacknowledged at once; return once every one was
+    accepted. ``on_ack`` gets the acks in input order.
+
+    A refusal stops the stream: nothing more is read or sent, the messages in flight get their
+    acks, and ``RefusedError`` names every refused message (``by_line``: by input line number).
     If a session to a storing server drops, reconnect (backoff, for at most ``settings.timeout``
-    seconds) and resend the unacknowledged message with the same client id: the server stores
-    it once, answering a repeat as a ``duplicate``. A server that stores nothing cannot tell a
+    seconds) and resend every unacknowledged message with its client id: the server stores each
+    once, answering a repeat as a ``duplicate``. A server that stores nothing cannot tell a
     repeat, so a drop there ends with ``ConnectError``.
     """
     check_user_id(peer)
-    unacked: list[Send] = []  # sent (or about to be) and not acknowledged yet, in order
+    pending = _Window(window, on_ack)
+    source = _Lines(texts)
     backoff = Backoff()
     can_retry = False  # set once a session to a storing server was open
     lost_at: float | None = None
-    while True:
+    try:
+        while True:
+            try:
+                async with open_session(settings, me, ResumePoint.live_only()) as session:
+                    backoff.reset()
+                    lost_at = None
+                    can_retry = session.offers(Feature.STORE)
+                    await _send_all(session, peer, source, pending, new_id, settings.timeout)
+                    break
+            except ConnectError as exc:
+                if not can_retry:
+                    raise
+                lost_at = time.monotonic() if lost_at is None else lost_at
+                await _wait_to_resend(exc, lost_at, backoff, settings.timeout, len(pending.by_id))
+    finally:
+        source.close()
+    if pending.refused:
+        raise _refused_lines(pending.refused, peer, by_line=by_line)
+
+
+class _Lines:
+    """The texts to send, taken as many at a time as the window has room for.
+
+    Never waits for a batch to fill: whatever has arrived goes out at once, so a line piped in by
+    ``tail -f`` is sent when it is written. The input is read by a task of its own into a short
+    queue, so a session lost while waiting for input loses no line already read.
+    """
+
+    #: Batches read ahead of sending: bounds memory when stdin is faster than the server.
+    READ_AHEAD = 8
+
+    def __init__(self, batches: TextBatches) -> None:
+        self._batches = batches
+        self._queue: asyncio.Queue[list[tuple[int, str]] | BaseException | None] = asyncio.Queue(self.READ_AHEAD)
+        self._reader: asyncio.Task[None] | None = None
+        self._ready: deque[tuple[int, str]] = deque()
+        self._ended = False
+
+    async def take(self, most: int) -> list[tuple[int, str]]:
+        """Up to ``most`` texts: what is ready, else wait for the next batch; [] at the end."""
+        if not self._ready and not self._ended:
+            if self._reader is None:
+                self._reader = asyncio.create_task(self._read_all())
+            batch = await self._queue.get()  # safe to cancel: nothing is lost
+            if isinstance(batch, BaseException):
+                raise batch
+            if batch is None:
+                self._ended = True
+            else:
+                self._ready.extend(batch)
+        ready = self._ready
+        return [ready.popleft() for _ in range(min(most, len(ready)))]
+
+    async def _read_all(self) -> None:
+        batches = self._batches
         try:
-            async with open_session(settings, me, ResumePoint.live_only()) as session:
-                backoff.reset()
-                lost_at = None
-                can_retry = session.offers(Feature.STORE)
-                await _send_all(session, peer, texts, unacked, on_ack, new_id)
-                return
-        except ConnectError as exc:
-            if not can_retry:
-                raise
-            lost_at = time.monotonic() if lost_at is None else lost_at
-            await _wait_to_resend(exc, lost_at, backoff, settings.timeout, len(unacked))
+            async for batch in (batches if isinstance(batches, AsyncIterator) else _aiter(batches)):
+                await self._queue.put(batch)
+        except Exception as exc:  # e.g. UsageError: nothing to send; raised where the lines are taken
+            await self._queue.put(exc)
+            return
+        await self._queue.put(None)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+async def _aiter(batches: Iterable[list[tuple[int, str]]]) -> AsyncIterator[list[tuple[int, str]]]:
+    for batch in batches:
+        yield batch
 
 
 async def _wait_to_resend(exc: ConnectError, lost_at: float, backoff: Backoff, window: float,
@@ -69,20 +203,73 @@ async def _wait_to_resend(exc: ConnectError, lost_at: float, backoff: Backoff, w
     await asyncio.sleep(min(left, backoff.next_delay()))
 
 
-async def _send_all(session: ClientSession, peer: str, texts: Iterator[str], unacked: list[Send],
-                    on_ack: Callable[[Ack], None], new_id: Callable[[], str]) -> None:
-    """Send the unacknowledged message (if any), then the rest of ``texts``, one ack at a time."""
-    while True:
-        if not unacked:
-            text = await asyncio.to_thread(next, texts, None)
-            if text is None:
-                return
-            unacked.append(Send(id=new_id(), to=peer, text=text))
-        ack = await session.send_and_wait(unacked[0])
-        unacked.pop(0)
-        on_ack(ack)
-        if not ack.accepted:
-            raise refusal(ack, peer)
+async def _send_all(session: ClientSession, peer: str, source: _Lines, pending: _Window,
+                    new_id: Callable[[], str], timeout: float) -> None:
+    """Resend what is unacknowledged, then stream the rest of the lines, keeping the window full."""
+    acks = asyncio.create_task(_take_acks(session, pending))
+
+    async def send(outgoing: _Outgoing) -> None:
+        outgoing.sent_at = time.monotonic()
+        await session.send_frame(outgoing.frame)
+
+    try:
+        for outgoing in pending.unacknowledged():
+            await send(outgoing)
+        while not pending.refused:
+            if pending.room <= 0:
+                await _wait(pending.wait_for_change, acks, pending, timeout)
+                continue
+            lines = await _wait(functools.partial(source.take, pending.room), acks, pending, timeout)
+            if not lines:
+                break
+            batch = [_Outgoing(number, Send(id=new_id(), to=peer, text=text)) for number, text in lines]
+            for outgoing in batch:  # all in the window first: a drop mid-batch resends the rest
+                pending.add(outgoing)
+            for outgoing in batch:
+                await send(outgoing)
+        while pending.by_id:  # the rest of the acks, refused or not
+            await _wait(pending.wait_for_change, acks, pending, timeout)
+    finally:
+        acks.cancel()
+
+
+async def _wait(step: Callable[[], Awaitable[T]], acks: asyncio.Task[None], pending: _Window, timeout: float) -> T:
+    """Await ``step()``, unless the ack reader ends first (the session was lost: raise its error) or the
+    oldest message in flight has waited ``timeout`` seconds for its ack (``TimedOutError``)."""
+    task = asyncio.ensure_future(step())
+    try:
+        while True:
+            left = pending.overdue_in(timeout)
+            if left is not None and left <= 0:
+                raise TimedOutError(f"no acknowledgement from the server within {timeout:g} s")
+            done, _ = await asyncio.wait((task, acks), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if acks in done:
+                acks.result()  # raises the ConnectError that ended it
+                raise ConnectError("the server closed the session")  # pragma: no cover - never ends quietly
+    finally:
+        task.cancel()
+
+
+async def _take_acks(session: ClientSession, pending: _Window) -> None:
+    async for frame in session.frames():
+        if isinstance(frame, Ack):
+            pending.acknowledged(frame)
+
+
+def _refused_lines(refused: list[_Outgoing], peer: str, *, by_line: bool) -> RefusedError:
+    """One error for every refused message; with ``--lines``, by input line number."""
+    first = refused[0].ack
+    assert first is not None
+    if not by_line:
+        return refusal(first, peer)
+    lines = sorted(refused, key=lambda o: o.line)
+    shown = ", ".join(f"line {o.line}: {o.ack.reason if o.ack else 'refused'}" for o in lines[:20])
+    more = f" and {len(lines) - 20} more" if len(lines) > 20 else ""
+    return RefusedError(f"{len(lines)} message(s) to {peer} refused ({shown}{more}); the lines before "
+                        "them were accepted, the lines after the first refusal were not sent",
+                        first.reason or "refused")
 
 
 async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int) -> tuple[Message, ...]:
@@ -119,6 +306,8 @@ class ListenOptions:
     #: Where the first session starts (``--since``); None = the cursor file, else the server-side cursor.
     start: ResumePoint | None = None
     cursor_file: CursorFile | None = None
+    #: Makes what ``on_message`` wrote visible (stdout's flush): called once per batch of messages.
+    flush: Callable[[], None] = lambda: None
 
 
 async def listen(settings: ClientSettings, me: str, options: ListenOptions,
@@ -165,10 +354,8 @@ async def _listen_forever(settings: ClientSettings, me: str, options: ListenOpti
                 if store_changed_here:
                     _restart_cursor(resume, cursor, options.cursor_file, notice)
                 connected_before = True
-                handled = _handler(session, options, cursor, take)
-                async for frame in session.frames():
-                    if isinstance(frame, Message) and cursor.is_new(frame) and await handled(frame):
-                        return
+                if await _take_batches(session, options, cursor, take):
+                    return
         except ConnectError as exc:
             if not options.reconnect or isinstance(exc, CertificateError):
                 raise
@@ -185,20 +372,28 @@ def _restart_cursor(resumed: ResumePoint | None, cursor: MessageCursor, cursor_f
         cursor_file.save(0, cursor.epoch)
 
 
-def _handler(session: ClientSession, options: ListenOptions, cursor: MessageCursor,
-             take: Callable[[Message], bool]) -> Callable[[Message], Awaitable[bool]]:
-    """Print a new message, then record it as handled: in the cursor file, and on the server.
+async def _take_batches(session: ClientSession, options: ListenOptions, cursor: MessageCursor,
+                        take: Callable[[Message], bool]) -> bool:
+    """Hand on each new message; True once ``take`` says it has enough.
 
-    A ``--from`` listener leaves the server-side cursor alone: it skips other senders'
-    messages, which a later unfiltered listener must still get.
+    Per batch of messages that arrived together, once ``take`` wrote them all: flush them,
+    then record the last as handled, in the cursor file and on the server. A ``--from``
+    listener leaves the server-side cursor alone: it skips other senders' messages, which a
+    later unfiltered listener must still get.
     """
-
-    async def handle(message: Message) -> bool:
-        done = take(message)  # printed and flushed (or skipped by --from) before it counts as handled
-        if options.cursor_file is not None and cursor.resumable:
-            options.cursor_file.save(message.id, cursor.epoch)
-        if options.sender is None:
-            await session.acknowledge(message.id)
-        return done
-
-    return handle
+    async for batch in session.frame_batches():
+        last_id, done = None, False
+        for frame in batch:
+            if isinstance(frame, Message) and cursor.is_new(frame):
+                last_id, done = frame.id, take(frame)
+                if done:
+                    break
+        if last_id is not None:
+            options.flush()  # printed before it counts as handled
+            if options.cursor_file is not None and cursor.resumable:
+                options.cursor_file.save(last_id, cursor.epoch)
+            if options.sender is None:
+                await session.acknowledge(last_id)
+        if done:
+            return True
+    return False  # pragma: no cover - frame_batches ends by raising ConnectError

@@ -42,14 +42,23 @@ class Environment:
         """Colour on stdout: only on a terminal, and never with ``NO_COLOR``."""
         return self.stdout_isatty and not self.no_color
 
-    def write_line(self, line: str) -> None:
-        """Write one line to stdout and flush it at once (a reader of ``listen`` sees each as it comes).
+    def write_line(self, line: str, flush: bool = True) -> None:
+        """Write one line to stdout, flushed at once unless the caller flushes a batch (``flush()``).
 
         If the reader has gone (``| head -1``), stdout is pointed at /dev/null and
         ``BrokenPipeError`` is re-raised for the caller to stop.
         """
         try:
             self.stdout.write(line + "\n")
+            if flush:
+                self.stdout.flush()
+        except BrokenPipeError:
+            point_at_devnull(self.stdout)
+            raise
+
+    def flush(self) -> None:
+        """Flush stdout (see ``write_line``)."""
+        try:
             self.stdout.flush()
         except BrokenPipeError:
             point_at_devnull(self.stdout)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import codecs
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import TextIO
 
+from chatcli.client.commands import TextBatches
 from chatcli.client.reconnect import ResumePoint
 from chatcli.errors import UsageError
 from chatcli.protocol import format_ts
@@ -31,18 +35,19 @@ def parse_since(value: str, now: float | None = None) -> ResumePoint:
     return ResumePoint(since=format_ts((time.time() if now is None else now) - seconds))
 
 
-def read_texts(text: str | None, *, lines: bool, stdin: TextIO, stdin_isatty: bool) -> Iterator[str]:
-    """The messages ``send`` should send: the argument, all of stdin, or one per stdin line."""
+def read_texts(text: str | None, *, lines: bool, stdin: TextIO, stdin_isatty: bool) -> TextBatches:
+    """The messages ``send`` should send, numbered by input line: the argument, all of stdin, or one per
+    stdin line (as they come)."""
     if text is not None and text != "-":
         if lines:
             raise UsageError("--lines reads stdin: give no TEXT (or '-')")
-        return iter([_non_empty(text)])
+        return [[(1, _non_empty(text))]]
     if stdin_isatty:
         raise UsageError("no TEXT given and stdin is a terminal: pass TEXT, or pipe the message in")
     if lines:
         return _stdin_lines(stdin)
     whole = stdin.read()
-    return iter([_non_empty(whole[:-1] if whole.endswith("\n") else whole)])
+    return [[(1, _non_empty(whole[:-1] if whole.endswith("\n") else whole))]]
 
 
 def _non_empty(text: str) -> str:
@@ -52,13 +57,56 @@ def _non_empty(text: str) -> str:
     return text
 
 
-def _stdin_lines(stdin: TextIO) -> Iterator[str]:
-    """Each non-empty line, read as it comes (so ``tail -f log | chatcli send --lines`` streams)."""
-    sent = 0
-    for line in iter(stdin.readline, ""):
-        line = line.rstrip("\r\n")
-        if line:
-            sent += 1
-            yield line
+async def _stdin_lines(stdin: TextIO) -> AsyncIterator[list[tuple[int, str]]]:
+    """Each non-empty line with its line number, in batches of what one read returned.
+
+    One read of the file descriptor per batch, in a worker thread: a 100k-line file costs a
+    few dozen thread hops, not one per line, and a read returns as soon as anything arrived,
+    so ``tail -f log | chatcli send --lines`` sends each line when it is written. Bytes that are
+    not UTF-8 become U+FFFD rather than stopping the stream.
+    """
+    chunks = _fd_chunks(stdin) if _has_fd(stdin) else _text_chunks(stdin)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    number, sent, partial = 0, 0, ""
+    async for chunk in chunks:
+        text = partial + decoder.decode(chunk, final=not chunk)
+        *complete, partial = text.split("\n") if chunk else [*text.split("\n"), ""]
+        batch = []
+        for line in complete:
+            number += 1
+            line = line.rstrip("\r")
+            if line:
+                batch.append((number, line))
+        if batch:
+            sent += len(batch)
+            yield batch
+        if not chunk:
+            break
     if not sent:
         raise UsageError("stdin held no non-empty line to send")
+
+
+READ_BYTES = 1 << 16
+
+
+def _has_fd(stream: TextIO) -> bool:
+    try:
+        stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
+async def _fd_chunks(stdin: TextIO) -> AsyncIterator[bytes]:
+    """Raw reads of stdin's descriptor until end of file (then one empty chunk)."""
+    loop, fd = asyncio.get_running_loop(), stdin.fileno()
+    while chunk := await loop.run_in_executor(None, os.read, fd, READ_BYTES):
+        yield chunk
+    yield b""
+
+
+async def _text_chunks(stdin: TextIO) -> AsyncIterator[bytes]:
+    """A stream without a descriptor (a substituted stdin in tests): its text, then end of file."""
+    while text := stdin.read(READ_BYTES):
+        yield text.encode()
+    yield b""

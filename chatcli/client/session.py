@@ -25,7 +25,14 @@ from typing import Final
 from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus, InvalidURI, WebSocketException
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedOK,
+    InvalidMessage,
+    InvalidStatus,
+    InvalidURI,
+    WebSocketException,
+)
 
 from chatcli import __version__
 from chatcli.client.reconnect import ResumePoint
@@ -172,16 +179,40 @@ class ClientSession:
 
     async def frames(self) -> AsyncIterator[ServerFrame]:
         """Every frame the server sends, minus types from newer servers; ``ConnectError`` at close."""
+        async for batch in self.frame_batches():
+            for frame in batch:
+                yield frame
+
+    async def frame_batches(self) -> AsyncIterator[list[ServerFrame]]:
+        """The frames in batches of what arrived together: the next one, and every one already waiting.
+
+        Lets a reader flush its output and acknowledge once per batch instead of once per message,
+        without ever holding a message back while nothing more has arrived.
+        """
+        ws = self._ws
         try:
-            async for data in self._ws:
-                try:
-                    yield parse_server_frame(data)
-                except UnknownFrameType:
-                    continue
+            while True:
+                batch = [data := await ws.recv()]
+                while _waiting(ws):
+                    batch.append(data := await ws.recv())
+                frames = []
+                for data in batch:
+                    try:
+                        frames.append(parse_server_frame(data))
+                    except UnknownFrameType:
+                        continue
+                yield frames
+        except ConnectionClosedOK:
+            pass
         except ConnectionClosed as exc:
             raise _lost(exc) from None
-        detail = _close_detail(self._ws.close_code, self._ws.close_reason)
+        detail = _close_detail(ws.close_code, ws.close_reason)
         raise ConnectError(f"the server closed the session{detail}")
+
+
+def _waiting(ws: ClientConnection) -> bool:
+    """Whether another message has already arrived (websockets queues the frames it has read)."""
+    return bool(len(ws.recv_messages.frames))
 
 
 def _history_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:

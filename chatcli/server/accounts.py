@@ -5,8 +5,9 @@ is made. Only ``HMAC-SHA256(salt, token)`` with a random per-user salt is
 stored: for a random 256-bit secret a slow password hash adds nothing but
 latency, and the salt keeps equal tokens from having equal hashes.
 
-Every call reads the file, so ``chatcli accounts rotate`` in another process
-takes effect on the running server's next ``verify``.
+Every call reads the file, so ``chatcli user rotate`` in another process
+takes effect on the running server's next ``verify``. The SQLite engine
+(``engine/sqlite.py``) serves them to the relay as its ``Accounts``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from typing import Final
 
 from chatcli.errors import AccountError, StorageError
 from chatcli.protocol import check_user_id, is_valid_user_id
+from chatcli.server.engine.options import Fsync
 from chatcli.server.storage import Migration, open_component, write_transaction
+
+__all__ = ["ACCOUNTS_COMPONENT", "Account", "AccountStore"]
 
 ACCOUNTS_COMPONENT: Final = "accounts"
 ACCOUNT_MIGRATIONS: Final[tuple[Migration, ...]] = (
@@ -65,7 +69,7 @@ class AccountStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         # Account changes are rare and a token is shown only once: always fsync them.
-        self._conn = open_component(path, "full", ACCOUNTS_COMPONENT, ACCOUNT_MIGRATIONS)
+        self._conn = open_component(path, Fsync.full, ACCOUNTS_COMPONENT, ACCOUNT_MIGRATIONS)
 
     def __enter__(self) -> AccountStore:
         return self

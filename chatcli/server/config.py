@@ -9,6 +9,7 @@ from typing import Final, Literal, TypeAlias
 
 from chatcli.errors import UsageError
 from chatcli.protocol import DEFAULT_AUTH_KEY, DEFAULT_MAX_TEXT_BYTES, FRAME_OVERHEAD_BYTES
+from chatcli.server.engine.options import Fsync
 
 #: Whose presence a user sees (``who``, ``watch``): everyone's, only their contacts', or nobody's.
 PresenceMode: TypeAlias = Literal["all", "contacts", "off"]
@@ -24,7 +25,7 @@ class ServerConfig:
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
     #: The SQLite file; None keeps nothing (--ephemeral): offline recipients are refused.
     db_path: Path | None = None
-    fsync: Literal["normal", "full"] = "normal"
+    fsync: Fsync = Fsync.normal
     #: Messages older than this many seconds are pruned; None keeps them forever.
     retention_s: float | None = None
     #: Sessions must prove their user with a token; also on whenever the database has an account.
@@ -98,10 +99,6 @@ class ServerConfig:
     @property
     def frame_burst(self) -> int:
         return max(2 * self.burst, 2000)
-
-    @property
-    def tls(self) -> bool:
-        return self.certfile is not None
 
     @property
     def uses_default_key(self) -> bool:

@@ -1,10 +1,9 @@
-"""Start, run and stop the server: listeners, logging, signals, graceful shutdown."""
+"""Start, run and stop the server: the engine, listeners, logging, signals, graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import json
 import logging
@@ -19,15 +18,18 @@ from websockets.frames import CloseCode
 
 from chatcli import __version__
 from chatcli.errors import StorageError
-from chatcli.server.accounts import AccountStore
 from chatcli.server.config import ServerConfig
+from chatcli.server.engine.base import Capability, Engine
+from chatcli.server.engine.memory import MemoryEngine
+from chatcli.server.engine.sqlite import SQLiteEngine
 from chatcli.server.fdlimit import FdLimit, connection_capacity, open_fd_count, raise_fd_limit
 from chatcli.server.http_api import Handler, HttpServer, json_response, text_response
 from chatcli.server.metrics import Metrics, render_prometheus
 from chatcli.server.relay import Relay
-from chatcli.server.storage import SQLiteStore
 from chatcli.server.storage_thread import StorageThread
 from chatcli.server.transport import WebSocketServer
+
+__all__ = ["JsonFormatter", "configure_logging", "open_engine", "run", "serve"]
 
 log = logging.getLogger("chatcli.server")
 
@@ -93,11 +95,10 @@ async def serve(config: ServerConfig) -> None:
     fd_limit = raise_fd_limit()
     metrics = Metrics()
     tls = _tls_context(config)
-    store = _open_store(config)
-    accounts = AccountStore(config.db_path) if config.db_path is not None else None
     storage = StorageThread(loop)
-    relay = Relay(config, metrics, store, schedule=loop.call_soon, storage=storage)
-    ws_server = WebSocketServer(config, relay, metrics, accounts)
+    engine = open_engine(config, storage)
+    relay = Relay(config, metrics, engine, schedule=loop.call_soon)
+    ws_server = WebSocketServer(config, relay, metrics, engine.accounts)
     started = time.monotonic()
     http_server = HttpServer(config, _http_routes(ws_server, started), loop)
     try:
@@ -112,8 +113,7 @@ async def serve(config: ServerConfig) -> None:
         log.error("cannot listen on %s: %s", config.host, exc.strerror or exc,
                   extra={"event": "listen-failed"})
         storage.close()
-        if store is not None:
-            store.close()
+        engine.close()
         raise SystemExit(1) from None
 
     ws_port = ws_listener.sockets[0].getsockname()[1]
@@ -125,11 +125,11 @@ async def serve(config: ServerConfig) -> None:
     _log_fd_capacity(config, fd_limit)
     _log_auth_mode(ws_server)
 
-    if store is not None:
+    if Capability.STORE in engine.capabilities:
         log.info("storing messages in %s (fsync %s)", config.db_path, config.fsync,
-                 extra={"event": "storage", "db": str(config.db_path), "fsync": config.fsync})
-    pruning = (asyncio.create_task(_prune_forever(relay, storage, store, config.retention_s))
-               if store and config.retention_s else None)
+                 extra={"event": "storage", "db": str(config.db_path), "fsync": str(config.fsync)})
+    pruning = (asyncio.create_task(_prune_forever(engine, config.retention_s))
+               if Capability.STORE in engine.capabilities and config.retention_s else None)
     heartbeat = asyncio.create_task(_every(config.ping_interval / 2, ws_server.heartbeat))
 
     await stop.wait()
@@ -141,12 +141,9 @@ async def serve(config: ServerConfig) -> None:
     if pruning is not None:
         pruning.cancel()
     await _close_sessions(ws_server, config.close_timeout)
-    await _settle_storage(relay, storage)
+    await _settle_storage(relay, engine)
     storage.close()
-    if store is not None:
-        store.close()
-    if accounts is not None:
-        accounts.close()
+    engine.close()
     log.info("stopped", extra={"event": "stopped"})
 
 
@@ -211,12 +208,13 @@ def _log_auth_mode(ws_server: WebSocketServer) -> None:
                         extra={"event": "default-key-exposed"})
 
 
-def _open_store(config: ServerConfig) -> SQLiteStore | None:
+def open_engine(config: ServerConfig, storage: StorageThread) -> Engine:
+    """The engine the settings ask for: SQLite in ``--db`` (its calls on ``storage``), or memory
+    (``--ephemeral``). A file that cannot be opened ends the start-up with a clear line."""
     if config.db_path is None:
-        return None
+        return MemoryEngine()
     try:
-        config.db_path.parent.mkdir(parents=True, exist_ok=True)
-        return SQLiteStore(config.db_path, config.fsync)
+        return SQLiteEngine.open(config.db_path, config.fsync, storage)
     except (OSError, StorageError) as exc:
         log.error("cannot open the message store %s: %s", config.db_path, exc, extra={"event": "storage-error"})
         raise SystemExit(1) from None
@@ -229,15 +227,16 @@ PRUNE_EVERY_S = 3600.0
 PRUNE_STEP = 2000
 
 
-async def _prune_forever(relay: Relay, storage: StorageThread, store: SQLiteStore, retention_s: float) -> None:
-    """Delete messages past the retention period at start-up, then hourly, in small steps on the storage
-    thread (each step one short transaction, so commits get their turn in between)."""
+async def _prune_forever(engine: Engine, retention_s: float) -> None:
+    """Delete messages past the retention period at start-up, then hourly, in small steps (each step one
+    short transaction, so commits get their turn in between)."""
     while True:
         cutoff, deleted = time.time() - retention_s, 0
         while True:
-            step = await storage.call(functools.partial(store.prune, cutoff, limit=PRUNE_STEP))
-            if isinstance(step, StorageError):
-                relay.storage_failed("pruning failed", step)
+            try:
+                step = await engine.prune(cutoff, PRUNE_STEP)
+            except StorageError as exc:
+                log.error("pruning failed: %s", exc, extra={"event": "storage-error"})
                 break
             deleted += step
             if step < PRUNE_STEP:
@@ -248,11 +247,11 @@ async def _prune_forever(relay: Relay, storage: StorageThread, store: SQLiteStor
         await asyncio.sleep(PRUNE_EVERY_S)
 
 
-async def _settle_storage(relay: Relay, storage: StorageThread) -> None:
+async def _settle_storage(relay: Relay, engine: Engine) -> None:
     """Let the batches accepted before shutdown be committed (their senders may still get the ack)."""
     await asyncio.sleep(0)  # a commit scheduled by the last frames
     while relay.committing or relay.pending or relay.cursor_updates:
-        await storage.call(lambda: None)  # after every job submitted so far
+        await engine.settle()  # after every call made so far
         await asyncio.sleep(0)  # their results, which may start the next batch
 
 
@@ -267,29 +266,17 @@ async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
                 connection.transport.abort()
 
 
-def _storage_health(relay: Relay) -> dict[str, Any]:
-    """``ok`` is false while the file is gone or damaged, or the last storage call failed (until one succeeds)."""
-    store = relay.store
-    if store is None:
-        return {"mode": "ephemeral", "ok": True}
-    error = store.verify_file() or relay.storage_problem
-    health: dict[str, Any] = {"mode": "sqlite", "ok": error is None, "db_bytes": store.size_bytes()}
-    if error is not None:
-        health["error"] = error
-    return health
-
-
 def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handler]:
     def health() -> tuple[int, str, bytes]:
         relay = ws_server.relay
-        storage = _storage_health(relay)
+        storage = relay.engine.health()
         return json_response({
             "status": "ok" if storage["ok"] else "degraded",
             "version": __version__,
             "uptime_s": round(time.monotonic() - started, 3),
             "connections": len(ws_server.connections),
             "sessions": relay.session_count,
-            "users_online": len(relay.sessions),
+            "users_online": len(relay.engine.presence.online()),
             "messages_routed": ws_server.metrics.routed,
             "messages_stored_for_offline": ws_server.metrics.stored,
             "storage": storage,
@@ -302,7 +289,7 @@ def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handle
             for session in mine:
                 sessions["legacy" if session.legacy else "chatcli.v1"] += 1
         gauges: dict[str, dict[str, float]] = {"connections": {"": len(ws_server.connections)}, "sessions": sessions,
-                  "db_bytes": {"": relay.store.size_bytes() if relay.store is not None else 0}}
+                  "db_bytes": {"": relay.engine.health().get("db_bytes", 0)}}
         body = render_prometheus(ws_server.metrics, gauges)
         return 200, "text/plain; version=0.0.4; charset=utf-8", body.encode()
 

@@ -1,22 +1,24 @@
-"""Routing: who is connected, and what happens to each frame a session sends.
+"""Routing: who is connected here, and what happens to each frame a session sends.
 
 Transport-free: sessions are anything with ``user``, ``legacy`` and
 ``send_text()``; the transport turns WebSocket frames into calls of
 ``on_legacy_text`` / ``on_native_text`` and writes what sessions are given.
 
-Two modes:
+The relay keeps what belongs to this process's sockets: the registry of open
+sessions, their backlogs being sent (replays), their history queues and watches,
+and the per-user rate limits. Everything else goes through an ``Engine``
+(``chatcli.server.engine``): message ids and commits, backlogs, history, cursors,
+contacts, who is online, accounts. What the engine can do is read from its
+``capabilities`` (the memory engine of ``--ephemeral`` stores nothing: offline
+recipients are refused and there is no history), never from which engine it is.
 
-* durable (a ``MessageStore``): every accepted message is committed before it
-  is acknowledged or delivered. Messages accepted during one event-loop tick
-  are committed together (``schedule`` runs ``commit`` once the tick's reads
-  are done), so durability costs one transaction per tick, not per message.
-  A recipient with no open session gets the message when it connects.
-  Every storage call runs on the storage thread (``StorageRunner``), never on
-  the loop: while one batch is being committed, the next ticks' messages
-  gather into the next batch, so batches grow with the load.
-  Backlogs (replay) and history answers are read in pages bounded in bytes, and
-  the next page is read only once the session's outgoing buffer has drained.
-* ephemeral (no store): delivered at once or refused as ``offline``.
+Every accepted message is committed before it is acknowledged or delivered.
+Messages accepted during one event-loop tick are committed together
+(``schedule`` runs ``commit`` once the tick's reads are done), so durability
+costs one transaction per tick, not per message; while one batch is being
+committed, the next ticks' messages gather into the next batch, so batches grow
+with the load. Backlogs (replay) and history answers are read in pages bounded in
+bytes, and the next page is read only once the session's outgoing buffer has drained.
 
 Limits are per user, not per session: ``UserQuota`` counts a user's open sessions
 (receiving or not) and holds the one token bucket all of them draw from.
@@ -24,44 +26,35 @@ Limits are per user, not per session: ``UserQuota`` counts a user's open session
 
 from __future__ import annotations
 
+import enum
 import hmac
 import logging
-import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Set
-from typing import Final, NamedTuple, Protocol
+from collections.abc import Callable, Iterable, Set
+from typing import Protocol
 
 from websockets.frames import CloseCode
 
 from chatcli import protocol as p
 from chatcli.errors import ChatcliError, RemoteProtocolError, StorageError
 from chatcli.server.config import PresenceMode, ServerConfig
+from chatcli.server.engine.base import Appended, BacklogPage, Capability, Engine, NewMessage, StoredMessage
+from chatcli.server.engine.pages import message_frame
 from chatcli.server.metrics import Metrics
-from chatcli.server.storage import Appended, MessageStore, NewMessage, StoredMessage
-from chatcli.server.storage_thread import InlineStorage, StorageRunner
+
+__all__ = ["CLOSE_STORAGE_FAILED", "HELD_CHARS", "HELD_LIMIT", "HISTORY_QUEUE", "MAX_WATCHED_USERS", "Outcome", "Relay",
+           "Session", "UserQuota", "encode_stored", "message_frame"]
 
 log = logging.getLogger("chatcli.server")
 
-#: The ack statuses, read off the enum once: on Python 3.11 ``EnumType.__getattr__`` makes each
-#: ``p.Status.X`` look-up ~75 ns slower than a global, and acks are built once per message.
-_DELIVERED: Final = p.Status.DELIVERED
-_STORED: Final = p.Status.STORED
-_REFUSED: Final = p.Status.REFUSED
-
-#: Stored messages sent to a connecting session per page, so a long backlog never stalls others.
-REPLAY_PAGE = 500
-#: ... and at most this many bytes of frames per page (one message always fits, even a larger one).
-#: A native frame can be 6 times its text (control characters become \u00XX escapes).
-REPLAY_PAGE_BYTES = 256 * 1024
-#: The most bytes of messages in one history answer; a cut answer says ``"more": true``.
-HISTORY_ANSWER_BYTES = 512 * 1024
 #: History requests a session may have waiting behind the one being answered.
 HISTORY_QUEUE = 8
 #: Live messages held for a session still receiving its backlog; beyond this they are read back from storage.
 HELD_LIMIT = 100
-#: SQLite's names for a damaged file: unlike a full disk or a held lock, a later success does not undo them.
-DAMAGED_FILE_ERRORS = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+#: ... and at most this many characters of text (256 KiB of UTF-8 at most), so a few large messages cannot
+#: pin megabytes per replaying session.
+HELD_CHARS = 64 * 1024
 #: The close code for a session whose backlog cannot be read (1011: the server hit an unexpected condition).
 CLOSE_STORAGE_FAILED = CloseCode.INTERNAL_ERROR
 
@@ -105,35 +98,32 @@ class Session(Protocol):
 class Replay:
     """A session receiving its backlog; live messages wait in ``held`` so that order is kept.
 
-    Past ``HELD_LIMIT`` live messages, ``held`` is dropped and ``overflowed`` set: those messages
-    are stored, so one more page read at the end of the backlog finds them.
+    Past ``HELD_LIMIT`` live messages or ``HELD_CHARS`` of their text, ``held`` is dropped and
+    ``overflowed`` set: those messages are stored, so one more page read at the end of the backlog
+    finds them.
     """
 
-    __slots__ = ("after", "held", "overflowed", "since_ts")
+    __slots__ = ("after", "held", "held_chars", "overflowed", "since_ts")
 
     def __init__(self, after: int | None, since_ts: float | None) -> None:
         self.after = after
         self.since_ts = since_ts
         self.held: list[StoredMessage] = []
+        self.held_chars = 0
         self.overflowed = False
 
 
-class ReplayPage(NamedTuple):
-    """Read on the storage thread: (id, encoded frame) to send, where the next page starts, and
-    whether the backlog ended in this page."""
+class Outcome(enum.Enum):
+    """What became of an accepted message once its batch was committed; ``status`` is what its ack says."""
 
-    frames: list[tuple[int, str]]
-    after: int
-    complete: bool
+    DELIVERED = (1, p.Status.DELIVERED)  # handed to at least one open session of the recipient here
+    STORED = (2, p.Status.STORED)  # kept for a recipient with no open session here
+    DUPLICATE = (3, p.Status.STORED)  # a retried client id: nothing new stored, the original's id acknowledged
+    OFFLINE = (4, p.Status.REFUSED)  # refused: nobody would keep it (the engine stores nothing), nobody online
 
-
-def utf8_len(text: str) -> int:
-    """Bytes of ``text`` in UTF-8; free for ASCII (``isascii`` is O(1))."""
-    return len(text) if text.isascii() else len(text.encode())
-
-
-def message_frame(stored: StoredMessage) -> p.Message:
-    return p.Message(stored.id, stored.sender, stored.recipient, stored.text, p.format_ts(stored.ts))
+    def __init__(self, _order: int, status: str) -> None:
+        #: A plain attribute: read once per message on the ack path (an enum-keyed dict would hash in Python).
+        self.status = status
 
 
 def encode_stored(message: StoredMessage, legacy: bool) -> str:
@@ -142,61 +132,6 @@ def encode_stored(message: StoredMessage, legacy: bool) -> str:
     if legacy:
         return p.encode_legacy_message(message.sender, message.text)
     return p.encode(message_frame(message))
-
-
-def read_replay_page(store: MessageStore, user: str, legacy: bool, after: int | None,
-                     since_ts: float | None) -> ReplayPage:
-    """One page of ``user``'s backlog, at most ``REPLAY_PAGE`` messages and ``REPLAY_PAGE_BYTES`` (storage thread).
-
-    Without a start point the page starts after the user's cursor. Rows are read one at a time
-    and reading stops once the byte budget is used.
-    """
-    start = store.cursor(user) if after is None and since_ts is None else after or 0
-    if since_ts is not None:
-        first = store.first_id_since(since_ts)  # O(log n), no scan of the inbox
-        if first is None:
-            return ReplayPage([], start, True)
-        start = max(start, first - 1)
-    frames: list[tuple[int, str]] = []
-    size = read = 0
-    for message in store.iter_messages_to(user, start, REPLAY_PAGE):
-        try:
-            frame = encode_stored(message, legacy)
-        except ChatcliError as exc:
-            log.error("skipping stored message %d to %s: %s", message.id, user, exc,
-                      extra={"event": "bad-stored-message", "msg_id": message.id})
-            frame = ""
-        if frame and frames and size + utf8_len(frame) > REPLAY_PAGE_BYTES:
-            return ReplayPage(frames, start, False)
-        read += 1
-        start = message.id
-        if frame:
-            frames.append((message.id, frame))
-            size += utf8_len(frame)
-    return ReplayPage(frames, start, read < REPLAY_PAGE)
-
-
-def read_history_answer(store: MessageStore, user: str, request: p.HistoryRequest) -> str:
-    """The encoded answer to ``request``: newest messages first until ``limit`` or ``HISTORY_ANSWER_BYTES``
-    (storage thread). An answer cut by the byte cap says ``more``; one message always fits."""
-    messages: list[p.Message] = []
-    size = 0
-    more = False
-    for stored in store.iter_history(user, request.peer, request.limit, request.before):
-        try:
-            message = message_frame(stored)
-            cost = utf8_len(p.encode(message))
-        except ChatcliError as exc:
-            log.error("skipping stored message %d in a history answer: %s", stored.id, exc,
-                      extra={"event": "bad-stored-message", "msg_id": stored.id})
-            continue
-        if messages and size + cost > HISTORY_ANSWER_BYTES:
-            more = True
-            break
-        messages.append(message)
-        size += cost
-    messages.reverse()
-    return p.encode(p.History(request.id, request.peer, tuple(messages), more=more))
 
 
 class UserQuota:
@@ -219,14 +154,15 @@ class UserQuota:
 
 
 class Relay:
-    """The registry of open sessions and the routing of sends between them."""
+    """The registry of open sessions and the routing of sends between them; an ``EngineListener``."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics, store: MessageStore | None = None,
+    def __init__(self, config: ServerConfig, metrics: Metrics, engine: Engine,
                  schedule: Callable[[Callable[[], None]], object] | None = None,
-                 clock: Callable[[], float] = time.time, storage: StorageRunner | None = None) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.metrics = metrics
-        self.store = store
+        self.engine = engine
+        engine.attach(self)
         self.schedule = schedule or (lambda callback: callback())
         self.clock = clock
         self.monotonic = time.monotonic  # for token buckets: immune to wall-clock steps
@@ -235,25 +171,14 @@ class Relay:
         self.quotas: dict[str, UserQuota] = {}
         self.idle_quotas: set[str] = set()  # users in quotas with no open session
         self.open: set[Session] = set()  # every registered session, receiving or not
-        self.storage: StorageRunner = storage or InlineStorage()
-        self.committing = False  # a batch is with the storage thread; the next one waits in `pending`
+        self.committing = False  # a batch is with the engine; the next one waits in `pending`
         # Accept times never decrease with ids (first_id_since relies on it), across restarts too.
-        self.last_ts = store.newest_ts if store is not None else 0.0
-        #: The last storage failure, until a later storage call succeeds (reported by /healthz).
-        self.storage_error: str | None = None
-        #: The file is damaged (SQLite found it malformed): reported until a restart, whatever succeeds later.
-        self.storage_damaged: str | None = None
+        self.last_ts = engine.newest_ts
         # A session's history requests, answered one at a time: the key exists while one is being answered.
         self.history_queues: dict[Session, deque[p.HistoryRequest]] = {}
         # user -> that user's open sessions; a user may be connected several times.
         self.sessions: dict[str, list[Session]] = {}
         self.replays: dict[Session, Replay] = {}
-        self.last_msg_id = 0  # ephemeral mode's id counter
-        # The identity announced in every hello: the store's, or this process's (its memory is the store).
-        self.epoch = store.epoch if store is not None else secrets.token_hex(16)
-        # The highest id the store gave out, read once here and then kept up to date by our own commits
-        # (this process is the only writer of messages): a handshake must not wait for the storage thread.
-        self.highest_id = self._read_highest_id(store) if store is not None else 0
         # Accepted this tick, committed together: (sender session, client id, recipient, text).
         self.pending: list[tuple[Session, str | None, str, str]] = []
         self.cursor_updates: dict[str, int] = {}
@@ -268,8 +193,15 @@ class Relay:
 
     @property
     def features(self) -> tuple[str, ...]:
-        stored = (p.Feature.STORE, p.Feature.RESUME, p.Feature.HISTORY) if self.store is not None else ()
+        """What hellos announce: the engine's capabilities as features, and presence unless it is off."""
+        can = self.engine.capabilities
+        stored = tuple(feature for capability, feature in _FEATURES if capability in can)
         return (*stored, p.Feature.PRESENCE) if self.config.presence != "off" else stored
+
+    @property
+    def epoch(self) -> str:
+        """The store identity announced in every hello."""
+        return self.engine.epoch
 
     # -- registry -----------------------------------------------------------
 
@@ -287,8 +219,9 @@ class Relay:
         mine = self.sessions.setdefault(session.user, [])
         mine.append(session)
         if len(mine) == 1:
+            self.engine.presence.joined(session.user)
             self._announce(session.user, online=True)
-        if self.store is not None:
+        if Capability.RESUME in self.engine.capabilities:
             self.replays[session] = Replay(after, since_ts)
             self._request_page(session)
 
@@ -299,22 +232,11 @@ class Relay:
         backup, or a client whose epoch is unknown), is no position here: skipping up to it would
         drop this store's messages, so the backlog starts at this store's beginning instead.
         """
-        if after is None or ((epoch is None or epoch == self.epoch) and after <= self._highest_id()):
+        if after is None or ((epoch is None or epoch == self.engine.epoch) and after <= self.engine.highest_id()):
             return after, False
         log.info("%s resumes after message %d of another store (epoch %s): replaying from the beginning",
                  user, after, epoch or "unknown", extra={"event": "cursor-reset", "user": user})
         return 0, True
-
-    @staticmethod
-    def _read_highest_id(store: MessageStore) -> int:
-        try:
-            return store.highest_id()
-        except StorageError as exc:  # cannot tell: trust the client's id, as before epochs existed
-            log.error("could not read the highest message id: %s", exc, extra={"event": "storage-error"})
-            return p.MAX_INT
-
-    def _highest_id(self) -> int:
-        return self.last_msg_id if self.store is None else self.highest_id
 
     def close_session(self, session: Session) -> None:
         """Remove exactly this session; the user's other sessions stay reachable."""
@@ -334,6 +256,7 @@ class Relay:
             return
         if not mine:
             del self.sessions[session.user]
+            self.engine.presence.left(session.user)
             self._announce(session.user, online=False)
 
     def _count_open(self, session: Session) -> None:
@@ -405,7 +328,19 @@ class Relay:
                 watcher.send_text(frame)
 
     def online_users(self) -> list[str]:
-        return sorted(self.sessions)
+        return sorted(self.engine.presence.online())
+
+    # -- what the engine tells (EngineListener) -------------------------------------------
+
+    def message_committed_elsewhere(self, message: StoredMessage) -> None:
+        """A message another node committed: deliver it to this node's sessions of its recipient."""
+        recipients = self.sessions.get(message.recipient)
+        if recipients is not None:
+            self._delivered(message, recipients)
+
+    def presence_changed(self, user: str, online: bool) -> None:
+        """``user`` came or went on another node: tell this node's watchers."""
+        self._announce(user, online)
 
     @property
     def session_count(self) -> int:
@@ -450,7 +385,8 @@ class Relay:
         elif not self.take_token(session.user):
             self._rate_limited(session, frame)
         elif isinstance(frame, p.Received):
-            self._received(session, frame.id)
+            # Never past what this session was sent: a cursor beyond it would skip messages not yet delivered.
+            self.confirm_received(session.user, min(frame.id, session.written_upto))
         elif isinstance(frame, p.HistoryRequest):
             self._history(session, frame)
         elif isinstance(frame, p.WhoRequest):
@@ -476,7 +412,7 @@ class Relay:
         mode = self.config.presence
         if mode is None:
             mode = "contacts" if session.authenticated else "all"
-        return "all" if mode == "contacts" and self.store is None else mode
+        return "all" if mode == "contacts" and Capability.CONTACTS not in self.engine.capabilities else mode
 
     def _presence_off(self, session: Session) -> None:
         session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
@@ -485,10 +421,9 @@ class Relay:
     def _visible(self, session: Session, users: Set[str]) -> set[str] | None:
         """Which of ``users`` (online or not) ``session`` may see under --presence contacts: its own
         user and those it exchanged a message with. None (after telling the session) if unreadable."""
-        assert self.store is not None
         me = session.user
         try:
-            visible = self.store.contacts_among(me, users)
+            visible = self.engine.contacts_among(me, users)
         except StorageError as exc:
             log.error("could not read the contacts of %s: %s", me, exc, extra={"event": "storage-error"})
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE, "presence is unavailable right now")))
@@ -502,9 +437,9 @@ class Relay:
         if mode == "off":
             self._presence_off(session)
             return
-        online: Collection[str] = self.sessions
+        online: Set[str] = self.engine.presence.online()
         if mode == "contacts":
-            visible = self._visible(session, self.sessions.keys())
+            visible = self._visible(session, online)
             if visible is None:
                 return
             online = visible
@@ -536,20 +471,20 @@ class Relay:
         for user in users:
             if visible is None or user in visible:
                 self.watchers.setdefault(user, set()).add(session)
-                session.send_text(p.encode(p.Presence(user, user in self.sessions)))
+                session.send_text(p.encode(p.Presence(user, self.engine.presence.is_online(user))))
             else:
                 self.hidden_watchers.setdefault((session.user, user), set()).add(session)
                 session.send_text(p.encode(p.Presence(user, False, hidden=True)))
 
     def _reveal(self, rows: list[NewMessage]) -> None:
         """Messages were stored: whoever watched their other party hidden may see it now."""
-        hidden = self.hidden_watchers
+        hidden, presence = self.hidden_watchers, self.engine.presence
         for row in rows:
             for watcher, watched in ((row.sender, row.recipient), (row.recipient, row.sender)):
                 sessions = hidden.pop((watcher, watched), None)
                 if sessions:
                     self.watchers.setdefault(watched, set()).update(sessions)
-                    frame = p.encode(p.Presence(watched, watched in self.sessions))
+                    frame = p.encode(p.Presence(watched, presence.is_online(watched)))
                     for session in sessions:
                         session.send_text(frame)
 
@@ -561,19 +496,15 @@ class Relay:
             session.send_text(p.encode(p.Error(p.ErrorCode.BINARY_UNSUPPORTED,
                                                "binary frames are not supported: send JSON text frames")))
 
-    def _received(self, session: Session, msg_id: int) -> None:
-        # Never past what this session was sent: a cursor beyond it would skip messages not yet delivered.
-        self.confirm_received(session.user, min(msg_id, session.written_upto))
-
     def confirm_received(self, user: str, msg_id: int) -> None:
         """``user`` has every message up to ``msg_id``: advance its cursor with the next commit."""
-        if self.store is not None and msg_id > self.cursor_updates.get(user, 0):
+        if msg_id > self.cursor_updates.get(user, 0) and Capability.RESUME in self.engine.capabilities:
             self.cursor_updates[user] = msg_id
             self._schedule_commit()
 
     def _history(self, session: Session, request: p.HistoryRequest) -> None:
         """Answer history requests one at a time: the next is read once the previous answer has drained."""
-        if self.store is None:
+        if Capability.HISTORY not in self.engine.capabilities:
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
                                                "this server stores no messages (--ephemeral): no history")))
             return
@@ -589,18 +520,14 @@ class Relay:
                 "read the answers, then ask again"))))
 
     def _read_history(self, session: Session, request: p.HistoryRequest) -> None:
-        store, user = self.store, session.user
-        assert store is not None
-        self.storage.submit(lambda: read_history_answer(store, user, request),
-                            lambda answer: self._answer_history(session, answer))
+        self.engine.read_history(session.user, request, lambda answer: self._answer_history(session, answer))
 
     def _answer_history(self, session: Session, answer: str | StorageError) -> None:
         if isinstance(answer, StorageError):
-            self.storage_failed(f"could not read history for {session.user}", answer)
+            _log_storage_failure(f"could not read history for {session.user}", answer)
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
                                                "history is unavailable right now: the server's storage failed")))
         else:
-            self.storage_error = None
             session.send_text(answer)
         if session in self.history_queues:
             session.when_drained(lambda: self._next_history(session))
@@ -614,18 +541,6 @@ class Relay:
         else:
             del self.history_queues[session]
 
-    def storage_failed(self, what: str, exc: StorageError) -> None:
-        """Log a storage failure and report it in /healthz."""
-        self.storage_error = str(exc)
-        if getattr(exc.__cause__, "sqlite_errorname", None) in DAMAGED_FILE_ERRORS:
-            self.storage_damaged = self.storage_damaged or str(exc)
-        log.error("%s: %s", what, exc, extra={"event": "storage-error"})
-
-    @property
-    def storage_problem(self) -> str | None:
-        """What is wrong with storage now (for /healthz), or None."""
-        return self.storage_damaged or self.storage_error
-
     # -- accepting a message ---------------------------------------------------------
 
     def submit(self, session: Session, client_id: str | None, to: str, text: str) -> None:
@@ -636,31 +551,18 @@ class Relay:
             reason = p.Reason.BAD_RECIPIENT
         if reason is not None:
             self.refuse(session, client_id, reason)
-        elif self.store is not None:
-            if not self.pending:
-                self.batch_started = self.clock()
-            self.pending.append((session, client_id, to, text))
-            self._schedule_commit()
-        else:
-            self._route_ephemeral(session, client_id, to, text)
+            return
+        if not self.pending:
+            self.batch_started = self.clock()
+        self.pending.append((session, client_id, to, text))
+        self._schedule_commit()
 
     def refuse(self, session: Session, client_id: str | None, reason: str) -> None:
         self.metrics.refused(reason)
         if session.legacy:
             session.send_text(p.LEGACY_SEND_ERROR)
         else:
-            session.send_text(p.encode(p.Ack(client_id or "", _REFUSED, reason=reason)))
-
-    def _route_ephemeral(self, session: Session, client_id: str | None, to: str, text: str) -> None:
-        recipients = self.sessions.get(to)
-        if recipients is None:
-            self.refuse(session, client_id, p.Reason.OFFLINE)
-            return
-        self.last_msg_id += 1
-        message = StoredMessage(self.last_msg_id, session.user, to, text, self.clock(), client_id)
-        self._deliver(message, recipients)
-        self._ack(session, client_id, message, _DELIVERED)
-        self.metrics.ack_latency.observe(0.0)  # acknowledged while handling the frame
+            session.send_text(p.encode(p.Ack(client_id or "", p.Status.REFUSED, reason=reason)))
 
     def _schedule_commit(self) -> None:
         if not self.commit_scheduled:
@@ -668,14 +570,12 @@ class Relay:
             self.schedule(self.commit)
 
     def commit(self) -> None:
-        """Hand this tick's messages and cursor moves to the storage thread as one batch.
+        """Hand this tick's messages and cursor moves to the engine as one batch.
 
         While a batch is being committed the next ticks' messages wait: ``_committed`` sends them on
         as the next batch. Acks and deliveries happen only once their batch is committed.
         """
         self.commit_scheduled = False
-        store = self.store
-        assert store is not None
         if self.committing or not (self.pending or self.cursor_updates):
             return
         batch, self.pending = self.pending, []
@@ -685,21 +585,17 @@ class Relay:
         rows = [NewMessage(session.user, to, text, now, client_id) for session, client_id, to, text in batch]
         self.committing = True
         started = self.batch_started  # the next batch's first message may arrive before this one is done
-        self.storage.submit(lambda: store.append(rows, updates),
-                            lambda done: self._committed(batch, rows, started, done))
+        self.engine.append(rows, updates, lambda done: self._committed(batch, rows, started, done))
 
     def _committed(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
                    started: float, appended: Appended | StorageError) -> None:
         """Acknowledge and deliver a committed batch, in order; then send on what gathered meanwhile."""
         self.committing = False
         if isinstance(appended, StorageError):
-            self.storage_failed(f"could not store {len(batch)} message(s)", appended)
+            _log_storage_failure(f"could not store {len(batch)} message(s)", appended)
             for session, client_id, _, _ in batch:
                 self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
         else:
-            self.storage_error = None
-            if appended.ids:
-                self.highest_id = max(self.highest_id, max(appended.ids))
             if batch:
                 self.metrics.ack_latency.observe(self.clock() - started, len(batch))
             if self.hidden_watchers:  # rare: someone watches a user they have not talked to yet
@@ -710,23 +606,33 @@ class Relay:
 
     def _acknowledge(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
                      appended: Appended) -> None:
-        duplicates = appended.duplicates
+        unusual = appended.duplicates or appended.offline  # both empty in the common case: one test
+        offline, duplicate = Outcome.OFFLINE, Outcome.DUPLICATE  # looked up once, not per message
         for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
                                                                                  strict=True)):
             message = StoredMessage(msg_id, *row)
-            if duplicates and position in duplicates:
-                self.metrics.error("duplicate")
-                self._ack(session, client_id, message, _STORED, duplicate=True)
+            outcome = self._settled(position, appended) if unusual else None
+            if outcome is None:
+                outcome = self._dispatch(message)
+            if outcome is offline:
+                self.refuse(session, client_id, p.Reason.OFFLINE)
             else:
-                self._dispatch(session, client_id, message)
+                self._ack(session, client_id, message, outcome.status, duplicate=outcome is duplicate)
 
-    def _dispatch(self, session: Session, client_id: str | None, message: StoredMessage) -> None:
+    def _settled(self, position: int, appended: Appended) -> Outcome | None:
+        """The outcome the engine already decided for a message (a retry, an offline recipient), or None."""
+        if position in appended.duplicates:
+            self.metrics.error("duplicate")
+            return Outcome.DUPLICATE
+        return Outcome.OFFLINE if position in appended.offline else None
+
+    def _dispatch(self, message: StoredMessage) -> Outcome:
+        """Deliver a committed message to the recipient's sessions here."""
         recipients = self.sessions.get(message.recipient)
         if recipients is not None and self._delivered(message, recipients):
-            self._ack(session, client_id, message, _DELIVERED)
-        else:
-            self.metrics.stored += 1
-            self._ack(session, client_id, message, _STORED)
+            return Outcome.DELIVERED
+        self.metrics.stored += 1
+        return Outcome.STORED
 
     def _delivered(self, message: StoredMessage, recipients: list[Session]) -> bool:
         """Deliver a stored message; False (logged) for one that cannot be encoded, which fails alone."""
@@ -761,7 +667,7 @@ class Relay:
                 recipient.written(message.id)
             else:
                 if native_frame is None:
-                    native_frame = p.encode(self._message(message))
+                    native_frame = p.encode(message_frame(message))
                 recipient.send_text(native_frame)
                 recipient.written(message.id)
 
@@ -770,7 +676,8 @@ class Relay:
         """Keep a live message until the backlog is sent; past HELD_LIMIT, storage has them (read once more)."""
         if replay.overflowed:
             return
-        if len(replay.held) < HELD_LIMIT:
+        replay.held_chars += len(message.text)
+        if len(replay.held) < HELD_LIMIT and replay.held_chars <= HELD_CHARS:
             replay.held.append(message)
         else:
             replay.held.clear()
@@ -787,33 +694,28 @@ class Relay:
             session.send_text(frame)
             session.written(message.id)
 
-    @staticmethod
-    def _message(stored: StoredMessage) -> p.Message:
-        return message_frame(stored)
-
     # -- replaying a backlog ------------------------------------------------------------
 
     def _request_page(self, session: Session) -> None:
-        """Read the next page of ``session``'s backlog on the storage thread."""
+        """Ask the engine for the next page of ``session``'s backlog."""
         replay = self.replays.get(session)
-        store = self.store
-        if replay is None or store is None or not session.is_open:
+        if replay is None or not session.is_open:
             return
-        user, legacy, after, since_ts = session.user, session.legacy, replay.after, replay.since_ts
-        self.storage.submit(lambda: read_replay_page(store, user, legacy, after, since_ts),
-                            lambda page: self._send_page(session, page))
+        legacy = session.legacy
+        self.engine.read_backlog(session.user, replay.after, replay.since_ts,
+                                 lambda message: encode_stored(message, legacy),
+                                 lambda page: self._send_page(session, page))
 
-    def _send_page(self, session: Session, page: ReplayPage | StorageError) -> None:
+    def _send_page(self, session: Session, page: BacklogPage | StorageError) -> None:
         """Send a page; ask for the next once it has drained, or end the replay and send what was held."""
         replay = self.replays.get(session)
         if replay is None:  # closed meanwhile
             return
         if isinstance(page, StorageError):
-            self.storage_failed(f"could not read stored messages for {session.user}", page)
+            _log_storage_failure(f"could not read stored messages for {session.user}", page)
             del self.replays[session]
             session.close(CLOSE_STORAGE_FAILED, "cannot read your stored messages: storage failed; try again later")
             return
-        self.storage_error = None
         for msg_id, frame in page.frames:
             session.send_text(frame)
             session.written(msg_id)
@@ -824,3 +726,13 @@ class Relay:
             return
         del self.replays[session]
         self._send_stored(session, (m for m in replay.held if m.id > page.after))
+
+
+#: Engine capabilities announced as hello features, in the order hellos list them.
+_FEATURES = ((Capability.STORE, p.Feature.STORE), (Capability.RESUME, p.Feature.RESUME),
+             (Capability.HISTORY, p.Feature.HISTORY))
+
+
+def _log_storage_failure(what: str, exc: StorageError) -> None:
+    """The operator's line; the engine reports the failure in /healthz itself."""
+    log.error("%s: %s", what, exc, extra={"event": "storage-error"})

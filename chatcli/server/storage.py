@@ -1,7 +1,7 @@
-"""Durable messages in one SQLite file, behind a small interface (``MessageStore``).
+"""Durable messages in one SQLite file: the format under the SQLite engine (``engine/sqlite.py``).
 
-Synchronous and I/O-contained: no event loop, no sockets. The relay calls
-``append`` once per event-loop tick with every message it accepted in that tick
+Synchronous and I/O-contained: no event loop, no sockets. The engine calls
+``append`` (on the storage thread) once per event-loop tick with every message it accepted in that tick
 (group commit), so one transaction (and with ``fsync="full"`` one fsync) is paid
 per batch, not per message.
 
@@ -47,18 +47,23 @@ import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
-from typing import Final, Literal, NamedTuple, Protocol, TypeAlias
+from typing import Final, TypeAlias
 
 from chatcli.errors import StorageError
 from chatcli.protocol import MAX_INT
+from chatcli.server.engine.base import Appended, NewMessage, StoredMessage
+from chatcli.server.engine.options import Fsync
+
+# The records are the engine seam's (chatcli.server.engine.base); named here too, where the store writes them.
+__all__ = ["INBOX_BATCH_ROWS", "Appended", "Migration", "NewMessage", "SQLiteStore", "StoredMessage", "migrate",
+           "open_component", "open_database", "schema_version", "sqlite_errors", "write_transaction"]
 
 log = logging.getLogger("chatcli.server")
 
-Fsync: TypeAlias = Literal["normal", "full"]
 #: One schema version: the SQL statements that take the previous version to it.
 Migration: TypeAlias = Sequence[str]
 
-#: How long a write waits for another connection's write lock (e.g. ``chatcli accounts add``
+#: How long a write waits for another connection's write lock (e.g. ``chatcli user add``
 #: while the server runs) before failing.
 BUSY_TIMEOUT_MS: Final = 5000
 #: Keep the WAL file from staying large after a burst (bytes).
@@ -98,14 +103,14 @@ def write_transaction(conn: sqlite3.Connection, doing: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------
 
 
-def open_database(path: str | os.PathLike[str], fsync: Fsync = "normal") -> sqlite3.Connection:
+def open_database(path: str | os.PathLike[str], fsync: Fsync = Fsync.normal) -> sqlite3.Connection:
     """Open (creating if missing) a chatcli database file in WAL mode, in autocommit mode.
 
     Transactions are explicit (``BEGIN IMMEDIATE`` … ``COMMIT``), so the sqlite3
     module never opens one behind our back.
     """
-    if fsync not in ("normal", "full"):
-        raise ValueError(f"fsync must be 'normal' or 'full', not {fsync!r}")
+    if fsync not in tuple(Fsync):
+        raise ValueError(f"fsync must be one of {', '.join(Fsync)}, not {fsync!r}")
     try:
         # check_same_thread=False: the owner may hand the store to a worker thread; calls
         # must still be serialised (one at a time), which the owner guarantees.
@@ -181,83 +186,6 @@ def _apply_migrations(conn: sqlite3.Connection, component: str, migrations: Sequ
         (component, len(migrations)),
     )
     return list(range(current + 1, len(migrations) + 1))
-
-
-# ---------------------------------------------------------------------------
-# Records and the interface
-# ---------------------------------------------------------------------------
-
-
-class NewMessage(NamedTuple):
-    """A message accepted by the relay, not stored yet.
-
-    A tuple so that a batch goes to ``executemany`` as it is, with no per-row copy.
-    """
-
-    sender: str
-    recipient: str
-    text: str
-    ts: float  # epoch seconds when the server accepted it
-    client_id: str | None = None  # the sender's idempotency key, if it gave one
-
-
-class StoredMessage(NamedTuple):
-    """A committed message. A NamedTuple, like NewMessage: one is built per message per commit,
-    and a tuple costs a third of a frozen dataclass there (measured in benchmarks/storage_bench.py)."""
-
-    id: int  # increasing, never reused: a delivery cursor
-    sender: str
-    recipient: str
-    text: str
-    ts: float
-    client_id: str | None
-
-
-class Appended(NamedTuple):
-    """What ``append`` did with a batch.
-
-    ``ids`` has one id per message, in batch order: for a retried (sender,
-    client_id), the ORIGINAL message's id, and its position is in ``duplicates``
-    (nothing was stored for it). Ids, not records: the relay already holds the
-    messages, and building a record per message was a measurable cost per commit.
-    """
-
-    ids: Sequence[int]
-    duplicates: frozenset[int]
-
-
-class MessageStore(Protocol):
-    """What the relay needs from durable storage (SQLite now; Redis could follow)."""
-
-    newest_ts: float
-
-    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int] | None = None) -> Appended: ...
-    def cursor(self, user: str) -> int: ...
-    def advance_cursor(self, user: str, msg_id: int) -> None: ...
-    def advance_cursors(self, cursors: Mapping[str, int]) -> None: ...
-    def pending(self, user: str, after_id: int | None = None, limit: int = 1000) -> list[StoredMessage]: ...
-    def messages_to(
-        self, user: str, after_id: int | None = None, since_ts: float | None = None, limit: int = 1000
-    ) -> list[StoredMessage]: ...
-    def iter_messages_to(self, user: str, after_id: int = 0, limit: int = 1000) -> Iterator[StoredMessage]: ...
-    def first_id_since(self, since_ts: float) -> int | None: ...
-    def history(self, user: str, peer: str, limit: int = 50, before_id: int | None = None) -> list[StoredMessage]: ...
-    def contacts_among(self, user: str, candidates: Set[str]) -> set[str]: ...
-    def iter_history(self, user: str, peer: str, limit: int = 50,
-                     before_id: int | None = None) -> Iterator[StoredMessage]: ...
-    def prune(self, older_than_ts: float, limit: int | None = None) -> int: ...
-    def size_bytes(self) -> int: ...
-    def verify_file(self) -> str | None: ...
-    def close(self) -> None: ...
-
-    @property
-    def epoch(self) -> str:
-        """This store's identity: made with it, never changed, different for every other store."""
-        ...
-
-    def highest_id(self) -> int:
-        """The highest message id this store ever gave out (pruned messages included; 0 if none)."""
-        ...
 
 
 # ---------------------------------------------------------------------------
@@ -345,9 +273,9 @@ def _check_limit(limit: int) -> None:
 
 
 class SQLiteStore:
-    """``MessageStore`` in a SQLite file. Not thread-safe: one call at a time."""
+    """Messages, cursors and contacts in a SQLite file. Not thread-safe: one call at a time."""
 
-    def __init__(self, path: str | os.PathLike[str], fsync: Fsync = "normal") -> None:
+    def __init__(self, path: str | os.PathLike[str], fsync: Fsync = Fsync.normal) -> None:
         self.path = Path(path)
         self.fsync = fsync
         self._conn = open_component(path, fsync, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS)

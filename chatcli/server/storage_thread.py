@@ -22,6 +22,8 @@ from typing import Protocol, TypeVar
 
 from chatcli.errors import StorageError
 
+__all__ = ["InlineStorage", "StorageRunner", "StorageThread", "run_job"]
+
 log = logging.getLogger("chatcli.server")
 
 T = TypeVar("T")
@@ -44,12 +46,19 @@ class StorageRunner(Protocol):
         """Run ``job`` after every job submitted before it; then ``done(result or StorageError)``."""
         ...
 
+    async def call(self, job: Callable[[], T]) -> T | StorageError:
+        """Run ``job`` after every job submitted before it and wait for its outcome."""
+        ...
+
 
 class InlineStorage:
     """Runs each job at once on the calling thread."""
 
     def submit(self, job: Callable[[], T], done: Callable[[T | StorageError], None]) -> None:
         done(run_job(job))
+
+    async def call(self, job: Callable[[], T]) -> T | StorageError:
+        return run_job(job)
 
 
 class StorageThread:

@@ -34,8 +34,8 @@ from chatcli.server.limitlog import LimitLog
 from chatcli.server.throttle import AuthThrottle
 
 if TYPE_CHECKING:
-    from chatcli.server.accounts import AccountStore
     from chatcli.server.config import ServerConfig
+    from chatcli.server.engine.base import Accounts
     from chatcli.server.metrics import Metrics
     from chatcli.server.relay import Relay
 
@@ -124,7 +124,7 @@ class WebSocketServer:
     """State shared by all connections: config, routing, the write-coalescing queue."""
 
     def __init__(self, config: ServerConfig, relay: Relay, metrics: Metrics,
-                 accounts: AccountStore | None = None) -> None:
+                 accounts: Accounts | None = None) -> None:
         self.config = config
         self.relay = relay
         self.metrics = metrics

@@ -173,10 +173,18 @@ def test_tokens_over_tls(chatcli: Chatcli, tls: TlsServer, tmp_path: Path) -> No
 
 def test_send_exits_5_when_rate_limited(chatcli: Chatcli, start_server: StartServer) -> None:
     server = start_server("--rate", "1", "--burst", "1")
-    sender = chatcli("send", "alice", "bob", "--lines", "--json", "--url", server.ws_url, stdin="one\ntwo\nthree\n")
+    sender = chatcli("send", "alice", "bob", "--lines", "--json", "--url", server.ws_url, stdin="one\n\ntwo\nthree\n")
     assert sender.wait() == 5
-    assert "rate-limited" in sender.err[-1]
-    assert [json.loads(line)["status"] for line in sender.out] == ["stored", "refused"]
+    # All three were in flight at once: each gets its ack, in input order, and stderr names the
+    # refused lines by number (the empty line 2 counts).
+    assert [json.loads(line)["status"] for line in sender.out] == ["stored", "refused", "refused"]
+    assert "line 3: rate-limited, line 4: rate-limited" in sender.err[-1]
+    # --window 1 waits for each ack: nothing is sent after the first refusal (carol has her own bucket).
+    stop_and_wait = chatcli("send", "carol", "bob", "--lines", "--json", "--window", "1", "--url", server.ws_url,
+                            stdin="one\ntwo\nthree\n")
+    assert stop_and_wait.wait() == 5
+    assert [json.loads(line)["status"] for line in stop_and_wait.out] == ["stored", "refused"]
+    assert "line 2: rate-limited" in stop_and_wait.err[-1]
 
 
 def test_who_lists_the_users_online(chatcli: Chatcli, server: RunningServer) -> None:

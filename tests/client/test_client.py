@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from chatcli.client.commands import fetch_history, send_messages
+from chatcli.client.commands import TextBatches, fetch_history, send_messages
 from chatcli.client.inputs import parse_since, read_texts
 from chatcli.client.reconnect import Backoff, MessageCursor, ResumePoint
 from chatcli.client.session import open_session, user_url
@@ -59,17 +61,41 @@ def test_cursor_restarts_when_the_server_says_its_store_changed() -> None:
     assert cursor.on_hello(Hello("bob", "s3", "chatcli", epoch="run", reset=True)) is False
 
 
+def numbered_texts(batches: TextBatches) -> list[tuple[int, str]]:
+    """Every (line number, text) a text source gives, synchronous or not."""
+    async def collect() -> list[tuple[int, str]]:
+        if isinstance(batches, AsyncIterator):
+            return [item async for batch in batches for item in batch]
+        return [item for batch in batches for item in batch]
+
+    return asyncio.run(collect())
+
+
 def test_read_texts_argument_stdin_and_lines() -> None:
-    assert list(read_texts("hi", lines=False, stdin=io.StringIO(), stdin_isatty=False)) == ["hi"]
-    assert list(read_texts(None, lines=False, stdin=io.StringIO("a\nb\n"), stdin_isatty=False)) == ["a\nb"]
-    assert list(read_texts("-", lines=False, stdin=io.StringIO("x\r\n"), stdin_isatty=False)) == ["x"]
-    assert list(read_texts(None, lines=True, stdin=io.StringIO("a\n\nb\r\nc"), stdin_isatty=False)) == ["a", "b", "c"]
+    def texts(text: str | None, lines: bool, stdin: str, isatty: bool = False) -> list[str]:
+        batches = read_texts(text, lines=lines, stdin=io.StringIO(stdin), stdin_isatty=isatty)
+        return [t for _, t in numbered_texts(batches)]
+
+    assert texts("hi", False, "") == ["hi"]
+    assert texts(None, False, "a\nb\n") == ["a\nb"]
+    assert texts("-", False, "x\r\n") == ["x"]
+    assert texts(None, True, "a\n\nb\r\nc") == ["a", "b", "c"]
     with pytest.raises(UsageError, match="--lines reads stdin"):
-        read_texts("hi", lines=True, stdin=io.StringIO(), stdin_isatty=False)
+        texts("hi", True, "")
     with pytest.raises(UsageError, match="empty"):
-        read_texts(None, lines=False, stdin=io.StringIO("\n"), stdin_isatty=False)
+        texts(None, False, "\n")
     with pytest.raises(UsageError, match="stdin is a terminal"):
-        read_texts(None, lines=False, stdin=io.StringIO("typed"), stdin_isatty=True)
+        texts(None, False, "typed", isatty=True)
+    with pytest.raises(UsageError, match="no non-empty line"):
+        texts(None, True, "\n\n")
+
+
+def test_lines_keep_their_input_line_numbers_and_survive_bad_utf8(tmp_path: Path) -> None:
+    piped = tmp_path / "input"
+    piped.write_bytes(b"one\n\nthr\xffee\r\n" + "é".encode() * 40000 + b"\nlast")  # é straddles reads
+    with piped.open() as stdin:
+        got = numbered_texts(read_texts(None, lines=True, stdin=stdin, stdin_isatty=False))
+    assert got == [(1, "one"), (3, "thr\ufffdee"), (4, "é" * 40000), (5, "last")]
 
 
 def test_user_url_percent_encodes_and_checks_the_id() -> None:
@@ -113,7 +139,8 @@ def test_a_resent_client_id_is_answered_as_duplicate_and_counts_as_sent(server: 
 
     async def send_twice() -> None:
         for _ in range(2):  # two runs that both use the id of the first attempt
-            await send_messages(settings, "alice", "bob", iter(["only once"]), acks.append, lambda: "retry-1")
+            await send_messages(settings, "alice", "bob", [[(1, "only once")]], acks.append,
+                                new_id=lambda: "retry-1")
 
     asyncio.run(send_twice())
     assert [(a.status, a.duplicate) for a in acks] == [("stored", False), ("stored", True)]

@@ -18,6 +18,7 @@ from chatcli.server.storage import (
     INBOX_BATCH_ROWS,
     MESSAGE_MIGRATIONS,
     MESSAGES_COMPONENT,
+    Appended,
     NewMessage,
     SQLiteStore,
     StoredMessage,
@@ -66,7 +67,7 @@ def test_append_returns_increasing_ids_and_the_stored_fields(store: SQLiteStore)
 
 
 def test_empty_batch_stores_nothing(store: SQLiteStore) -> None:
-    assert store.append([]) == ((), frozenset())
+    assert store.append([]) == Appended((), frozenset())
     assert store.messages_to("bob") == []
 
 

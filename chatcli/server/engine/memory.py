@@ -1,0 +1,90 @@
+"""The memory engine (``--ephemeral``): ids in process memory, nothing stored.
+
+A message is committed only if its recipient is online at commit time; otherwise it
+is refused as ``offline``. There is no backlog, no history, no cursor, no contacts
+and no accounts: ``capabilities`` is empty, and the relay asks it before using any
+of those. The epoch is made at start, so every restart is a new store: a client's
+cursor from before is reset, never trusted.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping, Sequence, Set
+from typing import Any
+
+from chatcli import protocol as p
+from chatcli.errors import StorageError
+from chatcli.server.engine.base import (
+    Accounts,
+    Appended,
+    BacklogPage,
+    Capability,
+    Encoder,
+    EngineListener,
+    NewMessage,
+)
+from chatcli.server.engine.presence import LocalPresence
+
+__all__ = ["MemoryEngine"]
+
+_NOTHING_STORED = "this server stores no messages (--ephemeral)"
+
+
+class MemoryEngine:
+    """``Engine`` that keeps nothing: ids count up in this process, offline recipients are refused."""
+
+    name = "ephemeral"
+    capabilities: frozenset[Capability] = frozenset()
+    newest_ts = 0.0
+    accounts: Accounts | None = None
+
+    def __init__(self) -> None:
+        #: This process's memory is the store: a new identity per start.
+        self.epoch = secrets.token_hex(16)
+        self.presence = LocalPresence()
+        self._last_id = 0
+        self._listener: EngineListener | None = None  # one process: nothing happens elsewhere
+
+    def attach(self, listener: EngineListener) -> None:
+        self._listener = listener
+
+    def highest_id(self) -> int:
+        return self._last_id
+
+    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int],
+               done: Callable[[Appended | StorageError], None]) -> None:
+        """Give an id to each message whose recipient is online; the others are ``offline``. At once."""
+        online = self.presence.online()
+        ids: list[int] = []
+        offline: set[int] = set()
+        for position, message in enumerate(batch):
+            if message.recipient in online:
+                self._last_id += 1
+                ids.append(self._last_id)
+            else:
+                ids.append(0)
+                offline.add(position)
+        done(Appended(ids, frozenset(), frozenset(offline)))
+
+    def read_backlog(self, user: str, after: int | None, since_ts: float | None, encode: Encoder,
+                     done: Callable[[BacklogPage | StorageError], None]) -> None:
+        done(BacklogPage([], after or 0, True))  # nothing is ever kept for anyone
+
+    def read_history(self, user: str, request: p.HistoryRequest, done: Callable[[str | StorageError], None]) -> None:
+        done(StorageError(f"{_NOTHING_STORED}: no history"))
+
+    def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
+        return set()  # no message is kept, so nobody is known to have talked to anybody
+
+    async def prune(self, older_than_ts: float, limit: int) -> int:
+        return 0
+
+    async def settle(self) -> None:
+        return None  # every call finished before it returned
+
+    def health(self) -> dict[str, Any]:
+        return {"mode": self.name, "ok": True}
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,152 @@
+"""The SQLite engine (the default): messages, cursors, contacts and accounts in one file.
+
+The file's format is ``chatcli.server.storage`` (messages, cursors, contacts) and
+``chatcli.server.accounts`` (tokens); this module makes them an ``Engine``. Every
+message read and write runs on the storage thread (``StorageRunner``), in the
+order the relay started them, never on the event loop: while one batch is being
+committed, the next ticks' messages gather into the next batch.
+
+Health: a failed storage call is reported by /healthz until a later one succeeds;
+a damaged file (SQLite finds it malformed) until a restart; a file deleted or
+replaced under the server, for good (``SQLiteStore.verify_file``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence, Set
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from chatcli import protocol as p
+from chatcli.errors import StorageError
+from chatcli.server.accounts import AccountStore
+from chatcli.server.engine.base import Appended, BacklogPage, Capability, Encoder, EngineListener, NewMessage
+from chatcli.server.engine.options import Fsync
+from chatcli.server.engine.pages import read_backlog_page, read_history_answer
+from chatcli.server.engine.presence import LocalPresence
+from chatcli.server.storage import SQLiteStore
+from chatcli.server.storage_thread import StorageRunner
+
+__all__ = ["DAMAGED_FILE_ERRORS", "SQLiteEngine"]
+
+log = logging.getLogger("chatcli.server")
+
+T = TypeVar("T")
+
+#: SQLite's names for a damaged file: unlike a full disk or a held lock, a later success does not undo them.
+DAMAGED_FILE_ERRORS: Final = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+
+
+class SQLiteEngine:
+    """``Engine`` on one SQLite file, its calls run by ``runner`` (the storage thread)."""
+
+    name = "sqlite"
+    capabilities: frozenset[Capability] = frozenset(Capability)
+
+    def __init__(self, store: SQLiteStore, accounts: AccountStore | None, runner: StorageRunner) -> None:
+        self.store = store
+        self.accounts = accounts
+        self._runner = runner
+        self.epoch = store.epoch  # read at open: a file that cannot tell it was refused there
+        self.newest_ts = store.newest_ts
+        self.presence = LocalPresence()
+        # Read once here and then kept by our own commits (this process is the only writer of
+        # messages): a handshake must not wait for the storage thread.
+        self._highest_id = self._read_highest_id()
+        self._listener: EngineListener | None = None  # one process: nothing is committed elsewhere
+        #: The last storage failure, until a later storage call succeeds.
+        self._error: str | None = None
+        #: The file is damaged: reported until a restart, whatever succeeds later.
+        self._damaged: str | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], fsync: Fsync, runner: StorageRunner) -> SQLiteEngine:
+        """Open (creating if missing) the file's messages and accounts; raises StorageError or OSError."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        store = SQLiteStore(path, fsync)
+        try:
+            return cls(store, AccountStore(path), runner)
+        except BaseException:
+            store.close()
+            raise
+
+    def attach(self, listener: EngineListener) -> None:
+        self._listener = listener
+
+    def _read_highest_id(self) -> int:
+        try:
+            return self.store.highest_id()
+        except StorageError as exc:  # cannot tell: trust the client's id, as before epochs existed
+            log.error("could not read the highest message id: %s", exc, extra={"event": "storage-error"})
+            return p.MAX_INT
+
+    def highest_id(self) -> int:
+        return self._highest_id
+
+    # -- work on the storage thread ------------------------------------------------------
+
+    def _submit(self, job: Callable[[], T], done: Callable[[T | StorageError], None]) -> None:
+        """Run ``job`` on the storage thread; its outcome updates health, then goes to ``done``."""
+        def finished(result: T | StorageError) -> None:
+            self._note(result)
+            done(result)
+
+        self._runner.submit(job, finished)
+
+    def _note(self, result: object) -> None:
+        if isinstance(result, StorageError):
+            self._error = str(result)
+            if getattr(result.__cause__, "sqlite_errorname", None) in DAMAGED_FILE_ERRORS:
+                self._damaged = self._damaged or str(result)
+        else:
+            self._error = None
+
+    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int],
+               done: Callable[[Appended | StorageError], None]) -> None:
+        store = self.store
+
+        def committed(appended: Appended | StorageError) -> None:
+            if not isinstance(appended, StorageError) and appended.ids:
+                self._highest_id = max(self._highest_id, max(appended.ids))
+            done(appended)
+
+        self._submit(lambda: store.append(batch, cursors), committed)
+
+    def read_backlog(self, user: str, after: int | None, since_ts: float | None, encode: Encoder,
+                     done: Callable[[BacklogPage | StorageError], None]) -> None:
+        store = self.store
+        self._submit(lambda: read_backlog_page(store, user, encode, after, since_ts), done)
+
+    def read_history(self, user: str, request: p.HistoryRequest, done: Callable[[str | StorageError], None]) -> None:
+        store = self.store
+        self._submit(lambda: read_history_answer(store, user, request), done)
+
+    def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
+        return self.store.contacts_among(user, candidates)
+
+    async def prune(self, older_than_ts: float, limit: int) -> int:
+        deleted = await self._runner.call(functools.partial(self.store.prune, older_than_ts, limit=limit))
+        self._note(deleted)
+        if isinstance(deleted, StorageError):
+            raise deleted
+        return deleted
+
+    async def settle(self) -> None:
+        await self._runner.call(lambda: None)  # after every job submitted so far; their done calls are queued first
+
+    # -- health and closing -------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        error = self.store.verify_file() or self._damaged or self._error
+        health: dict[str, Any] = {"mode": self.name, "ok": error is None, "db_bytes": self.store.size_bytes()}
+        if error is not None:
+            health["error"] = error
+        return health
+
+    def close(self) -> None:
+        self.store.close()
+        if self.accounts is not None:
+            self.accounts.close()

@@ -1,0 +1,252 @@
+"""The Engine contract: every engine passes the same assertions (the ``engine`` fixture runs each test once
+per engine). What an engine cannot do, it says in ``capabilities``; the tests branch on those, never on
+which engine it is, so a new engine (Redis) only has to join ``ENGINES``."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatcli import protocol as p
+from chatcli.errors import LocalProtocolError, StorageError
+from chatcli.server.accounts import AccountStore
+from chatcli.server.engine.base import Appended, BacklogPage, Capability, Engine, NewMessage
+from chatcli.server.engine.pages import HISTORY_ANSWER_BYTES, REPLAY_PAGE, REPLAY_PAGE_BYTES
+from tests.server.fakes import ENGINES, RecordingListener, make_engine
+
+
+def outcome(start: Callable[[Callable[[Any], None]], None]) -> Any:
+    """What an engine call handed its ``done`` callback (the test engines finish before returning)."""
+    results: list[Any] = []
+    start(results.append)
+    assert len(results) == 1, "done must be called exactly once"
+    return results[0]
+
+
+def append(engine: Engine, *messages: NewMessage, cursors: dict[str, int] | None = None) -> Appended:
+    result = outcome(lambda done: engine.append(messages, cursors or {}, done))
+    assert isinstance(result, Appended)
+    return result
+
+
+def backlog(engine: Engine, user: str, after: int | None = None, since_ts: float | None = None) -> BacklogPage:
+    page = outcome(lambda done: engine.read_backlog(user, after, since_ts, lambda m: f"{m.sender}:{m.text}", done))
+    assert isinstance(page, BacklogPage)
+    return page
+
+
+def msg(sender: str, recipient: str, text: str, ts: float = 1000.0, client_id: str | None = None) -> NewMessage:
+    return NewMessage(sender, recipient, text, ts, client_id)
+
+
+def stores(engine: Engine) -> bool:
+    return Capability.STORE in engine.capabilities
+
+
+# -- identity -------------------------------------------------------------------------------------
+
+
+def test_an_engine_has_an_epoch_of_128_random_bits(engine: Engine) -> None:
+    assert re.fullmatch(r"[0-9a-f]{32}", engine.epoch)
+    assert engine.highest_id() == 0 and engine.newest_ts == 0.0
+
+
+def test_a_storing_engine_keeps_its_epoch_and_highest_id_across_a_restart(engine: Engine, tmp_path: Path) -> None:
+    engine.presence.joined("bob")
+    append(engine, msg("alice", "bob", "one"))
+    kind = "sqlite" if stores(engine) else "memory"
+    engine.close()
+    again = make_engine(kind, tmp_path)
+    try:
+        if stores(engine):
+            assert (again.epoch, again.highest_id(), again.newest_ts) == (engine.epoch, 1, 1000.0)
+        else:  # nothing survives: a new store, which a client's old cursor must not be trusted in
+            assert again.epoch != engine.epoch and again.highest_id() == 0
+    finally:
+        again.close()
+
+
+# -- commit -----------------------------------------------------------------------------------------
+
+
+def test_ids_grow_in_batch_order_and_highest_id_follows(engine: Engine) -> None:
+    engine.presence.joined("bob")
+    first = append(engine, msg("alice", "bob", "1"), msg("carol", "bob", "2"))
+    second = append(engine, msg("alice", "bob", "3"))
+    assert list(first.ids) == [1, 2] and list(second.ids) == [3]
+    assert not first.duplicates and not first.offline
+    assert engine.highest_id() == 3
+
+
+def test_an_offline_recipient_is_stored_for_or_refused(engine: Engine) -> None:
+    engine.presence.joined("bob")
+    appended = append(engine, msg("alice", "carol", "to carol, offline"), msg("alice", "bob", "to bob"))
+    if stores(engine):
+        assert list(appended.ids) == [1, 2] and not appended.offline
+        assert backlog(engine, "carol").frames == [(1, "alice:to carol, offline")]
+    else:
+        assert appended.offline == {0} and list(appended.ids) == [0, 1]
+        assert engine.highest_id() == 1  # a refused message takes no id
+
+
+def test_a_retried_client_id_is_answered_with_the_original(engine: Engine) -> None:
+    engine.presence.joined("bob")
+    first = append(engine, msg("alice", "bob", "hi", client_id="c1"))
+    again = append(engine, msg("alice", "bob", "hi", client_id="c1"), msg("carol", "bob", "x", client_id="c1"))
+    if stores(engine):  # idempotency comes with storage: the original is what can be answered
+        assert list(again.ids) == [first.ids[0], 2] and again.duplicates == {0}
+    else:
+        assert list(again.ids) == [2, 3] and not again.duplicates
+
+
+# -- backlog and cursors ----------------------------------------------------------------------------
+
+
+def test_the_backlog_starts_after_the_cursor_or_where_asked(engine: Engine) -> None:
+    append(engine, *(msg("alice", "bob", str(n), ts=1000.0 + n) for n in range(1, 5)))
+    append(engine, cursors={"bob": 2})
+    if Capability.RESUME not in engine.capabilities:
+        assert backlog(engine, "bob") == BacklogPage([], 0, True)
+        return
+    assert [i for i, _ in backlog(engine, "bob").frames] == [3, 4]
+    assert [i for i, _ in backlog(engine, "bob", after=0).frames] == [1, 2, 3, 4]
+    assert [i for i, _ in backlog(engine, "bob", since_ts=1003.0).frames] == [3, 4]
+    assert backlog(engine, "bob", since_ts=2000.0) == BacklogPage([], 0, True)
+    append(engine, cursors={"bob": 1})  # a cursor never moves back
+    assert backlog(engine, "bob").after == 4
+
+
+def test_a_backlog_page_is_bounded_in_count_and_bytes(engine: Engine) -> None:
+    if Capability.RESUME not in engine.capabilities:
+        assert backlog(engine, "bob", after=0).complete
+        return
+    big = "x" * (REPLAY_PAGE_BYTES // 2)
+    append(engine, *(msg("alice", "bob", big) for _ in range(3)))
+    first = backlog(engine, "bob", after=0)
+    assert [i for i, _ in first.frames] == [1] and not first.complete  # a second would pass the byte bound
+    assert [i for i, _ in backlog(engine, "bob", after=first.after).frames] == [2]
+    append(engine, *(msg("alice", "carol", "s") for _ in range(REPLAY_PAGE + 1)))
+    page = backlog(engine, "carol", after=0)
+    assert len(page.frames) == REPLAY_PAGE and not page.complete
+    assert backlog(engine, "carol", after=page.after).complete
+
+
+def test_a_row_the_encoder_rejects_is_skipped_not_fatal(engine: Engine) -> None:
+    engine.presence.joined("bob")
+    append(engine, msg("alice", "bob", "bad"), msg("alice", "bob", "good"))
+
+    def encode(message: Any) -> str:
+        if message.text == "bad":
+            raise LocalProtocolError("unencodable")
+        return str(message.text)
+
+    page = outcome(lambda done: engine.read_backlog("bob", 0, None, encode, done))
+    expected = [(2, "good")] if Capability.RESUME in engine.capabilities else []
+    assert page == BacklogPage(expected, 2 if expected else 0, True)
+
+
+# -- history ----------------------------------------------------------------------------------------
+
+
+def history(engine: Engine, user: str, peer: str, limit: int = 50) -> p.History | StorageError:
+    answer = outcome(lambda done: engine.read_history(user, p.HistoryRequest("h1", peer, limit), done))
+    if isinstance(answer, StorageError):
+        return answer
+    frame = p.parse_server_frame(answer)
+    assert isinstance(frame, p.History)
+    return frame
+
+
+def test_history_is_both_directions_oldest_first_and_bounded(engine: Engine) -> None:
+    engine.presence.joined("alice")
+    engine.presence.joined("bob")
+    append(engine, msg("alice", "bob", "a1"), msg("bob", "alice", "b1"), msg("carol", "bob", "c1"))
+    answer = history(engine, "bob", "alice")
+    if Capability.HISTORY not in engine.capabilities:
+        assert isinstance(answer, StorageError)
+        return
+    assert isinstance(answer, p.History)
+    assert [m.text for m in answer.messages] == ["a1", "b1"] and not answer.more
+    big = "y" * (HISTORY_ANSWER_BYTES // 2)
+    append(engine, *(msg("alice", "bob", big) for _ in range(3)))
+    cut = history(engine, "bob", "alice")
+    assert isinstance(cut, p.History) and cut.more and len(cut.messages) == 1
+
+
+# -- contacts, presence, accounts, listener --------------------------------------------------------
+
+
+def test_contacts_are_who_exchanged_a_message(engine: Engine) -> None:
+    for user in ("alice", "bob", "carol"):
+        engine.presence.joined(user)
+    append(engine, msg("alice", "bob", "hi"))
+    expected = {"bob"} if Capability.CONTACTS in engine.capabilities else set()
+    assert engine.contacts_among("alice", {"bob", "carol"}) == expected
+    assert engine.contacts_among("alice", set()) == set()
+
+
+def test_presence_counts_users_not_sessions(engine: Engine) -> None:
+    presence = engine.presence
+    presence.joined("alice")
+    presence.joined("bob")
+    presence.left("alice")
+    assert presence.is_online("bob") and not presence.is_online("alice")
+    assert set(presence.online()) == {"bob"}
+
+
+def test_accounts_exist_only_where_announced(engine: Engine, tmp_path: Path) -> None:
+    accounts = engine.accounts
+    if Capability.ACCOUNTS not in engine.capabilities:
+        assert accounts is None
+        return
+    assert accounts is not None and not accounts.any_accounts()
+    with AccountStore(tmp_path / "chat.db") as admin:  # `chatcli user add` from another process
+        token = admin.add("alice")
+    assert accounts.any_accounts() and accounts.verify("alice", token)
+    assert not accounts.verify("alice", token + "x") and not accounts.verify("nobody", token)
+
+
+def test_a_single_process_engine_never_calls_its_listener(engine: Engine) -> None:
+    listener = RecordingListener()
+    engine.attach(listener)
+    engine.presence.joined("bob")
+    append(engine, msg("alice", "bob", "hi"))
+    assert listener.messages == [] and listener.presence == []
+
+
+# -- maintenance and health --------------------------------------------------------------------------
+
+
+def test_prune_deletes_only_what_is_older(engine: Engine) -> None:
+    engine.presence.joined("bob")
+    append(engine, msg("alice", "bob", "old", ts=10.0), msg("alice", "bob", "new", ts=20.0))
+    deleted = asyncio.run(engine.prune(15.0, 100))
+    asyncio.run(engine.settle())
+    if stores(engine):
+        assert deleted == 1 and [f for _, f in backlog(engine, "bob", after=0).frames] == ["alice:new"]
+    else:
+        assert deleted == 0
+
+
+def test_health_is_ok_and_names_the_engine(engine: Engine) -> None:
+    health = engine.health()
+    assert health["ok"] is True and health["mode"] == engine.name and "error" not in health
+    if stores(engine):
+        assert health["db_bytes"] > 0
+
+
+@pytest.mark.parametrize("capability", list(Capability))
+def test_every_capability_is_held_by_some_engine(capability: Capability, tmp_path: Path) -> None:
+    """No capability is dead weight: some engine in the suite has it, so its branch above is tested."""
+    engines = [make_engine(kind, tmp_path / kind) for kind in ENGINES]
+    try:
+        assert any(capability in e.capabilities for e in engines)
+        assert any(capability not in e.capabilities for e in engines)
+    finally:
+        for e in engines:
+            e.close()
