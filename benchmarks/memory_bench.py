@@ -36,6 +36,10 @@ from websockets.sync.client import connect
 
 from chatcli import protocol as p
 
+# The Flutter app's send frame comes from the tests' emulation of the app: the checkout's root on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.flutter_app import encode_legacy_send
+
 TEXT = "\x01" * 65_536
 
 
@@ -79,7 +83,7 @@ def store_messages(ws_port: int, count: int) -> None:
     with connect(f"ws://127.0.0.1:{ws_port}/alice", max_size=None) as ws:
         assert ws.recv() == p.LEGACY_CONNECTED
         for _ in range(count):
-            ws.send(p.encode_legacy_send("bob", TEXT))
+            ws.send(encode_legacy_send("bob", TEXT))
             assert ws.recv() == p.LEGACY_SEND_SUCCESS
 
 

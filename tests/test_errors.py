@@ -25,13 +25,6 @@ from chatcli.errors import (
 )
 
 
-def test_exit_status_values_are_the_documented_ones() -> None:
-    assert {status.name: int(status) for status in ExitStatus} == {
-        "SUCCESS": 0, "ERROR": 1, "USAGE": 2, "CONNECT": 3, "AUTH": 4, "REFUSED": 5, "TIMEOUT": 6,
-        "INTERRUPTED": 130,
-    }
-
-
 @pytest.mark.parametrize(
     ("exc", "status"),
     [
@@ -72,11 +65,3 @@ def test_protocol_error_codes() -> None:
 def test_refused_error_carries_its_reason() -> None:
     assert RefusedError("no").reason == "refused"
     assert RefusedError("no", reason="too-large").reason == "too-large"
-
-
-def test_one_tree() -> None:
-    for cls in (LocalProtocolError, RemoteProtocolError, UnknownFrameType, InvalidUserId, StorageError,
-                AccountError, UsageError, ConnectError, AuthError, RefusedError, TimedOutError):
-        assert issubclass(cls, ChatcliError)
-    assert not issubclass(LocalProtocolError, RemoteProtocolError)
-    assert not issubclass(RemoteProtocolError, LocalProtocolError)

@@ -1,4 +1,7 @@
-"""Test clients: a native chatcli.v1 client, a stand-in for the seed Flutter app, and a raw socket."""
+"""Test clients: a native chatcli.v1 client, a stand-in for the seed Flutter app, and a raw socket.
+
+What the Flutter app writes and reads is in ``tests/flutter_app.py``; here are only its connections.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from typing import Any
 from websockets.sync.client import ClientConnection, connect
 
 from chatcli import protocol as p
+
+__all__ = ["RawClient", "client_frame", "legacy", "native", "recv_frame", "request_head", "send_native"]
 
 
 def native(url: str, user: str, key: str = p.DEFAULT_AUTH_KEY, headers: dict[str, str] | None = None,

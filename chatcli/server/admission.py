@@ -26,7 +26,7 @@ __all__ = ["AdmissionState", "Admitted", "Refused", "admit"]
 #: Headers that must appear at most once: with two, which one wins would be a guess.
 SINGLE_HEADERS: Final = ("Authorization", p.RECEIVE_HEADER, p.RESUME_AFTER_HEADER, p.REPLAY_SINCE_HEADER,
                           p.EPOCH_HEADER)
-#: Digits of the largest message id (2**63 - 1); checked before int(), which is slow on thousands of digits.
+#: Digits of the largest message id (MAX_INT); checked before int(), which is slow on thousands of digits.
 _MAX_ID_DIGITS: Final = len(str(p.MAX_INT))
 
 

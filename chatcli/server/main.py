@@ -15,6 +15,8 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+from websockets.frames import CloseCode
+
 from chatcli import __version__
 from chatcli.errors import StorageError
 from chatcli.server.codecs import CODECS
@@ -257,7 +259,7 @@ async def _settle_storage(relay: Relay, engine: Engine) -> None:
 
 async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:
     """Ask every session to close with 1001; drop whoever has not finished by the deadline."""
-    ws_server.close_all(1001, "server shutting down")
+    ws_server.close_all(CloseCode.GOING_AWAY, "server shutting down")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(ws_server.all_closed.wait(), timeout)
     for connection in list(ws_server.connections):

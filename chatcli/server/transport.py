@@ -209,7 +209,7 @@ class WebSocketServer:
                 connection.schedule_flush()
         self.relay.forget_refilled_quotas()  # periodic, like the pings; keeps the per-user table bounded
 
-    def close_all(self, code: int = 1001, reason: str = "server shutting down") -> None:
+    def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
         self.closing = True
         if not self.connections:
             self.all_closed.set()
@@ -422,7 +422,7 @@ class Connection(asyncio.Protocol):
         log.info("closing session of %s: %s", self.user, reason,
                  extra={"event": "session-closed", "user": self.user, "session": self.session_id, "why": why})
         if self.ws.state is _OPEN:
-            self.ws.send_close(1008, reason[:120])
+            self.ws.send_close(CloseCode.POLICY_VIOLATION, reason[:120])
             self.flush()
         transport = self.transport
         if transport is not None:
@@ -609,7 +609,7 @@ class Connection(asyncio.Protocol):
             self._on_message(opcode is _TEXT, frame.data)
         elif opcode is _CONT and self.fragments is not None:
             if len(self.fragments) >= MAX_FRAGMENTS:
-                self._fail(1009, f"a message may arrive in at most {MAX_FRAGMENTS} fragments")
+                self._fail(CloseCode.MESSAGE_TOO_BIG, f"a message may arrive in at most {MAX_FRAGMENTS} fragments")
                 return
             self.fragments.append(frame.data)
             if frame.fin:
@@ -627,7 +627,7 @@ class Connection(asyncio.Protocol):
             text = str(data, "utf-8")
         except UnicodeDecodeError:
             self.server.metrics.error("bad-utf8")
-            self._fail(1007, "invalid UTF-8 in a text frame")
+            self._fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text frame")
             return
         self.codec.dispatch(relay, self, text)
 

@@ -13,6 +13,7 @@ import pytest
 
 from chatcli import protocol
 from tests.conftest import ChatcliProcess, RunningServer
+from tests.flutter_app import decode_legacy_message, encode_legacy_send
 from tests.wsclients import legacy
 
 Chatcli = Callable[..., ChatcliProcess]
@@ -27,7 +28,7 @@ def test_chatcli_send_reaches_a_flutter_app(chatcli: Chatcli, server: RunningSer
     assert sender.wait() == 0
     assert json.loads(sender.out[0])["status"] == "delivered"
     # What the app displays: the real author and the exact text.
-    assert protocol.decode_legacy_message(str(app.recv(timeout=5))) == ("alice", text)
+    assert decode_legacy_message(str(app.recv(timeout=5))) == ("alice", text)
 
 
 @pytest.mark.parametrize("text", TRICKY_TEXTS)
@@ -35,7 +36,7 @@ def test_a_flutter_app_reaches_chatcli_listen(chatcli: Chatcli, server: RunningS
     bob = chatcli("listen", "bob", "--count", "1", "--url", server.ws_url)
     bob.wait_stderr("listening as")
     app = legacy(server.ws_url, "flutter1")
-    app.send(protocol.encode_legacy_send("bob", text))
+    app.send(encode_legacy_send("bob", text))
     assert app.recv(timeout=5) == protocol.LEGACY_SEND_SUCCESS
     assert bob.wait() == 0
     message = json.loads(bob.out[0])
@@ -46,9 +47,9 @@ def test_a_flutter_app_and_chatcli_reply_to_each_other(chatcli: Chatcli, server:
     app = legacy(server.ws_url, "flutter1")
     bob = chatcli("listen", "bob", "--count", "1", "--from", "flutter1", "--url", server.ws_url)
     bob.wait_stderr("listening as")
-    app.send(protocol.encode_legacy_send("bob", "ping"))
+    app.send(encode_legacy_send("bob", "ping"))
     assert app.recv(timeout=5) == protocol.LEGACY_SEND_SUCCESS
     assert bob.wait() == 0
     reply_to = json.loads(bob.out[0])["from"]
     assert chatcli("send", "bob", reply_to, "pong", "--url", server.ws_url).wait() == 0
-    assert protocol.decode_legacy_message(str(app.recv(timeout=5))) == ("bob", "pong")
+    assert decode_legacy_message(str(app.recv(timeout=5))) == ("bob", "pong")

@@ -17,6 +17,7 @@ import pytest
 
 from chatcli import protocol as p
 from tests.conftest import RunningServer, wait_until
+from tests.flutter_app import encode_legacy_send
 from tests.server.test_network_server import add_user
 from tests.wsclients import RawClient, client_frame, legacy, native, recv_frame, send_native
 
@@ -31,7 +32,7 @@ def native_send(to: str, text: str, client_id: str = "x1") -> bytes:
 
 
 def legacy_send(to: str, text: str, auth: str = p.DEFAULT_AUTH_KEY) -> bytes:
-    return client_frame(TEXT, p.encode_legacy_send(to, text, auth).encode())
+    return client_frame(TEXT, encode_legacy_send(to, text, auth).encode())
 
 
 def stored_rows(db: Path) -> list[tuple[str, str, str]]:
@@ -192,9 +193,9 @@ def test_repeated_wrong_tokens_from_one_address_are_throttled(
 def test_a_seed_app_guessing_the_key_is_cut_off(server: RunningServer) -> None:
     app = legacy(server.ws_url, "mallory")
     for i in range(9):
-        app.send(p.encode_legacy_send("bob", "hi", auth=f"guess{i}"))
+        app.send(encode_legacy_send("bob", "hi", auth=f"guess{i}"))
         assert app.recv(timeout=5) == p.LEGACY_SEND_ERROR
-    app.send(p.encode_legacy_send("bob", "hi", auth="guess9"))
+    app.send(encode_legacy_send("bob", "hi", auth="guess9"))
     assert app.recv(timeout=5) == p.LEGACY_SEND_ERROR
     with pytest.raises(Exception, match="1008"):
         app.recv(timeout=5)

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatcli import protocol as p
 from tests.conftest import RunningServer, wait_until
+from tests.flutter_app import decode_legacy_message, encode_legacy_send
 from tests.wsclients import RawClient, legacy, native, recv_frame, send_native
 
 StartServer = Callable[..., RunningServer]
@@ -53,11 +54,11 @@ def test_offline_native_recipient_gets_stored_messages_in_order(server: RunningS
 def test_offline_legacy_recipient_gets_messages_right_after_connected(server: RunningServer) -> None:
     alice = legacy(server.ws_url, "alice")
     for text in ("first", "it's second"):
-        alice.send(p.encode_legacy_send("bob", text))
+        alice.send(encode_legacy_send("bob", text))
         assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
     bob = legacy(server.ws_url, "bob")  # asserts `connected` came first
-    assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", "first")
-    assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", "it's second")
+    assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", "first")
+    assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", "it's second")
     bob.close()
     # Written to a seed client counts as received: the next connection starts clean.
     again = legacy(server.ws_url, "bob")

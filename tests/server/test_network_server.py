@@ -18,6 +18,7 @@ from websockets.sync.client import connect
 
 from chatcli import protocol as p
 from tests.conftest import RunningServer, wait_until
+from tests.flutter_app import encode_legacy_send
 from tests.wsclients import RawClient, legacy, native, recv_frame, send_native
 
 StartServer = Callable[..., RunningServer]
@@ -54,7 +55,7 @@ def test_accounts_stop_impersonation_in_both_protocols(start_server: StartServer
     # With their own tokens: native by header, the seed app by ?token=, its per-frame key not needed.
     bob, _ = native(server.ws_url, "bob", key=bob_token)
     alice = legacy(server.ws_url, f"alice?token={alice_token}")
-    alice.send(p.encode_legacy_send("bob", "it's really alice", auth="anything"))
+    alice.send(encode_legacy_send("bob", "it's really alice", auth="anything"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
     message = recv_frame(bob)
     assert isinstance(message, p.Message) and (message.sender, message.text) == ("alice", "it's really alice")
@@ -145,9 +146,9 @@ def test_rate_limit_refuses_with_a_reason_and_recovers(start_server: StartServer
     assert {a.reason for a in acks[3:]} == {p.Reason.RATE_LIMITED}
     carol = legacy(server.ws_url, "carol")
     for _ in range(3):
-        carol.send(p.encode_legacy_send("bob", "burst"))
+        carol.send(encode_legacy_send("bob", "burst"))
         assert carol.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    carol.send(p.encode_legacy_send("bob", "one too many"))
+    carol.send(encode_legacy_send("bob", "one too many"))
     assert carol.recv(timeout=5) == p.LEGACY_SEND_ERROR
     wait_until(lambda: send_native(alice, "bob", "later").accepted, timeout=5, what="the bucket to refill")
     assert metric(server, "chatcli_messages_refused_total", '{reason="rate-limited"}') >= 3
@@ -190,7 +191,7 @@ def test_slow_consumer_is_closed_while_others_keep_chatting(start_server: StartS
 
     def sleeper_closed() -> bool:
         for _ in range(50):
-            flooder.send(p.encode_legacy_send("sleeper", chunk))
+            flooder.send(encode_legacy_send("sleeper", chunk))
             flooder.recv(timeout=5)
         return metric(server, "chatcli_sessions_closed_total", '{why="slow-consumer"}') >= 1
 
@@ -219,7 +220,7 @@ def test_dead_peers_are_found_with_pings(start_server: StartServer) -> None:
     assert mute.recv_frame()[0] == 0x9  # a ping came
     wait_until(lambda: metric(server, "chatcli_sessions_closed_total", '{why="dead-peer"}') == 1, timeout=10,
                what="the mute peer to be dropped")
-    alive.send(p.encode_legacy_send("alive", "still here"))
+    alive.send(encode_legacy_send("alive", "still here"))
     assert alive.recv(timeout=5) in (p.LEGACY_SEND_SUCCESS, "{'cmd':'send','userid':'alive', 'msgtext':'still here'}")
 
 

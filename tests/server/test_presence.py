@@ -12,6 +12,7 @@ from websockets.sync.client import ClientConnection
 
 from chatcli import protocol as p
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
+from tests.flutter_app import encode_legacy_send
 from tests.server.test_network_server import add_user
 from tests.wsclients import legacy, native, recv_frame, send_native
 
@@ -60,7 +61,7 @@ def test_with_accounts_users_see_only_their_contacts_by_default(chatcli: Chatcli
                what="carol's session to close")
     carol = legacy(server.ws_url, f"carol?token={tokens['carol']}")
     # …until they exchange a message: then alice is told where carol is, before the message itself.
-    carol.send(p.encode_legacy_send("alice", "hello alice"))
+    carol.send(encode_legacy_send("alice", "hello alice"))
     assert recv_frame(alice) == p.Presence("carol", True)
     message = recv_frame(alice)
     assert isinstance(message, p.Message) and message.sender == "carol"

@@ -20,6 +20,7 @@ from chatcli.server.config import ServerConfig
 from chatcli.server.engine.base import Capability, Engine, StoredMessage
 from chatcli.server.metrics import Metrics
 from chatcli.server.relay import Outcome, Relay
+from tests.flutter_app import decode_legacy_message
 from tests.server.fakes import RecordingSession, make_engine
 
 
@@ -74,7 +75,7 @@ def test_a_tick_is_acknowledged_and_delivered_once_committed(engine: Engine) -> 
     assert alice.sent == [] and bob.sent == []  # nothing before the commit
     ticks.end()
     assert [(a.id, a.status, a.msg_id) for a in alice.acks()] == [("c1", "delivered", 1), ("c2", "delivered", 2)]
-    assert [p.decode_legacy_message(frame) for frame in bob.sent] == [("alice", "one"), ("alice", "two")]
+    assert [decode_legacy_message(frame) for frame in bob.sent] == [("alice", "one"), ("alice", "two")]
 
 
 def test_an_offline_recipient_is_stored_then_replayed_or_refused(engine: Engine) -> None:

@@ -12,6 +12,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatcli import protocol as p
 from tests.conftest import RunningServer
+from tests.flutter_app import decode_legacy_message, encode_legacy_send
 from tests.wsclients import RawClient, legacy, native, recv_frame, send_native
 
 NASTY_TEXTS = [
@@ -44,28 +45,28 @@ def http_get(server: RunningServer, path: str) -> tuple[int, str, str]:
 
 def test_legacy_clients_chat_with_sender_as_author(server: RunningServer) -> None:
     alice, bob = legacy(server.ws_url, "alice"), legacy(server.ws_url, "bob")
-    alice.send(p.encode_legacy_send("bob", "hello bob"))
+    alice.send(encode_legacy_send("bob", "hello bob"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
     frame = bob.recv(timeout=5)
     assert frame == "{'cmd':'send','userid':'alice', 'msgtext':'hello bob'}"
-    assert p.decode_legacy_message(frame) == ("alice", "hello bob")
+    assert decode_legacy_message(frame) == ("alice", "hello bob")
 
 
 @pytest.mark.parametrize("text", NASTY_TEXTS)
 def test_legacy_text_arrives_intact_and_server_survives(server: RunningServer, text: str) -> None:
     alice, bob = legacy(server.ws_url, "alice"), legacy(server.ws_url, "bob")
-    alice.send(p.encode_legacy_send("bob", text))
+    alice.send(encode_legacy_send("bob", text))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", text)
+    assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", text)
     assert server.proc.poll() is None
 
 
 def test_legacy_fake_keys_cannot_redirect_or_spoof(server: RunningServer) -> None:
     alice, bob, mallory = (legacy(server.ws_url, u) for u in ("alice", "bob", "mallory"))
-    alice.send(p.encode_legacy_send("bob", "x','userid':'mallory"))
+    alice.send(encode_legacy_send("bob", "x','userid':'mallory"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", "x','userid':'mallory")
-    mallory.send(p.encode_legacy_send("bob", "probe"))  # mallory got nothing: her next frame is her own ack
+    assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", "x','userid':'mallory")
+    mallory.send(encode_legacy_send("bob", "probe"))  # mallory got nothing: her next frame is her own ack
     assert mallory.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
 
 
@@ -73,22 +74,22 @@ def test_legacy_json_and_quote_replaced_forms(server: RunningServer) -> None:
     alice, bob = legacy(server.ws_url, "alice"), legacy(server.ws_url, "bob")
     alice.send(json.dumps({"auth": p.DEFAULT_AUTH_KEY, "cmd": "send", "userid": "bob", "msgtext": "it's json"}))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", "it's json")
+    assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", "it's json")
     alice.send("{'userid':'bob','cmd':'send','msgtext':'reordered','auth':'addauthkeyifrequired'}")
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", "reordered")
+    assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", "reordered")
 
 
 def test_ephemeral_server_refuses_offline_recipient_with_send_error(start_server) -> None:  # type: ignore[no-untyped-def]
     server = start_server("--ephemeral")
     alice = legacy(server.ws_url, "alice")
-    alice.send(p.encode_legacy_send("nobody", "hello?"))
+    alice.send(encode_legacy_send("nobody", "hello?"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_ERROR
 
 
 def test_legacy_errors_are_acks_the_app_understands(server: RunningServer) -> None:
     alice, bob = legacy(server.ws_url, "alice"), legacy(server.ws_url, "bob")
-    alice.send(p.encode_legacy_send("bob", "hi", auth="wrong"))
+    alice.send(encode_legacy_send("bob", "hi", auth="wrong"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_ERROR
     alice.send("{'auth':'addauthkeyifrequired','cmd':'foo','userid':'bob', 'msgtext':'x'}")
     assert alice.recv(timeout=5) == "foo:error"
@@ -98,17 +99,17 @@ def test_legacy_errors_are_acks_the_app_understands(server: RunningServer) -> No
     alice.send(b"\x00\x01binary")
     assert alice.recv(timeout=5) == p.LEGACY_SEND_ERROR
     # Nothing of this reached bob, and alice's session still works.
-    alice.send(p.encode_legacy_send("bob", "still here"))
+    alice.send(encode_legacy_send("bob", "still here"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", "still here")
+    assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", "still here")
 
 
 def test_custom_auth_key_applies_to_legacy_and_native(start_server) -> None:  # type: ignore[no-untyped-def]
     server = start_server("--auth-key", "s3cret")
     alice, _bob = legacy(server.ws_url, "alice"), legacy(server.ws_url, "bob")
-    alice.send(p.encode_legacy_send("bob", "hi"))
+    alice.send(encode_legacy_send("bob", "hi"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_ERROR
-    alice.send(p.encode_legacy_send("bob", "hi", auth="s3cret"))
+    alice.send(encode_legacy_send("bob", "hi", auth="s3cret"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
     with pytest.raises(InvalidStatus) as refused:
         native(server.ws_url, "carol")
@@ -138,8 +139,8 @@ def test_native_and_legacy_talk_both_ways(server: RunningServer) -> None:
     alice, _ = native(server.ws_url, "alice")
     bob = legacy(server.ws_url, "bob")
     assert send_native(alice, "bob", "it's from native").status == p.Status.DELIVERED
-    assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", "it's from native")
-    bob.send(p.encode_legacy_send("alice", "it's from \"legacy\""))
+    assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", "it's from native")
+    bob.send(encode_legacy_send("alice", "it's from \"legacy\""))
     assert bob.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
     message = recv_frame(alice)
     assert isinstance(message, p.Message)
@@ -176,7 +177,7 @@ def test_fragmented_text_message_is_reassembled(server: RunningServer) -> None:
     bob, _ = native(server.ws_url, "bob")
     raw = RawClient(server.ws_port, "/alice")
     assert raw.status == 101
-    frame = p.encode_legacy_send("bob", "in two parts").encode()
+    frame = encode_legacy_send("bob", "in two parts").encode()
     raw.send_frame(0x1, frame[:10], fin=False)
     raw.send_frame(0x0, frame[10:], fin=True)
     assert raw.recv_frame() == (0x1, b"connected")
@@ -190,9 +191,9 @@ def test_oversize_frame_is_closed_with_1009_others_unaffected(server: RunningSer
     raw.recv_frame()  # connected
     raw.send_frame(0x1, b"x" * (p.DEFAULT_MAX_TEXT_BYTES + p.FRAME_OVERHEAD_BYTES + 1))
     assert raw.recv_close_code() == 1009
-    alice.send(p.encode_legacy_send("bob", "unaffected"))
+    alice.send(encode_legacy_send("bob", "unaffected"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    assert p.decode_legacy_message(bob.recv(timeout=5)) == ("alice", "unaffected")
+    assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", "unaffected")
 
 
 def test_invalid_utf8_is_closed_with_1007(server: RunningServer) -> None:
@@ -210,22 +211,22 @@ def test_every_session_of_a_user_receives_and_closing_one_keeps_the_other(server
     alice = legacy(server.ws_url, "alice")
     bob1, bob2 = legacy(server.ws_url, "bob"), legacy(server.ws_url, "bob")
     bob_native, _ = native(server.ws_url, "bob")
-    alice.send(p.encode_legacy_send("bob", "to all of you"))
+    alice.send(encode_legacy_send("bob", "to all of you"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    assert p.decode_legacy_message(bob1.recv(timeout=5)) == ("alice", "to all of you")
-    assert p.decode_legacy_message(bob2.recv(timeout=5)) == ("alice", "to all of you")
+    assert decode_legacy_message(bob1.recv(timeout=5)) == ("alice", "to all of you")
+    assert decode_legacy_message(bob2.recv(timeout=5)) == ("alice", "to all of you")
     assert recv_frame(bob_native).text == "to all of you"  # type: ignore[union-attr]
     bob1.close()
     bob_native.close()
-    alice.send(p.encode_legacy_send("bob", "still reachable"))
+    alice.send(encode_legacy_send("bob", "still reachable"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    assert p.decode_legacy_message(bob2.recv(timeout=5)) == ("alice", "still reachable")
+    assert decode_legacy_message(bob2.recv(timeout=5)) == ("alice", "still reachable")
 
 
 def test_query_string_is_not_part_of_the_id(server: RunningServer) -> None:
     alice = legacy(server.ws_url, "alice")
     legacy(server.ws_url, "555?x=1")
-    alice.send(p.encode_legacy_send("555", "numeric id"))
+    alice.send(encode_legacy_send("555", "numeric id"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
 
 
@@ -233,9 +234,9 @@ def test_query_string_is_not_part_of_the_id(server: RunningServer) -> None:
 def test_ids_that_crashed_the_seed_are_ordinary(server: RunningServer, user: str) -> None:
     peer = legacy(server.ws_url, user)
     alice = legacy(server.ws_url, "alice")
-    alice.send(p.encode_legacy_send(user, "hello"))
+    alice.send(encode_legacy_send(user, "hello"))
     assert alice.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    assert p.decode_legacy_message(peer.recv(timeout=5)) == ("alice", "hello")
+    assert decode_legacy_message(peer.recv(timeout=5)) == ("alice", "hello")
 
 
 def test_percent_encoded_id_is_decoded(server: RunningServer) -> None:

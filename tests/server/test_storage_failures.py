@@ -22,6 +22,7 @@ from chatcli import protocol as p
 from chatcli.server.relay import HISTORY_QUEUE
 from chatcli.server.storage import INBOX_BATCH_ROWS, NewMessage, SQLiteStore
 from tests.conftest import ChatcliProcess, RunningServer, wait_until
+from tests.flutter_app import encode_legacy_send
 from tests.wsclients import client_frame, legacy, native, recv_frame, request_head, send_native
 
 StartServer = Callable[..., RunningServer]
@@ -64,7 +65,7 @@ def store_legacy(server: RunningServer, to: str, texts: list[str]) -> None:
     """Store messages the way the seed app sends them (text kept as sent)."""
     sender = legacy(server.ws_url, "alice")
     for text in texts:
-        sender.send(p.encode_legacy_send(to, text))
+        sender.send(encode_legacy_send(to, text))
         assert sender.recv(timeout=10) == p.LEGACY_SEND_SUCCESS
     sender.close()
 

@@ -33,6 +33,7 @@ from chatcli.server.transport import (
     Phase,
     WebSocketServer,
 )
+from tests.flutter_app import encode_legacy_send
 from tests.wsclients import client_frame, request_head
 
 
@@ -129,7 +130,7 @@ _native_send = json.dumps({"type": "send", "id": "x", "to": "bob", "text": "forg
 _watch_many = json.dumps({"type": "watch", "users": [f"u{i}" for i in range(300)]}).encode()
 frames = st.lists(st.one_of(
     st.just(client_frame(0x1, _native_send)),
-    st.just(client_frame(0x1, p.encode_legacy_send("bob", "forged").encode())),
+    st.just(client_frame(0x1, encode_legacy_send("bob", "forged").encode())),
     st.just(client_frame(0x1, _watch_many)),
     st.just(client_frame(0x1, b'{"type":"received","id":9223372036854775807}')),
     st.just(client_frame(0x1, b'{"type":"history","id":"h","peer":"bob","limit":1000}')),

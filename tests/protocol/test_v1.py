@@ -1,31 +1,18 @@
-"""chatcli.protocol, sans I/O: feed frames in, compare the exact text that comes out."""
+"""chatcli.protocol.v1, sans I/O: feed frames in, compare the exact text that comes out."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
-from importlib.util import find_spec
-from pathlib import Path
 from typing import Any, get_args
 
 import pytest
 
-from chatcli.errors import InvalidUserId, LocalProtocolError, RemoteProtocolError, UnknownFrameType
+from chatcli.errors import LocalProtocolError, RemoteProtocolError, UnknownFrameType
 from chatcli.protocol import (
-    DEFAULT_AUTH_KEY,
     DEFAULT_MAX_TEXT_BYTES,
-    EPOCH_HEADER,
-    EPOCH_RULE,
     HISTORY_MAX_LIMIT,
-    LEGACY_CONNECTED,
-    LEGACY_SEND_ERROR,
-    LEGACY_SEND_SUCCESS,
     MAX_INT,
-    RECEIVE_HEADER,
-    REPLAY_SINCE_HEADER,
-    RESUME_AFTER_HEADER,
-    TOKEN_QUERY_PARAM,
     USER_ID_RULE,
     Ack,
     Error,
@@ -35,7 +22,6 @@ from chatcli.protocol import (
     Hello,
     History,
     HistoryRequest,
-    LegacyCommand,
     Message,
     Presence,
     Reason,
@@ -46,247 +32,11 @@ from chatcli.protocol import (
     Who,
     WhoRequest,
     check_text,
-    check_user_id,
-    decode_legacy_message,
     encode,
-    encode_legacy_message,
-    encode_legacy_send,
-    format_ts,
-    is_valid_epoch,
-    is_valid_user_id,
-    legacy_error,
     parse_client_frame,
-    parse_legacy_frame,
     parse_server_frame,
-    parse_ts,
-    parse_user_path,
-    text_size,
 )
-
-#: hypothesis is in the `test` extra; without it the nasty-string lists below still run.
-HAS_HYPOTHESIS = find_spec("hypothesis") is not None
-
-TS = "2026-11-25T19:34:47.123Z"
-
-#: Texts that broke the seed server or its escaping: quotes, backslashes, braces, fake keys, controls, emoji.
-NASTY_TEXTS = [
-    "hi",
-    "it's",
-    "'",
-    "''",
-    "'''",
-    '"',
-    '"quoted"',
-    '"""',
-    "\\",
-    "\\\\",
-    "\\'",
-    '\\"',
-    "\\u0027",
-    "\\n",
-    "ends with a backslash\\",
-    "{",
-    "}",
-    "{}",
-    "'}",
-    "'}'}",
-    '"}',
-    "{'cmd':'send','userid':'mallory', 'msgtext':'boo'}",
-    '{"cmd":"send","userid":"mallory","msgtext":"boo"}',
-    "x','userid':'mallory",
-    "','auth':'other",
-    "', 'msgtext':'evil'}",
-    "'msgtext':'",
-    "line one\nline two",
-    "\r\n",
-    "\t tab",
-    "\x00nul",
-    "\x1b[31mred\x1b[0m",
-    "\x7f",
-    "\u2028\u2029",
-    "\ufeffbom",
-    "zero\u200bwidth",
-    "é",
-    "日本語のテキスト",
-    "😀",
-    "👩‍👩‍👧 family",
-    "🏳️‍🌈",
-    "  ",
-    " leading",
-    "trailing ",
-    "null",
-    "true",
-    "</script><script>alert(1)</script>",
-    "%00%27",
-    "send:success",
-    "a" * 1000 + "'" + "b" * 1000,
-    "'\"\\{}\n😀" * 200,
-]
-
-
-def test_nasty_texts_are_distinct() -> None:
-    assert len(set(NASTY_TEXTS)) == len(NASTY_TEXTS)
-
-
-# ---------------------------------------------------------------------------
-# User ids
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("target", "user", "query"),
-    [
-        ("/alice", "alice", {}),
-        ("alice", "alice", {}),
-        ("/al%69ce", "alice", {}),
-        ("/a.b_c-d@e", "a.b_c-d@e", {}),
-        ("/555?x=1", "555", {"x": "1"}),
-        ("/bob?token=s3cr%20t&x=1", "bob", {"token": "s3cr t", "x": "1"}),
-        ("/bob?", "bob", {}),
-        ("/constructor", "constructor", {}),
-        ("/toString", "toString", {}),
-        ("/hasOwnProperty", "hasOwnProperty", {}),
-        ("/" + "a" * 64, "a" * 64, {}),
-    ],
-)
-def test_parse_user_path_accepts(target: str, user: str, query: dict[str, str]) -> None:
-    assert parse_user_path(target) == (user, query)
-
-
-@pytest.mark.parametrize(
-    "target",
-    [
-        "/" + "a" * 65,
-        "/a/b",
-        "/a%2Fb",
-        "//alice",
-        "/.alice",
-        "/-alice",
-        "/_alice",
-        "/@alice",
-        "/al ice",
-        "/al%20ice",
-        "/alice%0A",
-        "/é",
-        "/%C3%A9",
-        "/%ff",
-        "/%zz",
-        "/__proto__",
-        "/alice#x",
-    ],
-)
-def test_parse_user_path_refuses_bad_ids(target: str) -> None:
-    with pytest.raises(InvalidUserId) as info:
-        parse_user_path(target)
-    assert info.value.code == "bad-user-id"
-    assert isinstance(info.value, RemoteProtocolError)
-    assert USER_ID_RULE in str(info.value)
-
-
-@pytest.mark.parametrize("target", ["", "/", "/?token=x"])
-def test_parse_user_path_refuses_empty_ids(target: str) -> None:
-    with pytest.raises(InvalidUserId, match="no user id in the URL"):
-        parse_user_path(target)
-
-
-def test_invalid_id_in_error_message_is_truncated() -> None:
-    with pytest.raises(InvalidUserId) as info:
-        parse_user_path("/" + "x" * 500)
-    assert "x" * 81 not in str(info.value)
-
-
-def test_user_id_checks() -> None:
-    assert check_user_id("alice") == "alice"
-    assert is_valid_user_id("0")
-    assert not is_valid_user_id("alice\n")
-    assert not is_valid_user_id("")
-    assert not is_valid_user_id(None)
-    assert not is_valid_user_id(5)
-    with pytest.raises(LocalProtocolError, match="invalid user id 5"):
-        check_user_id(5)
-    with pytest.raises(LocalProtocolError, match="invalid user id 'a b'"):
-        check_user_id("a b")
-
-
-# ---------------------------------------------------------------------------
-# Texts and timestamps
-# ---------------------------------------------------------------------------
-
-
-def test_text_size_counts_utf8_bytes() -> None:
-    assert text_size("") == 0
-    assert text_size("abc") == 3
-    assert text_size("aé😀") == 1 + 2 + 4
-    assert text_size("\ud800") == 3  # a lone surrogate is counted, never a crash
-
-
-@pytest.mark.parametrize(
-    ("text", "limit", "verdict"),
-    [
-        ("", 8, Reason.EMPTY),
-        ("a", 8, None),
-        ("a" * 8, 8, None),
-        ("a" * 9, 8, Reason.TOO_LARGE),
-        ("é" * 4, 8, None),  # 8 bytes, exactly at the limit
-        ("é" * 4 + "a", 8, Reason.TOO_LARGE),  # 9 bytes in 5 characters
-        ("a" * 7 + "é", 8, Reason.TOO_LARGE),  # the 2-byte character straddles the limit
-        ("a" * 6 + "é", 8, None),
-        ("😀" * 2, 8, None),
-        ("a" + "😀" * 2, 8, Reason.TOO_LARGE),
-        ("😀", 3, Reason.TOO_LARGE),  # one character, four bytes
-        ("a" * DEFAULT_MAX_TEXT_BYTES, DEFAULT_MAX_TEXT_BYTES, None),
-        ("a" * (DEFAULT_MAX_TEXT_BYTES + 1), DEFAULT_MAX_TEXT_BYTES, Reason.TOO_LARGE),
-        ("é" * (DEFAULT_MAX_TEXT_BYTES // 2), DEFAULT_MAX_TEXT_BYTES, None),
-        ("é" * (DEFAULT_MAX_TEXT_BYTES // 2) + "a", DEFAULT_MAX_TEXT_BYTES, Reason.TOO_LARGE),
-    ],
-)
-def test_check_text(text: str, limit: int, verdict: str | None) -> None:
-    assert check_text(text, limit) == verdict
-
-
-def test_check_text_default_limit_is_64_kib() -> None:
-    assert check_text("a" * 65536) is None
-    assert check_text("a" * 65537) == "too-large"
-
-
-def test_format_ts() -> None:
-    assert format_ts(0) == "1970-01-01T00:00:00.000Z"
-    assert format_ts(1795635287.5) == "2026-11-25T19:34:47.500Z"
-    assert format_ts(1795635287.0015) == "2026-11-25T19:34:47.001Z"  # truncated to milliseconds
-
-
-@pytest.mark.parametrize(
-    ("value", "epoch"),
-    [
-        ("1970-01-01T00:00:00.000Z", 0.0),
-        ("1970-01-01T01:00:00+01:00", 0.0),
-        ("2026-11-25T19:34:47.500Z", 1795635287.5),
-        ("2026-11-25T14:34:47.500-05:00", 1795635287.5),
-    ],
-)
-def test_parse_ts(value: str, epoch: float) -> None:
-    assert parse_ts(value) == epoch
-
-
-def test_timestamps_round_trip() -> None:
-    for epoch in (0.0, 1.25, 1795635287.5, 4102444800.999):
-        assert parse_ts(format_ts(epoch)) == pytest.approx(epoch, abs=1e-6)
-
-
-@pytest.mark.parametrize("value", ["", "yesterday", "2026-13-01T00:00:00Z", None, 5])
-def test_parse_ts_refuses_garbage(value: Any) -> None:
-    with pytest.raises(LocalProtocolError, match="invalid timestamp"):
-        parse_ts(value)
-
-
-def test_parse_ts_refuses_naive_timestamps() -> None:
-    with pytest.raises(LocalProtocolError, match="without a zone"):
-        parse_ts("2026-11-25T19:34:47")
-
-
-# ---------------------------------------------------------------------------
-# chatcli.v1: exact encodings and round trips
-# ---------------------------------------------------------------------------
+from tests.protocol.samples import EPOCH, NASTY_TEXTS, TS
 
 #: Frames a client sends; everything else is parsed as a server frame. ``history`` and ``who`` are both.
 CLIENT_FRAME_TYPES = (Send, Received, HistoryRequest, WhoRequest, Watch)
@@ -297,7 +47,6 @@ def _parser_for(frame: Frame) -> Callable[[str | bytes], Frame]:
 
 
 HELLO = Hello(user="alice", session="s-1", server="chatcli/0.1.0", features=("store", "history"))
-EPOCH = "5d1c0a3e9f7b4e21a8c6d2f0b3e94a17"
 HELLO_EPOCH = Hello(user="alice", session="s-2", server="chatcli/0.1.0", features=("store", "resume"), epoch=EPOCH)
 HELLO_RESET = Hello(user="alice", session="s-3", server="chatcli/0.1.0", features=("store", "resume"), epoch=EPOCH,
                     reset=True)
@@ -364,13 +113,6 @@ EXACT_ENCODINGS: list[tuple[Frame, str]] = [
      '{"type":"presence","user":"dave","online":false,"hidden":true}'),
 ]
 
-REFUSED_REASONS = [Reason.OFFLINE, Reason.TOO_LARGE, Reason.EMPTY, Reason.BAD_AUTH, Reason.BAD_RECIPIENT,
-                   Reason.RATE_LIMITED, Reason.STORAGE_FAILED]
-ERROR_CODES = [ErrorCode.BAD_JSON, ErrorCode.BAD_FRAME, ErrorCode.UNKNOWN_TYPE, ErrorCode.BINARY_UNSUPPORTED,
-               ErrorCode.UNAVAILABLE, ErrorCode.RATE_LIMITED]
-FEATURES = [Feature.STORE, Feature.RESUME, Feature.HISTORY, Feature.PRESENCE, Feature.TOKENS]
-
-
 def test_every_frame_type_has_an_exact_encoding() -> None:
     assert {type(frame) for frame, _ in EXACT_ENCODINGS} == set(get_args(Frame))
 
@@ -387,7 +129,7 @@ def test_native_round_trip(frame: Frame, text: str) -> None:
     assert parse(text.encode("utf-8")) == frame
 
 
-@pytest.mark.parametrize("reason", REFUSED_REASONS)
+@pytest.mark.parametrize("reason", list(Reason))
 def test_refused_ack_for_each_reason(reason: str) -> None:
     ack = Ack(id="c9", status=Status.REFUSED, reason=reason)
     text = encode(ack)
@@ -396,20 +138,15 @@ def test_refused_ack_for_each_reason(reason: str) -> None:
     assert not ack.accepted
 
 
-def test_stable_codes() -> None:
-    assert REFUSED_REASONS == ["offline", "too-large", "empty", "bad-auth", "bad-recipient", "rate-limited",
-                               "storage-failed"]
-    assert ERROR_CODES == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported", "unavailable",
-                           "rate-limited"]
-    assert sorted(Status.ALL) == ["delivered", "refused", "stored"]
-    assert FEATURES == ["store", "resume", "history", "presence", "tokens"]
-
-
-def test_handshake_names() -> None:
-    assert (RESUME_AFTER_HEADER, REPLAY_SINCE_HEADER, RECEIVE_HEADER, EPOCH_HEADER) == (
-        "Chatcli-After", "Chatcli-Since", "Chatcli-Receive", "Chatcli-Epoch")
-    assert TOKEN_QUERY_PARAM == "token"
-    assert parse_user_path(f"/alice?{TOKEN_QUERY_PARAM}=t%2Bk") == ("alice", {"token": "t+k"})
+def test_codes_are_their_wire_strings() -> None:
+    """A member goes into JSON as its bare value and equals what a parser reads off the wire."""
+    built = Ack(id="c9", status=Status.REFUSED, reason=Reason.RATE_LIMITED)
+    wire = Ack(id="c9", status="refused", reason="rate-limited")
+    assert built == wire
+    assert encode(built) == encode(wire) == '{"type":"ack","id":"c9","status":"refused","reason":"rate-limited"}'
+    assert encode(Error(ErrorCode.UNAVAILABLE, "m")) == '{"type":"error","code":"unavailable","message":"m"}'
+    assert f"{Reason.TOO_LARGE}" == "too-large"
+    assert check_text("") is Reason.EMPTY
 
 
 def test_accepted_acks() -> None:
@@ -448,17 +185,8 @@ def test_hello_reset_is_false_unless_the_server_says_true() -> None:
     assert isinstance(reset, Hello) and (reset.epoch, reset.reset) == (EPOCH, True)
 
 
-@pytest.mark.parametrize(("value", "valid"), [
-    (EPOCH, True), ("a", True), ("A-z_0.9", True), ("x" * 64, True),
-    ("", False), ("x" * 65, False), ("two words", False), ("é", False), ("a\r\nX-Evil: 1", False), (7, False),
-    (None, False),
-])
-def test_epoch_rule(value: object, valid: bool) -> None:
-    assert is_valid_epoch(value) is valid
-
-
 def test_hello_lists_every_feature() -> None:
-    text = encode(Hello(user="alice", session="s", server="x", features=tuple(FEATURES)))
+    text = encode(Hello(user="alice", session="s", server="x", features=tuple(Feature)))
     frame = parse_server_frame(text)
     assert isinstance(frame, Hello)
     assert frame.features == ("store", "resume", "history", "presence", "tokens")
@@ -825,289 +553,3 @@ def test_frames_are_frozen() -> None:
         SEND.text = "changed"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         ACK_DUPLICATE.duplicate = False  # type: ignore[misc]
-
-
-# ---------------------------------------------------------------------------
-# Legacy (seed) frames
-# ---------------------------------------------------------------------------
-
-
-def test_seed_template_exact() -> None:
-    frame = "{'auth':'addauthkeyifrequired','cmd':'send','userid':'bob', 'msgtext':'hello'}"
-    assert encode_legacy_send("bob", "hello") == frame
-    assert parse_legacy_frame(frame) == LegacyCommand("send", DEFAULT_AUTH_KEY, "bob", "hello")
-
-
-def test_encode_legacy_send_inserts_text_raw_like_the_app() -> None:
-    frame = encode_legacy_send("bob", "it's", auth="k")
-    assert frame == "{'auth':'k','cmd':'send','userid':'bob', 'msgtext':'it's'}"
-
-
-@pytest.mark.parametrize("text", NASTY_TEXTS)
-def test_template_keeps_text_and_recipient(text: str) -> None:
-    command = parse_legacy_frame(encode_legacy_send("bob", text, auth="k3y"))
-    assert command == LegacyCommand(cmd="send", auth="k3y", userid="bob", msgtext=text)
-
-
-@pytest.mark.parametrize(
-    ("frame", "command"),
-    [
-        ("{ 'auth' : 'k' , 'cmd' : 'send' , 'userid' : 'bob' , 'msgtext' : 'hi' } \n",
-         LegacyCommand("send", "k", "bob", "hi")),
-        ("{'auth':'','cmd':'send','userid':'', 'msgtext':''}", LegacyCommand("send", "", "", "")),
-        ("{'auth':'k','cmd':'ping','userid':'bob', 'msgtext':'x'}", LegacyCommand("ping", "k", "bob", "x")),
-        # strict JSON: any key order, escapes honoured
-        ('{"msgtext":"it\'s \\"q\\"","userid":"bob","cmd":"send","auth":"k"}',
-         LegacyCommand("send", "k", "bob", 'it\'s "q"')),
-        ('{"cmd":"send","userid":"bob","msgtext":"hi"}', LegacyCommand("send", None, "bob", "hi")),
-        ('{"cmd":"send","userid":"bob","msgtext":"hi","extra":[1]}',
-         LegacyCommand("send", None, "bob", "hi")),
-        # quote-replaced form: single quotes, other key order or missing keys
-        ("{'cmd':'send','userid':'bob','msgtext':'hi','auth':'k'}", LegacyCommand("send", "k", "bob", "hi")),
-        ("{'cmd':'list'}", LegacyCommand("list", None, None, None)),
-        ("{'cmd':'send','userid':null,'msgtext':'hi'}", LegacyCommand("send", None, None, "hi")),
-    ],
-)
-def test_legacy_forms(frame: str, command: LegacyCommand) -> None:
-    assert parse_legacy_frame(frame) == command
-
-
-@pytest.mark.parametrize(
-    ("frame", "command"),
-    [
-        # the app's template without the space before 'msgtext'
-        ("{'auth':'k','cmd':'send','userid':'bob','msgtext':'it's'}", LegacyCommand("send", "k", "bob", "it's")),
-        # other spacing leaves the fast path for the general template
-        ("{'auth':'k','cmd':'send','userid':'bob',  'msgtext':'it's'}", LegacyCommand("send", "k", "bob", "it's")),
-        # template head and tail but no userid: read as quote-replaced JSON
-        ("{'auth':'k','cmd':'send'}", LegacyCommand("send", "k", None, None)),
-        ("{'auth':'k','cmd':'send','userid':'bob'}", LegacyCommand("send", "k", "bob", None)),
-    ],
-)
-def test_template_variants_read_like_the_template(frame: str, command: LegacyCommand) -> None:
-    assert parse_legacy_frame(frame) == command
-
-
-@pytest.mark.parametrize(
-    "frame",
-    [
-        "{'auth':'a'b','cmd':'send','userid':'bob', 'msgtext':'hi'}",  # a quote inside auth
-        "{'auth':'k','cmd':'se'nd','userid':'bob', 'msgtext':'hi'}",  # a quote inside cmd
-        "{'auth':'k','cmd':'send','userid':'bob', 'msgtext':'}",  # cut off inside msgtext: not an empty text
-    ],
-)
-def test_template_near_misses_are_refused(frame: str) -> None:
-    with pytest.raises(RemoteProtocolError, match="not a seed frame"):
-        parse_legacy_frame(frame)
-
-
-@pytest.mark.parametrize(
-    "frame",
-    ["", "hello", "{", "}", "send:success", "[1,2]", '"str"', "null", "42", "{'cmd':", "{'auth':'k'",
-     "{'auth':'k','cmd':'send','userid':'bob', 'msgtext':'no closing brace'", "[" * 100_000,
-     "{'auth':'k','cmd':'send','userid':'bob','msgtext':'x'} trailing"],
-)
-def test_legacy_junk(frame: str) -> None:
-    with pytest.raises(RemoteProtocolError, match="not a seed frame") as info:
-        parse_legacy_frame(frame)
-    assert info.value.code == "bad-frame"
-
-
-@pytest.mark.parametrize(
-    "frame",
-    ['{"cmd":5,"userid":"bob"}', '{"userid":"bob","msgtext":"hi"}', '{"cmd":null}', "{}",
-     '{"cmd":"send","userid":5,"msgtext":"hi"}', '{"cmd":"send","userid":"bob","msgtext":["hi"]}',
-     '{"cmd":"send","auth":true}', "{'cmd':'send','msgtext':1}"],
-)
-def test_legacy_non_string_fields(frame: str) -> None:
-    with pytest.raises(RemoteProtocolError, match="must be strings") as info:
-        parse_legacy_frame(frame)
-    assert info.value.code == "bad-frame"
-
-
-@pytest.mark.parametrize(
-    ("cmd", "ack"),
-    [
-        ("send", "send:error"),
-        ("foo", "foo:error"),
-        ("get_history-v2.1", "get_history-v2.1:error"),
-        ("c" * 32, "c" * 32 + ":error"),
-        ("", ":error"),
-        ("c" * 33, LEGACY_SEND_ERROR),
-        ("two words", LEGACY_SEND_ERROR),
-        ("foo\n", LEGACY_SEND_ERROR),
-        ("foo:error", LEGACY_SEND_ERROR),
-        ("{'cmd'", LEGACY_SEND_ERROR),
-        ("é", LEGACY_SEND_ERROR),
-    ],
-)
-def test_legacy_error(cmd: str, ack: str) -> None:
-    assert legacy_error(cmd) == ack
-
-
-@pytest.mark.parametrize(
-    ("sender", "text", "frame"),
-    [
-        ("alice", "hi", "{'cmd':'send','userid':'alice', 'msgtext':'hi'}"),
-        ("alice", "é😀", "{'cmd':'send','userid':'alice', 'msgtext':'é😀'}"),
-        ("alice", "it's", "{'cmd':'send','userid':'alice', 'msgtext':'it\\u0027s'}"),
-        ("alice", 'say "hi"', "{'cmd':'send','userid':'alice', 'msgtext':'say \\\"hi\\\"'}"),
-        ("alice", "a\\b", "{'cmd':'send','userid':'alice', 'msgtext':'a\\\\b'}"),
-        ("alice", "1\n2\t\x00", "{'cmd':'send','userid':'alice', 'msgtext':'1\\n2\\t\\u0000'}"),
-        ("alice", "\\'", "{'cmd':'send','userid':'alice', 'msgtext':'\\\\\\u0027'}"),
-    ],
-)
-def test_encode_legacy_message_exact(sender: str, text: str, frame: str) -> None:
-    assert encode_legacy_message(sender, text) == frame
-    assert decode_legacy_message(frame) == (sender, text)
-
-
-def _app_round_trip(sender: str, recipient: str, text: str) -> tuple[str, str] | None:
-    """What the recipient's app shows after ``sender``'s app sent ``text`` through the relay."""
-    command = parse_legacy_frame(encode_legacy_send(recipient, text))
-    assert command.userid == recipient
-    assert command.msgtext is not None
-    return decode_legacy_message(encode_legacy_message(sender, command.msgtext))
-
-
-@pytest.mark.parametrize("text", NASTY_TEXTS)
-def test_legacy_round_trip_nasty_texts(text: str) -> None:
-    assert _app_round_trip("alice", "bob", text) == ("alice", text)
-
-
-if HAS_HYPOTHESIS:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    _FRAGMENTS = ["'", '"', "\\", "{", "}", ",", ":", "'userid':'", "'auth':'", "', 'msgtext':'", "'}",
-                  "\\u0027", "\n", "\x00", "\x7f", "\u2028", "😀", "é", " "]
-    _TEXTS = st.lists(st.sampled_from(_FRAGMENTS) | st.text(max_size=8), max_size=20).map("".join)
-    _IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", fullmatch=True)
-
-    @settings(max_examples=400, deadline=None, database=None)
-    @given(sender=_IDS, recipient=_IDS, text=_TEXTS | st.text())
-    def test_legacy_round_trip_property(sender: str, recipient: str, text: str) -> None:
-        assert _app_round_trip(sender, recipient, text) == (sender, text)
-
-    @settings(max_examples=200, deadline=None, database=None)
-    @given(cmd=st.text())
-    def test_legacy_error_never_shorter_than_6_property(cmd: str) -> None:
-        assert len(legacy_error(cmd)) >= 6
-        assert decode_legacy_message(legacy_error(cmd)) is None
-
-
-def test_no_legacy_server_frame_is_shorter_than_6_characters() -> None:
-    frames = [LEGACY_CONNECTED, LEGACY_SEND_SUCCESS, LEGACY_SEND_ERROR, encode_legacy_message("a", "x")]
-    frames += [legacy_error(cmd) for cmd in ("", "a", "send", "x" * 33, "\n")]
-    assert min(len(frame) for frame in frames) == len(":error") == 6
-    for frame in frames:
-        decode_legacy_message(frame)  # the app's handler would throw on a shorter frame
-
-
-@pytest.mark.parametrize("frame", [LEGACY_CONNECTED, LEGACY_SEND_SUCCESS, LEGACY_SEND_ERROR, "foo:error",
-                                   "{\"cmd\":\"send\"}", "ping:error"])
-def test_app_ignores_non_message_frames(frame: str) -> None:
-    assert decode_legacy_message(frame) is None
-
-
-@pytest.mark.parametrize("frame", ["", "a", "ok", "{'cmd"])
-def test_app_throws_on_short_frames(frame: str) -> None:
-    with pytest.raises(RemoteProtocolError, match="shorter than 6 characters"):
-        decode_legacy_message(frame)
-
-
-@pytest.mark.parametrize(
-    "frame",
-    [
-        "{'cmd':'send','userid':'bob', 'msgtext':'it's'}",  # the seed server's raw apostrophe
-        "{'cmd':'send','userid':'bob', 'msgtext':'a\nb'}",  # a raw control character
-        "{'cmd':'send','userid':'bob', 'msgtext':'\\'}",
-        "{'cmd':" + "[" * 100_000,
-    ],
-)
-def test_app_throws_on_undecodable_frames(frame: str) -> None:
-    with pytest.raises(RemoteProtocolError, match="the app cannot decode this frame"):
-        decode_legacy_message(frame)
-
-
-@pytest.mark.parametrize(
-    "frame",
-    ["{'cmd':'send','userid':'bob'}", "{'cmd':'send','msgtext':'hi'}",
-     "{'cmd':'send','userid':1, 'msgtext':'x'}"],
-)
-def test_app_throws_without_string_author_and_text(frame: str) -> None:
-    with pytest.raises(RemoteProtocolError, match="needs string userid and msgtext"):
-        decode_legacy_message(frame)
-
-
-# ---------------------------------------------------------------------------
-# docs/protocol.md shows what the code does
-# ---------------------------------------------------------------------------
-
-DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
-
-
-#: A frame section's heading says its direction, e.g. "### `history` request (client → server)".
-_DIRECTION = re.compile(r"^### .*\((client|server) → (?:client|server)\)$")
-
-
-def _doc_json_examples() -> list[tuple[str, str]]:
-    """Every line of every ```json block, with the direction of the section it is in."""
-    examples: list[tuple[str, str]] = []
-    direction, in_block = "", False
-    for line in DOC.read_text(encoding="utf-8").splitlines():
-        heading = _DIRECTION.match(line)
-        if line.startswith("#"):
-            direction = heading.group(1) if heading else ""
-        elif line.startswith("```"):
-            in_block = line == "```json"
-            assert not in_block or direction, "a JSON example outside a frame section with a direction"
-        elif in_block and line:
-            examples.append((direction, line))
-    return examples
-
-
-def test_doc_json_examples_are_exact_encodings() -> None:
-    examples = _doc_json_examples()
-    client = {json.loads(line)["type"] for direction, line in examples if direction == "client"}
-    server = {json.loads(line)["type"] for direction, line in examples if direction == "server"}
-    assert client == {"send", "received", "history", "who", "watch"}
-    assert server == {"hello", "ack", "message", "history", "who", "presence", "error"}
-    for direction, line in examples:
-        parse = parse_client_frame if direction == "client" else parse_server_frame
-        assert encode(parse(line)) == line
-
-
-def test_doc_examples_show_every_frame_class() -> None:
-    shown = set()
-    for direction, line in _doc_json_examples():
-        shown.add(type((parse_client_frame if direction == "client" else parse_server_frame)(line)))
-    assert shown == set(get_args(Frame))
-
-
-def test_doc_names_every_stable_code_and_handshake_name() -> None:
-    doc = DOC.read_text(encoding="utf-8")
-    names = [*REFUSED_REASONS, *ERROR_CODES, *sorted(Status.ALL), *FEATURES, RESUME_AFTER_HEADER,
-             REPLAY_SINCE_HEADER, RECEIVE_HEADER, EPOCH_HEADER, EPOCH_RULE, f"?{TOKEN_QUERY_PARAM}=<token>",
-             "duplicate", '"reset":true', "hidden", str(MAX_INT)]
-    assert [name for name in names if name not in doc] == []
-    for reason in REFUSED_REASONS:
-        assert f"| `{reason}` |" in doc  # each reason has a row saying when
-    for code in ERROR_CODES:
-        assert f"| `{code}` |" in doc
-
-
-def test_doc_legacy_examples_are_exact() -> None:
-    doc = DOC.read_text(encoding="utf-8")
-    indented = [line[4:] for line in doc.splitlines() if line.startswith("    {'")]
-    assert indented == [
-        encode_legacy_send("bob", "it's 5 o'clock"),
-        encode_legacy_message("alice", "it's 5 o'clock"),
-        encode_legacy_message("alice", 'a "quote", a \\ and\na newline'),
-    ]
-    assert decode_legacy_message(indented[1]) == ("alice", "it's 5 o'clock")
-    assert f"`{indented[1].replace(chr(39), chr(34))}`" in doc
-    for inline in ('{"cmd":"send","auth":"addauthkeyifrequired","userid":"bob","msgtext":"hi"}',
-                   "{'cmd':'send','userid':'bob','msgtext':'hi','auth':'k'}"):
-        assert f"`{inline}`" in doc
-        assert parse_legacy_frame(inline).msgtext == "hi"

@@ -1,0 +1,527 @@
+"""``chatcli.v1``, the native protocol: frozen frame objects that check themselves, parsed and encoded side by side.
+
+Negotiated as the WebSocket subprotocol ``chatcli.v1``: JSON text frames, one
+object each, with a ``type`` field. Each frame class has ``from_dict`` (the
+peer's object → a checked frame) beside ``to_dict`` (the frame → the object
+``encode`` serialises), as websockets' ``Frame.parse`` / ``serialize``.
+``parse_client_frame`` and ``parse_server_frame`` pick the class from a table
+by ``type`` and direction (``history`` and ``who`` name a request and its answer).
+Pure: no I/O.
+
+Compatibility rules (so later features need no v2): unknown fields are
+ignored, unknown frame types raise ``UnknownFrameType`` (the server answers
+with an ``unknown-type`` error without closing the session), and new
+capabilities are announced in the server's ``hello`` under ``features``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final, Self, TypeVar
+
+from chatcli.errors import LocalProtocolError, RemoteProtocolError, UnknownFrameType
+from chatcli.protocol._values import (
+    DEFAULT_MAX_TEXT_BYTES,
+    EPOCH_RULE,
+    MAX_INT,
+    ErrorCode,
+    Status,
+    check_user_id,
+    is_valid_epoch,
+    is_valid_user_id,
+)
+
+__all__ = [
+    "CLIENT_ID_MAX_LEN",
+    "HISTORY_MAX_LIMIT",
+    "PROTOCOL_VERSION",
+    "SUBPROTOCOL",
+    "Ack",
+    "ClientFrame",
+    "Error",
+    "Frame",
+    "Hello",
+    "History",
+    "HistoryRequest",
+    "Message",
+    "Presence",
+    "Received",
+    "Send",
+    "ServerFrame",
+    "Watch",
+    "Who",
+    "WhoRequest",
+    "encode",
+    "parse_client_frame",
+    "parse_server_frame",
+]
+
+PROTOCOL_VERSION: Final = 1
+SUBPROTOCOL: Final = "chatcli.v1"
+CLIENT_ID_MAX_LEN: Final = 128
+HISTORY_MAX_LIMIT: Final = 1000
+
+#: An ack's status is checked on every ack built or read: against plain strings, which hash and compare
+#: faster than the enum members (and the error message lists the wire values).
+_STATUSES: Final = frozenset(status.value for status in Status)
+_REFUSED: Final = Status.REFUSED.value
+
+_F = TypeVar("_F")
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings with lone surrogates (JSON ``\\ud800`` escapes), which are not Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _require_str(name: str, value: object, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise LocalProtocolError(f"{name} must be a {'' if allow_empty else 'non-empty '}string")
+    return value
+
+
+def _require_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_INT:
+        raise LocalProtocolError(f"{name} must be an integer from 0 to {MAX_INT}")
+    return value
+
+
+def _build(cls: Callable[..., _F], **fields: Any) -> _F:
+    """Build a frame from peer data, turning a validation failure into the peer's fault."""
+    try:
+        return cls(**fields)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"invalid {getattr(cls, 'TYPE', 'frame')} frame: {exc}",
+                                  ErrorCode.BAD_FRAME) from None
+
+
+def _user_list(obj: dict[str, Any]) -> tuple[str, ...] | None:
+    users = obj.get("users")
+    return tuple(users) if isinstance(users, list) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Server → client, first frame of a native session."""
+
+    TYPE: ClassVar[str] = "hello"
+    user: str
+    session: str
+    server: str
+    protocol: int = PROTOCOL_VERSION
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    features: tuple[str, ...] = ()
+    #: The identity of the server's message store; changes when the store is replaced. None: an older server.
+    epoch: str | None = None
+    #: True when the client's resume point (``Chatcli-After`` / ``Chatcli-Epoch``) came from another store:
+    #: the server ignored it and the backlog starts at this store's beginning.
+    reset: bool = False
+
+    def __post_init__(self) -> None:
+        check_user_id(self.user)
+        _require_str("session", self.session)
+        _require_str("server", self.server)
+        _require_int("protocol", self.protocol)
+        _require_int("max_text_bytes", self.max_text_bytes)
+        if not isinstance(self.features, tuple) or not all(isinstance(f, str) for f in self.features):
+            raise LocalProtocolError("features must be strings")
+        if self.epoch is not None and not is_valid_epoch(self.epoch):
+            raise LocalProtocolError(f"epoch must be {EPOCH_RULE}")
+        if not isinstance(self.reset, bool):
+            raise LocalProtocolError("reset must be a boolean")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        features = obj.get("features", [])
+        return _build(cls, user=obj.get("user"), session=obj.get("session"), server=obj.get("server"),
+                      protocol=obj.get("protocol"),
+                      max_text_bytes=obj.get("max_text_bytes", DEFAULT_MAX_TEXT_BYTES),
+                      features=tuple(features) if isinstance(features, list) else None,
+                      epoch=obj.get("epoch"), reset=obj.get("reset", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": self.TYPE,
+            "protocol": self.protocol,
+            "server": self.server,
+            "user": self.user,
+            "session": self.session,
+            "max_text_bytes": self.max_text_bytes,
+            "features": list(self.features),
+        }
+        if self.epoch is not None:
+            out["epoch"] = self.epoch
+        if self.reset:
+            out["reset"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Client → server: send ``text`` to user ``to``; ``id`` is chosen by the client and echoed in the ack."""
+
+    TYPE: ClassVar[str] = "send"
+    id: str
+    to: str
+    text: str
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        if len(self.id) > CLIENT_ID_MAX_LEN or not self.id.isprintable():
+            raise LocalProtocolError(f"id must be at most {CLIENT_ID_MAX_LEN} printable characters")
+        check_user_id(self.to)
+        _require_str("text", self.text, allow_empty=True)
+        if not _is_unicode(self.text):
+            raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), to=obj.get("to"), text=obj.get("text"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id, "to": self.to, "text": self.text}
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Server → client: the outcome of a ``send``, matched by the client's ``id``."""
+
+    TYPE: ClassVar[str] = "ack"
+    id: str
+    #: A ``Status``; a parsed ack holds the wire's plain string, which equals the member.
+    status: str
+    msg_id: int | None = None
+    reason: str | None = None
+    ts: str | None = None
+    #: True when this answers a retried ``id`` already stored: msg_id is the original's.
+    duplicate: bool = False
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        if not isinstance(self.duplicate, bool):
+            raise LocalProtocolError("duplicate must be a boolean")
+        if self.status not in _STATUSES:
+            raise LocalProtocolError(f"status must be one of {sorted(_STATUSES)}")
+        if self.status == _REFUSED:
+            _require_str("reason", self.reason)
+        elif self.msg_id is None:
+            raise LocalProtocolError("an accepted ack needs msg_id")
+        if self.msg_id is not None:
+            _require_int("msg_id", self.msg_id)
+        if self.reason is not None:
+            _require_str("reason", self.reason)
+        if self.ts is not None:
+            _require_str("ts", self.ts)
+
+    @property
+    def accepted(self) -> bool:
+        return self.status != _REFUSED
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), status=obj.get("status"), msg_id=obj.get("msg_id"),
+                      reason=obj.get("reason"), ts=obj.get("ts"), duplicate=obj.get("duplicate", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "status": self.status}
+        if self.msg_id is not None:
+            out["msg_id"] = self.msg_id
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.ts is not None:
+            out["ts"] = self.ts
+        if self.duplicate:
+            out["duplicate"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Server → client: a message for this user; ``id`` is the server's, increasing (a cursor)."""
+
+    TYPE: ClassVar[str] = "message"
+    id: int
+    sender: str  # "from" on the wire
+    to: str
+    text: str
+    ts: str
+
+    def __post_init__(self) -> None:
+        _require_int("id", self.id)
+        check_user_id(self.sender)
+        check_user_id(self.to)
+        _require_str("text", self.text)
+        if not _is_unicode(self.text):
+            raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
+        _require_str("ts", self.ts)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), sender=obj.get("from"), to=obj.get("to"), text=obj.get("text"),
+                      ts=obj.get("ts"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id, "from": self.sender, "to": self.to, "text": self.text,
+                "ts": self.ts}
+
+
+_ERROR_FIELDS: Final = frozenset({"type", "code", "message"})
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Server → client: a frame could not be handled; the session stays open."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require_str("code", self.code)
+        _require_str("message", self.message)
+        if not _ERROR_FIELDS.isdisjoint(self.details):  # details must not forge the frame's own fields
+            raise LocalProtocolError(f"details must not contain {sorted(_ERROR_FIELDS)}")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        details = {k: v for k, v in obj.items() if k not in _ERROR_FIELDS}
+        return _build(cls, code=obj.get("code"), message=obj.get("message"), details=details)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "code": self.code, "message": self.message}
+        out.update(self.details)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """Client → server: every message up to ``id`` has been handled; the server advances the user's cursor.
+
+    A later connection without a resume point gets only messages after the cursor.
+    """
+
+    TYPE: ClassVar[str] = "received"
+    id: int
+
+    def __post_init__(self) -> None:
+        _require_int("id", self.id)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id}
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    """Client → server: the last ``limit`` messages between me and ``peer`` (before message ``before``)."""
+
+    TYPE: ClassVar[str] = "history"
+    id: str
+    peer: str
+    limit: int = 50
+    before: int | None = None
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        check_user_id(self.peer)
+        _require_int("limit", self.limit)
+        if self.limit > HISTORY_MAX_LIMIT:
+            raise LocalProtocolError(f"limit must be at most {HISTORY_MAX_LIMIT}")
+        if self.before is not None:
+            _require_int("before", self.before)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), peer=obj.get("peer"), limit=obj.get("limit", 50),
+                      before=obj.get("before"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "peer": self.peer, "limit": self.limit}
+        if self.before is not None:
+            out["before"] = self.before
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Server → client: the answer to a ``history`` request, oldest message first."""
+
+    TYPE: ClassVar[str] = "history"
+    id: str
+    peer: str
+    messages: tuple[Message, ...]
+    #: The server's size cap cut the answer short: older messages exist; ask again with ``before``.
+    more: bool = False
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        check_user_id(self.peer)
+        if not isinstance(self.messages, tuple) or not all(isinstance(m, Message) for m in self.messages):
+            raise LocalProtocolError("messages must be a tuple of Message")
+        if not isinstance(self.more, bool):
+            raise LocalProtocolError("more must be a boolean")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        items = obj.get("messages")
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise RemoteProtocolError("invalid history frame: messages must be a list of objects",
+                                      ErrorCode.BAD_FRAME)
+        try:
+            messages = tuple(Message.from_dict(item) for item in items)
+        except RemoteProtocolError as exc:  # name the frame the peer sent, not the object nested in it
+            raise RemoteProtocolError(f"invalid history frame: in messages: {exc.message}",
+                                      ErrorCode.BAD_FRAME) from None
+        return _build(cls, id=obj.get("id"), peer=obj.get("peer"), messages=messages, more=obj.get("more", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "peer": self.peer,
+                               "messages": [m.to_dict() for m in self.messages]}
+        if self.more:
+            out["more"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class WhoRequest:
+    """Client → server: who is online? Answered by ``Who`` with the same ``id``."""
+
+    TYPE: ClassVar[str] = "who"
+    id: str
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id}
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Server → client: the users with at least one open session, sorted."""
+
+    TYPE: ClassVar[str] = "who"
+    id: str
+    users: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        if not isinstance(self.users, tuple) or not all(is_valid_user_id(u) for u in self.users):
+            raise LocalProtocolError("users must be a tuple of user ids")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), users=_user_list(obj))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id, "users": list(self.users)}
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """Client → server: tell me now, and whenever it changes, whether these users are online."""
+
+    TYPE: ClassVar[str] = "watch"
+    users: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.users, tuple) or not all(is_valid_user_id(u) for u in self.users):
+            raise LocalProtocolError("users must be a tuple of user ids")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, users=_user_list(obj))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "users": list(self.users)}
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Server → client: a watched user came online (first session) or went offline (last session closed)."""
+
+    TYPE: ClassVar[str] = "presence"
+    user: str
+    online: bool
+    #: True when the server does not show this user's presence to you (``--presence contacts`` and no
+    #: message exchanged yet): ``online`` is then always false.
+    hidden: bool = False
+
+    def __post_init__(self) -> None:
+        check_user_id(self.user)
+        if not isinstance(self.online, bool) or not isinstance(self.hidden, bool):
+            raise LocalProtocolError("online and hidden must be booleans")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, user=obj.get("user"), online=obj.get("online"), hidden=obj.get("hidden", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "user": self.user, "online": self.online}
+        if self.hidden:
+            out["hidden"] = True
+        return out
+
+
+ClientFrame = Send | Received | HistoryRequest | WhoRequest | Watch
+ServerFrame = Hello | Ack | Message | Error | History | Who | Presence
+Frame = ClientFrame | ServerFrame
+
+
+def encode(frame: Frame) -> str:
+    """The JSON text of a native frame."""
+    return json.dumps(frame.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+def _load_object(data: str | bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"not JSON: {exc}", ErrorCode.BAD_JSON) from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError("a frame must be a JSON object", ErrorCode.BAD_FRAME)
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise RemoteProtocolError("a frame needs a string 'type'", ErrorCode.BAD_FRAME)
+    return obj
+
+
+#: The parsers by ``type``, one table per direction: ``history`` and ``who`` name a request and its answer.
+_CLIENT_PARSERS: Final[dict[str, Callable[[dict[str, Any]], ClientFrame]]] = {
+    cls.TYPE: cls.from_dict for cls in (Send, Received, HistoryRequest, WhoRequest, Watch)}
+_SERVER_PARSERS: Final[dict[str, Callable[[dict[str, Any]], ServerFrame]]] = {
+    cls.TYPE: cls.from_dict for cls in (Hello, Ack, Message, History, Error, Who, Presence)}
+
+
+def parse_client_frame(data: str | bytes) -> ClientFrame:
+    """Parse a frame a client sent. Raises ``RemoteProtocolError`` (``UnknownFrameType`` for new types)."""
+    obj = _load_object(data)
+    parser = _CLIENT_PARSERS.get(obj["type"])
+    if parser is None:
+        raise UnknownFrameType(f"unknown frame type {obj['type'][:40]!r}")
+    return parser(obj)
+
+
+def parse_server_frame(data: str | bytes) -> ServerFrame:
+    """Parse a frame the server sent. Clients skip ``UnknownFrameType``: it comes from a newer server."""
+    obj = _load_object(data)
+    parser = _SERVER_PARSERS.get(obj["type"])
+    if parser is None:
+        raise UnknownFrameType(f"unknown frame type {obj['type'][:40]!r}")
+    return parser(obj)
+
+
