@@ -24,6 +24,10 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+__all__ = ["AccountError", "AuthError", "CertificateError", "ChatcliError", "ClientError", "ConnectError",
+           "ExitStatus", "InvalidUserId", "LocalProtocolError", "ProtocolError", "RefusedError",
+           "RemoteProtocolError", "StorageError", "TimedOutError", "UnknownFrameType", "UsageError",
+           "exit_status_for"]
 
 class ExitStatus(IntEnum):
     """Exit statuses of the client commands; the README has the same table."""

@@ -36,6 +36,9 @@ from websockets.uri import parse_uri
 from chatcli import protocol as p
 from chatcli.errors import AuthError, ConnectError, ExitStatus, UsageError
 
+__all__ = ["LEGACY", "NATIVE", "PROTOCOLS", "RESULT_KEYS", "BenchOptions", "Counts", "Histogram", "exit_status",
+           "result", "run", "split_pairs", "summary_text"]
+
 NATIVE: Final = "native"
 LEGACY: Final = "legacy"
 PROTOCOLS: Final = (NATIVE, LEGACY)

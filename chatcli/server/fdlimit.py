@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 #: Descriptors kept free beyond those open at start-up and the HTTP port's: SQLite's journal, WAL and
 #: temporary files, the accounts database, a TLS handshake or an accept in flight.
+__all__ = ["FD_RESERVE", "FdLimit", "connection_capacity", "open_fd_count", "raise_fd_limit"]
+
 FD_RESERVE = 32
 
 #: Linux's default ceiling (fs.nr_open) and macOS's OPEN_MAX: the soft limit tried when the hard one is
