@@ -7,21 +7,17 @@ import json
 import random
 import signal
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from chatcli import protocol as p
 from chatcli.client import bench
-from tests.conftest import ChatcliProcess, RunningServer, wait_until
-
-Start = Callable[..., RunningServer]
-Run = Callable[..., ChatcliProcess]
+from tests.support.processes import Chatcli, RunningServer, StartServer, wait_until
 
 
-def run_bench(chatcli: Run, server: RunningServer, *args: str) -> tuple[int, dict[str, Any]]:
-    """Run ``chatcli bench --json`` to the end: its exit status and its one JSON object."""
+def run_bench(chatcli: Chatcli, server: RunningServer, *args: str) -> tuple[int, dict[str, Any]]:
+    """Chatcli ``chatcli bench --json`` to the end: its exit status and its one JSON object."""
     proc = chatcli("bench", "--url", server.ws_url, "--json", *args)
     status = proc.wait(timeout=30)
     assert len(proc.out) == 1, (proc.out, proc.err)
@@ -31,7 +27,8 @@ def run_bench(chatcli: Run, server: RunningServer, *args: str) -> tuple[int, dic
 
 
 @pytest.mark.parametrize("protocol", ["native", "legacy"])
-def test_small_run_delivers_every_message_once_in_order(start_server: Start, chatcli: Run, protocol: str) -> None:
+def test_small_run_delivers_every_message_once_in_order(start_server: StartServer, chatcli: Chatcli,
+                                                        protocol: str) -> None:
     server = start_server()
     status, result = run_bench(chatcli, server, "--pairs", "3", "--messages", "200", "--window", "8",
                                "--protocol", protocol)
@@ -45,14 +42,14 @@ def test_small_run_delivers_every_message_once_in_order(start_server: Start, cha
     assert result["msgs_per_s"] > 0
 
 
-def test_procs_spread_the_pairs_and_merge_their_counts(start_server: Start, chatcli: Run) -> None:
+def test_procs_spread_the_pairs_and_merge_their_counts(start_server: StartServer, chatcli: Chatcli) -> None:
     server = start_server("--ephemeral")
     status, result = run_bench(chatcli, server, "--pairs", "4", "--messages", "100", "--procs", "2")
     assert status == 0, result
     assert (result["procs"], result["sent"], result["delivered"], result["lost"]) == (2, 400, 400, 0)
 
 
-def test_refused_messages_are_counted_and_exit_5(start_server: Start, chatcli: Run) -> None:
+def test_refused_messages_are_counted_and_exit_5(start_server: StartServer, chatcli: Chatcli) -> None:
     """A real refusal: the server's per-user rate limit lets the burst through and refuses the rest."""
     server = start_server("--ephemeral", "--rate", "1", "--burst", "5")
     status, result = run_bench(chatcli, server, "--pairs", "1", "--messages", "30", "--window", "4")
@@ -61,7 +58,7 @@ def test_refused_messages_are_counted_and_exit_5(start_server: Start, chatcli: R
     assert result["delivered"] == result["acked"] and result["lost"] == 0 and not result["ok"]
 
 
-def test_duplicated_messages_are_counted_and_exit_1(start_server: Start, chatcli: Run) -> None:
+def test_duplicated_messages_are_counted_and_exit_1(start_server: StartServer, chatcli: Chatcli) -> None:
     """Messages stored for the receiver before the run (its backlog) carry sequence numbers the run sends again:
     the receiver gets those numbers twice."""
     server = start_server()
@@ -74,7 +71,7 @@ def test_duplicated_messages_are_counted_and_exit_1(start_server: Start, chatcli
     assert result["latency_ms"]["max"] < 60_000  # the old ones' timestamps are not latencies
 
 
-def test_a_server_killed_mid_run_exits_3_with_consistent_counts(start_server: Start, chatcli: Run) -> None:
+def test_a_server_killed_mid_run_exits_3_with_consistent_counts(start_server: StartServer, chatcli: Chatcli) -> None:
     server = start_server("--ephemeral", "--rate", "1000000", "--burst", "1000000")
     proc = chatcli("bench", "--url", server.ws_url, "--json", "--pairs", "2", "--messages", "10000000")
 
@@ -95,7 +92,7 @@ def test_a_server_killed_mid_run_exits_3_with_consistent_counts(start_server: St
     assert 0 <= result["lost"] <= result["acked"]
 
 
-def test_no_server_exits_3(chatcli: Run) -> None:
+def test_no_server_exits_3(chatcli: Chatcli) -> None:
     proc = chatcli("bench", "--url", "ws://127.0.0.1:9", "--json", "--pairs", "1", "--messages", "1")
     assert proc.wait() == 3
     assert proc.out == [] and "cannot connect" in "\n".join(proc.err)

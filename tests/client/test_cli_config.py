@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,7 @@ import pytest
 from chatcli.client.settings import DEFAULT_URL, resolve_settings
 from chatcli.errors import UsageError
 from chatcli.protocol import DEFAULT_AUTH_KEY
-from tests.conftest import ChatcliProcess, RunningServer
-
-Chatcli = Callable[..., ChatcliProcess]
+from tests.support.processes import Chatcli, StartServer
 
 
 def write_config(home: Path, text: str) -> Path:
@@ -70,7 +67,7 @@ def test_bad_settings_are_usage_errors(tmp_home: Path, config: str, flags: dict[
 
 
 def test_commands_use_the_profile_and_the_environment(chatcli: Chatcli, tmp_home: Path,
-                                                      start_server: Callable[..., RunningServer]) -> None:
+                                                      start_server: StartServer) -> None:
     server = start_server("--auth-key", "s3cret", "--ephemeral")
     key_file = tmp_home / "key"
     key_file.write_text("s3cret\n")

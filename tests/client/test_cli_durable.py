@@ -9,15 +9,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 from chatcli import protocol as p
-from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.wsclients import native, send_native
-
-Chatcli = Callable[..., ChatcliProcess]
-StartServer = Callable[..., RunningServer]
+from tests.support.processes import Chatcli, ChatcliProcess, RunningServer, StartServer, wait_until
+from tests.support.wsclients import native, send_native
 
 
 def listening(chatcli: Chatcli, server: RunningServer, user: str, *args: str) -> ChatcliProcess:

@@ -7,16 +7,13 @@ send template with raw text) and reads frames as it does (``decode_legacy_messag
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import pytest
 
 from chatcli import protocol
-from tests.conftest import ChatcliProcess, RunningServer
-from tests.flutter_app import decode_legacy_message, encode_legacy_send
-from tests.wsclients import legacy
-
-Chatcli = Callable[..., ChatcliProcess]
+from tests.support.flutter_app import decode_legacy_message, encode_legacy_send
+from tests.support.processes import Chatcli, RunningServer
+from tests.support.wsclients import legacy
 
 TRICKY_TEXTS = ["plain hello", "it's \"quoted\", a \\ backslash", "{'cmd':'send','userid':'eve'}", "ünïcödé ✓"]
 

@@ -6,13 +6,10 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from datetime import datetime
 
-from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.wsclients import native, send_native
-
-Chatcli = Callable[..., ChatcliProcess]
+from tests.support.processes import Chatcli, ChatcliProcess, RunningServer, StartServer, wait_until
+from tests.support.wsclients import native, send_native
 
 
 def listening(chatcli: Chatcli, server: RunningServer, user: str, *args: str) -> ChatcliProcess:
@@ -79,7 +76,7 @@ def test_reader_closing_early_ends_listen_quietly_with_0(server: RunningServer, 
     assert "Traceback" not in err and "Broken pipe" not in err, err
 
 
-def test_listen_survives_a_server_restart(chatcli: Chatcli, start_server: Callable[..., RunningServer]) -> None:
+def test_listen_survives_a_server_restart(chatcli: Chatcli, start_server: StartServer) -> None:
     first = start_server()
     bob = listening(chatcli, first, "bob", "--count", "2")
     alice, _ = native(first.ws_url, "alice")
@@ -109,7 +106,7 @@ def test_no_reconnect_exits_3_when_nothing_listens(chatcli: Chatcli, server: Run
 
 
 def test_authentication_refusal_exits_4_at_once(chatcli: Chatcli,
-                                                start_server: Callable[..., RunningServer]) -> None:
+                                                start_server: StartServer) -> None:
     server = start_server("--auth-key", "secret")
     bob = chatcli("listen", "bob", "--url", server.ws_url)  # reconnects by default, but not after a refusal
     assert bob.wait() == 4

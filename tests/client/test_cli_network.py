@@ -1,58 +1,24 @@
 """The clients against a server on a network: TLS, per-user tokens, rate limits and `chatcli who`.
 
 Everything runs through the real entry point against a real `chatcli serve`; certificates
-are made on the fly with trustme.
+are made on the fly with trustme (``tests/support/credentials.py``).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import trustme
 
-from tests.conftest import ChatcliProcess, RunningServer
-from tests.wsclients import legacy, native
-
-Chatcli = Callable[..., ChatcliProcess]
-StartServer = Callable[..., RunningServer]
-
-
-@dataclass(frozen=True)
-class TlsServer:
-    server: RunningServer
-    cafile: Path  # the CA that signed the server's certificate
-
-    @property
-    def url(self) -> str:
-        return f"wss://127.0.0.1:{self.server.ws_port}"
-
-
-def start_tls_server(start_server: StartServer, directory: Path, *hosts: str) -> TlsServer:
-    """A server whose certificate (for ``hosts``) is signed by a fresh CA; the CA's PEM is returned."""
-    ca = trustme.CA()
-    cert = ca.issue_cert(*(hosts or ("127.0.0.1", "localhost")))
-    certfile, keyfile, cafile = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(certfile)
-    cert.private_key_pem.write_to_path(keyfile)
-    ca.cert_pem.write_to_path(cafile)
-    return TlsServer(start_server("--certfile", str(certfile), "--keyfile", str(keyfile)), cafile)
+from tests.support.credentials import TlsServer, add_user, start_tls_server
+from tests.support.processes import Chatcli, RunningServer, StartServer
+from tests.support.wsclients import legacy, native
 
 
 @pytest.fixture
 def tls(start_server: StartServer, tmp_path: Path) -> TlsServer:
     return start_tls_server(start_server, tmp_path)
-
-
-def add_user(db: Path, name: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "chatcli", "user", "add", name, "--db", str(db)],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip()
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -8,12 +8,9 @@ import pty
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 
 from chatcli.protocol import DEFAULT_AUTH_KEY
-from tests.conftest import ChatcliProcess, RunningServer
-
-Chatcli = Callable[..., ChatcliProcess]
+from tests.support.processes import Chatcli, ChatcliProcess, RunningServer, StartServer
 
 
 def listening(chatcli: Chatcli, server: RunningServer, user: str, *args: str) -> ChatcliProcess:
@@ -84,7 +81,7 @@ def test_bad_arguments_exit_2_without_a_traceback(chatcli: Chatcli, server: Runn
 
 
 def test_offline_recipient_exits_5_with_the_reason_on_a_server_that_stores_nothing(
-        chatcli: Chatcli, start_server: Callable[..., RunningServer]) -> None:
+        chatcli: Chatcli, start_server: StartServer) -> None:
     server = start_server("--ephemeral")
     sender = chatcli("send", "alice", "nobody", "hello?", "--json", "--url", server.ws_url)
     assert sender.wait() == 5
@@ -102,7 +99,7 @@ def test_offline_recipient_gets_the_message_later_from_a_storing_server(chatcli:
     assert json.loads(carol.out[0])["text"] == "while you were out"
 
 
-def test_too_large_message_exits_5(chatcli: Chatcli, start_server: Callable[..., RunningServer]) -> None:
+def test_too_large_message_exits_5(chatcli: Chatcli, start_server: StartServer) -> None:
     server = start_server("--max-text-bytes", "16")
     listening(chatcli, server, "bob")
     sender = chatcli("send", "alice", "bob", "x" * 17, "--url", server.ws_url)
@@ -118,7 +115,7 @@ def test_no_server_exits_3(chatcli: Chatcli, server: RunningServer) -> None:
     assert "cannot connect" in sender.err[-1]
 
 
-def test_wrong_key_exits_4(chatcli: Chatcli, start_server: Callable[..., RunningServer]) -> None:
+def test_wrong_key_exits_4(chatcli: Chatcli, start_server: StartServer) -> None:
     server = start_server("--auth-key", "right-key")
     assert chatcli("send", "alice", "bob", "hi", "--url", server.ws_url).wait() == 4
     wrong = chatcli("send", "alice", "bob", "hi", "--url", server.ws_url, env={"CHATCLI_AUTH_KEY": "wrong"})
@@ -145,7 +142,7 @@ def test_unacknowledged_message_exits_6(chatcli: Chatcli, server: RunningServer)
     assert texts(bob, 1)[0] == "acked"
 
 
-def test_default_key_is_the_seed_key(chatcli: Chatcli, start_server: Callable[..., RunningServer]) -> None:
+def test_default_key_is_the_seed_key(chatcli: Chatcli, start_server: StartServer) -> None:
     server = start_server("--auth-key", DEFAULT_AUTH_KEY)
     listening(chatcli, server, "bob")
     assert chatcli("send", "alice", "bob", "hi", "--url", server.ws_url).wait() == 0

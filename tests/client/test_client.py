@@ -16,7 +16,7 @@ from chatcli.client.session import open_session, user_url
 from chatcli.client.settings import ClientSettings
 from chatcli.errors import ConnectError, LocalProtocolError, RefusedError, UsageError
 from chatcli.protocol import Ack, Feature, Hello, Message
-from tests.conftest import RunningServer
+from tests.support.processes import RunningServer
 
 
 def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from chatcli.cli import run
 from chatcli.client.environment import Environment
 from chatcli.errors import ExitStatus
-from tests.conftest import RunningServer
+from tests.support.processes import RunningServer
 
 
 class GoneReader(io.StringIO):

@@ -21,11 +21,10 @@ import pytest
 from chatcli.client import render
 from chatcli.client.render import ConnectionState
 from chatcli.protocol import REPLAY_SINCE_HEADER, Message
-from tests.client.test_cli_network import add_user, start_tls_server
-from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.wsclients import legacy, native, recv_frame, send_native
+from tests.support.credentials import add_user, start_tls_server
+from tests.support.processes import Chatcli, RunningServer, StartServer, wait_until
+from tests.support.wsclients import legacy, native, recv_frame, send_native
 
-Chatcli = Callable[..., ChatcliProcess]
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[=>]")
 
 
@@ -123,7 +122,7 @@ def test_alt_enter_adds_a_newline_and_enter_sends_both_lines(terminal: Callable[
 
 
 def test_refused_message_shows_the_reason_and_help_and_quit_work(
-        terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer]) -> None:
+        terminal: Callable[..., Terminal], start_server: StartServer) -> None:
     server = start_server("--ephemeral")  # stores nothing: a message to someone offline is refused
     chat = terminal("alice", "nobody", "--url", server.ws_url)
     chat.wait_for("connected")
@@ -147,7 +146,7 @@ def test_control_sequences_in_messages_are_shown_not_executed(terminal: Callable
 
 
 def test_typed_while_disconnected_waits_then_goes_out_on_reconnect(
-        terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer]) -> None:
+        terminal: Callable[..., Terminal], start_server: StartServer) -> None:
     first = start_server()
     chat = terminal("alice", "alice", "--url", first.ws_url)  # to ourselves: our own session receives it
     chat.wait_for("connected")
@@ -165,7 +164,7 @@ def test_typed_while_disconnected_waits_then_goes_out_on_reconnect(
 
 
 def test_chat_warns_and_shows_everything_when_the_server_comes_back_with_another_store(
-        terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+        terminal: Callable[..., Terminal], start_server: StartServer, tmp_path: Path) -> None:
     first = start_server("--db", str(tmp_path / "old.db"))
     chat = terminal("alice", "bob", "--url", first.ws_url)
     chat.wait_for("connected")
@@ -213,7 +212,7 @@ def test_chat_opens_with_the_conversation_so_far_each_message_once(terminal: Cal
 
 
 def test_authentication_refused_is_on_the_status_line_and_exits_4(terminal: Callable[..., Terminal],
-                                                                  start_server: Callable[..., RunningServer]
+                                                                  start_server: StartServer
                                                                   ) -> None:
     server = start_server("--auth-key", "secret")
     chat = terminal("alice", "bob", "--url", server.ws_url)
@@ -236,7 +235,7 @@ def test_status_line_shows_the_peer_coming_and_going(terminal: Callable[..., Ter
 
 
 def test_status_line_says_when_the_peer_is_hidden_until_they_talk(terminal: Callable[..., Terminal],
-                                                                   start_server: Callable[..., RunningServer],
+                                                                   start_server: StartServer,
                                                                    tmp_path: Path) -> None:
     tokens = {user: add_user(tmp_path / "chatcli.db", user) for user in ("alice", "bob")}
     server = start_server()  # accounts on: --presence contacts by default
@@ -253,7 +252,7 @@ def test_status_line_says_when_the_peer_is_hidden_until_they_talk(terminal: Call
 
 
 def test_status_line_shows_no_presence_when_the_server_tells_none(terminal: Callable[..., Terminal],
-                                                                   start_server: Callable[..., RunningServer]
+                                                                   start_server: StartServer
                                                                    ) -> None:
     server = start_server("--presence", "off")
     bob = legacy(server.ws_url, "bob")
@@ -268,7 +267,7 @@ def test_status_line_shows_no_presence_when_the_server_tells_none(terminal: Call
 
 
 @pytest.mark.parametrize("trust", ["--cafile", "SSL_CERT_FILE"])
-def test_chat_over_tls(terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer],
+def test_chat_over_tls(terminal: Callable[..., Terminal], start_server: StartServer,
                        tmp_path: Path, trust: str) -> None:
     tls = start_tls_server(start_server, tmp_path)
     if trust == "--cafile":
@@ -287,7 +286,7 @@ def test_chat_over_tls(terminal: Callable[..., Terminal], start_server: Callable
 
 
 def test_untrusted_certificate_is_on_the_status_line_and_exits_3(
-        terminal: Callable[..., Terminal], start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+        terminal: Callable[..., Terminal], start_server: StartServer, tmp_path: Path) -> None:
     tls = start_tls_server(start_server, tmp_path)
     chat = terminal("alice", "bob", "--url", tls.url)
     chat.wait_for("● TLS certificate not trusted", timeout=20)

@@ -26,7 +26,7 @@ from chatcli.protocol import (
     parse_legacy_frame,
     parse_server_frame,
 )
-from tests.flutter_app import decode_legacy_message, encode_legacy_send
+from tests.support.flutter_app import decode_legacy_message, encode_legacy_send
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 

@@ -17,8 +17,8 @@ from chatcli.protocol import (
     legacy_error,
     parse_legacy_frame,
 )
-from tests.flutter_app import decode_legacy_message, encode_legacy_send
-from tests.protocol.samples import NASTY_TEXTS
+from tests.support.flutter_app import decode_legacy_message, encode_legacy_send
+from tests.support.samples import NASTY_TEXTS
 
 #: hypothesis is in the `test` extra; without it the nasty-string lists below still run.
 HAS_HYPOTHESIS = find_spec("hypothesis") is not None

@@ -36,7 +36,7 @@ from chatcli.protocol import (
     parse_client_frame,
     parse_server_frame,
 )
-from tests.protocol.samples import EPOCH, NASTY_TEXTS, TS
+from tests.support.samples import EPOCH, NASTY_TEXTS, TS
 
 #: Frames a client sends; everything else is parsed as a server frame. ``history`` and ``who`` are both.
 CLIENT_FRAME_TYPES = (Send, Received, HistoryRequest, WhoRequest, Watch)

@@ -28,7 +28,7 @@ from chatcli.protocol import (
     parse_user_path,
     text_size,
 )
-from tests.protocol.samples import EPOCH
+from tests.support.samples import EPOCH
 
 # ---------------------------------------------------------------------------
 # Stable codes and handshake names

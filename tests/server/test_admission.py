@@ -16,12 +16,10 @@ from pathlib import Path
 import pytest
 
 from chatcli import protocol as p
-from tests.conftest import RunningServer, wait_until
-from tests.flutter_app import encode_legacy_send
-from tests.server.test_network_server import add_user
-from tests.wsclients import RawClient, client_frame, legacy, native, recv_frame, send_native
-
-StartServer = Callable[..., RunningServer]
+from tests.support.credentials import add_user
+from tests.support.flutter_app import encode_legacy_send
+from tests.support.processes import RunningServer, StartServer, wait_until
+from tests.support.wsclients import RawClient, client_frame, legacy, native, recv_frame, send_native
 
 TEXT, CONT, PING = 0x1, 0x0, 0x9
 NATIVE = {"Sec-WebSocket-Protocol": p.SUBPROTOCOL}

@@ -7,18 +7,15 @@ import signal
 import sqlite3
 import threading
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatcli import protocol as p
-from tests.conftest import RunningServer, wait_until
-from tests.flutter_app import decode_legacy_message, encode_legacy_send
-from tests.wsclients import RawClient, legacy, native, recv_frame, send_native
-
-StartServer = Callable[..., RunningServer]
+from tests.support.flutter_app import decode_legacy_message, encode_legacy_send
+from tests.support.processes import RunningServer, StartServer, wait_until
+from tests.support.wsclients import RawClient, legacy, native, recv_frame, send_native
 
 
 def messages(ws, count: int) -> list[p.Message]:  # type: ignore[no-untyped-def]

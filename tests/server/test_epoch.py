@@ -11,17 +11,13 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from chatcli import protocol as p
-from tests.conftest import ChatcliProcess, RunningServer
-from tests.wsclients import RawClient, native, recv_frame, send_native
-
-StartServer = Callable[..., RunningServer]
-Chatcli = Callable[..., ChatcliProcess]
+from tests.support.processes import Chatcli, ChatcliProcess, RunningServer, StartServer
+from tests.support.wsclients import RawClient, native, recv_frame, send_native
 
 OTHER_EPOCH = "0123456789abcdef0123456789abcdef"  # valid, and no store's: 128 random bits never repeat
 STORE_CHANGED = "the server's message store changed (a new, wiped or restored database): starting from its beginning"

@@ -13,14 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import trustme
 
 from chatcli.server.http_api import MAX_REQUESTS_PER_CONNECTION
 from chatcli.server.limitlog import LimitLog
-from tests.conftest import RunningServer
-from tests.wsclients import legacy
-
-StartServer = Callable[..., RunningServer]
+from tests.support.credentials import issue_certificate
+from tests.support.processes import RunningServer, StartServer
+from tests.support.wsclients import legacy
 
 GET_ROOT = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -118,11 +116,8 @@ def test_limit_log_counts_the_bites_it_did_not_log(caplog: pytest.LogCaptureFixt
 
 
 def test_tls_connection_that_never_handshakes_is_closed(start_server: StartServer, tmp_path: Path) -> None:
-    cert = trustme.CA().issue_cert("127.0.0.1")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(certfile)
-    cert.private_key_pem.write_to_path(keyfile)
-    server = start_server("--certfile", str(certfile), "--keyfile", str(keyfile), "--http-timeout", "0.5")
+    certificate = issue_certificate(tmp_path, "127.0.0.1")
+    server = start_server(*certificate.server_args(), "--http-timeout", "0.5")
     assert read_until_closed(open_http(server)) == b""
     assert server.proc.poll() is None
 

@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import json
-import re
 import ssl
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import trustme
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from chatcli import protocol as p
-from tests.conftest import RunningServer, wait_until
-from tests.flutter_app import encode_legacy_send
-from tests.wsclients import RawClient, legacy, native, recv_frame, send_native
-
-StartServer = Callable[..., RunningServer]
-
-
-def add_user(db: Path, name: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "chatcli", "user", "add", name, "--db", str(db)],
-                         capture_output=True, text=True, check=True)
-    return out.stdout.strip()
-
-
-def metric(server: RunningServer, name: str, labels: str = "") -> float:
-    with urllib.request.urlopen(server.http_url + "/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
+from tests.support.credentials import add_user, issue_certificate
+from tests.support.flutter_app import encode_legacy_send
+from tests.support.processes import RunningServer, StartServer, metric, wait_until
+from tests.support.wsclients import RawClient, legacy, native, recv_frame, send_native
 
 # -- accounts --------------------------------------------------------------------------
 
@@ -110,14 +92,10 @@ def test_user_commands_list_remove_and_errors(tmp_path: Path) -> None:
 
 
 def test_tls_end_to_end(start_server: StartServer, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(certfile)
-    cert.private_key_pem.write_to_path(keyfile)
-    server = start_server("--certfile", str(certfile), "--keyfile", str(keyfile))
+    certificate = issue_certificate(tmp_path, "127.0.0.1", "localhost")
+    server = start_server(*certificate.server_args())
     context = ssl.create_default_context()
-    ca.configure_trust(context)
+    certificate.ca.configure_trust(context)
     url = f"wss://127.0.0.1:{server.ws_port}"
     bob, _ = native(url, "bob", ssl=context)
     alice, _ = native(url, "alice", ssl=context)

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from websockets.sync.client import ClientConnection
 
 from chatcli import protocol as p
-from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.flutter_app import encode_legacy_send
-from tests.server.test_network_server import add_user
-from tests.wsclients import legacy, native, recv_frame, send_native
+from tests.support.credentials import add_user
+from tests.support.flutter_app import encode_legacy_send
+from tests.support.processes import Chatcli, ChatcliProcess, RunningServer, StartServer, wait_until
+from tests.support.wsclients import legacy, native, recv_frame, send_native
 
-StartServer = Callable[..., RunningServer]
-Chatcli = Callable[..., ChatcliProcess]
 USERS = ("alice", "bob", "carol", "dave")
 
 

@@ -20,8 +20,8 @@ from chatcli.server.config import ServerConfig
 from chatcli.server.engine.base import Capability, Engine, StoredMessage
 from chatcli.server.metrics import Metrics
 from chatcli.server.relay import Outcome, Relay
-from tests.flutter_app import decode_legacy_message
 from tests.server.fakes import RecordingSession, make_engine
+from tests.support.flutter_app import decode_legacy_message
 
 
 class Ticks:

@@ -11,9 +11,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatcli import protocol as p
-from tests.conftest import RunningServer
-from tests.flutter_app import decode_legacy_message, encode_legacy_send
-from tests.wsclients import RawClient, legacy, native, recv_frame, send_native
+from tests.support.flutter_app import decode_legacy_message, encode_legacy_send
+from tests.support.processes import RunningServer
+from tests.support.wsclients import RawClient, legacy, native, recv_frame, send_native
 
 NASTY_TEXTS = [
     "it's",

@@ -11,7 +11,7 @@ import socket
 import sqlite3
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,9 @@ from websockets.exceptions import ConnectionClosed
 from chatcli import protocol as p
 from chatcli.server.relay import HISTORY_QUEUE
 from chatcli.server.storage import INBOX_BATCH_ROWS, NewMessage, SQLiteStore
-from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.flutter_app import encode_legacy_send
-from tests.wsclients import client_frame, legacy, native, recv_frame, request_head, send_native
-
-StartServer = Callable[..., RunningServer]
-Chatcli = Callable[..., ChatcliProcess]
+from tests.support.flutter_app import encode_legacy_send
+from tests.support.processes import Chatcli, RunningServer, StartServer, wait_until
+from tests.support.wsclients import client_frame, legacy, native, recv_frame, request_head, send_native
 
 #: A text whose native JSON is six times its size: every character becomes \u0001.
 CONTROL_TEXT = "\x01" * 60_000

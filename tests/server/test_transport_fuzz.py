@@ -33,8 +33,8 @@ from chatcli.server.transport import (
     Phase,
     WebSocketServer,
 )
-from tests.flutter_app import encode_legacy_send
-from tests.wsclients import client_frame, request_head
+from tests.support.flutter_app import encode_legacy_send
+from tests.support.wsclients import client_frame, request_head
 
 
 class RecordingTransport(asyncio.Transport):

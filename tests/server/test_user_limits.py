@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 
 from websockets.sync.client import ClientConnection
 
 from chatcli import protocol as p
-from tests.conftest import ChatcliProcess, RunningServer, wait_until
-from tests.server.test_network_server import metric
-from tests.wsclients import RawClient, native, recv_frame, send_native
-
-StartServer = Callable[..., RunningServer]
-Chatcli = Callable[..., ChatcliProcess]
+from tests.support.processes import Chatcli, StartServer, metric, wait_until
+from tests.support.wsclients import RawClient, native, recv_frame, send_native
 
 SEND_ONLY = {p.RECEIVE_HEADER: "none"}
 RAW_NATIVE_SEND_ONLY = {"Sec-WebSocket-Protocol": p.SUBPROTOCOL, "Authorization": f"Bearer {p.DEFAULT_AUTH_KEY}",

@@ -1,6 +1,6 @@
 """Test clients: a native chatcli.v1 client, a stand-in for the seed Flutter app, and a raw socket.
 
-What the Flutter app writes and reads is in ``tests/flutter_app.py``; here are only its connections.
+What the Flutter app writes and reads is in ``tests/support/flutter_app.py``; here are only its connections.
 """
 
 from __future__ import annotations
