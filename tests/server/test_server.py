@@ -13,23 +13,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from chatcli import protocol as p
 from tests.support.flutter_app import decode_legacy_message, encode_legacy_send
 from tests.support.processes import RunningServer
+from tests.support.samples import NASTY_TEXTS
 from tests.support.wsclients import RawClient, legacy, native, recv_frame, send_native
-
-NASTY_TEXTS = [
-    "it's",
-    'say "hi"',
-    "back\\slash and \\' and \\\"",
-    "{braces} } { '}",
-    "x','userid':'mallory",
-    "','auth':'other','cmd':'foo",
-    "', 'msgtext':'injected",
-    "multi\nline\ttabs\r\n",
-    "emoji 🎉 and 日本語 and ünïcödé",
-    "\u2028\u2029 separators",
-    "trailing quote'",
-    "'",
-    "}",
-]
 
 
 def http_get(server: RunningServer, path: str) -> tuple[int, str, str]:

@@ -1,4 +1,4 @@
-"""Sample values the protocol tests share: a timestamp, a store epoch, and texts that broke the seed."""
+"""Sample values tests share: a timestamp, a store epoch, and texts that broke the seed."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ TS = "2026-11-25T19:34:47.123Z"
 EPOCH = "5d1c0a3e9f7b4e21a8c6d2f0b3e94a17"
 
 #: Texts that broke the seed server or its escaping: quotes, backslashes, braces, fake keys, controls, emoji.
+#: The protocol tests encode and parse each; tests/server/test_server.py sends each through a real server.
 NASTY_TEXTS = [
     "hi",
     "it's",
@@ -16,6 +17,7 @@ NASTY_TEXTS = [
     "'''",
     '"',
     '"quoted"',
+    'say "hi"',
     '"""',
     "\\",
     "\\\\",
@@ -24,25 +26,31 @@ NASTY_TEXTS = [
     "\\u0027",
     "\\n",
     "ends with a backslash\\",
+    "back\\slash and \\' and \\\"",
     "{",
     "}",
     "{}",
     "'}",
     "'}'}",
     '"}',
+    "{braces} } { '}",
     "{'cmd':'send','userid':'mallory', 'msgtext':'boo'}",
     '{"cmd":"send","userid":"mallory","msgtext":"boo"}',
     "x','userid':'mallory",
     "','auth':'other",
+    "','auth':'other','cmd':'foo",
     "', 'msgtext':'evil'}",
+    "', 'msgtext':'injected",
     "'msgtext':'",
     "line one\nline two",
     "\r\n",
     "\t tab",
+    "multi\nline\ttabs\r\n",
     "\x00nul",
     "\x1b[31mred\x1b[0m",
     "\x7f",
     "\u2028\u2029",
+    "\u2028\u2029 separators",
     "\ufeffbom",
     "zero\u200bwidth",
     "é",
@@ -50,9 +58,11 @@ NASTY_TEXTS = [
     "😀",
     "👩‍👩‍👧 family",
     "🏳️‍🌈",
+    "emoji 🎉 and 日本語 and ünïcödé",
     "  ",
     " leading",
     "trailing ",
+    "trailing quote'",
     "null",
     "true",
     "</script><script>alert(1)</script>",
