@@ -38,7 +38,7 @@ from chatcli import protocol as p
 
 # The Flutter app's send frame comes from the tests' emulation of the app: the checkout's root on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.flutter_app import encode_legacy_send
+from tests.support.flutter_app import encode_legacy_send
 
 TEXT = "\x01" * 65_536
 

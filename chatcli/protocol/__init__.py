@@ -18,7 +18,7 @@ in and get text out, and nothing here touches a socket or an event loop.
 
 Import from here (``from chatcli import protocol as p; p.Send(...)``); the
 modules are the package's inside. The test-only emulation of the Flutter app
-lives in ``tests/flutter_app.py``.
+lives in ``tests/support/flutter_app.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""chatcli.protocol.legacy: the seed's frames, and what the Flutter app (tests/flutter_app.py) makes of them."""
+"""chatcli.protocol.legacy: the seed's frames, and what the Flutter app (tests/support/flutter_app.py) makes of them."""
 
 from __future__ import annotations
 

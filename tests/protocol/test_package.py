@@ -35,5 +35,5 @@ def test_legacy_names_stay_in_the_package_once_loaded() -> None:
 def test_an_unknown_name_is_an_attribute_error() -> None:
     message = "module 'chatcli.protocol' has no attribute 'encode_legacy_send'"
     with pytest.raises(AttributeError, match=re.escape(message)):
-        p.encode_legacy_send  # noqa: B018  (moved to tests/flutter_app.py)
+        p.encode_legacy_send  # noqa: B018  (moved to tests/support/flutter_app.py)
     assert not hasattr(p, "decode_legacy_message")
