@@ -18,9 +18,9 @@ import asyncio
 import functools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Literal, TypeVar
 
 from chatcli.client.reconnect import Backoff, CursorFile, MessageCursor, ResumePoint, store_changed
 from chatcli.client.session import ClientSession, open_session, refusal
@@ -97,9 +97,12 @@ class _Window:
             self.on_ack(in_order.popleft().ack)  # type: ignore[arg-type]
         self.changed.set()
 
-    async def wait_for_change(self) -> None:
+    def wait_for_change(self) -> Coroutine[Any, Any, Literal[True]]:
+        """Something to await until the next ack. The event is cleared now, synchronously, right after
+        the caller checked the window: clearing it when the waiting task starts would lose an ack that
+        came in between, and with it the last wake-up (a hang)."""
         self.changed.clear()
-        await self.changed.wait()
+        return self.changed.wait()
 
 
 async def send_messages(settings: ClientSettings, me: str, peer: str, texts: TextBatches,
