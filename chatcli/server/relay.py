@@ -356,13 +356,15 @@ class Relay:
 
     def on_native_text(self, session: Session, text: str) -> None:
         try:
-            frame = p.parse_client_frame(text)
+            frame = p.read_client_frame(text)  # a well-formed send comes as its fields, no Send built
         except RemoteProtocolError as exc:
             self.metrics.error(exc.code)
             session.send_text(p.encode(p.Error(exc.code, exc.message)))
             return
-        if isinstance(frame, p.Send):
-            self.submit(session, frame.id, frame.to, frame.text)  # charged there, refused with an ack
+        if isinstance(frame, tuple):
+            self.submit(session, *frame)  # charged there, refused with an ack
+        elif isinstance(frame, p.Send):
+            self.submit(session, frame.id, frame.to, frame.text)
         elif not self.take_token(session.user):
             self._rate_limited(session, frame)
         elif isinstance(frame, p.Received):
