@@ -1,3 +1,3 @@
-from chatcli.cli import main
+from chatcli.launch import main
 
 main()

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from chatcli import __version__
-from chatcli.client.environment import Environment, point_at_devnull
-from chatcli.errors import ExitStatus, exit_status_for
+from chatcli.client.environment import Environment
+from chatcli.errors import ExitStatus
+from chatcli.launch import client_settings, exit_status_of, send_command
 from chatcli.server.engine.options import Fsync
 
 __all__ = ["app", "main", "run"]
 
 if TYPE_CHECKING:
-    from chatcli.client.settings import ClientSettings
-    from chatcli.protocol import Ack, Message
+    from chatcli.protocol import Message
     from chatcli.server.accounts import AccountStore
 
 app = typer.Typer(
@@ -178,17 +178,7 @@ def _environment(ctx: typer.Context) -> Environment:
     return ctx.obj if isinstance(ctx.obj, Environment) else Environment.from_process()
 
 
-def _settings(env: Environment, url: str | None, auth_key: str | None, auth_key_file: Path | None,
-              timeout: float | None, profile: str | None, *, token_file: Path | None, cafile: Path | None,
-              insecure: bool) -> ClientSettings:
-    from chatcli.client.settings import resolve_settings
-
-    settings = resolve_settings(url=url, auth_key=auth_key, auth_key_file=auth_key_file, timeout=timeout,
-                                profile=profile, token_file=token_file, cafile=cafile, insecure=insecure)
-    if settings.insecure:  # every time: skipping verification must never go unnoticed
-        env.notice(f"WARNING: --insecure: the TLS certificate of {settings.url} is NOT verified; anyone on "
-                   "the network path can read and change this session")
-    return settings
+_settings = client_settings
 
 
 @app.command()
@@ -216,23 +206,9 @@ def send(
     If the connection drops, send reconnects for up to --timeout seconds and resends what
     was not acknowledged; a storing server keeps each message once.
     """
-    import asyncio
-
-    from chatcli.client.commands import send_messages
-    from chatcli.client.inputs import read_texts
-
-    env = _environment(ctx)
-    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
-                         insecure=insecure)
-    texts = read_texts(text, lines=lines, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
-
-    def on_ack(ack: Ack) -> None:
-        if json_output:
-            from chatcli.client.render import ack_json  # only here: a plain send prints nothing
-
-            env.write_line(ack_json(ack, peer))
-
-    asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines))
+    send_command(_environment(ctx), me, peer, text, lines=lines, window=window, json_output=json_output,
+                 url=url, auth_key=auth_key, auth_key_file=auth_key_file, token_file=token_file, cafile=cafile,
+                 insecure=insecure, timeout=timeout, profile=profile)
 
 
 @app.command()
@@ -503,31 +479,27 @@ def user_list(db: DbOption = None) -> None:
 
 def run(args: list[str] | None = None, env: Environment | None = None) -> int:
     """Run the app on ``args`` (default: argv) with ``env``'s streams; the exit status of whatever happened."""
-    env = Environment.from_process() if env is None else env
-    # Typer >= 0.20 vendors click: its exceptions derive from typer.TyperException, and in
-    # non-standalone mode Exit (also Ctrl-C, as 130) comes back as the return value.
-    try:
-        status = app(args=args, standalone_mode=False, obj=env)
-    except typer.Abort:
-        return ExitStatus.INTERRUPTED
-    except typer.TyperException as exc:
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
-        else:
-            env.notice(exc.format_message())
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return ExitStatus.INTERRUPTED
-    except BrokenPipeError:  # the reader went away (``| head -1``): a quiet success
-        point_at_devnull(env.stdout)
-        return ExitStatus.SUCCESS
-    except Exception as exc:  # the one place where errors become exit statuses
-        env.notice(str(exc) or type(exc).__name__)
-        return exit_status_for(exc)
-    return status if isinstance(status, int) else ExitStatus.SUCCESS
+    process_env = Environment.from_process() if env is None else env
+
+    def call_app() -> int:
+        # Typer >= 0.20 vendors click: its exceptions derive from typer.TyperException, and in
+        # non-standalone mode Exit (also Ctrl-C, as 130) comes back as the return value.
+        try:
+            status = app(args=args, standalone_mode=False, obj=process_env)
+        except typer.Abort:
+            return ExitStatus.INTERRUPTED
+        except typer.TyperException as exc:
+            show = getattr(exc, "show", None)
+            if callable(show):
+                show()
+            else:
+                process_env.notice(exc.format_message())
+            return exc.exit_code
+        return status if isinstance(status, int) else ExitStatus.SUCCESS
+
+    return exit_status_of(call_app, process_env)
 
 
 def main() -> None:
-    """Console entry point: run the app on argv and exit with its status."""
+    """Run the Typer app on argv and exit with its status (the console script is ``chatcli.launch:main``)."""
     sys.exit(run())
