@@ -185,6 +185,8 @@ def test_format_ts() -> None:
     assert format_ts(0) == "1970-01-01T00:00:00.000Z"
     assert format_ts(1795635287.5) == "2026-11-25T19:34:47.500Z"
     assert format_ts(1795635287.0015) == "2026-11-25T19:34:47.001Z"  # truncated to milliseconds
+    assert format_ts(1795635287.0015) == "2026-11-25T19:34:47.001Z"  # the same time again: the cached text
+    assert format_ts(0) == "1970-01-01T00:00:00.000Z"  # and a new one is formatted afresh
 
 
 @pytest.mark.parametrize(
