@@ -64,3 +64,12 @@ def test_encode_message_agrees_with_message(msg_id: Any, sender: Any, to: Any, t
 def test_encode_message_nasty_texts(text: str) -> None:
     assert p.encode_message(7, "alice", "bob", text, "2026-11-27T05:00:00.000Z") == p.encode(
         p.Message(7, "alice", "bob", text, "2026-11-27T05:00:00.000Z"))
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+@pytest.mark.parametrize("client_id", ["c-1", 'with "quotes" and \\ and é'])
+def test_encode_ack_fast_path_is_byte_for_byte(client_id: str, duplicate: bool) -> None:
+    """Valid acks always take the template (random values above may rarely be all valid)."""
+    ts = "2026-11-25T19:34:47.123Z"
+    assert p.encode_ack(client_id, "stored", 42, ts, duplicate) == p.encode(
+        p.Ack(client_id, "stored", msg_id=42, ts=ts, duplicate=duplicate))
