@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 
+from settle import settled  # benchmarks/ is the script's directory
 from websockets.sync.client import connect
 
 
@@ -52,13 +53,7 @@ def open_fds(pid: int) -> int:
 
 def settled_fds(pid: int, seconds: float = 1.0) -> int:
     """The server's descriptor count once it has stopped changing for ``seconds`` (it accepts in batches)."""
-    last, since = open_fds(pid), time.monotonic()
-    while time.monotonic() - since < seconds:
-        time.sleep(0.05)
-        now = open_fds(pid)
-        if now != last:
-            last, since = now, time.monotonic()
-    return last
+    return int(settled(lambda: open_fds(pid), seconds))
 
 
 def flood(pid: int, http_port: int, ws_port: int, idle: int) -> tuple[int, int, bool]:

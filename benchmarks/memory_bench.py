@@ -32,6 +32,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from settle import settled  # benchmarks/ is the script's directory
 from websockets.sync.client import connect
 
 from chatcli import protocol as p
@@ -71,12 +72,7 @@ def bytes_sent(http_port: int) -> float:
 
 def wait_sending_stops(http_port: int, quiet_s: float = 1.0) -> None:
     """Until the server's byte counter has not moved for ``quiet_s``."""
-    last, since = bytes_sent(http_port), time.monotonic()
-    while time.monotonic() - since < quiet_s:
-        time.sleep(0.1)
-        now = bytes_sent(http_port)
-        if now != last:
-            last, since = now, time.monotonic()
+    settled(lambda: bytes_sent(http_port), quiet_s, poll_s=0.1)
 
 
 def store_messages(ws_port: int, count: int) -> None:
