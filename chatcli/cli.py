@@ -19,13 +19,14 @@ from chatcli import __version__
 from chatcli.client.environment import Environment
 from chatcli.errors import ExitStatus
 from chatcli.launch import client_settings, exit_status_of, send_command
-from chatcli.server.engine.options import Fsync
+from chatcli.server.engine.options import Fsync, RedisDurability
 
 __all__ = ["app", "main", "run"]
 
 if TYPE_CHECKING:
     from chatcli.protocol import Message
     from chatcli.server.accounts import AccountStore
+    from chatcli.server.engine.redis_accounts import RedisAccountStore
 
 app = typer.Typer(
     name="chatcli",
@@ -87,6 +88,14 @@ def serve(
         "full: also a power loss (slower).")] = Fsync.normal,
     retention: Annotated[str | None, typer.Option(
         help="Delete messages older than this, e.g. 30d or 12h [default: keep all].", show_default=False)] = None,
+    redis: Annotated[str | None, typer.Option(
+        "--redis", envvar="CHATCLI_REDIS_URL", show_envvar=True, show_default=False,
+        help="Be one node of a cluster: store in this Redis (redis://HOST:6379/0, rediss://, unix:///PATH) "
+        "instead of SQLite; see docs/scaling.md.")] = None,
+    redis_durability: Annotated[RedisDurability, typer.Option(
+        case_sensitive=False, help="strict: refuse to start unless Redis fsyncs every write "
+        "(appendonly yes, appendfsync always); relaxed: start and log what Redis guarantees.")
+    ] = RedisDurability.relaxed,
     require_auth: Annotated[bool, typer.Option(
         "--require-auth", help="Every session must prove its user with a token (`chatcli user add`). "
         "On by itself as soon as an account exists.")] = False,
@@ -125,13 +134,17 @@ def serve(
 
     if ephemeral and db is not None:
         raise typer.BadParameter("--db and --ephemeral exclude each other", param_hint="--ephemeral")
+    if redis is not None and (ephemeral or db is not None):
+        raise typer.BadParameter("--redis stores in Redis: drop --db / --ephemeral", param_hint="--redis")
     try:
         retention_s = parse_duration(retention) if retention is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--retention") from None
     config = ServerConfig.build(host=host, ws_port=ws_port, http_port=http_port, auth_key=auth_key,
-                                max_text_bytes=max_text_bytes, db_path=None if ephemeral else db or default_db_path(),
-                                fsync=fsync, retention_s=retention_s, require_auth=require_auth,
+                                max_text_bytes=max_text_bytes,
+                                db_path=None if ephemeral or redis else db or default_db_path(),
+                                fsync=fsync, redis_url=redis, redis_durability=redis_durability,
+                                retention_s=retention_s, require_auth=require_auth,
                                 certfile=certfile, keyfile=keyfile, rate=rate, burst=burst,
                                 max_connections=max_connections, max_sessions_per_user=max_sessions_per_user,
                                 presence=presence.value if presence is not None else None,
@@ -425,12 +438,21 @@ app.add_typer(user_app, name="user")
 DbOption = Annotated[Path | None, typer.Option(
     "--db", help="The server's database [default: $XDG_DATA_HOME/chatcli/chatcli.db].", show_default=False,
     dir_okay=False)]
+RedisOption = Annotated[str | None, typer.Option(
+    "--redis", envvar="CHATCLI_REDIS_URL", show_envvar=True, show_default=False,
+    help="The cluster's Redis (redis://, rediss://, unix://) instead of a database file.")]
 
 
-def _accounts(db: Path | None) -> AccountStore:
+def _accounts(db: Path | None, redis: str | None = None) -> AccountStore | RedisAccountStore:
     from chatcli.paths import default_db_path
     from chatcli.server.accounts import AccountStore
 
+    if redis is not None:
+        if db is not None:
+            raise typer.BadParameter("--db and --redis exclude each other", param_hint="--redis")
+        from chatcli.server.engine.redis_accounts import RedisAccountStore
+
+        return RedisAccountStore(redis)
     path = db or default_db_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     return AccountStore(path)
@@ -443,36 +465,39 @@ def _print_token(name: str, token: str) -> None:
 
 
 @user_app.command("add")
-def user_add(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None) -> None:
+def user_add(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None,
+             redis: RedisOption = None) -> None:
     """Create an account and print its token (once)."""
-    with _accounts(db) as accounts:
+    with _accounts(db, redis) as accounts:
         _print_token(name, accounts.add(name))
 
 
 @user_app.command("rotate")
-def user_rotate(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None) -> None:
+def user_rotate(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None,
+                redis: RedisOption = None) -> None:
     """Replace an account's token; the old one stops working at once. Prints the new token (once)."""
-    with _accounts(db) as accounts:
+    with _accounts(db, redis) as accounts:
         _print_token(name, accounts.rotate(name))
 
 
 @user_app.command("remove")
-def user_remove(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None) -> None:
+def user_remove(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None,
+                redis: RedisOption = None) -> None:
     """Delete an account; its sessions can no longer connect."""
     from chatcli.errors import AccountError
 
-    with _accounts(db) as accounts:
+    with _accounts(db, redis) as accounts:
         if not accounts.remove(name):
             raise AccountError(f"no account named {name!r}")
     print(f"chatcli: removed {name}", file=sys.stderr)
 
 
 @user_app.command("list")
-def user_list(db: DbOption = None) -> None:
+def user_list(db: DbOption = None, redis: RedisOption = None) -> None:
     """List accounts: name and creation time, one per line."""
     from chatcli.protocol import format_ts
 
-    with _accounts(db) as accounts:
+    with _accounts(db, redis) as accounts:
         for account in accounts.list():
             print(f"{account.name}\t{format_ts(account.created_ts)}")
 

@@ -7,6 +7,7 @@
     │       ├── UnknownFrameType      a well-formed frame of a type we don't know (newer peer)
     │       └── InvalidUserId         a user id outside the documented charset/length
     ├── StorageError                  the server's database is unusable (not a chatcli db, newer schema, I/O)
+    │   └── EngineUnavailable         the shared store (Redis) is out of reach for now; sends are refused at once
     ├── AccountError                  an accounts operation failed (name taken, unknown name)
     └── ClientError                   what a client command can end with; each has an exit status
         ├── UsageError                2  bad arguments or input (empty message, no TEXT on a terminal)
@@ -25,7 +26,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 __all__ = ["AccountError", "AuthError", "CertificateError", "ChatcliError", "ClientError", "ConnectError",
-           "ExitStatus", "InvalidUserId", "LocalProtocolError", "ProtocolError", "RefusedError",
+           "EngineUnavailable", "ExitStatus", "InvalidUserId", "LocalProtocolError", "ProtocolError", "RefusedError",
            "RemoteProtocolError", "StorageError", "TimedOutError", "UnknownFrameType", "UsageError",
            "exit_status_for"]
 
@@ -83,6 +84,10 @@ class InvalidUserId(RemoteProtocolError):
 
 class StorageError(ChatcliError):
     """The message/accounts database cannot be opened, migrated or written."""
+
+
+class EngineUnavailable(StorageError):
+    """The store shared by several server processes (Redis) cannot be reached now; it may come back."""
 
 
 class AccountError(ChatcliError):

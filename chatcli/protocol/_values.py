@@ -105,6 +105,7 @@ class Reason(StrEnum):
     BAD_RECIPIENT = "bad-recipient"
     RATE_LIMITED = "rate-limited"
     STORAGE_FAILED = "storage-failed"  # the server could not commit the message; nothing was stored
+    UNAVAILABLE = "unavailable"  # the shared store (Redis) is out of reach for now; nothing was stored
 
 
 class ErrorCode(StrEnum):

@@ -9,7 +9,7 @@ from typing import Final, Literal, TypeAlias
 
 from chatcli.errors import UsageError
 from chatcli.protocol import DEFAULT_AUTH_KEY, DEFAULT_MAX_TEXT_BYTES, FRAME_OVERHEAD_BYTES
-from chatcli.server.engine.options import Fsync
+from chatcli.server.engine.options import Fsync, RedisDurability
 
 __all__ = ["PRESENCE_MODES", "PresenceMode", "ServerConfig"]
 
@@ -28,6 +28,9 @@ class ServerConfig:
     #: The SQLite file; None keeps nothing (--ephemeral): offline recipients are refused.
     db_path: Path | None = None
     fsync: Fsync = Fsync.normal
+    #: A Redis URL: this server is one node of a cluster sharing that Redis (db_path is then unused).
+    redis_url: str | None = None
+    redis_durability: RedisDurability = RedisDurability.relaxed
     #: Messages older than this many seconds are pruned; None keeps them forever.
     retention_s: float | None = None
     #: Sessions must prove their user with a token; also on whenever the database has an account.
@@ -68,11 +71,15 @@ class ServerConfig:
             raise UsageError("--retention must be a positive duration, e.g. 30d")
         if (config.certfile is None) != (config.keyfile is None):
             raise UsageError("--certfile and --keyfile go together")
-        if config.require_auth and config.db_path is None:
+        if config.redis_url is not None:
+            _check_redis_url(config.redis_url)
+        if config.presence == "contacts" and config.redis_url is not None:
+            raise UsageError("--presence contacts is not available with --redis yet: use --presence all or off")
+        if config.require_auth and config.db_path is None and config.redis_url is None:
             raise UsageError("--require-auth needs accounts, which live in the database: drop --ephemeral")
         if config.presence not in (None, *PRESENCE_MODES):
             raise UsageError(f"--presence must be one of {', '.join(PRESENCE_MODES)}")
-        if config.presence == "contacts" and config.db_path is None:
+        if config.presence == "contacts" and config.db_path is None and config.redis_url is None:
             raise UsageError("--presence contacts knows contacts from stored messages; an --ephemeral server "
                              "stores none: use --presence all or off")
         for name in ("rate", "burst", "max_connections", "max_sessions_per_user", "max_buffer_bytes",
@@ -114,3 +121,12 @@ class ServerConfig:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+#: The URL schemes redis-py connects with.
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+
+
+def _check_redis_url(url: str) -> None:
+    if not url.startswith(REDIS_SCHEMES):
+        raise UsageError(f"--redis must be a redis://, rediss:// or unix:// URL, not {url!r}")

@@ -23,6 +23,7 @@ from chatcli.server.codecs import CODECS
 from chatcli.server.config import ServerConfig
 from chatcli.server.engine.base import Capability, Engine
 from chatcli.server.engine.memory import MemoryEngine
+from chatcli.server.engine.redis_setup import redact
 from chatcli.server.engine.sqlite import SQLiteEngine
 from chatcli.server.fdlimit import FdLimit, connection_capacity, open_fd_count, raise_fd_limit
 from chatcli.server.http_api import Handler, HttpServer, Response, json_response, text_response
@@ -98,7 +99,7 @@ async def serve(config: ServerConfig) -> None:
     metrics = Metrics()
     tls = _tls_context(config)
     storage = StorageThread(loop)
-    engine = open_engine(config, storage)
+    engine = await open_engine(config, storage)
     relay = Relay(config, metrics, engine, schedule=loop.call_soon)
     ws_server = WebSocketServer(config, relay, metrics, engine.accounts)
     started = time.monotonic()
@@ -127,7 +128,13 @@ async def serve(config: ServerConfig) -> None:
     _log_fd_capacity(config, fd_limit)
     _log_auth_mode(ws_server)
 
-    if Capability.STORE in engine.capabilities:
+    if config.redis_url is not None:
+        log.info("storing messages in Redis at %s, as one node of a cluster", redact(config.redis_url),
+                 extra={"event": "storage", "redis": redact(config.redis_url)})
+        if ws_server.accounts_on() and config.presence is None:
+            log.warning("presence: --presence contacts is not available on Redis yet, so every user sees who is "
+                        "online; use --presence off to hide it", extra={"event": "presence-mode"})
+    elif Capability.STORE in engine.capabilities:
         log.info("storing messages in %s (fsync %s)", config.db_path, config.fsync,
                  extra={"event": "storage", "db": str(config.db_path), "fsync": str(config.fsync)})
     pruning = (asyncio.create_task(_prune_forever(engine, config.retention_s))
@@ -210,15 +217,30 @@ def _log_auth_mode(ws_server: WebSocketServer) -> None:
                         extra={"event": "default-key-exposed"})
 
 
-def open_engine(config: ServerConfig, storage: StorageThread) -> Engine:
-    """The engine the settings ask for: SQLite in ``--db`` (its calls on ``storage``), or memory
-    (``--ephemeral``). A file that cannot be opened ends the start-up with a clear line."""
+async def open_engine(config: ServerConfig, storage: StorageThread) -> Engine:
+    """The engine the settings ask for: a node on ``--redis``, SQLite in ``--db`` (its calls on ``storage``),
+    or memory (``--ephemeral``). A store that cannot be opened ends the start-up with a clear line."""
+    if config.redis_url is not None:
+        return await _open_redis(config)
     if config.db_path is None:
         return MemoryEngine()
     try:
         return SQLiteEngine.open(config.db_path, config.fsync, storage)
     except (OSError, StorageError) as exc:
         log.error("cannot open the message store %s: %s", config.db_path, exc, extra={"event": "storage-error"})
+        raise SystemExit(1) from None
+
+
+async def _open_redis(config: ServerConfig) -> Engine:
+    try:  # redis-py is an optional extra: imported only by a node
+        from chatcli.server.engine.redis_engine import RedisEngine
+    except ImportError:
+        log.error("--redis needs redis-py: pip install 'chatcli[redis]'", extra={"event": "storage-error"})
+        raise SystemExit(1) from None
+    try:
+        return await RedisEngine.open(config.redis_url or "", strict=config.redis_durability == "strict")
+    except StorageError as exc:
+        log.error("cannot start on Redis: %s", exc, extra={"event": "storage-error"})
         raise SystemExit(1) from None
 
 
@@ -292,7 +314,8 @@ def _http_routes(ws_server: WebSocketServer, started: float) -> dict[str, Handle
                 sessions[session.codec.name] += 1
         gauges: dict[str, dict[str, float]] = {"connections": {"": len(ws_server.connections)}, "sessions": sessions,
                   "db_bytes": {"": relay.engine.health().get("db_bytes", 0)}}
-        body = render_prometheus(ws_server.metrics, gauges)
+        body = render_prometheus(ws_server.metrics, gauges) + "".join(
+            line + "\n" for line in relay.engine.prometheus_lines())
         return HTTPStatus.OK, "text/plain; version=0.0.4; charset=utf-8", body.encode()
 
     return {

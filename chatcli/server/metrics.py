@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["ACK_LATENCY_BUCKETS", "Histogram", "Metrics", "render_prometheus"]
+__all__ = ["ACK_LATENCY_BUCKETS", "Histogram", "Metrics", "histogram_lines", "render_prometheus"]
 
 #: Upper bounds (seconds) of the ack latency buckets: from a frame's arrival to its ack being queued.
 ACK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -98,11 +98,11 @@ def render_prometheus(metrics: Metrics, gauges: Mapping[str, Mapping[str, float]
                    [_line("chatcli_db_bytes", gauges["db_bytes"][""])])
     out += _family("chatcli_ack_latency_seconds", "histogram",
                    "From a send's arrival to its ack (includes the commit of durable messages).",
-                   _histogram_lines("chatcli_ack_latency_seconds", m.ack_latency))
+                   histogram_lines("chatcli_ack_latency_seconds", m.ack_latency))
     return "\n".join(out) + "\n"
 
 
-def _histogram_lines(name: str, histogram: Histogram) -> list[str]:
+def histogram_lines(name: str, histogram: Histogram) -> list[str]:
     lines, running = [], 0
     for bound, count in zip(histogram.bounds, histogram.counts, strict=False):
         running += count

@@ -38,7 +38,7 @@ from typing import Protocol
 from websockets.frames import CloseCode  # an enum only: the relay stays transport-free
 
 from chatcli import protocol as p
-from chatcli.errors import ChatcliError, RemoteProtocolError, StorageError
+from chatcli.errors import ChatcliError, EngineUnavailable, RemoteProtocolError, StorageError
 from chatcli.server.codecs import Codec, Outcome
 from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.engine.base import Appended, BacklogPage, Capability, Engine, NewMessage, StoredMessage
@@ -238,7 +238,7 @@ class Relay:
         if not mine:
             del self.sessions[session.user]
             self.engine.presence.left(session.user)
-            self._announce(session.user, online=False)
+            self._announce(session.user, online=self.engine.presence.is_online(session.user))  # other nodes
 
     def _count_open(self, session: Session) -> None:
         if session in self.open:
@@ -322,6 +322,12 @@ class Relay:
     def presence_changed(self, user: str, online: bool) -> None:
         """``user`` came or went on another node: tell this node's watchers."""
         self._announce(user, online)
+
+    def store_reset(self) -> None:
+        """The shared store is another one now: close every session (1012), so that each client reconnects,
+        is told of the reset in its hello and starts again from the new store's beginning."""
+        for session in list(self.open):
+            session.close(CloseCode.SERVICE_RESTART, "the message store was reset: reconnect")
 
     @property
     def session_count(self) -> int:
@@ -570,8 +576,9 @@ class Relay:
         self.committing = False
         if isinstance(appended, StorageError):
             _log_storage_failure(f"could not store {len(batch)} message(s)", appended)
+            reason = p.Reason.UNAVAILABLE if isinstance(appended, EngineUnavailable) else p.Reason.STORAGE_FAILED
             for session, client_id, _, _ in batch:
-                self.refuse(session, client_id, p.Reason.STORAGE_FAILED)
+                self.refuse(session, client_id, reason)
         else:
             if batch:
                 self.metrics.ack_latency.observe(self.clock() - started, len(batch))

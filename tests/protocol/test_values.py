@@ -37,7 +37,7 @@ from tests.support.samples import EPOCH
 
 def test_stable_codes() -> None:
     assert list(Reason) == ["offline", "too-large", "empty", "bad-auth", "bad-recipient", "rate-limited",
-                            "storage-failed"]
+                            "storage-failed", "unavailable"]
     assert list(ErrorCode) == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported", "unavailable",
                                "rate-limited"]
     assert sorted(Status) == ["delivered", "refused", "stored"]

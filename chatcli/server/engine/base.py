@@ -4,8 +4,8 @@ The relay owns what is tied to this process's sockets (the sessions, their repla
 and watches, the rate limits); an ``Engine`` owns everything that would be shared
 by several server processes: message ids and their commit, each user's backlog and
 cursor, history, contacts, who is online, and accounts. One process with SQLite
-(``sqlite.py``) or with nothing stored (``memory.py``) implements it today; a Redis
-engine serving several nodes is meant to be a third implementation (issue 10).
+(``sqlite.py``) or with nothing stored (``memory.py``) implements it today; the Redis engine
+(``redis_engine.py``) lets several server processes (nodes) share one store.
 
 Threading: every method is called on the event loop. Work that may wait (a
 commit, a page read) is started there and its ``done`` callback comes back on
@@ -18,7 +18,10 @@ message to this process's sessions itself. An engine whose messages can also be
 committed elsewhere (another node) hands them to the relay through the
 ``EngineListener`` given to ``attach`` (``message_committed_elsewhere``), and
 presence changes the same way (``presence_changed``). Single-process engines
-never call the listener.
+never call the listener. An engine whose ``highest_id`` cannot be known without waiting
+(another node may have just given out a higher one) returns ``p.MAX_INT`` once it has
+any message (a client's id is trusted within its epoch) and changes its epoch when it
+finds the store lost messages.
 
 What an engine can do is announced in ``capabilities``; the relay asks them
 instead of testing which engine it has.
@@ -160,6 +163,10 @@ class EngineListener(Protocol):
         """``user`` came online or went offline on another node."""
         ...
 
+    def store_reset(self) -> None:
+        """The shared store was wiped or replaced (a new ``epoch``): sessions must start again from it."""
+        ...
+
 
 class Engine(Protocol):
     """Storage, cross-process routing, presence and accounts, as the relay sees them."""
@@ -246,4 +253,8 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release the store; call once nothing is submitted any more (after ``settle``)."""
+        ...
+
+    def prometheus_lines(self) -> list[str]:
+        """The engine's own /metrics families (Prometheus text lines), if it has any."""
         ...

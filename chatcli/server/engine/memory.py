@@ -88,3 +88,6 @@ class MemoryEngine:
 
     def close(self) -> None:
         return None
+
+    def prometheus_lines(self) -> list[str]:
+        return []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Fsync"]
+__all__ = ["Fsync", "RedisDurability"]
 
 
 class Fsync(StrEnum):
@@ -21,3 +21,12 @@ class Fsync(StrEnum):
     normal = "normal"
     #: ... and a power loss too, at the price of an fsync per commit.
     full = "full"
+
+
+class RedisDurability(StrEnum):
+    """What a Redis node requires of Redis's persistence before it starts (``--redis-durability``)."""
+
+    #: Start whatever Redis persists, and log what that guarantees.
+    relaxed = "relaxed"
+    #: Refuse to start unless Redis fsyncs every write before answering (appendonly yes, appendfsync always).
+    strict = "strict"

@@ -150,3 +150,6 @@ class SQLiteEngine:
         self.store.close()
         if self.accounts is not None:
             self.accounts.close()
+
+    def prometheus_lines(self) -> list[str]:
+        return []

@@ -1,0 +1,98 @@
+"""Accounts kept in Redis, shared by every node: ``chatcli user add --redis URL`` and the nodes' handshakes.
+
+The same tokens as the SQLite accounts (``chatcli.server.accounts``: a random token,
+only ``HMAC-SHA256(salt, token)`` stored), in one hash, ``chatcli:accounts``: field
+the user, value ``SALT:HASH:CREATED`` (hex, hex, epoch seconds).
+
+A blocking client, on purpose: the relay checks a token within the handshake, and
+reading one hash field is one short round trip. Every check reads Redis, so a token
+rotated from any machine stops working on every node at once.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from typing import Any, Final, TypeAlias
+
+import redis
+
+from chatcli.errors import AccountError, StorageError
+from chatcli.protocol import check_user_id, is_valid_user_id
+from chatcli.server.accounts import _DUMMY_SALT, Account, _new_secret, _token_hash
+from chatcli.server.engine.redis_lua import ACCOUNTS_KEY
+
+__all__ = ["RedisAccountStore"]
+
+#: A handshake waits at most this long for Redis before it is refused (503).
+ACCOUNT_TIMEOUT_S: Final = 2.0
+
+_Command: TypeAlias = Callable[["redis.Redis"], Any]
+
+
+class RedisAccountStore:
+    """``Accounts`` (and the ``user`` commands' store) in a Redis at ``url``."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = redis.Redis.from_url(url, socket_timeout=ACCOUNT_TIMEOUT_S,
+                                           socket_connect_timeout=ACCOUNT_TIMEOUT_S)
+
+    def __enter__(self) -> RedisAccountStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def add(self, name: str) -> str:
+        check_user_id(name)
+        token, salt, token_hash = _new_secret()
+        if not self._call(lambda r: r.hsetnx(ACCOUNTS_KEY, name, _record(salt, token_hash, time.time()))):
+            raise AccountError(f"account {name!r} already exists (use rotate for a new token)")
+        return token
+
+    def rotate(self, name: str) -> str:
+        check_user_id(name)
+        old = self._call(lambda r: r.hget(ACCOUNTS_KEY, name))
+        if old is None:
+            raise AccountError(f"no account {name!r}")
+        token, salt, token_hash = _new_secret()
+        created = float(old.decode().rsplit(":", 1)[1])
+        self._call(lambda r: r.hset(ACCOUNTS_KEY, name, _record(salt, token_hash, created)))
+        return token
+
+    def remove(self, name: str) -> bool:
+        check_user_id(name)
+        return bool(self._call(lambda r: r.hdel(ACCOUNTS_KEY, name)))
+
+    def list(self) -> list[Account]:
+        rows = self._call(lambda r: r.hgetall(ACCOUNTS_KEY))
+        return sorted((Account(name.decode(), float(value.decode().rsplit(":", 1)[1]))
+                       for name, value in rows.items()), key=lambda account: account.name)
+
+    def any_accounts(self) -> bool:
+        return bool(self._call(lambda r: r.hlen(ACCOUNTS_KEY)))
+
+    def verify(self, name: str, token: str) -> bool:
+        """Whether ``token`` is ``name``'s current token; a miss costs the same hash as a wrong token."""
+        if not isinstance(token, str):
+            return False
+        value = self._call(lambda r: r.hget(ACCOUNTS_KEY, name)) if is_valid_user_id(name) else None
+        salt, expected = _DUMMY_SALT, b""
+        if value is not None:
+            salt_hex, hash_hex, _ = value.decode().split(":")
+            salt, expected = bytes.fromhex(salt_hex), bytes.fromhex(hash_hex)
+        return hmac.compare_digest(_token_hash(salt, token), expected) and value is not None
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def _call(self, command: _Command) -> Any:
+        try:
+            return command(self._redis)
+        except redis.RedisError as exc:
+            raise StorageError(f"cannot reach the accounts in Redis: {exc}") from exc
+
+
+def _record(salt: bytes, token_hash: bytes, created_ts: float) -> str:
+    return f"{salt.hex()}:{token_hash.hex()}:{created_ts!r}"

@@ -1,0 +1,642 @@
+"""The Redis engine (``chatcli serve --redis URL``): any number of nodes on one Redis act as one server.
+
+Modelled on Centrifugo's Redis engine. Each message is committed by one Lua script
+(``redis_lua.COMMIT``) that also appends it to its recipient's inbox stream and
+publishes it on the recipient's own channel; a tick's messages go to Redis as one
+pipeline, and the relay acks them only once Redis answered.
+
+Delivery to the sessions on this node that another node's messages are for: the
+node subscribes to the channel of every user with a session here (and unsubscribes
+when their last session leaves) and tracks, per user, the inbox sequence it has handed
+to the relay. A message with the next sequence is delivered; an older one is a
+duplicate and dropped; a newer one means some were missed (the subscription dropped,
+Redis restarted, a slow subscriber was cut off), so the gap is read from the stream.
+Every ``REFRESH_S`` the node also compares each user's sequence in Redis with its own,
+which catches a subscription that went deaf without an error.
+
+Everything that moves those sequences (this node's commits, messages from the
+channels, gap reads) runs in one queue, in order (the "lane"), so a message is never
+handed to the relay twice nor before an older one, whichever connection brought it.
+
+If Redis goes away, sends are refused at once (``EngineUnavailable``), sessions stay
+open, and the node retries with backoff; once back, every user's gap is filled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from chatcli import protocol as p
+from chatcli.errors import EngineUnavailable, StorageError
+from chatcli.server.engine.base import (
+    Appended,
+    BacklogPage,
+    Capability,
+    Encoder,
+    EngineListener,
+    NewMessage,
+    StoredMessage,
+)
+from chatcli.server.engine.pages import REPLAY_PAGE, read_backlog_page, read_history_answer
+from chatcli.server.engine.redis_accounts import RedisAccountStore
+from chatcli.server.engine.redis_lua import (
+    COMMIT,
+    CURSOR,
+    EPOCH_KEY,
+    IDEMPOTENCY_TTL_S,
+    IDS_KEY,
+    USERS_KEY,
+    channel,
+    channel_user,
+    idempotency_key,
+    inbox_key,
+    meta_key,
+    peer_key,
+)
+from chatcli.server.engine.redis_presence import (
+    PRESENCE_CHANNEL,
+    PRESENCE_KEY,
+    PRESENCE_TTL_S,
+    REFRESH_S,
+    ClusterPresence,
+)
+from chatcli.server.engine.redis_setup import Guarantee, check_guarantee, redact
+from chatcli.server.metrics import Histogram
+
+__all__ = ["RedisEngine"]
+
+log = logging.getLogger("chatcli.server")
+
+#: A command waits this long for Redis before the node counts it as gone (not the Pub/Sub connection,
+#: which waits for messages for ever: ``socket_timeout=None`` there).
+COMMAND_TIMEOUT_S: Final = 5.0
+CONNECT_TIMEOUT_S: Final = 2.0
+#: Reconnection backoff: from the first to the longest wait.
+BACKOFF_S: Final = (0.05, 2.0)
+#: A session's backlog read waits this long for its user's subscription to be in place.
+SUBSCRIBE_WAIT_S: Final = 5.0
+#: The round-trip buckets (seconds) of /metrics' chatcli_redis_roundtrip_seconds.
+ROUNDTRIP_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+
+#: Lane jobs: done at once (None) or a coroutine the lane awaits before the next job.
+_Job = Callable[[], Awaitable[None] | None]
+
+
+@dataclass(slots=True)
+class _Track:
+    """What this node handed the relay of one user's inbox: the sequence and the id of the last one."""
+
+    seq: int | None = None  # None until read once the subscription is in place
+    top: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class RedisEngine:
+    """``Engine`` of one node of a cluster sharing a Redis."""
+
+    name = "redis"
+    #: No CONTACTS yet: ``--presence contacts`` needs an answer within the frame; see docs/scaling.md.
+    capabilities: frozenset[Capability] = frozenset(
+        {Capability.STORE, Capability.RESUME, Capability.HISTORY, Capability.ACCOUNTS})
+
+    def __init__(self, url: str, client: aioredis.Redis, epoch: str, newest_ts: float, highest_id: int,
+                 guarantee: Guarantee) -> None:
+        self.url = url
+        self.epoch = epoch
+        self.newest_ts = newest_ts
+        self.guarantee = guarantee
+        self.accounts = RedisAccountStore(url)
+        self.node = secrets.token_hex(6)
+        self.presence = ClusterPresence(self.node, self._presence_changed, self._local_presence)
+        #: redis-py's command types are too loose to check replies against (bytes | str | None): Any.
+        self._redis: Any = client
+        self._highest_id = highest_id
+        self._listener: EngineListener | None = None
+        self._tracks: dict[str, _Track] = {}
+        self._lane: asyncio.Queue[_Job] = asyncio.Queue()
+        self._reads: set[asyncio.Task[Any]] = set()
+        self._pubsub: aioredis.connection.AbstractConnection | None = None
+        self._available = True
+        self._error: str | None = None
+        self._shas: dict[str, str] = {}
+        self.roundtrip = Histogram(ROUNDTRIP_BUCKETS, [0] * (len(ROUNDTRIP_BUCKETS) + 1))
+        self.batch_sizes = Histogram(BATCH_BUCKETS, [0] * (len(BATCH_BUCKETS) + 1))
+        self.reconnects = 0
+        self.gaps_filled = 0
+        self._tasks = [asyncio.get_running_loop().create_task(job()) for job in
+                       (self._run_lane, self._listen_forever, self._keep_forever)]
+
+    @classmethod
+    async def open(cls, url: str, strict: bool) -> RedisEngine:
+        """Connect, check what Redis promises (``redis_setup``), and join the store (making its epoch if new).
+        Raises StorageError (with the reason) when the node must not start."""
+        client: Any = aioredis.Redis.from_url(url, socket_timeout=COMMAND_TIMEOUT_S,
+                                              socket_connect_timeout=CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
+                                              protocol=2)
+        try:
+            guarantee = await check_guarantee(client, strict)
+            await client.set(EPOCH_KEY, secrets.token_hex(16), nx=True)
+            epoch, ids, newest = await client.mget(EPOCH_KEY, IDS_KEY, _NEWEST_KEY)
+        except RedisError as exc:
+            await client.aclose()
+            raise StorageError(f"cannot use Redis at {redact(url)}: {exc}") from exc
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(url, client, epoch.decode(), float(newest or 0), int(ids or 0), guarantee)
+
+    def attach(self, listener: EngineListener) -> None:
+        self._listener = listener
+
+    def highest_id(self) -> int:
+        """The highest id known here; another node may have given out higher ones a moment ago, so a
+        handshake cannot tell a future id from a lost one: see ``_check_store`` for the loss."""
+        return p.MAX_INT if self._highest_id else 0
+
+    # -- commit ------------------------------------------------------------------------------------
+
+    def append(self, batch: Sequence[NewMessage], cursors: Mapping[str, int],
+               done: Callable[[Appended | StorageError], None]) -> None:
+        if not self._available:  # refused at once: nothing is acked that is not stored
+            done(self._unavailable())
+            return
+        self._lane.put_nowait(lambda: self._commit(list(batch), dict(cursors), done))
+
+    async def _commit(self, batch: list[NewMessage], cursors: dict[str, int],
+                      done: Callable[[Appended | StorageError], None]) -> None:
+        calls = [self._commit_call(message) for message in batch]
+        calls += [("cursor", [meta_key(user)], [upto]) for user, upto in cursors.items()]
+        if batch:
+            calls.append(("newest", [_NEWEST_KEY], [repr(batch[-1].ts)]))
+        started = time.monotonic()
+        try:
+            results = await self._run_scripts(calls)
+        except RedisError as exc:
+            done(self._went_down(exc))
+            return
+        self.roundtrip.observe(time.monotonic() - started)
+        if batch:
+            self.batch_sizes.observe(len(batch))
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            done(StorageError(f"Redis refused the commit: {failed}"))
+            return
+        done(await self._settle_commit(batch, results[:len(batch)]))
+
+    def _commit_call(self, message: NewMessage) -> tuple[str, list[str], list[Any]]:
+        sender, recipient, text, ts, client_id = message
+        keys = [EPOCH_KEY, IDS_KEY, USERS_KEY, meta_key(recipient), inbox_key(recipient),
+                peer_key(recipient, sender), idempotency_key(recipient, sender, client_id or "")]
+        return "commit", keys, [self.epoch, sender, recipient, text, repr(ts), client_id or "",
+                                IDEMPOTENCY_TTL_S, channel(recipient)]
+
+    async def _settle_commit(self, batch: list[NewMessage], results: list[Any]) -> Appended | StorageError:
+        """Bring this node's tracks up to each committed message (gaps before it are read and handed on
+        first), so that the relay's own delivery of it comes in order; then what the relay acks."""
+        if any(result[0] == -1 for result in results):
+            await self._store_replaced("a commit found another store")
+            return EngineUnavailable("the message store was reset (a new epoch): send again")
+        ids: list[int] = []
+        duplicates: set[int] = set()
+        for position, (message, (msg_id, duplicate, seq)) in enumerate(zip(batch, results, strict=True)):
+            ids.append(msg_id)
+            if duplicate:
+                duplicates.add(position)
+                continue
+            track = self._tracks.get(message.recipient)
+            if track is not None and track.seq is not None:
+                if seq > track.seq + 1:
+                    await self._catch_up(message.recipient, before=msg_id)
+                track.seq, track.top = max(track.seq, seq), max(track.top, msg_id)
+        self._highest_id = max(self._highest_id, *ids) if ids else self._highest_id
+        return Appended(ids, frozenset(duplicates))
+
+    async def _run_scripts(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """Run (script, keys, args) calls as one pipeline; scripts Redis forgot (a restart) are loaded
+        and the calls it refused for that run again, in order. Raises RedisError if Redis is out of reach."""
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for i in todo:
+                script, keys, args = calls[i]
+                pipe.evalsha(self._shas.get(script, "0" * 40), len(keys), *keys, *args)
+            answers = await pipe.execute(raise_on_error=False)
+            for i, answer in zip(todo, answers, strict=True):
+                results[i] = answer
+            todo = [i for i in todo if isinstance(results[i], NoScriptError)]
+            if not todo:
+                break
+            for script in {calls[i][0] for i in todo}:
+                self._shas[script] = await self._redis.script_load(_SCRIPTS[script])
+        return results
+
+    # -- the lane: everything that moves a user's delivered sequence, in order ---------------------------
+
+    async def _run_lane(self) -> None:
+        while True:
+            job = await self._lane.get()
+            try:
+                pending = job()
+                if pending is not None:
+                    await pending
+            except RedisError as exc:
+                self._went_down(exc)
+            except Exception:  # a bug must not stop delivery for everyone
+                log.exception("redis engine: a delivery step failed", extra={"event": "redis-error"})
+
+    def _on_published(self, user: str, payload: bytes) -> Awaitable[None] | None:
+        """A message from ``user``'s channel: the next one is handed on, an older one dropped, a newer
+        one means a gap, read from the stream."""
+        track = self._tracks.get(user)
+        if track is None or track.seq is None:
+            return None  # not subscribed any more, or the track's first read is still to come
+        msg_id, seq, ts, sender, text = payload.decode().split("\n", 4)
+        if int(seq) <= track.seq:
+            return None
+        if int(seq) > track.seq + 1:
+            return self._catch_up(user)
+        track.seq, track.top = int(seq), int(msg_id)
+        self._highest_id = max(self._highest_id, track.top)
+        self._hand_on(StoredMessage(track.top, sender, user, text, float(ts), None))
+        return None
+
+    async def _catch_up(self, user: str, before: int | None = None) -> None:
+        """Hand on what ``user``'s inbox has after the track's last (and before ``before``)."""
+        track = self._tracks.get(user)
+        if track is None or track.seq is None:
+            return
+        end = "+" if before is None else f"({before}-0"
+        while True:
+            entries = await self._redis.xrange(inbox_key(user), f"({track.top}-0", end, count=REPLAY_PAGE)
+            for entry_id, fields in entries:
+                seq = int(fields[b"s"])
+                if seq > track.seq:
+                    self.gaps_filled += 1
+                    track.seq, track.top = seq, int(entry_id.split(b"-", 1)[0])
+                    self._hand_on(_stored(track.top, user, fields))
+            if len(entries) < REPLAY_PAGE:
+                return
+
+    async def _start_track(self, user: str) -> None:
+        """The subscription is in place: where ``user``'s inbox is now (older messages are the backlog's),
+        or, for a track that had started, whatever came meanwhile."""
+        track = self._tracks.get(user)
+        if track is None:
+            return
+        if track.seq is not None:
+            await self._catch_up(user)
+            return
+        seq, top = await self._redis.hmget(meta_key(user), ["s", "top"])
+        track.seq, track.top = int(seq or 0), int(top or 0)
+        track.ready.set()
+
+    def _hand_on(self, message: StoredMessage) -> None:
+        if self._listener is not None:
+            self._listener.message_committed_elsewhere(message)
+
+    # -- subscriptions and presence ------------------------------------------------------------------
+
+    def _local_presence(self, user: str, joined: bool) -> None:
+        """The relay's first session of ``user`` opened here, or its last closed."""
+        if joined:
+            self._tracks[user] = _Track()
+        else:
+            self._tracks.pop(user, None)
+        self._background(self._announce(user, joined))
+
+    async def _announce(self, user: str, joined: bool) -> None:
+        member = self.presence.member(user)
+        command = "SUBSCRIBE" if joined else "UNSUBSCRIBE"
+        if self._pubsub is not None:
+            await self._pubsub.send_command(command, channel(user), check_health=False)
+        pipe = self._redis.pipeline(transaction=False)
+        if joined:
+            pipe.zadd(PRESENCE_KEY, {member: time.time() + PRESENCE_TTL_S})
+        else:
+            pipe.zrem(PRESENCE_KEY, member)
+        pipe.publish(PRESENCE_CHANNEL, ("+" if joined else "-") + member)
+        await pipe.execute()
+
+    def _presence_changed(self, user: str, online: bool) -> None:
+        if self._listener is not None:
+            self._listener.presence_changed(user, online)
+
+    async def _listen_forever(self) -> None:
+        """Keep one Pub/Sub connection subscribed to this node's users' channels; reconnect with backoff."""
+        # RESP2: its subscription replies are plain replies (RESP3 makes them pushes, read elsewhere).
+        pool = aioredis.ConnectionPool.from_url(self.url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                                protocol=2)
+        wait = BACKOFF_S[0]
+        while True:
+            connection = pool.make_connection()  # type: ignore[no-untyped-call]
+            try:
+                await connection.connect()
+                await connection.send_command("SUBSCRIBE", PRESENCE_CHANNEL, *map(channel, list(self._tracks)),
+                                              check_health=False)
+                self._pubsub, wait = connection, BACKOFF_S[0]
+                while True:
+                    self._on_pubsub(await connection.read_response(timeout=math.inf))  # wait for ever
+            except (RedisError, OSError) as exc:
+                self._pubsub = None
+                self._went_down(exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await connection.disconnect()
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, BACKOFF_S[1])
+
+    def _on_pubsub(self, response: Any) -> None:
+        kind, name, data = response[0], response[1], response[2]
+        if kind == b"message":
+            if name == _PRESENCE_CHANNEL_BYTES:
+                self.presence.on_event(data)
+            else:
+                user = channel_user(name)
+                self._lane.put_nowait(lambda: self._on_published(user, data))
+        elif kind == b"subscribe" and name != _PRESENCE_CHANNEL_BYTES:
+            user = channel_user(name)
+            self._lane.put_nowait(lambda: self._start_track(user))
+
+    # -- the keeper: presence heartbeat, deaf subscriptions, the store's identity, Redis coming back -----
+
+    async def _keep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S if self._available else BACKOFF_S[0] * 4)
+            try:
+                await self._keep()
+            except RedisError as exc:
+                self._went_down(exc)
+
+    async def _keep(self) -> None:
+        now = time.time()
+        watched = [user for user, track in self._tracks.items() if track.seq is not None]
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.mget(EPOCH_KEY, IDS_KEY)
+        if self.presence.local:
+            pipe.zadd(PRESENCE_KEY, {self.presence.member(u): now + PRESENCE_TTL_S for u in self.presence.local})
+        pipe.zremrangebyscore(PRESENCE_KEY, "-inf", now - 60)  # entries of nodes long gone
+        pipe.zrangebyscore(PRESENCE_KEY, now, "+inf")
+        for user in watched:
+            pipe.hget(meta_key(user), "s")
+        answers = await pipe.execute()
+        (epoch, ids), live, tops = answers[0], answers[-1 - len(watched)], answers[len(answers) - len(watched):]
+        if not self._available:
+            self._came_back()
+        if await self._check_store(epoch, ids):
+            return
+        self.presence.replace_remote(live)
+        for user, top in zip(watched, tops, strict=True):
+            track = self._tracks.get(user)
+            if track is not None and track.seq is not None and int(top or 0) > track.seq:
+                self._lane.put_nowait(lambda user=user: self._catch_up(user))  # type: ignore[misc]
+
+    async def _check_store(self, epoch: bytes | None, ids: bytes | None) -> bool:
+        """True (after adopting the new store) if Redis holds another store than the one this node joined:
+        wiped (FLUSHALL), replaced, or restored to a point before ids this node saw (messages lost)."""
+        if epoch is not None and epoch.decode() == self.epoch and int(ids or 0) >= self._highest_id:
+            return False
+        why = "the store was wiped or replaced" if epoch is None or epoch.decode() != self.epoch else (
+            f"Redis lost messages: its last id is {int(ids or 0)}, this node saw {self._highest_id}")
+        if epoch is not None and epoch.decode() == self.epoch:  # same identity, fewer messages: make it another
+            await self._redis.set(EPOCH_KEY, secrets.token_hex(16))
+        await self._store_replaced(why)
+        return True
+
+    async def _store_replaced(self, why: str) -> None:
+        """Join the store Redis holds now and tell every session: clients resume from its beginning."""
+        await self._redis.set(EPOCH_KEY, secrets.token_hex(16), nx=True)
+        epoch, ids = await self._redis.mget(EPOCH_KEY, IDS_KEY)
+        log.warning("the message store in Redis changed (%s): new epoch %s; closing every session so that "
+                    "clients start again from its beginning", why, epoch.decode(),
+                    extra={"event": "store-reset", "epoch": epoch.decode()})
+        self.epoch, self._highest_id = epoch.decode(), int(ids or 0)
+        for track in self._tracks.values():
+            track.seq, track.top = None, 0
+            track.ready.clear()
+        for user in list(self._tracks):
+            self._lane.put_nowait(lambda user=user: self._start_track(user))  # type: ignore[misc]
+        if self._listener is not None:
+            self._listener.store_reset()
+
+    # -- Redis going and coming back -------------------------------------------------------------------
+
+    def _went_down(self, exc: BaseException) -> EngineUnavailable:
+        if self._available:
+            log.error("lost Redis at %s: %s; refusing sends until it is back", redact(self.url), exc,
+                      extra={"event": "redis-down"})
+        self._available, self._error = False, f"Redis is unreachable: {exc}"
+        return self._unavailable()
+
+    def _came_back(self) -> None:
+        log.info("Redis at %s is back; catching up", redact(self.url), extra={"event": "redis-up"})
+        self._available, self._error = True, None
+        self.reconnects += 1
+        for user in list(self._tracks):
+            self._lane.put_nowait(lambda user=user: self._catch_up(user))  # type: ignore[misc]
+
+    def _unavailable(self) -> EngineUnavailable:
+        return EngineUnavailable(self._error or "Redis is unreachable")
+
+    # -- reads -----------------------------------------------------------------------------------------
+
+    def read_backlog(self, user: str, after: int | None, since_ts: float | None, encode: Encoder,
+                     done: Callable[[BacklogPage | StorageError], None]) -> None:
+        self._read(self._backlog_page(user, after, since_ts, encode), done)
+
+    async def _backlog_page(self, user: str, after: int | None, since_ts: float | None,
+                            encode: Encoder) -> BacklogPage:
+        track = self._tracks.get(user)
+        if track is not None:  # live messages must come by the channel once the backlog is read
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(track.ready.wait(), SUBSCRIBE_WAIT_S)
+        if after is None and since_ts is None:
+            after = int(await self._redis.hget(meta_key(user), "c") or 0)
+        start = after or 0
+        entries = await self._redis.xrange(inbox_key(user), f"({start}-0", "+", count=REPLAY_PAGE)
+        if since_ts is not None:
+            entries = await self._since(user, entries, since_ts)
+            if not entries:
+                return BacklogPage([], start, True)
+            start = max(start, int(entries[0][0].split(b"-", 1)[0]) - 1)
+        messages = [_stored(int(entry_id.split(b"-", 1)[0]), user, fields) for entry_id, fields in entries]
+        return read_backlog_page(_Fetched(messages), user, encode, start, None)
+
+    async def _since(self, user: str, entries: list[Any], since_ts: float) -> list[Any]:
+        """The inbox from its first message accepted at or after ``since_ts`` (a scan: rarely asked)."""
+        while entries:
+            kept = [entry for entry in entries if float(entry[1][b"ts"]) >= since_ts]
+            if kept:
+                return kept + await self._redis.xrange(inbox_key(user), f"({kept[-1][0].decode()}", "+",
+                                                       count=REPLAY_PAGE - len(kept)) if len(kept) < REPLAY_PAGE \
+                    else kept
+            entries = await self._redis.xrange(inbox_key(user), f"({entries[-1][0].decode()}", "+", count=REPLAY_PAGE)
+        return []
+
+    def read_history(self, user: str, request: p.HistoryRequest, done: Callable[[str | StorageError], None]) -> None:
+        self._read(self._history(user, request), done)
+
+    async def _history(self, user: str, request: p.HistoryRequest) -> str:
+        newest = f"({request.before}-0" if request.before is not None else "+"
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xrevrange(peer_key(user, request.peer), newest, "-", count=request.limit)
+        pipe.xrevrange(peer_key(request.peer, user), newest, "-", count=request.limit)
+        received, sent = await pipe.execute()
+        messages = [_stored(int(i.split(b"-", 1)[0]), user, f) for i, f in received]
+        messages += [_stored(int(i.split(b"-", 1)[0]), request.peer, f) for i, f in sent]
+        messages.sort(key=lambda message: message.id, reverse=True)
+        return read_history_answer(_Fetched(messages[:request.limit]), user, request)
+
+    def _read(self, work: Awaitable[Any], done: Callable[[Any], None]) -> None:
+        async def run() -> None:
+            try:
+                result = await work
+            except RedisError as exc:
+                result = self._went_down(exc) if _is_connection_error(exc) else StorageError(f"Redis: {exc}")
+            done(result)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    def _background(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except RedisError as exc:
+                self._went_down(exc)
+
+        self._read(run(), lambda _: None)
+
+    # -- the rest of the seam --------------------------------------------------------------------------
+
+    def contacts_among(self, user: str, candidates: Any) -> set[str]:
+        return set()
+
+    async def prune(self, older_than_ts: float, limit: int) -> int:
+        """Delete up to ``limit`` acknowledged messages accepted before ``older_than_ts`` (the unacknowledged
+        are kept whatever their age), from inboxes and history alike."""
+        deleted = 0
+        try:
+            async for name in self._redis.sscan_iter(USERS_KEY):
+                deleted += await self._prune_inbox(name.decode(), older_than_ts, limit - deleted)
+                if deleted >= limit:
+                    break
+        except RedisError as exc:
+            raise StorageError(f"cannot prune in Redis: {exc}") from exc
+        return deleted
+
+    async def _prune_inbox(self, user: str, older_than_ts: float, limit: int) -> int:
+        cursor = int(await self._redis.hget(meta_key(user), "c") or 0)
+        entries = await self._redis.xrange(inbox_key(user), "-", f"{cursor}-0", count=limit)
+        old = [(entry_id, fields[b"f"].decode()) for entry_id, fields in entries
+               if float(fields[b"ts"]) < older_than_ts]
+        if old:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xdel(inbox_key(user), *(entry_id for entry_id, _ in old))
+            for entry_id, sender in old:
+                pipe.xdel(peer_key(user, sender), entry_id)
+            await pipe.execute()
+        return len(old)
+
+    async def settle(self) -> None:
+        finished = asyncio.get_running_loop().create_future()
+        self._lane.put_nowait(lambda: finished.set_result(None))
+        await finished
+        while self._reads:
+            await asyncio.gather(*self._reads, return_exceptions=True)
+
+    def health(self) -> dict[str, Any]:
+        state = {"url": redact(self.url), "state": "up" if self._available else "down",
+                 "guarantee": self.guarantee.summary, "node": self.node}
+        health: dict[str, Any] = {"mode": self.name, "ok": self._available and self._error is None, "redis": state}
+        if self._error is not None:
+            health["error"] = self._error
+        return health
+
+    def prometheus_lines(self) -> list[str]:
+        from chatcli.server.metrics import histogram_lines  # the exposition format lives there
+
+        return [
+            "# HELP chatcli_redis_roundtrip_seconds One pipelined commit's round trip to Redis.",
+            "# TYPE chatcli_redis_roundtrip_seconds histogram",
+            *histogram_lines("chatcli_redis_roundtrip_seconds", self.roundtrip),
+            "# HELP chatcli_redis_batch_messages Messages per pipelined commit.",
+            "# TYPE chatcli_redis_batch_messages histogram",
+            *histogram_lines("chatcli_redis_batch_messages", self.batch_sizes),
+            "# HELP chatcli_redis_reconnects_total Times Redis came back after being unreachable.",
+            "# TYPE chatcli_redis_reconnects_total counter",
+            f"chatcli_redis_reconnects_total {self.reconnects}",
+            "# HELP chatcli_redis_gap_messages_total Messages read from a stream because Pub/Sub missed them.",
+            "# TYPE chatcli_redis_gap_messages_total counter",
+            f"chatcli_redis_gap_messages_total {self.gaps_filled}",
+            "# HELP chatcli_redis_up Whether Redis is reachable (sends are refused while it is not).",
+            "# TYPE chatcli_redis_up gauge",
+            f"chatcli_redis_up {int(self._available)}",
+        ]
+
+    def close(self) -> None:
+        for task in (*self._tasks, *self._reads):
+            task.cancel()
+        self.accounts.close()
+
+    async def aclose(self) -> None:
+        """``close``, then wait for the connections to be closed."""
+        self.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._redis.aclose()
+
+
+#: Where the newest accept time is kept (per batch; new nodes continue from it).
+_NEWEST_KEY: Final = "chatcli:newest_ts"
+_NEWEST: Final = """
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > now then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0
+"""
+_SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR, "newest": _NEWEST}
+_PRESENCE_CHANNEL_BYTES: Final = PRESENCE_CHANNEL.encode()
+
+
+def _stored(msg_id: int, recipient: str, fields: dict[bytes, bytes]) -> StoredMessage:
+    return StoredMessage(msg_id, fields[b"f"].decode(), recipient, fields[b"t"].decode(), float(fields[b"ts"]), None)
+
+
+def _is_connection_error(exc: RedisError) -> bool:
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError)
+
+
+class _Fetched:
+    """Messages already read from Redis, offered to ``pages`` as a ``MessageLog`` (newest first for history)."""
+
+    def __init__(self, messages: list[StoredMessage]) -> None:
+        self._messages = messages
+
+    def cursor(self, user: str) -> int:
+        return 0
+
+    def first_id_since(self, since_ts: float) -> int | None:
+        return None
+
+    def iter_messages_to(self, user: str, after_id: int = 0, limit: int = 1000) -> Iterator[StoredMessage]:
+        return iter(self._messages[:limit])
+
+    def iter_history(self, user: str, peer: str, limit: int = 50,
+                     before_id: int | None = None) -> Iterator[StoredMessage]:
+        return iter(self._messages[:limit])
