@@ -138,6 +138,7 @@ class RedisEngine:
         self.roundtrip = Histogram(ROUNDTRIP_BUCKETS, [0] * (len(ROUNDTRIP_BUCKETS) + 1))
         self.batch_sizes = Histogram(BATCH_BUCKETS, [0] * (len(BATCH_BUCKETS) + 1))
         self.reconnects = 0
+        self._used_memory = 0  # Redis's used_memory, as of the last look (start-up, then every REFRESH_S)
         self.gaps_filled = 0
         self._tasks = [asyncio.get_running_loop().create_task(job()) for job in
                        (self._run_lane, self._listen_forever, self._keep_forever)]
@@ -153,13 +154,16 @@ class RedisEngine:
             guarantee = await check_guarantee(client, strict)
             await client.set(EPOCH_KEY, secrets.token_hex(16), nx=True)
             epoch, ids, newest = await client.mget(EPOCH_KEY, IDS_KEY, _NEWEST_KEY)
+            memory = await client.info("memory")
         except RedisError as exc:
             await client.aclose()
             raise StorageError(f"cannot use Redis at {redact(url)}: {exc}") from exc
         except BaseException:
             await client.aclose()
             raise
-        return cls(url, client, epoch.decode(), float(newest or 0), int(ids or 0), guarantee)
+        engine = cls(url, client, epoch.decode(), float(newest or 0), int(ids or 0), guarantee)
+        engine._used_memory = int(memory.get("used_memory", 0))
+        return engine
 
     def attach(self, listener: EngineListener) -> None:
         self._listener = listener
@@ -389,6 +393,7 @@ class RedisEngine:
         watched = [user for user, track in self._tracks.items() if track.seq is not None]
         pipe = self._redis.pipeline(transaction=False)
         pipe.mget(EPOCH_KEY, IDS_KEY)
+        pipe.info("memory")
         if self.presence.local:
             pipe.zadd(PRESENCE_KEY, {self.presence.member(u): now + PRESENCE_TTL_S for u in self.presence.local})
         pipe.zremrangebyscore(PRESENCE_KEY, "-inf", now - 60)  # entries of nodes long gone
@@ -396,7 +401,9 @@ class RedisEngine:
         for user in watched:
             pipe.hget(meta_key(user), "s")
         answers = await pipe.execute()
-        (epoch, ids), live, tops = answers[0], answers[-1 - len(watched)], answers[len(answers) - len(watched):]
+        (epoch, ids), memory = answers[0], answers[1]
+        live, tops = answers[-1 - len(watched)], answers[len(answers) - len(watched):]
+        self._used_memory = int(memory.get("used_memory", 0))
         if not self._available:
             self._came_back()
         if await self._check_store(epoch, ids):
@@ -565,7 +572,8 @@ class RedisEngine:
     def health(self) -> dict[str, Any]:
         state = {"url": redact(self.url), "state": "up" if self._available else "down",
                  "guarantee": self.guarantee.summary, "node": self.node}
-        health: dict[str, Any] = {"mode": self.name, "ok": self._available and self._error is None, "redis": state}
+        health: dict[str, Any] = {"mode": self.name, "ok": self._available and self._error is None,
+                                  "db_bytes": self._used_memory, "redis": state}
         if self._error is not None:
             health["error"] = self._error
         return health
