@@ -615,6 +615,8 @@ class Relay:
         recipients = self.sessions.get(message.recipient)
         if recipients is not None and self._delivered(message, recipients):
             return Outcome.DELIVERED
+        if recipients is None and self.engine.presence.is_online(message.recipient):
+            return Outcome.DELIVERED  # online on another node (a multi-node engine), which delivers it
         self.metrics.stored += 1
         return Outcome.STORED
 

@@ -37,6 +37,7 @@ class RedisAccountStore:
     def __init__(self, url: str) -> None:
         self._redis = redis.Redis.from_url(url, socket_timeout=ACCOUNT_TIMEOUT_S,
                                            socket_connect_timeout=ACCOUNT_TIMEOUT_S)
+        self._any: bool | None = None  # the last answer of any_accounts
 
     def __enter__(self) -> RedisAccountStore:
         return self
@@ -71,7 +72,14 @@ class RedisAccountStore:
                        for name, value in rows.items()), key=lambda account: account.name)
 
     def any_accounts(self) -> bool:
-        return bool(self._call(lambda r: r.hlen(ACCOUNTS_KEY)))
+        """Whether accounts exist. While Redis is out of reach, the last answer if it was "none" (none can
+        be added meanwhile), so that sessions still open and are told why their sends are refused."""
+        try:
+            self._any = bool(self._call(lambda r: r.hlen(ACCOUNTS_KEY)))
+        except StorageError:
+            if self._any is not False:
+                raise
+        return self._any
 
     def verify(self, name: str, token: str) -> bool:
         """Whether ``token`` is ``name``'s current token; a miss costs the same hash as a wrong token."""

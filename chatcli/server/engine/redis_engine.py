@@ -347,24 +347,31 @@ class RedisEngine:
         # RESP2: its subscription replies are plain replies (RESP3 makes them pushes, read elsewhere).
         pool = aioredis.ConnectionPool.from_url(self.url, socket_timeout=None, socket_connect_timeout=CONNECT_TIMEOUT_S,
                                                 protocol=2)
-        wait = BACKOFF_S[0]
+        wait = 0.0
         while True:
+            await asyncio.sleep(wait)
             connection = pool.make_connection()  # type: ignore[no-untyped-call]
             try:
                 await connection.connect()
+            except (RedisError, OSError) as exc:  # Redis itself is out of reach
+                self._went_down(exc)
+                wait = min(max(wait * 2, BACKOFF_S[0]), BACKOFF_S[1])
+                continue
+            try:
+                # The confirmations start each user's track, or fill what it missed (_start_track).
                 await connection.send_command("SUBSCRIBE", PRESENCE_CHANNEL, *map(channel, list(self._tracks)),
                                               check_health=False)
-                self._pubsub, wait = connection, BACKOFF_S[0]
+                self._pubsub, wait = connection, 0.0
                 while True:
                     self._on_pubsub(await connection.read_response(timeout=math.inf))  # wait for ever
-            except (RedisError, OSError) as exc:
-                self._pubsub = None
-                self._went_down(exc)
+            except (RedisError, OSError) as exc:  # dropped (or killed, CLIENT KILL): subscribe again at once
+                log.warning("the Pub/Sub connection to Redis dropped (%s): subscribing again", exc,
+                            extra={"event": "redis-pubsub-lost"})
+                self.reconnects += 1
             finally:
+                self._pubsub = None
                 with contextlib.suppress(Exception):
                     await connection.disconnect()
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, BACKOFF_S[1])
 
     def _on_pubsub(self, response: Any) -> None:
         kind, name, data = response[0], response[1], response[2]
