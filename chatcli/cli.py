@@ -502,6 +502,27 @@ def user_list(db: DbOption = None, redis: RedisOption = None) -> None:
             print(f"{account.name}\t{format_ts(account.created_ts)}")
 
 
+@app.command("migrate-to-redis")
+def migrate_to_redis(
+    redis: Annotated[str, typer.Option("--redis", envvar="CHATCLI_REDIS_URL", show_envvar=True, show_default=False,
+                                       help="The empty Redis the cluster will use (redis://, rediss://, unix://).")],
+    db: DbOption = None,
+) -> None:
+    """Move a single server's database (accounts, messages, cursors) into an empty Redis, for a cluster.
+
+    Stop the server first. Message ids and the store's identity are kept: clients resume where they were.
+    """
+    from chatcli.paths import default_db_path
+    from chatcli.server.engine.redis_import import migrate_to_redis as migrate
+
+    def progress(done: int, total: int) -> None:
+        print(f"chatcli: moved {done:,} of {total:,} messages ({100 * done // max(total, 1)}%)", file=sys.stderr)
+
+    report = migrate(db or default_db_path(), redis, progress)
+    print(f"chatcli: moved {report.messages:,} messages to {report.users:,} users and {report.accounts:,} "
+          f"accounts into Redis (store {report.epoch}); start the nodes with --redis", file=sys.stderr)
+
+
 def run(args: list[str] | None = None, env: Environment | None = None) -> int:
     """Run the app on ``args`` (default: argv) with ``env``'s streams; the exit status of whatever happened."""
     process_env = Environment.from_process() if env is None else env

@@ -60,6 +60,7 @@ from chatcli.server.engine.redis_lua import (
     EPOCH_KEY,
     IDEMPOTENCY_TTL_S,
     IDS_KEY,
+    NEWEST_KEY,
     USERS_KEY,
     channel,
     channel_user,
@@ -153,7 +154,7 @@ class RedisEngine:
         try:
             guarantee = await check_guarantee(client, strict)
             await client.set(EPOCH_KEY, secrets.token_hex(16), nx=True)
-            epoch, ids, newest = await client.mget(EPOCH_KEY, IDS_KEY, _NEWEST_KEY)
+            epoch, ids, newest = await client.mget(EPOCH_KEY, IDS_KEY, NEWEST_KEY)
             memory = await client.info("memory")
         except RedisError as exc:
             await client.aclose()
@@ -187,7 +188,7 @@ class RedisEngine:
         calls = [self._commit_call(message) for message in batch]
         calls += [("cursor", [meta_key(user)], [upto]) for user, upto in cursors.items()]
         if batch:
-            calls.append(("newest", [_NEWEST_KEY], [repr(batch[-1].ts)]))
+            calls.append(("newest", [NEWEST_KEY], [repr(batch[-1].ts)]))
         started = time.monotonic()
         try:
             results = await self._run_scripts(calls)
@@ -618,8 +619,6 @@ class RedisEngine:
         await self._redis.aclose()
 
 
-#: Where the newest accept time is kept (per batch; new nodes continue from it).
-_NEWEST_KEY: Final = "chatcli:newest_ts"
 _NEWEST: Final = """
 local now = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) > now then redis.call('SET', KEYS[1], ARGV[1]) end

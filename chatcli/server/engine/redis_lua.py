@@ -27,6 +27,7 @@ __all__ = [
     "EPOCH_KEY",
     "IDEMPOTENCY_TTL_S",
     "IDS_KEY",
+    "NEWEST_KEY",
     "USERS_KEY",
     "channel",
     "channel_user",
@@ -39,6 +40,8 @@ __all__ = [
 EPOCH_KEY: Final = "chatcli:epoch"
 IDS_KEY: Final = "chatcli:ids"
 USERS_KEY: Final = "chatcli:users"
+#: The newest accept time committed (per batch): a node continues from it.
+NEWEST_KEY: Final = "chatcli:newest_ts"
 ACCOUNTS_KEY: Final = "chatcli:accounts"
 #: How long a client message id is remembered: a client retries within minutes, not days.
 IDEMPOTENCY_TTL_S: Final = 7 * 24 * 3600

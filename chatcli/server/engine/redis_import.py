@@ -1,0 +1,139 @@
+"""Move a single server's SQLite database into an empty Redis (``chatcli migrate-to-redis``).
+
+Everything a node needs comes across: accounts (their salted token hashes, so every
+token keeps working), every stored message (undelivered ones and history alike), and
+each user's cursor. Message ids and the store's epoch are kept as they are, so
+clients resume where they were (``listen`` and ``chat`` keep their cursors; nothing is
+replayed or skipped). The layout written is the one ``redis_lua.COMMIT`` writes.
+
+Not moved: contacts (``--presence contacts`` is not available on Redis yet) and
+client ids (idempotency keys expire after a week anyway: a client resending across
+the move gets a new message instead of "duplicate").
+
+The database is read, never written; the server should be stopped first. Redis must
+hold no chatcli store yet: merging two stores' ids would break every cursor.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+import redis
+
+from chatcli.errors import StorageError
+from chatcli.server.engine.redis_lua import (
+    ACCOUNTS_KEY,
+    EPOCH_KEY,
+    IDS_KEY,
+    NEWEST_KEY,
+    USERS_KEY,
+    inbox_key,
+    meta_key,
+    peer_key,
+)
+
+__all__ = ["MigrationReport", "migrate_to_redis"]
+
+#: Messages written per pipeline.
+CHUNK: Final = 2000
+#: Progress lines at most this often.
+PROGRESS_EVERY_S: Final = 1.0
+
+
+class MigrationReport(NamedTuple):
+    messages: int
+    users: int
+    accounts: int
+    epoch: str
+
+
+def migrate_to_redis(db: Path, url: str, progress: Callable[[int, int], None]) -> MigrationReport:
+    """Copy ``db`` into the Redis at ``url``; ``progress(done, total)`` is called about once a second.
+    Raises StorageError (nothing written) when the file cannot be read or Redis already has a store."""
+    if not db.is_file():
+        raise StorageError(f"no database at {db}")
+    source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    target: Any = redis.Redis.from_url(url, socket_timeout=30)
+    try:
+        epoch, total = _read_identity(source)
+        if target.exists(EPOCH_KEY):
+            raise StorageError("Redis already holds a chatcli store (chatcli:epoch exists): move into an empty one")
+        moved, seqs, newest, top = _copy_messages(source, target, total, progress)
+        users = _write_metas(source, target, epoch, seqs)
+        accounts = _copy_accounts(source, target)
+        target.set(NEWEST_KEY, repr(newest))
+        target.set(IDS_KEY, top)
+        target.set(EPOCH_KEY, epoch)  # last: a node refuses nothing until the store is whole
+        return MigrationReport(moved, users, accounts, epoch)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot read {db}: {exc}") from exc
+    except redis.RedisError as exc:
+        raise StorageError(f"cannot write to Redis: {exc}") from exc
+    finally:
+        source.close()
+        target.close()
+
+
+def _read_identity(source: sqlite3.Connection) -> tuple[str, int]:
+    try:
+        (epoch,) = source.execute("SELECT epoch FROM store_identity").fetchone()
+    except sqlite3.OperationalError as exc:
+        raise StorageError("this is not a chatcli database (or one older than epochs: open it once with "
+                           f"`chatcli serve --db` first): {exc}") from exc
+    (total,) = source.execute("SELECT count(*) FROM messages").fetchone()
+    return str(epoch), int(total)
+
+
+def _rows(source: sqlite3.Connection) -> Iterator[tuple[int, str, str, str, float]]:
+    yield from source.execute("SELECT id, sender, recipient, text, ts FROM messages ORDER BY id")
+
+
+def _copy_messages(source: sqlite3.Connection, target: Any, total: int,
+                   progress: Callable[[int, int], None]) -> tuple[int, dict[str, tuple[int, int]], float, int]:
+    """Every message into its recipient's inbox and conversation streams; per user (sequence, last id)."""
+    seqs: dict[str, tuple[int, int]] = {}
+    moved, newest, top, shown = 0, 0.0, 0, time.monotonic()
+    pipe = target.pipeline(transaction=False)
+    for msg_id, sender, recipient, text, ts in _rows(source):
+        seq = seqs.get(recipient, (0, 0))[0] + 1
+        seqs[recipient] = (seq, msg_id)
+        entry = f"{msg_id}-0"
+        pipe.xadd(inbox_key(recipient), {"s": seq, "f": sender, "t": text, "ts": repr(ts)}, id=entry)
+        pipe.xadd(peer_key(recipient, sender), {"f": sender, "t": text, "ts": repr(ts)}, id=entry)
+        moved, newest, top = moved + 1, max(newest, ts), msg_id
+        if moved % CHUNK == 0:
+            pipe.execute()
+            if time.monotonic() - shown >= PROGRESS_EVERY_S:
+                progress(moved, total)
+                shown = time.monotonic()
+    pipe.execute()
+    progress(moved, total)
+    return moved, seqs, newest, top
+
+
+def _write_metas(source: sqlite3.Connection, target: Any, epoch: str, seqs: dict[str, tuple[int, int]]) -> int:
+    cursors = dict(source.execute("SELECT user, last_id FROM cursors"))
+    pipe = target.pipeline(transaction=False)
+    for user in seqs.keys() | cursors.keys():
+        seq, top = seqs.get(user, (0, 0))
+        fields: dict[str, Any] = {"c": cursors.get(user, 0)}
+        if seq:
+            fields.update(e=epoch, s=seq, top=top)
+            pipe.sadd(USERS_KEY, user)
+        pipe.hset(meta_key(user), mapping=fields)
+    pipe.execute()
+    return len(seqs)
+
+
+def _copy_accounts(source: sqlite3.Connection, target: Any) -> int:
+    try:
+        rows = source.execute("SELECT name, salt, token_hash, created_ts FROM accounts").fetchall()
+    except sqlite3.OperationalError:  # a database that never had an account has no table
+        return 0
+    for name, salt, token_hash, created_ts in rows:
+        target.hset(ACCOUNTS_KEY, name, f"{bytes(salt).hex()}:{bytes(token_hash).hex()}:{float(created_ts)!r}")
+    return len(rows)

@@ -1,0 +1,70 @@
+"""``chatcli migrate-to-redis``: a single server's SQLite database becomes a cluster's Redis store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chatcli import protocol as p
+from tests.support.processes import Chatcli, StartServer, kill_leftovers, start_server_process
+from tests.support.redis_server import RedisServer
+from tests.support.wsclients import native, recv_frame, send_native
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def test_accounts_messages_cursors_and_history_move_and_clients_resume(
+        start_server: StartServer, chatcli: Chatcli, redis: RedisServer, tmp_path: Path) -> None:
+    db = tmp_path / "chatcli.db"
+    tokens = {}
+    for user in ("alice", "bob", "carol"):
+        add = chatcli("user", "add", user, "--db", str(db))
+        assert add.wait() == 0
+        tokens[user] = add.out[0]
+    single = start_server("--db", str(db))
+    alice, hello = native(single.ws_url, "alice", key=tokens["alice"])
+    stored = [send_native(alice, "bob", f"for bob {i}") for i in range(3)]
+    carol, _ = native(single.ws_url, "carol", key=tokens["carol"])
+    send_native(alice, "carol", "seen by carol")
+    seen = recv_frame(carol)
+    assert isinstance(seen, p.Message)
+    carol.send(p.encode(p.Received(seen.id)))  # carol's cursor moves past it
+    send_native(carol, "alice", "carol's answer")
+    carol.close()
+    alice.close()
+    assert single.stop() == 0
+
+    move = chatcli("migrate-to-redis", "--db", str(db), "--redis", redis.url)
+    assert move.wait() == 0, move.err
+    assert "moved 5 of 5 messages (100%)" in move.err[0]
+    assert "moved 5 messages to 3 users and 3 accounts" in move.err[-1]
+
+    node = start_server_process(["--redis", redis.url])
+    try:
+        bob, bob_hello = native(node.ws_url, "bob", key=tokens["bob"])  # the old token still works
+        assert bob_hello.epoch == hello.epoch  # the same store: clients' cursors stay valid
+        got = [recv_frame(bob) for _ in stored]
+        assert [(m.id, m.text) for m in got] == [(a.msg_id, f"for bob {i}")  # type: ignore[union-attr]
+                                                 for i, a in enumerate(stored)]
+        carol, _ = native(node.ws_url, "carol", key=tokens["carol"])
+        carol.send(p.encode(p.HistoryRequest("h", "alice")))
+        history = recv_frame(carol)  # nothing replayed first: its cursor came across
+        assert isinstance(history, p.History)
+        assert [(m.sender, m.text) for m in history.messages] == [("alice", "seen by carol"),
+                                                                  ("carol", "carol's answer")]
+        resent = send_native(bob, "alice", "after the move")
+        assert resent.accepted and resent.msg_id is not None and resent.msg_id > stored[-1].msg_id  # type: ignore[operator]
+    finally:
+        kill_leftovers([node.proc])
+
+    again = chatcli("migrate-to-redis", "--db", str(db), "--redis", redis.url)
+    assert again.wait() == 1 and "already holds a chatcli store" in again.err[-1]
+    missing = chatcli("migrate-to-redis", "--db", str(tmp_path / "nothing.db"), "--redis", redis.url)
+    assert missing.wait() == 1 and "no database at" in missing.err[-1]
