@@ -2,7 +2,7 @@
 
 Each node adds ``NODE|USER`` to the sorted set ``chatcli:online`` for every user with
 a receiving session on it, scored with the time the entry stops counting
-(now + ``PRESENCE_TTL_S``), and refreshes its entries every ``HEARTBEAT_S``. A node that
+(now + ``PRESENCE_TTL_S``), and refreshes its entries every ``REFRESH_S``. A node that
 dies without a word stops refreshing: its users stop counting within the TTL, and the
 other nodes see that at their next read of the set (every ``REFRESH_S``), so within
 ``PRESENCE_TTL_S + REFRESH_S`` (12 s) in all.
@@ -18,15 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Set
 from typing import Final
 
-__all__ = ["HEARTBEAT_S", "PRESENCE_CHANNEL", "PRESENCE_KEY", "PRESENCE_TTL_S", "REFRESH_S", "ClusterPresence"]
+__all__ = ["PRESENCE_CHANNEL", "PRESENCE_KEY", "PRESENCE_TTL_S", "REFRESH_S", "ClusterPresence"]
 
 PRESENCE_KEY: Final = "chatcli:online"
 PRESENCE_CHANNEL: Final = "chatcli:presence"
-#: An entry counts this long after its node last refreshed it.
+#: An entry counts this long after its node last refreshed it (four refreshes: a slow one is forgiven).
 PRESENCE_TTL_S: Final = 9.0
-#: How often a node refreshes its entries (three chances before they expire).
-HEARTBEAT_S: Final = 3.0
-#: How often a node reads the whole set (and checks its subscriptions: ``redis_engine.py``).
+#: How often a node refreshes its entries and reads the whole set (and checks its subscriptions).
 REFRESH_S: Final = 2.0
 
 
