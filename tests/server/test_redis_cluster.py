@@ -106,6 +106,9 @@ def test_messages_reach_every_session_on_every_node_in_order_both_protocols(clus
     bob_native_two, _ = native(two.ws_url, "bob1")
     bob_native_three, _ = native(three.ws_url, "bob1")
     bob_seed_app = legacy(three.ws_url, "bob1")
+    # Node one learns of bob's sessions from the other nodes' presence events (milliseconds): its acks then
+    # say delivered, not stored.
+    wait_until(lambda: "bob1" in who(one.ws_url, "alice1"), 5, "node one to see bob online")
     texts = [f"m{i} it's {i}" for i in range(30)]
     acks = [send_native(alice, "bob1", text) for text in texts]
     assert {ack.status for ack in acks} == {p.Status.DELIVERED}

@@ -64,7 +64,6 @@ from chatcli.server.engine.redis_lua import (
     USERS_KEY,
     channel,
     channel_user,
-    idempotency_key,
     inbox_key,
     meta_key,
     peer_key,
@@ -185,10 +184,8 @@ class RedisEngine:
 
     async def _commit(self, batch: list[NewMessage], cursors: dict[str, int],
                       done: Callable[[Appended | StorageError], None]) -> None:
-        calls = [self._commit_call(message) for message in batch]
+        calls = [("commit", [EPOCH_KEY, IDS_KEY, USERS_KEY, NEWEST_KEY], self._commit_args(batch))] if batch else []
         calls += [("cursor", [meta_key(user)], [upto]) for user, upto in cursors.items()]
-        if batch:
-            calls.append(("newest", [NEWEST_KEY], [repr(batch[-1].ts)]))
         started = time.monotonic()
         try:
             results = await self._run_scripts(calls)
@@ -202,24 +199,24 @@ class RedisEngine:
         if failed is not None:
             done(StorageError(f"Redis refused the commit: {failed}"))
             return
-        done(await self._settle_commit(batch, results[:len(batch)]))
+        done(await self._settle_commit(batch, results[0] if batch else []))
 
-    def _commit_call(self, message: NewMessage) -> tuple[str, list[str], list[Any]]:
-        sender, recipient, text, ts, client_id = message
-        keys = [EPOCH_KEY, IDS_KEY, USERS_KEY, meta_key(recipient), inbox_key(recipient),
-                peer_key(recipient, sender), idempotency_key(recipient, sender, client_id or "")]
-        return "commit", keys, [self.epoch, sender, recipient, text, repr(ts), client_id or "",
-                                IDEMPOTENCY_TTL_S, channel(recipient)]
+    def _commit_args(self, batch: list[NewMessage]) -> list[Any]:
+        args: list[Any] = [self.epoch, IDEMPOTENCY_TTL_S]
+        for sender, recipient, text, ts, client_id in batch:
+            args += (sender, recipient, text, repr(ts), client_id or "")
+        return args
 
     async def _settle_commit(self, batch: list[NewMessage], results: list[Any]) -> Appended | StorageError:
         """Bring this node's tracks up to each committed message (gaps before it are read and handed on
         first), so that the relay's own delivery of it comes in order; then what the relay acks."""
-        if any(result[0] == -1 for result in results):
+        if results[:1] == [-1]:
             await self._store_replaced("a commit found another store")
             return EngineUnavailable("the message store was reset (a new epoch): send again")
         ids: list[int] = []
         duplicates: set[int] = set()
-        for position, (message, (msg_id, duplicate, seq)) in enumerate(zip(batch, results, strict=True)):
+        triples = zip(results[0::3], results[1::3], results[2::3], strict=True)
+        for position, (message, (msg_id, duplicate, seq)) in enumerate(zip(batch, triples, strict=True)):
             ids.append(msg_id)
             if duplicate:
                 duplicates.add(position)
@@ -397,7 +394,7 @@ class RedisEngine:
                 self._went_down(exc)
 
     async def _keep(self) -> None:
-        now = time.time()
+        now, seen = time.time(), self._highest_id  # ids handed on while waiting are not Redis's past
         watched = [user for user, track in self._tracks.items() if track.seq is not None]
         pipe = self._redis.pipeline(transaction=False)
         pipe.mget(EPOCH_KEY, IDS_KEY)
@@ -414,7 +411,7 @@ class RedisEngine:
         self._used_memory = int(memory.get("used_memory", 0))
         if not self._available:
             self._came_back()
-        if await self._check_store(epoch, ids):
+        if await self._check_store(epoch, ids, seen):
             return
         self.presence.replace_remote(live)
         for user, top in zip(watched, tops, strict=True):
@@ -422,13 +419,13 @@ class RedisEngine:
             if track is not None and track.seq is not None and int(top or 0) > track.seq:
                 self._lane.put_nowait(lambda user=user: self._catch_up(user))  # type: ignore[misc]
 
-    async def _check_store(self, epoch: bytes | None, ids: bytes | None) -> bool:
+    async def _check_store(self, epoch: bytes | None, ids: bytes | None, seen: int) -> bool:
         """True (after adopting the new store) if Redis holds another store than the one this node joined:
         wiped (FLUSHALL), replaced, or restored to a point before ids this node saw (messages lost)."""
-        if epoch is not None and epoch.decode() == self.epoch and int(ids or 0) >= self._highest_id:
+        if epoch is not None and epoch.decode() == self.epoch and int(ids or 0) >= seen:
             return False
         why = "the store was wiped or replaced" if epoch is None or epoch.decode() != self.epoch else (
-            f"Redis lost messages: its last id is {int(ids or 0)}, this node saw {self._highest_id}")
+            f"Redis lost messages: its last id is {int(ids or 0)}, this node saw {seen}")
         if epoch is not None and epoch.decode() == self.epoch:  # same identity, fewer messages: make it another
             await self._redis.set(EPOCH_KEY, secrets.token_hex(16))
         await self._store_replaced(why)
@@ -619,12 +616,7 @@ class RedisEngine:
         await self._redis.aclose()
 
 
-_NEWEST: Final = """
-local now = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > now then redis.call('SET', KEYS[1], ARGV[1]) end
-return 0
-"""
-_SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR, "newest": _NEWEST}
+_SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR}
 _PRESENCE_CHANNEL_BYTES: Final = PRESENCE_CHANNEL.encode()
 
 
