@@ -119,10 +119,10 @@ def _write_metas(source: sqlite3.Connection, target: Any, epoch: str, seqs: dict
     cursors = dict(source.execute("SELECT user, last_id FROM cursors"))
     pipe = target.pipeline(transaction=False)
     for user in seqs.keys() | cursors.keys():
-        seq, top = seqs.get(user, (0, 0))
+        seq, _ = seqs.get(user, (0, 0))
         fields: dict[str, Any] = {"c": cursors.get(user, 0)}
         if seq:
-            fields.update(e=epoch, s=seq, top=top)
+            fields.update(e=epoch, s=seq)
             pipe.sadd(USERS_KEY, user)
         pipe.hset(meta_key(user), mapping=fields)
     pipe.execute()

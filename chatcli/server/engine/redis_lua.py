@@ -5,8 +5,8 @@ the hash tag ``{u:ID}``, so a Redis Cluster, or sharding by the client, keeps a 
 keys on one node:
 
 * ``{u:ID}:m``            meta hash: ``e`` the store epoch the inbox was made in, ``s`` the
-                          inbox's sequence (messages ever added), ``top`` its newest message id,
-                          ``c`` the user's cursor (highest id acknowledged)
+                          inbox's sequence (messages ever added), ``c`` the user's cursor
+                          (highest id acknowledged); the newest id is the inbox's last entry
 * ``{u:ID}:in``           inbox stream: every message to ID, entry id ``<message id>-0``
 * ``{u:ID}:p:PEER``       the messages PEER sent to ID (history reads two of these)
 * ``{u:ID}:k:SENDER:CID`` a client message id already committed (idempotency), with a TTL
@@ -103,7 +103,6 @@ for i = 3, #ARGV, 5 do
     local meta = user .. ':m'
     if redis.call('HSETNX', meta, 'e', ARGV[1]) == 1 then redis.call('SADD', KEYS[3], recipient) end
     local seq = redis.call('HINCRBY', meta, 's', 1)
-    redis.call('HSET', meta, 'top', id)
     local entry = id .. '-0'
     redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
     redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts)
