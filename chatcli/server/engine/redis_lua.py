@@ -101,8 +101,11 @@ for i = 3, #ARGV, 5 do
   else
     local id = redis.call('INCR', KEYS[2])
     local meta = user .. ':m'
-    if redis.call('HSETNX', meta, 'e', ARGV[1]) == 1 then redis.call('SADD', KEYS[3], recipient) end
     local seq = redis.call('HINCRBY', meta, 's', 1)
+    if seq == 1 then  -- a new inbox: made in this store (the epoch), listed for retention and moves
+      redis.call('HSET', meta, 'e', ARGV[1])
+      redis.call('SADD', KEYS[3], recipient)
+    end
     local entry = id .. '-0'
     redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
     redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts)
