@@ -277,6 +277,7 @@ async def _settle_storage(relay: Relay, engine: Engine) -> None:
     while relay.committing or relay.pending or relay.cursor_updates:
         await engine.settle()  # after every call made so far
         await asyncio.sleep(0)  # their results, which may start the next batch
+    await engine.settle()  # and what closing the sessions started (a node's presence leaving Redis)
 
 
 async def _close_sessions(ws_server: WebSocketServer, timeout: float) -> None:

@@ -22,6 +22,7 @@ from chatcli import protocol as p
 from tests.support.flutter_app import decode_legacy_message, encode_legacy_send
 from tests.support.processes import Chatcli, RunningServer, kill_leftovers, metric, start_server_process, wait_until
 from tests.support.redis_server import RedisServer, redis_cli
+from tests.support.samples import NASTY_TEXTS
 from tests.support.wsclients import legacy, native, recv_frame, send_native
 
 #: ``start_node(redis, *args)`` starts one more node on ``redis``.
@@ -120,6 +121,16 @@ def test_messages_reach_every_session_on_every_node_in_order_both_protocols(clus
     bob_seed_app.send(encode_legacy_send("alice1", "seed app's answer"))  # from node three to node one
     assert bob_seed_app.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
     assert [(m.sender, m.text) for m in messages(alice, 1)] == [("bob1", "seed app's answer")]
+
+
+def test_every_nasty_text_crosses_nodes_unchanged(cluster: list[RunningServer]) -> None:
+    one, two, _ = cluster
+    bob, _ = native(two.ws_url, "bob4")
+    alice, _ = native(one.ws_url, "alice4")
+    texts = [text for text in NASTY_TEXTS if text]
+    for text in texts:  # several per batch and per published payload: lengths, newlines, any UTF-8
+        alice.send(p.encode(p.Send(f"c{len(text)}-{hash(text)}", "bob4", text)))
+    assert [m.text for m in messages(bob, len(texts))] == texts
 
 
 def test_offline_delivery_history_who_and_presence_across_nodes(cluster: list[RunningServer]) -> None:

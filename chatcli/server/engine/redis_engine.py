@@ -67,6 +67,7 @@ from chatcli.server.engine.redis_lua import (
     inbox_key,
     meta_key,
     peer_key,
+    published_records,
 )
 from chatcli.server.engine.redis_presence import (
     PRESENCE_CHANNEL,
@@ -301,19 +302,19 @@ class RedisEngine:
             self._lane.put_nowait(lambda: pending)
 
     def _on_published(self, user: str, payload: bytes) -> Awaitable[None] | None:
-        """A message from ``user``'s channel: the next one is handed on, an older one dropped, a newer
-        one means a gap, read from the stream."""
+        """Messages from ``user``'s channel: the next one is handed on, an older one dropped, a newer one
+        means a gap: it and the rest are read from the stream."""
         track = self._tracks.get(user)
         if track is None or track.seq is None:
             return None  # not subscribed any more, or the track's first read is still to come
-        msg_id, seq, ts, sender, text = payload.decode().split("\n", 4)
-        if int(seq) <= track.seq:
-            return None
-        if int(seq) > track.seq + 1:
-            return self._catch_up(user)
-        track.seq, track.top = int(seq), int(msg_id)
-        self._highest_id = max(self._highest_id, track.top)
-        self._hand_on(StoredMessage(track.top, sender, user, text, float(ts), None))
+        for msg_id, seq, ts, sender, text in published_records(payload):
+            if seq <= track.seq:
+                continue
+            if seq > track.seq + 1:
+                return self._catch_up(user)
+            track.seq, track.top = seq, msg_id
+            self._highest_id = max(self._highest_id, msg_id)
+            self._hand_on(StoredMessage(msg_id, sender, user, text, ts, None))
         return None
 
     async def _catch_up(self, user: str, before: int | None = None) -> None:

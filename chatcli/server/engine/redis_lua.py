@@ -18,6 +18,7 @@ of users with an inbox, and the presence sorted set (``redis_presence.py``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Final
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "inbox_key",
     "meta_key",
     "peer_key",
+    "published_records",
 ]
 
 EPOCH_KEY: Final = "chatcli:epoch"
@@ -80,8 +82,10 @@ def channel_user(name: bytes) -> str:
 #: separate script calls in one pipeline, a batch of a few hundred messages arrived in many reads and cost
 #: an fsync per read (measured: ~130 ms per 660-message batch against a few ms).
 #: Per message: the original's id for a repeated client id; else the epoch if the inbox is new, the next
-#: id and inbox sequence, XADD to the inbox and to the sender's conversation stream, the idempotency key,
-#: and PUBLISH on the recipient's channel ("id\nseq\nts\nsender\ntext": user ids hold no newline).
+#: id and inbox sequence, XADD to the inbox and to the sender's conversation stream, the idempotency key.
+#: Then one PUBLISH per recipient of the batch, on the recipient's channel, carrying its messages in order
+#: as records "id\nseq\nts\nsender\nBYTES\ntext" (user ids hold no newline; BYTES is the text's length):
+#: one Pub/Sub message per recipient and batch, not per message (read by ``published_records``).
 #: The users' keys are derived here from the ids, as ``meta_key`` and friends do: a Redis Cluster would
 #: need the batch split per slot and the keys declared (and per-user ids), see docs/scaling.md.
 #: KEYS: epoch, ids, users, newest. ARGV: epoch, idempotency TTL, then per message sender, recipient,
@@ -89,7 +93,7 @@ def channel_user(name: bytes) -> str:
 #: when the store's epoch is not ARGV[1] (wiped, e.g. FLUSHALL): nothing was written.
 COMMIT: Final = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
-local out, newest = {}, nil
+local out, newest, published, channels = {}, nil, {}, {}
 for i = 3, #ARGV, 5 do
   local sender, recipient, text, ts, cid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local user = '{u:' .. recipient .. '}'
@@ -110,11 +114,15 @@ for i = 3, #ARGV, 5 do
     redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
     redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts)
     if cid ~= '' then redis.call('SET', idem, id, 'EX', ARGV[2]) end
-    redis.call('PUBLISH', user .. ':ch', id .. '\\n' .. seq .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. text)
+    local channel = user .. ':ch'
+    local records = published[channel]
+    if records == nil then records = {}; published[channel] = records; channels[#channels + 1] = channel end
+    records[#records + 1] = id .. '\\n' .. seq .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. #text .. '\\n' .. text
     out[#out + 1] = id; out[#out + 1] = 0; out[#out + 1] = seq
     if newest == nil or tonumber(ts) > tonumber(newest) then newest = ts end
   end
 end
+for _, channel in ipairs(channels) do redis.call('PUBLISH', channel, table.concat(published[channel])) end
 if newest ~= nil and tonumber(newest) > tonumber(redis.call('GET', KEYS[4]) or '0') then
   redis.call('SET', KEYS[4], newest)
 end
@@ -127,3 +135,18 @@ local now = tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
 if tonumber(ARGV[1]) > now then redis.call('HSET', KEYS[1], 'c', ARGV[1]) end
 return 0
 """
+
+
+def published_records(payload: bytes) -> Iterator[tuple[int, int, float, str, str]]:
+    """The messages of one published payload, in order: (id, seq, ts, sender, text)."""
+    position, end = 0, len(payload)
+    while position < end:
+        fields = []
+        for _ in range(5):
+            newline = payload.index(b"\n", position)
+            fields.append(payload[position:newline])
+            position = newline + 1
+        size = int(fields[4])
+        text = payload[position:position + size].decode()
+        position += size
+        yield int(fields[0]), int(fields[1]), float(fields[2]), fields[3].decode(), text
