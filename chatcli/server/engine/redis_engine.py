@@ -534,11 +534,9 @@ class RedisEngine:
     async def _since(self, user: str, entries: list[Any], since_ts: float) -> list[Any]:
         """The inbox from its first message accepted at or after ``since_ts`` (a scan: rarely asked)."""
         while entries:
-            kept = [entry for entry in entries if float(entry[1][b"ts"]) >= since_ts]
-            if kept:
-                return kept + await self._redis.xrange(inbox_key(user), f"({kept[-1][0].decode()}", "+",
-                                                       count=REPLAY_PAGE - len(kept)) if len(kept) < REPLAY_PAGE \
-                    else kept
+            first = next((entry_id for entry_id, fields in entries if float(fields[b"ts"]) >= since_ts), None)
+            if first is not None:  # a full page from there, so that the page can tell whether more follow
+                return list(await self._redis.xrange(inbox_key(user), first, "+", count=REPLAY_PAGE))
             entries = await self._redis.xrange(inbox_key(user), f"({entries[-1][0].decode()}", "+", count=REPLAY_PAGE)
         return []
 
