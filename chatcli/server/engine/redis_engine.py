@@ -31,6 +31,7 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -89,6 +90,8 @@ COMMAND_TIMEOUT_S: Final = 5.0
 CONNECT_TIMEOUT_S: Final = 2.0
 #: Reconnection backoff: from the first to the longest wait.
 BACKOFF_S: Final = (0.05, 2.0)
+#: Published payloads held waiting for the lane at most (beyond, the streams have them: ``_published``).
+LANE_BYTES: Final = 16 * 1024 * 1024
 #: A session's backlog read waits this long for its user's subscription to be in place.
 SUBSCRIBE_WAIT_S: Final = 5.0
 #: The round-trip buckets (seconds) of /metrics' chatcli_redis_roundtrip_seconds.
@@ -132,6 +135,8 @@ class RedisEngine:
         self._tracks: dict[str, _Track] = {}
         self._lane: asyncio.Queue[_Job] = asyncio.Queue()
         self._lane_busy = False  # a job is running (it may be waiting for Redis)
+        self._lane_bytes = 0  # published payloads waiting in the lane
+        self._lane_full = False
         self._reads: set[asyncio.Task[Any]] = set()
         self._pubsub: aioredis.connection.AbstractConnection | None = None
         self._available = True
@@ -418,11 +423,29 @@ class RedisEngine:
             if name == _PRESENCE_CHANNEL_BYTES:
                 self.presence.on_event(data)
             else:
-                user = channel_user(name)
-                self._in_lane(lambda: self._on_published(user, data))
+                self._published(channel_user(name), data)
         elif kind == b"subscribe" and name != _PRESENCE_CHANNEL_BYTES:
             user = channel_user(name)
             self._lane.put_nowait(lambda: self._start_track(user))
+
+    def _published(self, user: str, data: bytes) -> None:
+        """Hand a published batch to the lane. While the lane is behind by ``LANE_BYTES`` (Redis slow to
+        answer a commit under load), the batch is dropped instead of held: it is in the stream, and the
+        next check of the user's sequence (within ``REFRESH_S``) reads it from there."""
+        if self._lane_bytes + len(data) > LANE_BYTES:
+            if not self._lane_full:
+                log.warning("delivery from Redis is %d bytes behind: reading the rest from the streams",
+                            self._lane_bytes, extra={"event": "redis-lane-full"})
+            self._lane_full = True
+            return
+        self._lane_full = False
+        self._lane_bytes += len(data)
+
+        def job() -> Awaitable[None] | None:
+            self._lane_bytes -= len(data)
+            return self._on_published(user, data)
+
+        self._in_lane(job)
 
     # -- the keeper: presence heartbeat, deaf subscriptions, the store's identity, Redis coming back -----
 
@@ -577,8 +600,8 @@ class RedisEngine:
 
     # -- the rest of the seam --------------------------------------------------------------------------
 
-    def contacts_among(self, user: str, candidates: Any) -> set[str]:
-        return set()
+    def contacts_among(self, user: str, candidates: AbstractSet[str]) -> set[str]:
+        return set()  # no CONTACTS capability: the relay does not ask
 
     async def prune(self, older_than_ts: float, limit: int) -> int:
         """Delete up to ``limit`` acknowledged messages accepted before ``older_than_ts`` (the unacknowledged
