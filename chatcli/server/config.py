@@ -73,8 +73,6 @@ class ServerConfig:
             raise UsageError("--certfile and --keyfile go together")
         if config.redis_url is not None:
             _check_redis_url(config.redis_url)
-        if config.presence == "contacts" and config.redis_url is not None:
-            raise UsageError("--presence contacts is not available with --redis yet: use --presence all or off")
         if config.require_auth and config.db_path is None and config.redis_url is None:
             raise UsageError("--require-auth needs accounts, which live in the database: drop --ephemeral")
         if config.presence not in (None, *PRESENCE_MODES):

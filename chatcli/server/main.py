@@ -131,9 +131,6 @@ async def serve(config: ServerConfig) -> None:
     if config.redis_url is not None:
         log.info("storing messages in Redis at %s, as one node of a cluster", redact(config.redis_url),
                  extra={"event": "storage", "redis": redact(config.redis_url)})
-        if ws_server.accounts_on() and config.presence is None:
-            log.warning("presence: --presence contacts is not available on Redis yet, so every user sees who is "
-                        "online; use --presence off to hide it", extra={"event": "presence-mode"})
     elif Capability.STORE in engine.capabilities:
         log.info("storing messages in %s (fsync %s)", config.db_path, config.fsync,
                  extra={"event": "storage", "db": str(config.db_path), "fsync": str(config.fsync)})

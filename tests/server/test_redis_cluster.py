@@ -243,15 +243,29 @@ def test_kill_9_of_a_node_loses_no_acked_message_and_its_users_go_offline(
     carol.close()
 
 
-def test_accounts_are_shared_by_every_node(redis: RedisServer, start_node: StartNode, chatcli: Chatcli) -> None:
-    add = chatcli("user", "add", "alice", "--redis", redis.url)
-    assert add.wait() == 0
-    token = add.out[0]
+def test_accounts_and_contacts_are_shared_by_every_node(redis: RedisServer, start_node: StartNode,
+                                                       chatcli: Chatcli) -> None:
+    tokens = {}
+    for user in ("alice", "bob"):
+        add = chatcli("user", "add", user, "--redis", redis.url)
+        assert add.wait() == 0
+        tokens[user] = add.out[0]
+    token = tokens["alice"]
     one, two = start_node(redis), start_node(redis)
     for node in (one, two):
         ws, hello = native(node.ws_url, "alice", key=token)
         assert p.Feature.TOKENS in hello.features
         ws.close()
+    # With accounts, presence shows contacts only (the default): bob, online on node one, is visible to
+    # alice on node two once they exchanged a message, whichever node stored it.
+    bob, _ = native(one.ws_url, "bob", key=tokens["bob"])
+    alice, _ = native(two.ws_url, "alice", key=token)
+    alice.send(p.encode(p.WhoRequest("before")))
+    assert recv_frame(alice) == p.Who("before", ("alice",))
+    assert send_native(bob, "alice", "hello").accepted
+    assert [m.text for m in messages(alice, 1)] == ["hello"]
+    alice.send(p.encode(p.WhoRequest("after")))
+    assert recv_frame(alice) == p.Who("after", ("alice", "bob"))
     with pytest.raises(InvalidStatus, match=r"HTTP 403"):
         native(two.ws_url, "alice", key="not the token")
     listed = chatcli("user", "list", "--redis", redis.url)

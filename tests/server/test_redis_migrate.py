@@ -59,6 +59,12 @@ def test_accounts_messages_cursors_and_history_move_and_clients_resume(
         assert isinstance(history, p.History)
         assert [(m.sender, m.text) for m in history.messages] == [("alice", "seen by carol"),
                                                                   ("carol", "carol's answer")]
+        # Accounts: who shows contacts only, and they came across: alice talked with both, they never did.
+        _alice, _ = native(node.ws_url, "alice", key=tokens["alice"],
+                           headers={p.REPLAY_SINCE_HEADER: "2999-01-01T00:00:00Z"})
+        for session, me in ((carol, "carol"), (bob, "bob")):
+            session.send(p.encode(p.WhoRequest("w")))
+            assert recv_frame(session) == p.Who("w", ("alice", me))
         resent = send_native(bob, "alice", "after the move")
         assert resent.accepted and resent.msg_id is not None and resent.msg_id > stored[-1].msg_id  # type: ignore[operator]
     finally:

@@ -35,6 +35,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import redis as sync_redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -65,6 +66,7 @@ from chatcli.server.engine.redis_lua import (
     USERS_KEY,
     channel,
     channel_user,
+    contacts_key,
     inbox_key,
     meta_key,
     peer_key,
@@ -115,9 +117,7 @@ class RedisEngine:
     """``Engine`` of one node of a cluster sharing a Redis."""
 
     name = "redis"
-    #: No CONTACTS yet: ``--presence contacts`` needs an answer within the frame; see docs/scaling.md.
-    capabilities: frozenset[Capability] = frozenset(
-        {Capability.STORE, Capability.RESUME, Capability.HISTORY, Capability.ACCOUNTS})
+    capabilities: frozenset[Capability] = frozenset(Capability)
 
     def __init__(self, url: str, client: aioredis.Redis, epoch: str, newest_ts: float, highest_id: int,
                  guarantee: Guarantee) -> None:
@@ -126,6 +126,9 @@ class RedisEngine:
         self.newest_ts = newest_ts
         self.guarantee = guarantee
         self.accounts = RedisAccountStore(url)
+        #: For the answers the relay needs within a frame (contacts), like the accounts' handshake checks.
+        self._blocking: Any = sync_redis.Redis.from_url(url, socket_timeout=CONNECT_TIMEOUT_S,
+                                                        socket_connect_timeout=CONNECT_TIMEOUT_S)
         self.node = secrets.token_hex(6)
         self.presence = ClusterPresence(self.node, self._presence_changed, self._local_presence)
         #: redis-py's command types are too loose to check replies against (bytes | str | None): Any.
@@ -601,7 +604,16 @@ class RedisEngine:
     # -- the rest of the seam --------------------------------------------------------------------------
 
     def contacts_among(self, user: str, candidates: AbstractSet[str]) -> set[str]:
-        return set()  # no CONTACTS capability: the relay does not ask
+        """One round trip on a blocking connection (``SMISMEMBER``): the relay answers who and watch within
+        the frame, as it checks a token within the handshake. Raises StorageError if Redis is away."""
+        if not candidates:
+            return set()
+        names = list(candidates)
+        try:
+            found = self._blocking.smismember(contacts_key(user), names)
+        except sync_redis.RedisError as exc:
+            raise StorageError(f"cannot read contacts from Redis: {exc}") from exc
+        return {name for name, member in zip(names, found, strict=True) if member}
 
     async def prune(self, older_than_ts: float, limit: int) -> int:
         """Delete up to ``limit`` acknowledged messages accepted before ``older_than_ts`` (the unacknowledged
@@ -670,6 +682,7 @@ class RedisEngine:
         for task in (*self._tasks, *self._reads):
             task.cancel()
         self.accounts.close()
+        self._blocking.close()
 
     async def aclose(self) -> None:
         """``close``, then wait for the connections to be closed."""

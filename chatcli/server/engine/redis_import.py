@@ -6,9 +6,9 @@ each user's cursor. Message ids and the store's epoch are kept as they are, so
 clients resume where they were (``listen`` and ``chat`` keep their cursors; nothing is
 replayed or skipped). The layout written is the one ``redis_lua.COMMIT`` writes.
 
-Not moved: contacts (``--presence contacts`` is not available on Redis yet) and
-client ids (idempotency keys expire after a week anyway: a client resending across
-the move gets a new message instead of "duplicate").
+Contacts (``--presence contacts``) come across too. Not moved: client ids
+(idempotency keys expire after a week anyway: a client resending across the move
+gets a new message instead of "duplicate").
 
 The database is read, never written; the server should be stopped first. Redis must
 hold no chatcli store yet: merging two stores' ids would break every cursor.
@@ -31,6 +31,7 @@ from chatcli.server.engine.redis_lua import (
     IDS_KEY,
     NEWEST_KEY,
     USERS_KEY,
+    contacts_key,
     inbox_key,
     meta_key,
     peer_key,
@@ -65,6 +66,7 @@ def migrate_to_redis(db: Path, url: str, progress: Callable[[int, int], None]) -
         moved, seqs, newest, top = _copy_messages(source, target, total, progress)
         users = _write_metas(source, target, epoch, seqs)
         accounts = _copy_accounts(source, target)
+        _copy_contacts(source, target)
         target.set(NEWEST_KEY, repr(newest))
         target.set(IDS_KEY, top)
         target.set(EPOCH_KEY, epoch)  # last: a node refuses nothing until the store is whole
@@ -127,6 +129,20 @@ def _write_metas(source: sqlite3.Connection, target: Any, epoch: str, seqs: dict
         pipe.hset(meta_key(user), mapping=fields)
     pipe.execute()
     return len(seqs)
+
+
+def _copy_contacts(source: sqlite3.Connection, target: Any) -> None:
+    """Who exchanged a message with whom (``--presence contacts``), as the commit script keeps it."""
+    try:
+        rows = source.execute("SELECT user, peer FROM contacts")
+    except sqlite3.OperationalError:  # a database from before contacts: the messages say the same
+        rows = source.execute("SELECT sender, recipient FROM messages UNION SELECT recipient, sender FROM messages")
+    pipe = target.pipeline(transaction=False)
+    for count, (user, peer) in enumerate(rows, 1):
+        pipe.sadd(contacts_key(user), peer)
+        if count % CHUNK == 0:
+            pipe.execute()
+    pipe.execute()
 
 
 def _copy_accounts(source: sqlite3.Connection, target: Any) -> int:

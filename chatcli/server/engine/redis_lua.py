@@ -10,6 +10,7 @@ keys on one node:
 * ``{u:ID}:in``           inbox stream: every message to ID, entry id ``<message id>-0``
 * ``{u:ID}:p:PEER``       the messages PEER sent to ID (history reads two of these)
 * ``{u:ID}:k:SENDER:CID`` a client message id already committed (idempotency), with a TTL
+* ``{u:ID}:c``            the users ID exchanged a message with, either way (``--presence contacts``)
 * ``{u:ID}:ch``           the Pub/Sub channel of ID's new messages (one per user, never a global one)
 
 Four keys are shared by the whole store: the epoch, the message id counter, the set
@@ -32,6 +33,7 @@ __all__ = [
     "USERS_KEY",
     "channel",
     "channel_user",
+    "contacts_key",
     "idempotency_key",
     "inbox_key",
     "meta_key",
@@ -62,6 +64,10 @@ def inbox_key(user: str) -> str:
 def peer_key(user: str, peer: str) -> str:
     """The messages ``peer`` sent to ``user``."""
     return f"{{u:{user}}}:p:{peer}"
+
+
+def contacts_key(user: str) -> str:
+    return f"{{u:{user}}}:c"
 
 
 def idempotency_key(recipient: str, sender: str, client_id: str) -> str:
@@ -96,7 +102,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 -- Counters are read once and written once per batch (not INCR/HINCRBY per message): fewer commands
 -- to run and to append to the AOF. The script is atomic, so nothing can interleave.
 local last_id = tonumber(redis.call('GET', KEYS[2]) or '0')
-local out, newest, published, channels, seqs, metas = {}, nil, {}, {}, {}, {}
+local out, newest, published, channels, seqs, metas, pairs = {}, nil, {}, {}, {}, {}, {}
 for i = 3, #ARGV, 5 do
   local sender, recipient, text, ts, cid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local user = '{u:' .. recipient .. '}'
@@ -124,6 +130,12 @@ for i = 3, #ARGV, 5 do
     redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
     redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts)
     if cid ~= '' then redis.call('SET', idem, id, 'EX', ARGV[2]) end
+    local pair = sender .. '\\n' .. recipient
+    if pairs[pair] == nil then  -- contacts, both ways (--presence contacts): once per pair and batch
+      pairs[pair] = true
+      redis.call('SADD', user .. ':c', sender)
+      redis.call('SADD', '{u:' .. sender .. '}:c', recipient)
+    end
     local channel = user .. ':ch'
     local records = published[channel]
     if records == nil then records = {}; published[channel] = records; channels[#channels + 1] = channel end
