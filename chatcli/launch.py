@@ -86,15 +86,13 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
                  auth_key: str | None = None, auth_key_file: Path | None = None, token_file: Path | None = None,
                  cafile: Path | None = None, insecure: bool = False, timeout: float | None = None,
                  profile: str | None = None) -> None:
-    """``chatcli send``, whichever parser read its arguments."""
-    import asyncio
+    """``chatcli send``, whichever parser read its arguments.
 
-    from chatcli.client.commands import send_messages
-    from chatcli.client.inputs import read_texts
-
+    One message goes over a blocking socket (``client.oneshot``: no asyncio, no websockets to
+    import); ``--lines`` streams over the asyncio session with a window of messages in flight.
+    """
     settings = client_settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file,
                                cafile=cafile, insecure=insecure)
-    texts = read_texts(text, lines=lines, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
 
     def on_ack(ack: Ack) -> None:
         if json_output:
@@ -102,6 +100,18 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
 
             env.write_line(ack_json(ack, peer))
 
+    if not lines:
+        from chatcli.client.inputs import read_text
+        from chatcli.client.oneshot import send_one
+
+        send_one(settings, me, peer, read_text(text, stdin=env.stdin, stdin_isatty=env.stdin_isatty), on_ack)
+        return
+    import asyncio
+
+    from chatcli.client.commands import send_messages
+    from chatcli.client.inputs import read_texts
+
+    texts = read_texts(text, lines=lines, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
     asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines))
 
 
