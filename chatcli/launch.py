@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from chatcli.client.settings import ClientSettings
     from chatcli.protocol import Ack
 
-__all__ = ["PlainSend", "client_settings", "exit_status_of", "main", "parse_plain_send", "send_command"]
+__all__ = ["PlainSend", "client_settings", "completing", "exit_status_of", "main", "parse_plain_send",
+           "send_command"]
 
 
 class PlainSend:
@@ -62,7 +63,7 @@ def parse_plain_send(args: list[str]) -> PlainSend | None:
     return PlainSend(me, peer, text[0] if text else None, url, json_output)
 
 
-def _completing() -> bool:
+def completing() -> bool:
     """Shell completion asks through ``_CHATCLI_COMPLETE`` (click's ``_{PROG}_COMPLETE``): Typer answers."""
     return any(name.endswith("_COMPLETE") for name in os.environ)
 
@@ -131,7 +132,7 @@ def exit_status_of(call: Callable[[], int], env: Environment) -> int:
 
 def main() -> None:
     """Console entry point: run the command on argv and exit with its status."""
-    plain = None if _completing() else parse_plain_send(sys.argv[1:])
+    plain = None if completing() else parse_plain_send(sys.argv[1:])
     if plain is None:
         from chatcli.cli import run
 
