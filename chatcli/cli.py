@@ -280,15 +280,13 @@ def history(
     profile: ProfileOption = None,
 ) -> None:
     """Print the conversation between ME and PEER, oldest first (exit 5 on a server that stores nothing)."""
-    import asyncio
-
     from chatcli.client import render
-    from chatcli.client.commands import fetch_history
+    from chatcli.client.oneshot import fetch_history  # a blocking socket: no asyncio to start
 
     env = _environment(ctx)
     settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    messages = asyncio.run(fetch_history(settings, me, peer, limit))
+    messages = fetch_history(settings, me, peer, limit)
     for message in messages:
         env.write_line(render.message_json(message) if json_output
                        else render.history_ansi(message, colour=env.colour))

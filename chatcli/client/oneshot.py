@@ -1,4 +1,5 @@
-"""``chatcli send`` of one message over a blocking socket (``wire``): no asyncio, no websockets.
+"""``chatcli send`` of one message, and ``chatcli history``, over a blocking socket (``wire``): no asyncio,
+no websockets to import.
 
 The same outcomes as the asyncio ``send_messages`` it stands in for when there is one text:
 the ack (``delivered``/``stored``, or a refusal raised as ``RefusedError`` after ``on_ack``
@@ -6,7 +7,7 @@ saw it), ``TimedOutError`` when no ack comes within ``--timeout``, and the same 
 exit status for every failure to connect (``connecting``). A session to a storing server
 that drops before the ack is opened again (backoff, within ``--timeout`` of the loss) and the
 message resent with its client id, which the server answers as a ``duplicate`` if it had
-stored it.
+stored it. ``fetch_history`` pages back like ``ClientSession.history``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ from chatcli.errors import ConnectError, RefusedError, RemoteProtocolError, Time
 from chatcli.protocol import (
     SUBPROTOCOL,
     Ack,
+    Error,
+    ErrorCode,
     Feature,
     Hello,
+    History,
+    HistoryRequest,
+    Message,
     Send,
     ServerFrame,
     check_text,
@@ -44,7 +50,7 @@ from chatcli.protocol import (
     parse_server_frame,
 )
 
-__all__ = ["send_one"]
+__all__ = ["fetch_history", "send_one"]
 
 
 def send_one(settings: ClientSettings, me: str, peer: str, text: str, on_ack: Callable[[Ack], None], *,
@@ -145,16 +151,54 @@ def _send_and_wait(ws: WebSocket, hello: Hello, frame: Send, settings: ClientSet
     reason = check_text(frame.text, hello.max_text_bytes)
     if reason is not None:
         raise RefusedError(refusal_text(frame.to, reason, hello.max_text_bytes), reason)
+    reply = _ask(ws, settings, frame, lambda r: isinstance(r, Ack) and r.id == frame.id, "acknowledgement")
+    assert isinstance(reply, Ack)
+    return reply
+
+
+def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int) -> tuple[Message, ...]:
+    """``chatcli history``: the last ``limit`` messages between ``me`` and ``peer``, oldest first.
+
+    A server caps each answer in bytes and says ``more`` when it cut one short: ask again for
+    what comes before the oldest message so far, until ``limit`` or no more.
+    """
+    check_user_id(peer)
+    with _session(settings, me) as (ws, hello):
+        if Feature.HISTORY not in hello.features:
+            raise RefusedError(f"{settings.url} keeps no history: it stores no messages (serve --ephemeral)",
+                               ErrorCode.UNAVAILABLE)
+        messages: tuple[Message, ...] = ()
+        before: int | None = None
+        while True:
+            request = HistoryRequest(id=new_client_id(), peer=peer, limit=limit - len(messages), before=before)
+            reply = _ask(ws, settings, request, _history_answer_to(request.id), "history", error_refuses=True)
+            assert isinstance(reply, History)
+            messages = reply.messages + messages
+            if not reply.more or not reply.messages or len(messages) >= limit:
+                return messages
+            before = reply.messages[0].id
+
+
+def _history_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:
+    return lambda frame: isinstance(frame, History) and frame.id == request_id
+
+
+def _ask(ws: WebSocket, settings: ClientSettings, request: Send | HistoryRequest,
+         matches: Callable[[ServerFrame], bool], what: str, *, error_refuses: bool = False) -> ServerFrame:
+    """Send ``request`` and return the first frame that ``matches``, within ``--timeout``; with
+    ``error_refuses``, an ``Error`` meanwhile refuses the request."""
     deadline = time.monotonic() + settings.timeout
     try:
         with _connection_errors():
-            ws.send_text(encode(frame), deadline)
+            ws.send_text(encode(request), deadline)
         while True:
             reply = _next_frame(ws, deadline)
-            if isinstance(reply, Ack) and reply.id == frame.id:
+            if matches(reply):
                 return reply
+            if error_refuses and isinstance(reply, Error):
+                raise RefusedError(f"the server refused the request ({reply.code}): {reply.message}", reply.code)
     except TimeoutError:
-        raise TimedOutError(f"no acknowledgement from the server within {settings.timeout:g} s") from None
+        raise TimedOutError(f"no {what} from the server within {settings.timeout:g} s") from None
 
 
 def _next_frame(ws: WebSocket, deadline: float) -> ServerFrame:

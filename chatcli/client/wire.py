@@ -1,12 +1,13 @@
 """A WebSocket client connection (RFC 6455) on a plain blocking socket, for one-shot commands.
 
-``chatcli send alice bob hi`` exchanges four frames and exits. Importing websockets costs it
-~65 ms (~35 of them ``websockets.version`` importing ``importlib.metadata``) and asyncio ~35 ms
-more, against ~90 ms for all of ``wscat -x`` (docs/performance.md). This module is the client
-side of the protocol in the standard library only: the opening handshake (with its
-``Sec-WebSocket-Accept`` check), masked text frames out, text, ping and close frames in, and the
-closing handshake. No extensions are offered, so frames carry no compression. Long-lived
-sessions (``listen``, ``chat``, ``history``) use websockets' asyncio client (``session``).
+``chatcli send alice bob hi`` exchanges four frames and exits (``chatcli history`` a few more).
+Importing websockets costs it ~65 ms (~35 of them ``websockets.version`` importing
+``importlib.metadata``) and asyncio ~35 ms more, against ~90 ms for all of ``wscat -x``
+(docs/performance.md). This module is the client side of the protocol in the standard library
+only: the opening handshake (with its ``Sec-WebSocket-Accept`` check), masked text frames out,
+text, ping and close frames in, and the closing handshake. No extensions are offered, so frames
+carry no compression. Long-lived sessions (``listen``, ``chat``, ``send --lines``) use
+websockets' asyncio client (``session``).
 
 Failures leave as the standard ``OSError`` family (``TimeoutError``, ``ssl.SSLError``,
 ``ConnectionResetError``) or as this module's ``HandshakeRefused``, ``InvalidResponse`` and
@@ -31,7 +32,7 @@ _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TEXT, _BINARY, _CLOSE, _PING, _PONG, _CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 #: A response head or a message bigger than this is not a chatcli server's: the connection is dropped.
 MAX_HEAD_BYTES: Final = 64 * 1024
-MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 _READ_BYTES: Final = 64 * 1024
 #: How long closing waits for the server's close frame: leaving must stay quick, even from a hung server.
 CLOSE_TIMEOUT: Final = 1.0
