@@ -281,12 +281,21 @@ def history(
 ) -> None:
     """Print the conversation between ME and PEER, oldest first (exit 5 on a server that stores nothing)."""
     from chatcli.client import render
-    from chatcli.client.oneshot import fetch_history  # a blocking socket: no asyncio to start
+    from chatcli.client.connecting import proxy_in_environment
 
     env = _environment(ctx)
     settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    messages = fetch_history(settings, me, peer, limit)
+    if proxy_in_environment():  # websockets' client knows how to go through it
+        import asyncio
+
+        from chatcli.client.commands import fetch_history
+
+        messages = asyncio.run(fetch_history(settings, me, peer, limit))
+    else:
+        from chatcli.client import oneshot  # a blocking socket: no asyncio or websockets to start
+
+        messages = oneshot.fetch_history(settings, me, peer, limit)
     for message in messages:
         env.write_line(render.message_json(message) if json_output
                        else render.history_ansi(message, colour=env.colour))

@@ -90,7 +90,8 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
     """``chatcli send``, whichever parser read its arguments.
 
     One message goes over a blocking socket (``client.oneshot``: no asyncio, no websockets to
-    import); ``--lines`` streams over the asyncio session with a window of messages in flight.
+    import); ``--lines`` streams over the asyncio session with a window of messages in flight, and
+    so does everything when a proxy is configured (websockets' client knows how to use it).
     """
     settings = client_settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file,
                                cafile=cafile, insecure=insecure)
@@ -101,7 +102,9 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
 
             env.write_line(ack_json(ack, peer))
 
-    if not lines:
+    from chatcli.client.connecting import proxy_in_environment
+
+    if not lines and not proxy_in_environment():
         from chatcli.client.inputs import read_text
         from chatcli.client.oneshot import send_one
 

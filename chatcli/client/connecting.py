@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
     from chatcli.protocol import Ack
 
-__all__ = ["close_detail", "describe", "lost_connection", "new_client_id", "refusal", "refusal_text",
-           "refused_handshake", "tls_context", "tls_failure", "user_url"]
+__all__ = ["close_detail", "describe", "lost_connection", "new_client_id", "proxy_in_environment", "refusal",
+           "refusal_text", "refused_handshake", "tls_context", "tls_failure", "user_url"]
 
 _ids: Final = itertools.count(1)
 #: Servers that store messages treat a repeated (sender, id) as a retry of the same message,
@@ -36,6 +36,14 @@ _tag: Final = os.urandom(6).hex()
 def new_client_id() -> str:
     """A client id for a ``send``: unique per run, and kept when a message is resent after a reconnect."""
     return f"{_tag}-{next(_ids)}"
+
+
+def proxy_in_environment() -> bool:
+    """Whether a ``*_proxy`` variable is set (``https_proxy``, ``ALL_PROXY``...): websockets' client goes
+    through it (or not, per ``no_proxy``), the one-shot blocking socket does not know how, so the
+    one-shot commands leave such sessions to websockets."""
+    return any(value and name.lower().endswith("_proxy") and name.lower() != "no_proxy"
+               for name, value in os.environ.items())
 
 
 def user_url(server_url: str, user: str) -> str:

@@ -103,6 +103,17 @@ def test_a_server_that_does_not_answer_the_handshake_exits_3(chatcli: Chatcli) -
     assert sender.err[-1] == f"chatcli: cannot connect to ws://127.0.0.1:{port}: no answer in 0.5 s"
 
 
+def test_a_proxy_in_the_environment_is_gone_through_as_before(chatcli: Chatcli, server: RunningServer) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        proxy = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
+    env = {"https_proxy": proxy, "no_proxy": "", "NO_PROXY": ""}
+    for command in (["send", "alice", "bob", "hi"], ["history", "alice", "bob"]):
+        through_proxy = chatcli(*command, "--url", server.ws_url, env=env)
+        assert through_proxy.wait() == 3 and "connection refused" in through_proxy.err[-1]
+    assert chatcli("send", "alice", "bob", "hi", "--url", server.ws_url, env={"no_proxy": "127.0.0.1", **env}
+                   ).wait() == 0
+
+
 def test_an_empty_stdin_is_refused_before_connecting(chatcli: Chatcli) -> None:
     sender = chatcli("send", "alice", "bob", "--url", "ws://127.0.0.1:1")  # stdin: /dev/null
     assert sender.wait() == 2 and "empty" in sender.err[-1]
