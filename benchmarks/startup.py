@@ -10,10 +10,10 @@ a `chatcli` package, e.g. `git archive BASE chatcli | tar -x -C /tmp/base`; `.` 
 * `history alice bob`; `listen bob --since all --count 1` (prints the oldest stored message, exits);
 * `listen --help`;
 
-then each `--command` as given (e.g. an installed `chatcli`), `wscat -c …/alice -x '<seed send frame>'`
-(`--wscat PATH`) and `python -c pass`. Bytecode is compiled first; run it with PYTHONDONTWRITEBYTECODE
-unset. Prints a table from hyperfine's results: wall time (mean ± σ, median, min) and CPU (user + sys,
-mean), the steadier figure on a shared machine.
+then each `--command` as given (e.g. an installed `chatcli`, by its absolute path: hyperfine runs from
+`/`), `wscat -c …/alice -x '<seed send frame>'` (`--wscat PATH`) and `python -c pass`. Bytecode is
+compiled first; run it with PYTHONDONTWRITEBYTECODE unset. Prints a table from hyperfine's results:
+wall time (mean ± σ, median, min) and CPU (user + sys, mean), the steadier figure on a shared machine.
 
     python benchmarks/startup.py --wscat /tmp/wscat/node_modules/.bin/wscat /tmp/base .
 """
@@ -68,6 +68,7 @@ def main() -> int:
         chatcli = [sys.executable, "-m", "chatcli"]
         server = subprocess.Popen([*chatcli, "serve", "--db", f"{scratch}/chatcli.db", "--ws-port", str(args.port),
                                    "--http-port", "0"], env=here, cwd=scratch, stderr=subprocess.DEVNULL)
+        listener: subprocess.Popen[bytes] | None = None
         try:
             wait_port(args.port)
             for text in ("first", "second", "third"):
@@ -85,10 +86,11 @@ def main() -> int:
                 hyperfine += ["-n", name, line]
             subprocess.run(hyperfine, cwd="/", check=True, stdout=subprocess.DEVNULL)
             print_table(json.loads(Path(f"{scratch}/results.json").read_text())["results"])
-            listener.terminate()
         finally:
-            server.terminate()
-            server.wait()
+            for process in (listener, server):
+                if process is not None:
+                    process.terminate()
+                    process.wait()
     return 0
 
 
