@@ -87,14 +87,14 @@ def _wait_to_resend(exc: ConnectError, lost_at: float, backoff: Backoff, window:
 
 @contextmanager
 def _session(settings: ClientSettings, me: str) -> Iterator[tuple[WebSocket, Hello]]:
-    """Connect as ``me`` (a send-only session), read the hello; close on the way out, or drop the
-    connection when it failed or hung."""
+    """Connect as ``me`` (a send-only session), read the hello; close on the way out (a lost
+    connection fails that at once), or just drop the connection of a server that stopped answering."""
     ws = _connect(settings, me)
     try:
         if ws.subprotocol != SUBPROTOCOL:
             raise ConnectError(f"{settings.url} does not speak {SUBPROTOCOL} (is it an old seed server?)")
         yield ws, _read_hello(ws, settings)
-    except (ConnectError, TimedOutError):
+    except TimedOutError:
         ws.abort()
         raise
     except BaseException:
