@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from chatcli.client import oneshot
+from chatcli.client.settings import ClientSettings
 from chatcli.client.wire import Closed, InvalidResponse, WebSocket, _masked
+from chatcli.errors import ConnectError
 from tests.support.processes import Chatcli, RunningServer, StartServer, metric, wait_until
 
 #: Over ten times a handshake's bytes: once the server has read this many, the send frame arrived.
@@ -206,3 +209,25 @@ def test_closing_gives_up_on_a_server_that_never_answers(pair: tuple[WebSocket, 
     close = server.recv(100)
     assert close[0] == 0x88 and _masked(close[6:], close[2:6]) == (1000).to_bytes(2, "big")
     assert server.recv(100) == b""
+
+
+def text_frame(text: str) -> bytes:
+    payload = text.encode()
+    assert len(payload) < 126
+    return bytes((0x81, len(payload))) + payload
+
+
+@pytest.mark.parametrize(("frames", "error"), [
+    ([text_frame('{"type":"message","id":1,"from":"a","to":"b","text":"t","ts":"x"}')],
+     "ws://h:1 sent Message before its hello"),
+    ([text_frame("not json")], "ws://h:1 broke the protocol: not JSON"),
+    ([text_frame('{"type":"from-the-future"}')], "ws://h:1 sent no hello within 0.2 s"),  # skipped, then silence
+    ([bytes.fromhex("88 02 03f0")], "lost the connection to the server (close code 1008)"),
+])
+def test_a_bad_start_is_a_connect_error(pair: tuple[WebSocket, socket.socket], frames: list[bytes],
+                                        error: str) -> None:
+    ws, server = pair
+    server.sendall(b"".join(frames))
+    with pytest.raises(ConnectError) as failed:
+        oneshot._read_hello(ws, ClientSettings(url="ws://h:1", timeout=0.2))
+    assert str(failed.value).startswith(error)
