@@ -484,30 +484,6 @@ def user_list(db: DbOption = None) -> None:
             print(f"{account.name}\t{format_ts(account.created_ts)}")
 
 
-def app_for(args: list[str]) -> typer.Typer:
-    """The app with only the command that ``args`` name (and the root options), or the whole app.
-
-    Typer builds the click parameters of every registered command at each call, ~20 ms, for the
-    one command that runs. The whole app still answers everything that needs it: no command or an
-    unknown one, options before the command (``--help``, ``--version``), and shell completion.
-    """
-    name = args[0] if args else ""
-    if not name or name.startswith("-") or completing():
-        return app
-    from copy import copy
-
-    from typer.main import get_command_name
-
-    commands = [info for info in app.registered_commands
-                if info.callback is not None and (info.name or get_command_name(info.callback.__name__)) == name]
-    groups = [info for info in app.registered_groups if info.name == name]
-    if not commands and not groups:
-        return app
-    only = copy(app)
-    only.registered_commands, only.registered_groups = commands, groups
-    return only
-
-
 def run(args: list[str] | None = None, env: Environment | None = None) -> int:
     """Run the app on ``args`` (default: argv) with ``env``'s streams; the exit status of whatever happened."""
     process_env = Environment.from_process() if env is None else env
@@ -530,6 +506,30 @@ def run(args: list[str] | None = None, env: Environment | None = None) -> int:
         return status if isinstance(status, int) else ExitStatus.SUCCESS
 
     return exit_status_of(call_app, process_env)
+
+
+def app_for(args: list[str]) -> typer.Typer:
+    """The app with only the command that ``args`` name (and the root options), or the whole app.
+
+    Typer builds the click parameters of every registered command at each call, ~20 ms, for the
+    one command that runs. The whole app still answers everything that needs it: no command or an
+    unknown one, options before the command (``--help``, ``--version``), and shell completion.
+    """
+    name = args[0] if args else ""
+    if not name or name.startswith("-") or completing():
+        return app
+    from copy import copy
+
+    from typer.main import get_command_name
+
+    commands = [info for info in app.registered_commands
+                if info.callback is not None and (info.name or get_command_name(info.callback.__name__)) == name]
+    groups = [info for info in app.registered_groups if info.name == name]
+    if not commands and not groups:
+        return app
+    only = copy(app)
+    only.registered_commands, only.registered_groups = commands, groups
+    return only
 
 
 def main() -> None:
