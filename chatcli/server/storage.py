@@ -8,7 +8,8 @@ per batch, not per message.
 Durability: WAL mode always. ``fsync="normal"`` (``synchronous=NORMAL``) keeps
 every committed batch across a crash of the process (kill -9); ``fsync="full"``
 (``synchronous=FULL``) also across a power loss, at the price of an fsync per
-commit.
+commit. The server's store copies the WAL into the file from a thread of its own
+(``chatcli.server.wal``), so that no commit pays for a checkpoint.
 
 Why appends are cheap: ``messages`` is an append-only log with no index on
 the recipient. An index updated at every commit would dirty one B-tree page per
@@ -53,6 +54,7 @@ from chatcli.errors import StorageError
 from chatcli.protocol import MAX_INT
 from chatcli.server.engine.base import Appended, NewMessage, StoredMessage
 from chatcli.server.engine.options import Fsync
+from chatcli.server.wal import Checkpointer
 
 # The records are the engine seam's (chatcli.server.engine.base); named here too, where the store writes them.
 __all__ = ["INBOX_BATCH_ROWS", "Appended", "Migration", "NewMessage", "SQLiteStore", "StoredMessage", "migrate",
@@ -275,7 +277,9 @@ def _check_limit(limit: int) -> None:
 class SQLiteStore:
     """Messages, cursors and contacts in a SQLite file. Not thread-safe: one call at a time."""
 
-    def __init__(self, path: str | os.PathLike[str], fsync: Fsync = Fsync.normal) -> None:
+    def __init__(self, path: str | os.PathLike[str], fsync: Fsync = Fsync.normal,
+                 background_checkpoints: bool = False) -> None:
+        """``background_checkpoints``: a thread copies the WAL into the file, not the commits (``wal``)."""
         self.path = Path(path)
         self.fsync = fsync
         self._conn = open_component(path, fsync, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS)
@@ -293,6 +297,13 @@ class SQLiteStore:
         except BaseException:
             self._conn.close()
             raise
+        self._checkpointer: Checkpointer | None = None
+        if background_checkpoints:
+            try:
+                self._checkpointer = Checkpointer(open_database(path, fsync), self._conn)
+            except BaseException:
+                self._conn.close()
+                raise
         # Which file we opened, to notice it being deleted or replaced (see ``_check_file``).
         self._identity = self._file_identity()
         #: Why this store refuses every write from now on (its file is gone), or None.
@@ -334,6 +345,8 @@ class SQLiteStore:
                 if cursors:
                     self._conn.executemany(_ADVANCE, cursors.items())
         self._remember_contacts(new_contacts)  # only once committed: a rolled-back pair is not known
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
         self._check_file()
         if self._last_id - self._indexed_upto >= INBOX_BATCH_ROWS:
             self._index_committed()
@@ -632,6 +645,9 @@ class SQLiteStore:
 
     def close(self) -> None:
         """Close the file; further calls fail. Closing twice is harmless."""
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:  # first: the last connection to close checkpoints and removes the WAL
+            checkpointer.close()
         # Already closed, or the file went away: closing is all that is left to do.
         with contextlib.suppress(sqlite3.Error):
             self._conn.execute("PRAGMA optimize")
