@@ -104,3 +104,11 @@ def test_an_oversize_header_fails_at_once_without_waiting_for_its_payload() -> N
     assert protocol.receive_frames(header) == []
     assert protocol.partial is None  # nothing held for a frame that can never be accepted
     assert protocol.close_sent is not None and protocol.close_sent.code == 1009
+
+
+def test_a_continuation_past_the_message_limit_fails_at_once_like_websockets() -> None:
+    first = raw_frame(1, b"x" * 200, fin=False)  # 200 of the message's MAX_SIZE bytes
+    header = raw_frame(0, b"y" * 200)[:8]  # a continuation of 200 more: over the limit, payload not sent
+    ours, theirs = opened(RelayServerProtocol(max_size=MAX_SIZE)), opened(ServerProtocol(max_size=MAX_SIZE))
+    assert observed(ours, [first, header], eof=False) == observed(theirs, [first, header], eof=False)
+    assert ours.close_sent is not None and ours.close_sent.code == 1009
