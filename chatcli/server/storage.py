@@ -51,7 +51,7 @@ from typing import Final, TypeAlias
 
 from chatcli.errors import StorageError
 from chatcli.protocol import MAX_INT
-from chatcli.server.engine.base import Appended, NewMessage, StoredMessage
+from chatcli.server.engine.base import Appended, ConversationSummary, NewMessage, StoredMessage
 from chatcli.server.engine.options import Fsync
 
 # The records are the engine seam's (chatcli.server.engine.base); named here too, where the store writes them.
@@ -238,6 +238,25 @@ CONTACT_MIGRATIONS: Final[tuple[Migration, ...]] = (
         "UNION SELECT recipient, sender FROM messages",
     ),
 )
+# Read positions (issue 12): per user and conversation, how far the user has read; apart from the delivery
+# cursor. Its own component. The index on the inbox by (recipient, sender, id) makes counting one
+# conversation's unread messages a range over those messages alone, and finding its newest one a lookup;
+# the inbox is filled in bulk (see the module docstring), so the index costs nothing per commit.
+READS_COMPONENT: Final = "reads"
+READ_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    # v1
+    (
+        "CREATE TABLE read_positions (user TEXT NOT NULL, peer TEXT NOT NULL, last_id INTEGER NOT NULL, "
+        "PRIMARY KEY (user, peer)) WITHOUT ROWID",
+        "CREATE INDEX inbox_by_sender ON inbox (recipient, sender, id)",
+    ),
+)
+_MARK_READ: Final = (
+    "INSERT INTO read_positions (user, peer, last_id) VALUES (?, ?, ?) ON CONFLICT (user, peer) "
+    "DO UPDATE SET last_id = excluded.last_id WHERE excluded.last_id > read_positions.last_id"
+)
+#: Contacts the inbox looks at, at most: each costs two index lookups.
+INBOX_CONTACTS_MAX: Final = 10_000
 _ADD_CONTACT: Final = "INSERT INTO contacts (user, peer) VALUES (?, ?) ON CONFLICT DO NOTHING"
 #: (sender, recipient) pairs remembered as stored in ``contacts``; past this many the memory is
 #: dropped and refilled (rows already there are skipped by the insert), so it stays bounded.
@@ -282,6 +301,7 @@ class SQLiteStore:
         self._known_contacts: set[tuple[str, str]] = set()
         try:
             migrate(self._conn, CONTACTS_COMPONENT, CONTACT_MIGRATIONS)
+            migrate(self._conn, READS_COMPONENT, READ_MIGRATIONS)
             # Hints only, to decide when to index the tail; the file has the truth.
             self._indexed_upto, self._last_id = self._inbox_state()
             with sqlite_errors("read the newest accept time"):
@@ -585,6 +605,56 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the contacts of {user}: {exc}") from exc
         return {row[0] for row in rows}
+
+    # -- read positions and the inbox (issue 12) ----------------------------
+
+    def mark_read(self, user: str, peer: str, msg_id: int) -> int:
+        """Move ``user``'s read position with ``peer`` up to ``msg_id`` (never down); the position now kept."""
+        with write_transaction(self._conn, f"keep the read position of {user} with {peer}"):
+            self._conn.execute(_MARK_READ, (user, peer, msg_id))
+        return self.read_position(user, peer)
+
+    def read_position(self, user: str, peer: str) -> int:
+        """The highest message id of the conversation with ``peer`` that ``user`` has read (0 if none)."""
+        with sqlite_errors(f"read the read position of {user} with {peer}"):
+            row = self._conn.execute("SELECT last_id FROM read_positions WHERE user = ? AND peer = ?",
+                                     (user, peer)).fetchone()
+        return int(row[0]) if row else 0
+
+    def unread_count(self, user: str, peer: str) -> int:
+        """Messages from ``peer`` to ``user`` above ``user``'s read position: a range of the index, no more."""
+        self._catch_up()
+        with sqlite_errors(f"count the unread messages of {user} from {peer}"):
+            return int(self._conn.execute(
+                "SELECT count(*) FROM inbox WHERE recipient = ? AND sender = ? AND id > ?",
+                (user, peer, self.read_position(user, peer))).fetchone()[0])
+
+    def conversations(self, user: str, limit: int) -> tuple[list[ConversationSummary], bool]:
+        """``user``'s conversations, the newest message first, at most ``limit``; and whether there are more.
+
+        Two index lookups per contact (the newest message each way), then, for the ``limit`` kept, the
+        read position, the unread count and the newest message: never a scan of the history.
+        """
+        _check_limit(limit)
+        self._catch_up()
+        newest = "SELECT max(id) FROM inbox WHERE recipient = ? AND sender = ?"
+        with sqlite_errors(f"read the conversations of {user}"):
+            peers = [row[0] for row in self._conn.execute("SELECT peer FROM contacts WHERE user = ? LIMIT ?",
+                                                          (user, INBOX_CONTACTS_MAX))]
+            latest: list[tuple[int, str]] = []
+            for peer in peers:
+                ids = [self._conn.execute(newest, (user, peer)).fetchone()[0],
+                       self._conn.execute(newest, (peer, user)).fetchone()[0]]
+                last = max((msg_id for msg_id in ids if msg_id is not None), default=None)
+                if last is not None:  # None: every message between them was pruned
+                    latest.append((int(last), peer))
+            latest.sort(reverse=True)
+            summaries = []
+            for last_id, peer in latest[:limit]:
+                row = self._conn.execute(_MESSAGE_BY_ID, (last_id,)).fetchone()
+                summaries.append(ConversationSummary(peer, self.unread_count(user, peer),
+                                                     self.read_position(user, peer), StoredMessage(*row)))
+        return summaries, len(latest) > limit
 
     # -- maintenance -------------------------------------------------------
 

@@ -38,9 +38,11 @@ __all__ = [
     "Appended",
     "BacklogPage",
     "Capability",
+    "ConversationSummary",
     "Encoder",
     "Engine",
     "EngineListener",
+    "InboxPage",
     "NewMessage",
     "Presence",
     "StoredMessage",
@@ -111,6 +113,26 @@ class Capability(enum.Enum):
     CONTACTS = enum.auto()
     #: Per-user accounts can exist (``accounts`` is not None).
     ACCOUNTS = enum.auto()
+    #: Read positions per user and conversation are kept (``mark_read``), and ``read_inbox`` answers.
+    READS = enum.auto()
+
+
+class ConversationSummary(NamedTuple):
+    """One of a user's conversations, for the inbox: how far the user has read it, how many of the peer's
+    messages lie beyond that, and the newest message either way."""
+
+    peer: str
+    unread: int
+    read: int
+    last: StoredMessage
+
+
+class InboxPage(NamedTuple):
+    """A user's conversations, the most recent (highest last message id) first; ``more`` when the limit cut
+    the list."""
+
+    conversations: list[ConversationSummary]
+    more: bool
 
 
 #: A stored message's frame for one session's wire protocol; raises ChatcliError for a row that breaks it.
@@ -227,6 +249,22 @@ class Engine(Protocol):
 
         Answered at once (the relay's watch and who answers depend on it within the frame).
         """
+        ...
+
+    # -- read positions and the inbox (issue 12): engines with Capability.READS --------------------
+    # Without READS, both answer ``done`` with a StorageError saying nothing is kept.
+
+    def mark_read(self, user: str, peer: str, msg_id: int, done: Callable[[int | StorageError], None]) -> None:
+        """Move ``user``'s read position in the conversation with ``peer`` up to ``msg_id`` (never down);
+        then ``done`` with the position now kept. Apart from the delivery cursor; shared by every session
+        (every node) of the user."""
+        ...
+
+    def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
+        """``user``'s conversations (peers they exchanged a stored message with), the most recent first, at
+        most ``limit``: each with its read position, the count of the peer's messages above it, and the
+        newest message. Counting must not read the conversation's history: use an index on
+        (recipient, sender, id), so that it costs the unread messages, not all of them."""
         ...
 
     async def prune(self, older_than_ts: float, limit: int) -> int:

@@ -1,0 +1,140 @@
+"""Read positions, receipts, typing and the inbox through the relay, in-process over every engine
+(issue 12): who is told what, what legacy sessions never see, what presence privacy and the rate
+limit hold back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chatcli import protocol as p
+from chatcli.server.chat_events import TYPING_INTERVAL_S
+from chatcli.server.codecs import LEGACY
+from chatcli.server.engine.base import Capability, Engine
+from tests.server.fakes import RecordingSession
+from tests.server.test_relay import Ticks, relay_on
+
+
+def _send(relay: object, session: RecordingSession, frame: p.ClientFrame) -> None:
+    relay.on_native_text(session, p.encode(frame))  # type: ignore[attr-defined]
+
+
+def _of(session: RecordingSession, kind: type) -> list[p.ServerFrame]:
+    return [f for f in session.frames() if isinstance(f, kind)]
+
+
+def test_a_read_reaches_the_other_sessions_and_the_peer_not_legacy_ones(engine: Engine) -> None:
+    ticks = Ticks()
+    relay = relay_on(engine, ticks)
+    alice1, alice2, bob = RecordingSession("alice"), RecordingSession("alice"), RecordingSession("bob")
+    bob_app = RecordingSession("bob", codec=LEGACY)
+    for session in (alice1, alice2, bob, bob_app):
+        relay.open_session(session)
+    relay.submit(bob, "b1", "alice", "hi")
+    ticks.end()
+    for session in (alice1, alice2, bob, bob_app):
+        session.sent.clear()
+    _send(relay, alice1, p.MarkRead("bob", 1))
+    ticks.end()
+    assert alice1.sent == []  # no answer to the reader
+    expected = [p.ReadPosition("bob", 1)] if Capability.READS in engine.capabilities else []
+    assert alice2.frames() == expected
+    assert bob.frames() == [p.Receipt("alice", 1)]
+    assert bob_app.sent == []  # the seed app's frames have no room for any of this
+
+
+def test_a_read_past_the_highest_id_counts_as_it_and_opting_out_sends_no_receipt(engine: Engine) -> None:
+    ticks = Ticks()
+    relay = relay_on(engine, ticks)
+    alice, alice2, bob = RecordingSession("alice"), RecordingSession("alice"), RecordingSession("bob")
+    for session in (alice, alice2, bob):
+        relay.open_session(session)
+    relay.submit(bob, "b1", "alice", "hi")
+    ticks.end()
+    bob.sent.clear()
+    _send(relay, alice, p.MarkRead("bob", p.MAX_INT, receipt=False))
+    ticks.end()
+    assert _of(bob, p.Receipt) == []
+    if Capability.READS in engine.capabilities:
+        assert _of(alice2, p.ReadPosition) == [p.ReadPosition("bob", 1)]
+
+
+def test_typing_goes_to_an_online_recipient_at_most_once_per_interval(engine: Engine) -> None:
+    ticks = Ticks()
+    relay = relay_on(engine, ticks)
+    now = [100.0]
+    relay.monotonic = lambda: now[0]
+    alice, bob, bob_app = RecordingSession("alice"), RecordingSession("bob"), RecordingSession("bob", codec=LEGACY)
+    for session in (alice, bob, bob_app):
+        relay.open_session(session)
+    _send(relay, alice, p.Typing("carol"))  # offline: nobody to tell, and nothing kept
+    _send(relay, alice, p.Typing("bob"))
+    _send(relay, alice, p.Typing("bob"))  # too soon: dropped
+    now[0] += TYPING_INTERVAL_S
+    _send(relay, alice, p.Typing("bob"))
+    assert bob.frames() == [p.PeerTyping("alice"), p.PeerTyping("alice")]
+    assert bob_app.sent == [] and alice.sent == []
+
+
+@pytest.mark.parametrize("presence", ["contacts", "off"])
+def test_presence_privacy_holds_back_typing_and_receipts(engine: Engine, presence: str, tmp_path: Path) -> None:
+    if presence == "contacts" and Capability.CONTACTS not in engine.capabilities:
+        pytest.skip("contacts need stored messages")
+    ticks = Ticks()
+    relay = relay_on(engine, ticks, presence=presence, db_path=tmp_path / "chat.db")  # the engine's file
+    alice, bob = RecordingSession("alice"), RecordingSession("bob")
+    for session in (alice, bob):
+        relay.open_session(session)
+    _send(relay, alice, p.Typing("bob"))
+    _send(relay, alice, p.MarkRead("bob", 0))
+    ticks.end()
+    assert _of(bob, p.PeerTyping) == [] and _of(bob, p.Receipt) == []
+    if presence == "off":
+        assert p.Feature.TYPING not in relay.features and p.Feature.RECEIPTS not in relay.features
+        return
+    relay.submit(bob, "b1", "alice", "now we have talked")
+    ticks.end()
+    relay.monotonic = lambda: 1e9  # past the typing interval
+    _send(relay, alice, p.Typing("bob"))
+    _send(relay, alice, p.MarkRead("bob", 1))
+    ticks.end()
+    assert _of(bob, p.PeerTyping) == [p.PeerTyping("alice")] and _of(bob, p.Receipt) == [p.Receipt("alice", 1)]
+
+
+def test_the_inbox_answers_with_counts_or_says_it_is_unavailable(engine: Engine) -> None:
+    ticks = Ticks()
+    relay = relay_on(engine, ticks)
+    alice, bob = RecordingSession("alice"), RecordingSession("bob")
+    for session in (alice, bob):
+        relay.open_session(session)
+    relay.submit(bob, "b1", "alice", "é" * 100)
+    ticks.end()
+    alice.sent.clear()
+    _send(relay, alice, p.InboxRequest("i1"))
+    ticks.end()
+    (answer,) = alice.frames()
+    if Capability.READS not in engine.capabilities:
+        assert isinstance(answer, p.Error) and answer.code == p.ErrorCode.UNAVAILABLE
+        assert "no inbox" in answer.message
+        return
+    assert isinstance(answer, p.Inbox) and answer.id == "i1"
+    (line,) = answer.conversations
+    assert (line.peer, line.unread, line.read, line.last_id, line.last_from) == ("bob", 1, 0, 1, "bob")
+    assert line.preview == "é" * p.PREVIEW_MAX_CHARS
+
+
+def test_read_typing_and_inbox_draw_on_the_rate_limit(engine: Engine) -> None:
+    ticks = Ticks()
+    relay = relay_on(engine, ticks, rate=1, burst=1)
+    alice, bob = RecordingSession("alice"), RecordingSession("bob")
+    for session in (alice, bob):
+        relay.open_session(session)
+    _send(relay, alice, p.Typing("bob"))  # the one token
+    _send(relay, alice, p.MarkRead("bob", 0))  # dropped quietly
+    _send(relay, alice, p.InboxRequest("i9"))
+    ticks.end()
+    assert bob.frames() == [p.PeerTyping("alice")]
+    (refusal,) = alice.frames()
+    assert isinstance(refusal, p.Error) and refusal.code == p.ErrorCode.RATE_LIMITED
+    assert refusal.details == {"id": "i9"}
