@@ -55,6 +55,7 @@ from chatcli.errors import (
 )
 from chatcli.paths import state_dir
 from chatcli.protocol import (
+    USER_ID_RULE,
     Ack,
     Conversation,
     Error,
@@ -518,7 +519,7 @@ async def _quit(client: ChatClient, args: list[str]) -> bool:
 
 async def _open(client: ChatClient, args: list[str]) -> bool:
     if len(args) != 1 or not is_valid_user_id(args[0]):
-        client.notice("usage: /open PEER (a user id)" if not args else f"invalid user id {args[0]!r}")
+        client.notice("usage: /open PEER" if len(args) != 1 else f"invalid user id {args[0]!r}: use {USER_ID_RULE}")
         return False
     await client.open_conversation(args[0])
     return False

@@ -126,6 +126,8 @@ def test_refused_message_shows_the_reason_and_help_and_quit_work(
     server = start_server("--ephemeral")  # stores nothing: a message to someone offline is refused
     chat = terminal("alice", "nobody", "--url", server.ws_url)
     chat.wait_for("connected")
+    # What needs storage is missing, and the chat says so instead of failing.
+    chat.wait_for("this server does not offer read positions and the inbox")
     chat.type("anyone there?\r")
     chat.wait_for("✗ refused (offline)")
     chat.type("/help\r")
