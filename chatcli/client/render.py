@@ -76,8 +76,8 @@ def users_json(users: tuple[str, ...]) -> str:
 
 def conversation_json(conversation: Conversation) -> str:
     """An ``inbox --json`` line, a stable schema: ``{"peer", "unread", "read", "last_id", "last_from",
-    "last_ts", "preview"}``."""
-    return json.dumps(conversation.to_dict(), ensure_ascii=False)
+    "last_ts", "preview", "peer_read"}`` (``peer_read`` null when the peer sends no receipts)."""
+    return json.dumps({**conversation.to_dict(), "peer_read": conversation.peer_read}, ensure_ascii=False)
 
 
 def unread_json(total: int) -> str:
@@ -131,10 +131,13 @@ def _chat_line(clock: str, author: str, style: str, text: str) -> Text:
     return line
 
 
-def message_ansi(message: Message, *, colour: bool) -> str:
-    """An incoming message: ``HH:MM author: text``, the author in their colour."""
-    return _to_ansi(_chat_line(_clock(message.ts), safe_text(message.sender), author_colour(message.sender),
-                               message.text), colour)
+def message_ansi(message: Message, *, colour: bool, read: bool = False) -> str:
+    """A message: ``HH:MM author: text``, the author in their colour; ``read``: one of ours the peer has
+    read, marked ``✓✓ read``."""
+    line = _chat_line(_clock(message.ts), safe_text(message.sender), author_colour(message.sender), message.text)
+    if read:
+        line.append("  ✓✓ read", style="bold green")
+    return _to_ansi(line, colour)
 
 
 def history_ansi(message: Message, *, colour: bool) -> str:

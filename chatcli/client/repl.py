@@ -146,12 +146,14 @@ class ChatClient:
         self._inbox_base: dict[str, tuple[int, int]] = {}
         self._live_unread: dict[str, set[int]] = {}
         self._read_upto: dict[str, int] = {}  # our read position per peer, as far as we know
+        self._peer_read: dict[str, int] = {}  # how far each peer has read (their receipts)
         self._inbox_request: str | None = None
         self._inbox_shown = False  # print the answer (``/inbox``, or the chat opened on the inbox)
         self._typing_until: dict[str, float] = {}
         self._typing_sent_at = float("-inf")
         self._own: dict[int, tuple[str, str, str | None]] = {}  # our accepted messages: id → (to, text, ts)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connected_before = False  # what is said once per chat, not at every reconnect
 
     # -- what the status line shows ---------------------------------------------------------
 
@@ -209,7 +211,7 @@ class ChatClient:
                 await self._wait_to_retry(backoff.next_delay(), str(exc))
 
     async def _serve(self, session: ClientSession, resumed: ResumePoint | None) -> None:
-        first = self._session is None and self.state is ConnectionState.CONNECTING
+        first, self._connected_before = not self._connected_before, True
         self._session, self._sent = session, set()
         if self.cursor.on_hello(session.hello):
             self._history_ids.clear()  # ids of the old store: the new one's messages with those ids are others
@@ -219,7 +221,7 @@ class ChatClient:
         if first:
             self._say_what_is_missing(session)
         if session.offers(Feature.READS):
-            await self._ask_inbox(session, show=self.peer is None)
+            await self._ask_inbox(session, show=self.peer is None and first)
         elif self.peer is None and first:
             self.notice("no conversation open: /open PEER starts one")
         if self.peer is not None:
@@ -263,6 +265,8 @@ class ChatClient:
 
     async def _enter(self, session: ClientSession) -> None:
         assert self.peer is not None
+        if session.offers(Feature.READS):  # answered before the history: how far the peer has read
+            await self._ask_inbox(session, show=False)
         if session.offers(Feature.PRESENCE):
             await session.watch((self.peer,))  # answered at once with a Presence, then one per change
         if session.offers(Feature.HISTORY):
@@ -291,6 +295,9 @@ class ChatClient:
         for conversation in inbox.conversations:
             self.known_peers.add(conversation.peer)
             self._read_upto[conversation.peer] = max(conversation.read, self._read_upto.get(conversation.peer, 0))
+            if conversation.peer_read is not None:
+                self._peer_read[conversation.peer] = max(conversation.peer_read,
+                                                         self._peer_read.get(conversation.peer, 0))
             shown = conversation.peer == self.peer  # on screen: read, or about to be
             self._inbox_base[conversation.peer] = (0 if shown else conversation.unread, conversation.last_id)
         if self._inbox_shown:
@@ -402,7 +409,8 @@ class ChatClient:
                 if read_upto is not None and not marked and message.sender == peer and message.id > read_upto:
                     self.notice("unread:")
                     marked = True
-                self.show(render.message_ansi(message, colour=self.colour))
+                read = message.sender == self.me and message.id <= self._peer_read.get(peer, 0)
+                self.show(render.message_ansi(message, colour=self.colour, read=read))
             await self._mark_read(session, peer, messages[-1].id)
         held, self._held = self._held, []
         for message in held:
@@ -463,6 +471,7 @@ class ChatClient:
 
     def _receipt(self, receipt: Receipt) -> None:
         """The peer read our messages up to ``receipt.id``: show ours on screen again, marked read."""
+        self._peer_read[receipt.sender] = max(receipt.id, self._peer_read.get(receipt.sender, 0))
         read = sorted(msg_id for msg_id, (to, _, _) in self._own.items()
                       if to == receipt.sender and msg_id <= receipt.id)
         shown = [self._own.pop(msg_id) for msg_id in read]

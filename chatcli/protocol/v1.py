@@ -644,7 +644,8 @@ class Conversation:
     """One line of an ``inbox`` answer: the conversation with ``peer``.
 
     ``unread``: messages from ``peer`` after ``read`` (your read position); ``last_*``: the newest message
-    either way, ``preview`` its first ``PREVIEW_MAX_CHARS`` characters.
+    either way, ``preview`` its first ``PREVIEW_MAX_CHARS`` characters; ``peer_read``: how far ``peer`` has
+    read it, when they send receipts (None otherwise).
     """
 
     TYPE: ClassVar[str] = "conversation"  # names it in errors; not a frame of its own
@@ -655,9 +656,12 @@ class Conversation:
     last_from: str
     last_ts: str
     preview: str
+    peer_read: int | None = None
 
     def __post_init__(self) -> None:
         check_user_id(self.peer)
+        if self.peer_read is not None:
+            _require_int("peer_read", self.peer_read)
         for name in ("unread", "read", "last_id"):
             _require_int(name, getattr(self, name))
         check_user_id(self.last_from)
@@ -670,11 +674,14 @@ class Conversation:
     def from_dict(cls, obj: dict[str, Any]) -> Self:
         return _build(cls, peer=obj.get("peer"), unread=obj.get("unread"), read=obj.get("read"),
                       last_id=obj.get("last_id"), last_from=obj.get("last_from"), last_ts=obj.get("last_ts"),
-                      preview=obj.get("preview"))
+                      preview=obj.get("preview"), peer_read=obj.get("peer_read"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"peer": self.peer, "unread": self.unread, "read": self.read, "last_id": self.last_id,
-                "last_from": self.last_from, "last_ts": self.last_ts, "preview": self.preview}
+        out: dict[str, Any] = {"peer": self.peer, "unread": self.unread, "read": self.read, "last_id": self.last_id,
+                               "last_from": self.last_from, "last_ts": self.last_ts, "preview": self.preview}
+        if self.peer_read is not None:
+            out["peer_read"] = self.peer_read
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,11 +32,12 @@ log = logging.getLogger("chatcli.server")
 TYPING_INTERVAL_S: Final = 2.0
 
 
-def conversation_frame(summary: ConversationSummary) -> p.Conversation:
-    """An inbox line: the summary with its newest message's time and the start of its text."""
+def conversation_frame(summary: ConversationSummary, receipts: bool) -> p.Conversation:
+    """An inbox line: the summary with its newest message's time and the start of its text; the peer's read
+    position only where ``receipts`` are shown."""
     last = summary.last
     return p.Conversation(summary.peer, summary.unread, summary.read, last.id, last.sender, p.format_ts(last.ts),
-                          last.text[:p.PREVIEW_MAX_CHARS])
+                          last.text[:p.PREVIEW_MAX_CHARS], summary.peer_read if receipts else None)
 
 
 class ChatEvents:
@@ -97,7 +98,8 @@ class ChatEvents:
         engine = self.relay.engine
         position = min(frame.id, engine.highest_id())
         if Capability.READS in engine.capabilities:
-            engine.mark_read(session.user, frame.peer, position, lambda kept: self._marked(session, frame, kept))
+            engine.mark_read(session.user, frame.peer, position, frame.receipt,
+                             lambda kept: self._marked(session, frame, kept))
         else:  # nothing kept: receipts still go to the peer's open sessions
             self._marked(session, frame, position)
 
@@ -156,5 +158,6 @@ class ChatEvents:
                                                "the inbox is unavailable right now: the server's storage failed",
                                                {"id": request.id})))
             return
-        conversations = tuple(conversation_frame(summary) for summary in page.conversations)
+        receipts = self.relay.presence_mode(session) != "off"  # the inbox holds only contacts
+        conversations = tuple(conversation_frame(summary, receipts) for summary in page.conversations)
         session.send_text(p.encode(p.Inbox(request.id, conversations, more=page.more)))

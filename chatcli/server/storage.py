@@ -246,14 +246,15 @@ READS_COMPONENT: Final = "reads"
 READ_MIGRATIONS: Final[tuple[Migration, ...]] = (
     # v1
     (
+        # receipts: whether the user's last read allowed a receipt (then the peer may learn the position).
         "CREATE TABLE read_positions (user TEXT NOT NULL, peer TEXT NOT NULL, last_id INTEGER NOT NULL, "
-        "PRIMARY KEY (user, peer)) WITHOUT ROWID",
+        "receipts INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (user, peer)) WITHOUT ROWID",
         "CREATE INDEX inbox_by_sender ON inbox (recipient, sender, id)",
     ),
 )
 _MARK_READ: Final = (
-    "INSERT INTO read_positions (user, peer, last_id) VALUES (?, ?, ?) ON CONFLICT (user, peer) "
-    "DO UPDATE SET last_id = excluded.last_id WHERE excluded.last_id > read_positions.last_id"
+    "INSERT INTO read_positions (user, peer, last_id, receipts) VALUES (?, ?, ?, ?) ON CONFLICT (user, peer) "
+    "DO UPDATE SET last_id = max(last_id, excluded.last_id), receipts = excluded.receipts"
 )
 #: Contacts the inbox looks at, at most: each costs two index lookups.
 INBOX_CONTACTS_MAX: Final = 10_000
@@ -608,11 +609,19 @@ class SQLiteStore:
 
     # -- read positions and the inbox (issue 12) ----------------------------
 
-    def mark_read(self, user: str, peer: str, msg_id: int) -> int:
-        """Move ``user``'s read position with ``peer`` up to ``msg_id`` (never down); the position now kept."""
+    def mark_read(self, user: str, peer: str, msg_id: int, receipt: bool = True) -> int:
+        """Move ``user``'s read position with ``peer`` up to ``msg_id`` (never down); the position now kept.
+        ``receipt``: whether ``peer`` may learn it (the inbox's ``peer_read``)."""
         with write_transaction(self._conn, f"keep the read position of {user} with {peer}"):
-            self._conn.execute(_MARK_READ, (user, peer, msg_id))
+            self._conn.execute(_MARK_READ, (user, peer, msg_id, int(receipt)))
         return self.read_position(user, peer)
+
+    def receipted_position(self, user: str, peer: str) -> int | None:
+        """How far ``peer`` has read the conversation with ``user``, if their last read allowed a receipt."""
+        with sqlite_errors(f"read the read position of {peer} with {user}"):
+            row = self._conn.execute("SELECT last_id FROM read_positions WHERE user = ? AND peer = ? AND receipts",
+                                     (peer, user)).fetchone()
+        return int(row[0]) if row else None
 
     def read_position(self, user: str, peer: str) -> int:
         """The highest message id of the conversation with ``peer`` that ``user`` has read (0 if none)."""
@@ -653,7 +662,8 @@ class SQLiteStore:
             for last_id, peer in latest[:limit]:
                 row = self._conn.execute(_MESSAGE_BY_ID, (last_id,)).fetchone()
                 summaries.append(ConversationSummary(peer, self.unread_count(user, peer),
-                                                     self.read_position(user, peer), StoredMessage(*row)))
+                                                     self.read_position(user, peer), StoredMessage(*row),
+                                                     self.receipted_position(user, peer)))
         return summaries, len(latest) > limit
 
     # -- maintenance -------------------------------------------------------

@@ -77,6 +77,11 @@ def test_two_users_see_typing_receipts_and_unread_counts_change(terminal: Callab
     alice.type("/quit\r")
     bob.type("/quit\r")
     assert alice.proc.wait(timeout=10) == 0 and bob.proc.wait(timeout=10) == 0
+    again = terminal("bob1", "alice1", "--url", url)  # the server remembers what alice read
+    again.wait_for("last 1 message(s) with alice1")
+    again.wait_for("bob1: hello alice  ✓✓ read")
+    again.type("/quit\r")
+    assert again.proc.wait(timeout=10) == 0
 
 
 def test_no_receipts_no_typing_and_notify_off_are_respected(terminal: Callable[..., Terminal],
@@ -209,7 +214,7 @@ def test_inbox_json_count_and_mark_read(chatcli: Chatcli, shared: RunningServer,
 
     lines = [json.loads(line) for line in inbox("--json")]
     assert [(c["peer"], c["unread"], c["last_from"]) for c in lines] == [("hank6", 1, "hank6"), ("gina6", 2, "gina6")]
-    assert set(lines[0]) == {"peer", "unread", "read", "last_id", "last_from", "last_ts", "preview"}
+    assert set(lines[0]) == {"peer", "unread", "read", "last_id", "last_from", "last_ts", "preview", "peer_read"}
     assert lines[1]["preview"] == ("two from gina " + "x" * 100)[:80]
     assert inbox("--count") == ["3"] and inbox("--count", "--json") == ['{"unread": 3}']
     text = inbox()

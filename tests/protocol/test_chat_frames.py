@@ -28,7 +28,7 @@ from chatcli.protocol import (
 from tests.support.samples import TS
 
 CONVERSATION = Conversation(peer="bob", unread=2, read=40, last_id=42, last_from="bob", last_ts=TS,
-                            preview='see you "at" 5 😀')
+                            preview='see you "at" 5 😀', peer_read=41)
 #: Appended to test_v1's EXACT_ENCODINGS, so the checks there (round trip, every frame type) cover these too.
 CHAT_ENCODINGS: list[tuple[Frame, str]] = [
     (MarkRead(peer="bob", id=42), '{"type":"read","peer":"bob","id":42}'),
@@ -42,7 +42,10 @@ CHAT_ENCODINGS: list[tuple[Frame, str]] = [
     (Inbox(id="i1", conversations=()), '{"type":"inbox","id":"i1","conversations":[]}'),
     (Inbox(id="i2", conversations=(CONVERSATION,), more=True),
      '{"type":"inbox","id":"i2","conversations":[{"peer":"bob","unread":2,"read":40,"last_id":42,'
-     f'"last_from":"bob","last_ts":"{TS}","preview":"see you \\"at\\" 5 😀"}}],"more":true}}'),
+     f'"last_from":"bob","last_ts":"{TS}","preview":"see you \\"at\\" 5 😀","peer_read":41}}],"more":true}}'),
+    (Inbox(id="i3", conversations=(Conversation("carol", 0, 39, 39, "alice", TS, ""),)),
+     '{"type":"inbox","id":"i3","conversations":[{"peer":"carol","unread":0,"read":39,"last_id":39,'
+     f'"last_from":"alice","last_ts":"{TS}","preview":""}}]}}'),
 ]
 CHAT_CLIENT_FRAME_TYPES = (MarkRead, Typing, InboxRequest)
 
@@ -111,6 +114,8 @@ def test_invalid_client_frames_are_the_peers_fault(data: str) -> None:
     _with(_INBOX, conversations=[{**_ENTRY, "last_from": 3}]),
     _with(_INBOX, conversations=[{**_ENTRY, "last_ts": ""}]),
     _with(_INBOX, conversations=[{**_ENTRY, "preview": 5}]),
+    _with(_INBOX, conversations=[{**_ENTRY, "peer_read": -1}]),
+    _with(_INBOX, conversations=[{**_ENTRY, "peer_read": "41"}]),
     _with(_INBOX, conversations=[{**_ENTRY, "preview": "x" * (PREVIEW_MAX_CHARS + 1)}]),
     '{"type":"inbox","id":"i","conversations":[{"peer":"bob","unread":0,"read":0,"last_id":1,'
     f'"last_from":"bob","last_ts":"{TS}","preview":"\\ud800"}}]}}',

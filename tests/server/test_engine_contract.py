@@ -260,8 +260,8 @@ def test_read_positions_move_up_only_and_count_the_peers_messages_beyond(engine:
         engine.presence.joined(user)
     append(engine, msg("bob", "alice", "one"), msg("bob", "alice", "two"), msg("alice", "bob", "mine"),
            msg("carol", "alice", "x" * 500, ts=2000.0), msg("bob", "carol", "not alice's"))
-    marked = outcome(lambda done: engine.mark_read("alice", "bob", 1, done))
-    lowered = outcome(lambda done: engine.mark_read("alice", "bob", 0, done))
+    marked = outcome(lambda done: engine.mark_read("alice", "bob", 1, True, done))
+    lowered = outcome(lambda done: engine.mark_read("alice", "bob", 0, True, done))
     page = outcome(lambda done: engine.read_inbox("alice", 10, done))
     if Capability.READS not in engine.capabilities:
         assert all(isinstance(result, StorageError) for result in (marked, lowered, page))
@@ -278,3 +278,8 @@ def test_read_positions_move_up_only_and_count_the_peers_messages_beyond(engine:
     # Per user: bob's position with alice is his own.
     assert [(c.peer, c.unread) for c in outcome(lambda done: engine.read_inbox("bob", 10, done)).conversations] == [
         ("carol", 0), ("alice", 1)]
+    # bob learns how far alice read, while her reads allow receipts; the latest read decides.
+    assert [c.peer_read for c in outcome(lambda done: engine.read_inbox("bob", 10, done)).conversations] == [None, 1]
+    assert outcome(lambda done: engine.mark_read("alice", "bob", 3, False, done)) == 3
+    assert [c.peer_read for c in outcome(lambda done: engine.read_inbox("bob", 10, done)).conversations] == [
+        None, None]

@@ -125,6 +125,8 @@ class ConversationSummary(NamedTuple):
     unread: int
     read: int
     last: StoredMessage
+    #: How far the peer has read it, if their last read allowed a receipt (else None).
+    peer_read: int | None = None
 
 
 class InboxPage(NamedTuple):
@@ -254,10 +256,12 @@ class Engine(Protocol):
     # -- read positions and the inbox (issue 12): engines with Capability.READS --------------------
     # Without READS, both answer ``done`` with a StorageError saying nothing is kept.
 
-    def mark_read(self, user: str, peer: str, msg_id: int, done: Callable[[int | StorageError], None]) -> None:
+    def mark_read(self, user: str, peer: str, msg_id: int, receipt: bool,
+                  done: Callable[[int | StorageError], None]) -> None:
         """Move ``user``'s read position in the conversation with ``peer`` up to ``msg_id`` (never down);
         then ``done`` with the position now kept. Apart from the delivery cursor; shared by every session
-        (every node) of the user."""
+        (every node) of the user. ``receipt`` (kept with it, latest wins): whether ``peer``'s inbox may
+        show it (``ConversationSummary.peer_read``)."""
         ...
 
     def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:

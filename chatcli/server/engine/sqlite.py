@@ -135,9 +135,10 @@ class SQLiteEngine:
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
         return self.store.contacts_among(user, candidates)
 
-    def mark_read(self, user: str, peer: str, msg_id: int, done: Callable[[int | StorageError], None]) -> None:
+    def mark_read(self, user: str, peer: str, msg_id: int, receipt: bool,
+                  done: Callable[[int | StorageError], None]) -> None:
         store = self.store
-        self._submit(lambda: store.mark_read(user, peer, msg_id), done)
+        self._submit(lambda: store.mark_read(user, peer, msg_id, receipt), done)
 
     def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
         store = self.store
