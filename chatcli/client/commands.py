@@ -381,6 +381,8 @@ async def _listen_forever(settings: ClientSettings, me: str, options: ListenOpti
                 notice(f"{'reconnected' if connected_before else 'listening'} as {me} on {settings.url}")
                 if not cursor.resumable and not connected_before and start is not None:
                     notice("this server stores no messages (--ephemeral): nothing to replay or resume")
+                if options.mark_read and not connected_before and not session.offers(Feature.READS):
+                    notice(f"--mark-read: {settings.url} {NO_READS}; nothing is marked read")
                 if store_changed_here:
                     _restart_cursor(resume, cursor, options.cursor_file, notice)
                 connected_before = True

@@ -233,6 +233,8 @@ def test_inbox_json_count_and_mark_read(chatcli: Chatcli, shared: RunningServer,
     refused = chatcli("inbox", "fred6", "--url", ephemeral.ws_url)
     assert refused.wait() == 5
     assert "keeps no read positions" in refused.err[-1]
+    listening = chatcli("listen", "fred6", "--mark-read", "--url", ephemeral.ws_url)
+    listening.wait_stderr("nothing is marked read")
 
 
 def test_editor_round_trip(terminal: Callable[..., Terminal], shared: RunningServer, tmp_path: Path) -> None:

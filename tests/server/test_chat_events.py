@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from chatcli import protocol as p
 from chatcli.server.chat_events import TYPING_INTERVAL_S
 from chatcli.server.codecs import LEGACY
 from chatcli.server.engine.base import Capability, Engine
-from tests.server.fakes import RecordingSession
+from chatcli.server.relay import Relay
+from tests.server.fakes import RecordingSession, make_engine
 from tests.server.test_relay import Ticks, relay_on
 
 
@@ -77,10 +76,8 @@ def test_typing_goes_to_an_online_recipient_at_most_once_per_interval(engine: En
     assert bob_app.sent == [] and alice.sent == []
 
 
-@pytest.mark.parametrize("presence", ["contacts", "off"])
-def test_presence_privacy_holds_back_typing_and_receipts(engine: Engine, presence: str, tmp_path: Path) -> None:
-    if presence == "contacts" and Capability.CONTACTS not in engine.capabilities:
-        pytest.skip("contacts need stored messages")
+def _privacy_case(engine: Engine, presence: str, tmp_path: Path) -> tuple[Ticks, Relay, RecordingSession,
+                                                                         RecordingSession]:
     ticks = Ticks()
     relay = relay_on(engine, ticks, presence=presence, db_path=tmp_path / "chat.db")  # the engine's file
     alice, bob = RecordingSession("alice"), RecordingSession("bob")
@@ -90,9 +87,17 @@ def test_presence_privacy_holds_back_typing_and_receipts(engine: Engine, presenc
     _send(relay, alice, p.MarkRead("bob", 0))
     ticks.end()
     assert _of(bob, p.PeerTyping) == [] and _of(bob, p.Receipt) == []
-    if presence == "off":
-        assert p.Feature.TYPING not in relay.features and p.Feature.RECEIPTS not in relay.features
-        return
+    return ticks, relay, alice, bob
+
+
+def test_presence_off_means_no_typing_or_receipts(engine: Engine, tmp_path: Path) -> None:
+    _, relay, _, _ = _privacy_case(engine, "off", tmp_path)
+    assert p.Feature.TYPING not in relay.features and p.Feature.RECEIPTS not in relay.features
+
+
+def test_presence_contacts_means_typing_and_receipts_once_they_talked(tmp_path: Path) -> None:
+    engine = make_engine("sqlite", tmp_path)  # contacts need stored messages
+    ticks, relay, alice, bob = _privacy_case(engine, "contacts", tmp_path)
     relay.submit(bob, "b1", "alice", "now we have talked")
     ticks.end()
     relay.monotonic = lambda: 1e9  # past the typing interval
@@ -100,6 +105,7 @@ def test_presence_privacy_holds_back_typing_and_receipts(engine: Engine, presenc
     _send(relay, alice, p.MarkRead("bob", 1))
     ticks.end()
     assert _of(bob, p.PeerTyping) == [p.PeerTyping("alice")] and _of(bob, p.Receipt) == [p.Receipt("alice", 1)]
+    engine.close()
 
 
 def test_the_inbox_answers_with_counts_or_says_it_is_unavailable(engine: Engine) -> None:
