@@ -129,3 +129,14 @@ def test_bad_token_files_are_usage_errors(tmp_home: Path, content: str, message:
     token_file.write_text(content)
     with pytest.raises(UsageError, match=message):
         resolve_settings(token_file=token_file)
+
+
+def test_the_chats_preferences_come_from_the_profile(tmp_home: Path) -> None:
+    assert (resolve_settings().receipts, resolve_settings().typing, resolve_settings().notify) == (True, True, "bell")
+    write_config(tmp_home, '[profiles.default]\nreceipts = false\ntyping = false\nnotify = "desktop"\n')
+    settings = resolve_settings()
+    assert (settings.receipts, settings.typing, settings.notify) == (False, False, "desktop")
+    for bad in ('receipts = "no"', "typing = 0", 'notify = "loud"'):
+        write_config(tmp_home, f"[profiles.default]\n{bad}\n")
+        with pytest.raises(UsageError, match=bad.split(" ")[0]):
+            resolve_settings()
