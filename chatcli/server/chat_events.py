@@ -6,16 +6,17 @@ charged to their user's rate limit. Read positions and the inbox go through the 
 open native sessions only (legacy frames have no room for them), and only where the
 presence setting would show the two users to each other (``--presence``).
 
-Bounds: a session has at most one inbox request being answered (a second is refused,
-not queued); typing is passed on at most once per ``TYPING_INTERVAL_S`` per session, and
-never stored.
+Bounds: the ``read`` frames of a tick are kept in one transaction (the highest per user and
+conversation), and the next tick's wait while it commits, as messages do; a session has at
+most one inbox request being answered (a second is refused, not queued); typing is passed on
+at most once per ``TYPING_INTERVAL_S`` per session, and never stored.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from chatcli import protocol as p
 from chatcli.errors import StorageError
@@ -30,6 +31,15 @@ log = logging.getLogger("chatcli.server")
 
 #: A session's typing events are passed on at most once per this many seconds; the rest are dropped.
 TYPING_INTERVAL_S: Final = 2.0
+
+
+class _Mark(NamedTuple):
+    """A ``read`` waiting for its commit: the highest id asked this tick, the latest receipt choice, and the
+    session that asked last (its user's other sessions are told)."""
+
+    msg_id: int
+    receipt: bool
+    session: Session
 
 
 def conversation_frame(summary: ConversationSummary, receipts: bool) -> p.Conversation:
@@ -49,6 +59,11 @@ class ChatEvents:
         self.typing_at: dict[Session, float] = {}
         #: Sessions with an inbox request being answered.
         self.inbox_waiting: set[Session] = set()
+        #: Read positions asked for, by (user, peer), committed together; while a batch commits, the
+        #: next gathers here.
+        self.reads_waiting: dict[tuple[str, str], _Mark] = {}
+        self.reads_committing = False
+        self.reads_scheduled = False
 
     def features(self) -> tuple[str, ...]:
         """What hellos announce for these: ``reads`` with an engine that keeps them; ``receipts`` and
@@ -93,29 +108,51 @@ class ChatEvents:
     # -- read positions and receipts -------------------------------------------------------
 
     def mark_read(self, session: Session, frame: p.MarkRead) -> None:
-        """Keep the position (never past the highest id given out), then tell the user's other sessions
-        and, unless opted out, the peer."""
+        """Keep the position (never past the highest id given out) with the tick's other reads, then tell the
+        user's other sessions and, unless opted out, the peer."""
         engine = self.relay.engine
         position = min(frame.id, engine.highest_id())
-        if Capability.READS in engine.capabilities:
-            engine.mark_read(session.user, frame.peer, position, frame.receipt,
-                             lambda kept: self._marked(session, frame, kept))
-        else:  # nothing kept: receipts still go to the peer's open sessions
-            self._marked(session, frame, position)
-
-    def _marked(self, session: Session, frame: p.MarkRead, kept: int | StorageError) -> None:
-        relay = self.relay
-        if isinstance(kept, StorageError):
-            log.error("could not keep the read position of %s: %s", session.user, kept,
-                      extra={"event": "storage-error"})
-            session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
-                                               "your read position could not be kept: the server's storage failed")))
+        if Capability.READS not in engine.capabilities:  # nothing kept: receipts still go to the peer
+            self._marked(_Mark(position, frame.receipt, session), frame.peer, position)
             return
+        key = (session.user, frame.peer)
+        earlier = self.reads_waiting.get(key)
+        self.reads_waiting[key] = _Mark(max(position, earlier.msg_id if earlier else 0), frame.receipt, session)
+        if not (self.reads_scheduled or self.reads_committing):
+            self.reads_scheduled = True
+            self.relay.schedule(self._commit_reads)
+
+    def _commit_reads(self) -> None:
+        self.reads_scheduled = False
+        if self.reads_committing or not self.reads_waiting:
+            return
+        batch, self.reads_waiting = self.reads_waiting, {}
+        self.reads_committing = True
+        marks = {key: (mark.msg_id, mark.receipt) for key, mark in batch.items()}
+        self.relay.engine.mark_read(marks, lambda kept: self._reads_kept(batch, kept))
+
+    def _reads_kept(self, batch: dict[tuple[str, str], _Mark], kept: dict[tuple[str, str], int] | StorageError
+                    ) -> None:
+        self.reads_committing = False
+        if isinstance(kept, StorageError):
+            log.error("could not keep %d read position(s): %s", len(batch), kept, extra={"event": "storage-error"})
+            error = p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
+                                     "your read position could not be kept: the server's storage failed"))
+            self._send_native({mark.session for mark in batch.values()}, error)
+        else:
+            for (_, peer), mark in batch.items():
+                self._marked(mark, peer, kept[(mark.session.user, peer)])
+        if self.reads_waiting:  # gathered while this batch was committing
+            self.reads_scheduled = True
+            self.relay.schedule(self._commit_reads)
+
+    def _marked(self, mark: _Mark, peer: str, kept: int) -> None:
+        relay, session = self.relay, mark.session
         if Capability.READS in relay.engine.capabilities:
             others = [s for s in relay.sessions.get(session.user, ()) if s is not session]
-            self._send_native(others, p.encode(p.ReadPosition(frame.peer, kept)))
-        if frame.receipt and frame.peer != session.user and self._may_signal(session, frame.peer):
-            self._send_native(relay.sessions.get(frame.peer, ()), p.encode(p.Receipt(session.user, kept)))
+            self._send_native(others, p.encode(p.ReadPosition(peer, kept)))
+        if mark.receipt and peer != session.user and self._may_signal(session, peer):
+            self._send_native(relay.sessions.get(peer, ()), p.encode(p.Receipt(session.user, kept)))
 
     # -- typing ----------------------------------------------------------------------------
 

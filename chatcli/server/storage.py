@@ -612,9 +612,14 @@ class SQLiteStore:
     def mark_read(self, user: str, peer: str, msg_id: int, receipt: bool = True) -> int:
         """Move ``user``'s read position with ``peer`` up to ``msg_id`` (never down); the position now kept.
         ``receipt``: whether ``peer`` may learn it (the inbox's ``peer_read``)."""
-        with write_transaction(self._conn, f"keep the read position of {user} with {peer}"):
-            self._conn.execute(_MARK_READ, (user, peer, msg_id, int(receipt)))
-        return self.read_position(user, peer)
+        return self.mark_read_many({(user, peer): (msg_id, receipt)})[(user, peer)]
+
+    def mark_read_many(self, marks: Mapping[tuple[str, str], tuple[int, bool]]) -> dict[tuple[str, str], int]:
+        """``mark_read`` for many (user, peer) in one transaction; the positions now kept."""
+        rows = [(user, peer, msg_id, int(receipt)) for (user, peer), (msg_id, receipt) in marks.items()]
+        with write_transaction(self._conn, f"keep {len(rows)} read position(s)"):
+            self._conn.executemany(_MARK_READ, rows)
+        return {key: self.read_position(*key) for key in marks}
 
     def receipted_position(self, user: str, peer: str) -> int | None:
         """How far ``peer`` has read the conversation with ``user``, if their last read allowed a receipt."""

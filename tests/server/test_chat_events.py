@@ -144,3 +144,40 @@ def test_read_typing_and_inbox_draw_on_the_rate_limit(engine: Engine) -> None:
     (refusal,) = alice.frames()
     assert isinstance(refusal, p.Error) and refusal.code == p.ErrorCode.RATE_LIMITED
     assert refusal.details == {"id": "i9"}
+
+
+def test_a_ticks_reads_are_kept_together_and_told_once(tmp_path: Path) -> None:
+    """A flood of ``read`` frames costs one commit per tick, as ``received`` does: the highest id wins."""
+    engine = make_engine("sqlite", tmp_path)
+    ticks = Ticks()
+    relay = relay_on(engine, ticks)
+    alice, alice2, bob = RecordingSession("alice"), RecordingSession("alice"), RecordingSession("bob")
+    for session in (alice, alice2, bob):
+        relay.open_session(session)
+    for text in ("one", "two", "three"):
+        relay.submit(bob, text, "alice", text)
+    ticks.end()
+    for session in (alice2, bob):
+        session.sent.clear()
+    for msg_id in (1, 3, 2):
+        _send(relay, alice, p.MarkRead("bob", msg_id))
+    assert relay.chat.reads_waiting[("alice", "bob")].msg_id == 3
+    ticks.end()
+    assert alice2.frames() == [p.ReadPosition("bob", 3)] and bob.frames() == [p.Receipt("alice", 3)]
+    assert not relay.chat.reads_waiting and not relay.chat.reads_committing
+    engine.close()
+
+
+def test_a_read_that_cannot_be_kept_is_answered_with_an_error(tmp_path: Path) -> None:
+    engine = make_engine("sqlite", tmp_path)
+    ticks = Ticks()
+    relay = relay_on(engine, ticks)
+    alice, bob = RecordingSession("alice"), RecordingSession("bob")
+    for session in (alice, bob):
+        relay.open_session(session)
+    engine.close()  # every storage call fails from now on
+    _send(relay, alice, p.MarkRead("bob", 0))
+    ticks.end()
+    (error,) = alice.frames()
+    assert isinstance(error, p.Error) and error.code == p.ErrorCode.UNAVAILABLE
+    assert bob.sent == []  # no receipt for a position that was not kept

@@ -45,6 +45,7 @@ __all__ = [
     "InboxPage",
     "NewMessage",
     "Presence",
+    "ReadMarks",
     "StoredMessage",
 ]
 
@@ -127,6 +128,10 @@ class ConversationSummary(NamedTuple):
     last: StoredMessage
     #: How far the peer has read it, if their last read allowed a receipt (else None).
     peer_read: int | None = None
+
+
+#: Read positions to move at once: (user, peer) -> (message id, whether the peer may learn it).
+ReadMarks = Mapping[tuple[str, str], tuple[int, bool]]
 
 
 class InboxPage(NamedTuple):
@@ -256,12 +261,13 @@ class Engine(Protocol):
     # -- read positions and the inbox (issue 12): engines with Capability.READS --------------------
     # Without READS, both answer ``done`` with a StorageError saying nothing is kept.
 
-    def mark_read(self, user: str, peer: str, msg_id: int, receipt: bool,
-                  done: Callable[[int | StorageError], None]) -> None:
-        """Move ``user``'s read position in the conversation with ``peer`` up to ``msg_id`` (never down);
-        then ``done`` with the position now kept. Apart from the delivery cursor; shared by every session
-        (every node) of the user. ``receipt`` (kept with it, latest wins): whether ``peer``'s inbox may
-        show it (``ConversationSummary.peer_read``)."""
+    def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
+        """Move read positions, a tick's worth at once (one transaction: a flood of ``read`` frames costs
+        one commit per tick, as ``received`` does). For each (user, peer): the user's position in the
+        conversation with peer moves up to the id (never down), apart from the delivery cursor and shared
+        by every session (every node) of the user; the flag (kept with it, latest wins) says whether
+        peer's inbox may show it (``ConversationSummary.peer_read``). Then ``done`` with the position
+        now kept for each (user, peer); on error nothing moved."""
         ...
 
     def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:

@@ -24,6 +24,7 @@ from chatcli.server.engine.base import (
     EngineListener,
     InboxPage,
     NewMessage,
+    ReadMarks,
 )
 from chatcli.server.engine.presence import LocalPresence
 
@@ -78,8 +79,7 @@ class MemoryEngine:
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
         return set()  # no message is kept, so nobody is known to have talked to anybody
 
-    def mark_read(self, user: str, peer: str, msg_id: int, receipt: bool,
-                  done: Callable[[int | StorageError], None]) -> None:
+    def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
         done(StorageError(f"{_NOTHING_STORED}: no read positions"))
 
     def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:

@@ -31,6 +31,7 @@ from chatcli.server.engine.base import (
     EngineListener,
     InboxPage,
     NewMessage,
+    ReadMarks,
 )
 from chatcli.server.engine.options import Fsync
 from chatcli.server.engine.pages import read_backlog_page, read_history_answer
@@ -135,10 +136,9 @@ class SQLiteEngine:
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
         return self.store.contacts_among(user, candidates)
 
-    def mark_read(self, user: str, peer: str, msg_id: int, receipt: bool,
-                  done: Callable[[int | StorageError], None]) -> None:
+    def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
         store = self.store
-        self._submit(lambda: store.mark_read(user, peer, msg_id, receipt), done)
+        self._submit(lambda: store.mark_read_many(marks), done)
 
     def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
         store = self.store
