@@ -140,6 +140,7 @@ class ChatClient:
         self._sent: set[str] = set()  # ids sent on the current session
         self.cursor = MessageCursor()
         self._history_ids: set[int] = set()  # shown as history: not shown again when they arrive
+        self._history_shown = False  # the conversation on screen opened with its history (once, not per reconnect)
         self._history_request: str | None = None  # while waiting for the answer…
         self._held: list[Message] = []  # …incoming messages wait here
         # Unread: the server's count and newest id per peer (inbox), plus ids that arrived since.
@@ -257,6 +258,7 @@ class ChatClient:
         self.peer, self.peer_online, self.peer_hidden = peer, None, False
         self.known_peers.add(peer)
         self._history_ids.clear()
+        self._history_shown = False
         self.notice(f"conversation with {peer}" + (f" ({n} unread)" if (n := self.unread(peer)) else ""))
         self.on_change()
         if self._session is not None:
@@ -269,7 +271,7 @@ class ChatClient:
             await self._ask_inbox(session, show=False)
         if session.offers(Feature.PRESENCE):
             await session.watch((self.peer,))  # answered at once with a Presence, then one per change
-        if session.offers(Feature.HISTORY):
+        if session.offers(Feature.HISTORY) and not self._history_shown:
             self._history_request = await session.request_history(self.peer, HISTORY_LINES)
 
     async def show_inbox(self) -> None:
@@ -398,7 +400,7 @@ class ChatClient:
                 await self._show_history(session, ())
 
     async def _show_history(self, session: ClientSession, messages: tuple[Message, ...]) -> None:
-        self._history_request = None
+        self._history_request, self._history_shown = None, True
         peer = self.peer
         if messages and peer is not None:
             self.notice(f"the last {len(messages)} message(s) with {peer}")

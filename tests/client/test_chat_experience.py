@@ -263,3 +263,22 @@ def test_seed_apps_get_none_of_it(terminal: Callable[..., Terminal], shared: Run
     assert decode_legacy_message(str(app.recv(timeout=5))) == ("lee8", "hi kim")
     chat.type("/quit\r")
     assert chat.proc.wait(timeout=10) == 0
+
+
+def test_a_reconnect_does_not_show_the_conversation_again(terminal: Callable[..., Terminal],
+                                                          start_server: StartServer) -> None:
+    first = start_server()
+    bob, _ = native(first.ws_url, "bob", headers=NO_BACKLOG)
+    send_native(bob, "alice", "before the restart")
+    chat = terminal("alice", "bob", "--url", first.ws_url)
+    chat.wait_for("the last 1 message(s) with bob")
+    bob.close()
+    first.stop()
+    chat.wait_for("reconnecting in")
+    again = start_server("--ws-port", str(first.ws_port))
+    bob, _ = native(again.ws_url, "bob", headers=NO_BACKLOG)
+    send_native(bob, "alice", "after the restart")
+    chat.wait_for("bob: after the restart", timeout=20)  # a history asked again would hold it until shown
+    assert chat.screen.count("message(s) with bob") == 1 and chat.screen.count("before the restart") == 1
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
