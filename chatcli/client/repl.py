@@ -394,7 +394,7 @@ class ChatClient:
             self._read_elsewhere(session, frame)
         elif isinstance(frame, Error):
             self.notice(f"server error {frame.code}: {frame.message}")
-            if frame.details.get("id") == self._inbox_request:
+            if self._inbox_request is not None and frame.details.get("id") == self._inbox_request:
                 self._inbox_request, self._inbox_shown = None, False
             elif self._history_request is not None:  # the only other request that can fail without an ack
                 await self._show_history(session, ())
