@@ -101,6 +101,8 @@ TYPING_SEND_INTERVAL_S: Final = 3.0
 TYPING_SHOWN_S: Final = 6.0
 #: Our accepted messages remembered for receipts (the newest ones).
 OWN_REMEMBERED: Final = 500
+#: A burst of messages for other conversations alerts once: at most one bell or notification this often.
+ALERT_INTERVAL_S: Final = 1.0
 #: The receipt lines shown at once; earlier messages read with them are summed up in one notice.
 RECEIPT_LINES: Final = 3
 
@@ -155,6 +157,7 @@ class ChatClient:
         self._own: dict[int, tuple[str, str, str | None]] = {}  # our accepted messages: id → (to, text, ts)
         self._tasks: set[asyncio.Task[None]] = set()
         self._connected_before = False  # what is said once per chat, not at every reconnect
+        self._alerted_at = float("-inf")
 
     # -- what the status line shows ---------------------------------------------------------
 
@@ -459,10 +462,11 @@ class ChatClient:
 
     def _alert(self, message: Message) -> None:
         """A message for another conversation: the bell, a desktop notification, or nothing."""
-        mode = self.settings.notify
-        if mode == "desktop" and _notify_desktop(f"chatcli: {message.sender}", message.text[:200]):
+        mode, now = self.settings.notify, asyncio.get_running_loop().time()
+        if mode == "off" or now - self._alerted_at < ALERT_INTERVAL_S:  # no process per message of a flood
             return
-        if mode != "off":
+        self._alerted_at = now
+        if mode != "desktop" or not _notify_desktop(f"chatcli: {message.sender}", message.text[:200]):
             self.bell()
 
     def _peer_typing(self, sender: str) -> None:
