@@ -140,3 +140,10 @@ def test_the_chats_preferences_come_from_the_profile(tmp_home: Path) -> None:
         write_config(tmp_home, f"[profiles.default]\n{bad}\n")
         with pytest.raises(UsageError, match=bad.split(" ")[0]):
             resolve_settings()
+
+
+def test_a_key_that_cannot_be_a_header_is_a_usage_error_not_a_smuggled_header(chatcli: Chatcli) -> None:
+    for args, env in ((["--auth-key", "a\r\nX-Injected: 1"], {}), ([], {"CHATCLI_TOKEN": "t\x01ken"})):
+        run = chatcli("send", "alice", "bob", "hi", "--url", "ws://127.0.0.1:9", *args, env=env)
+        assert run.wait() == 2
+        assert run.err == ["chatcli: the token or auth key holds a line break or another control character"]
