@@ -1,8 +1,8 @@
 """The memory engine (``--ephemeral``): ids in process memory, nothing stored.
 
 A message is committed only if its recipient is online at commit time; otherwise it
-is refused as ``offline``. There is no backlog, no history, no cursor, no contacts
-and no accounts: ``capabilities`` is empty, and the relay asks it before using any
+is refused as ``offline``. There is no backlog, no history, no cursor, no contacts,
+no read positions or inbox, and no accounts: ``capabilities`` is empty, and the relay asks it before using any
 of those. The epoch is made at start, so every restart is a new store: a client's
 cursor from before is reset, never trusted.
 """
@@ -22,7 +22,9 @@ from chatcli.server.engine.base import (
     Capability,
     Encoder,
     EngineListener,
+    InboxPage,
     NewMessage,
+    ReadMarks,
 )
 from chatcli.server.engine.presence import LocalPresence
 
@@ -76,6 +78,12 @@ class MemoryEngine:
 
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
         return set()  # no message is kept, so nobody is known to have talked to anybody
+
+    def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
+        done(StorageError(f"{_NOTHING_STORED}: no read positions"))
+
+    def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
+        done(StorageError(f"{_NOTHING_STORED}: no inbox"))
 
     async def prune(self, older_than_ts: float, limit: int) -> int:
         return 0
