@@ -85,6 +85,9 @@ class Feature(StrEnum):
     HISTORY = "history"  # the "history" request
     PRESENCE = "presence"  # the "who" request and "watch" / "presence" frames
     TOKENS = "tokens"  # per-user accounts: sessions proved their user with a token
+    # issue 13: scriptable chat
+    REPLIES = "replies"  # send.reply_to is checked and kept; message.reply_to carries it
+    SEARCH = "search"  # the "search" request
 
 
 class Status(StrEnum):
@@ -105,6 +108,7 @@ class Reason(StrEnum):
     BAD_RECIPIENT = "bad-recipient"
     RATE_LIMITED = "rate-limited"
     STORAGE_FAILED = "storage-failed"  # the server could not commit the message; nothing was stored
+    BAD_REPLY = "bad-reply"  # reply_to names no message of this conversation that the sender can see
 
 
 class ErrorCode(StrEnum):
