@@ -119,10 +119,11 @@ def test_hello_features_and_history_follow_the_capabilities(engine: Engine) -> N
     ticks.end()
     (answer,) = alice.frames()
     if Capability.HISTORY in engine.capabilities:
-        assert relay.features == (p.Feature.STORE, p.Feature.RESUME, p.Feature.HISTORY, p.Feature.PRESENCE)
+        assert relay.features == (p.Feature.STORE, p.Feature.RESUME, p.Feature.HISTORY, p.Feature.REPLIES,
+                                  p.Feature.SEARCH, p.Feature.PRESENCE)
         assert isinstance(answer, p.History) and answer.messages == ()
     else:
-        assert relay.features == (p.Feature.PRESENCE,)
+        assert relay.features == (p.Feature.REPLIES, p.Feature.PRESENCE)
         assert isinstance(answer, p.Error) and answer.code == p.ErrorCode.UNAVAILABLE
 
 
