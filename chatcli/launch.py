@@ -85,7 +85,7 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
                  window: int = 256, json_output: bool = False, url: str | None = None,
                  auth_key: str | None = None, auth_key_file: Path | None = None, token_file: Path | None = None,
                  cafile: Path | None = None, insecure: bool = False, timeout: float | None = None,
-                 profile: str | None = None) -> None:
+                 profile: str | None = None, reply_to: int | None = None) -> None:
     """``chatcli send``, whichever parser read its arguments."""
     import asyncio
 
@@ -102,7 +102,7 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
 
             env.write_line(ack_json(ack, peer))
 
-    asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines))
+    asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines, reply_to=reply_to))
 
 
 def exit_status_of(call: Callable[[], int], env: Environment) -> int:

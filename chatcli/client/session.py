@@ -59,6 +59,8 @@ from chatcli.protocol import (
     Message,
     Reason,
     Received,
+    Search,
+    SearchRequest,
     Send,
     ServerFrame,
     Watch,
@@ -151,6 +153,30 @@ class ClientSession:
                 return messages
             before = reply.messages[0].id
 
+    async def search(self, text: str, limit: int, peer: str | None = None, since: str | None = None,
+                     rounds: int = 20) -> tuple[tuple[Message, ...], bool]:
+        """Up to ``limit`` of our messages matching ``text``, newest first (feature ``search``), and
+        whether older matches may exist that were not read.
+
+        An answer the server cut short (``more``) is followed by another for older messages, for at
+        most ``rounds`` answers: a common word in a large store is then left incomplete, not endless.
+        """
+        messages: tuple[Message, ...] = ()
+        before: int | None = None
+        for _ in range(rounds):
+            request = SearchRequest(id=self.new_id(), text=text, limit=limit - len(messages), peer=peer,
+                                    since=since, before=before)
+            await self._write(request)
+            reply = await self._answer(_search_answer_to(request.id), "search answer")
+            assert isinstance(reply, Search)
+            messages += reply.messages
+            if not reply.more or len(messages) >= limit:
+                return messages, False
+            if not reply.messages:  # the server stopped reading before a match: nothing to page back from
+                return messages, True
+            before = reply.messages[-1].id
+        return messages, True
+
     async def who(self) -> tuple[str, ...]:
         """The users with at least one open session that receives messages, sorted."""
         request = WhoRequest(id=self.new_id())
@@ -217,6 +243,10 @@ def _waiting(ws: ClientConnection) -> bool:
 
 def _history_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:
     return lambda frame: isinstance(frame, History) and frame.id == request_id
+
+
+def _search_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:
+    return lambda frame: isinstance(frame, Search) and frame.id == request_id
 
 
 @asynccontextmanager
@@ -363,6 +393,9 @@ def _refusal_text(to: str, reason: str, max_bytes: int | None = None) -> str:
         return f"message to {to} refused: too-large (the server accepts at most {max_bytes} bytes)"
     if reason == Reason.OFFLINE:
         return f"message to {to} refused: offline ({to} is not connected and this server stores nothing)"
+    if reason == Reason.BAD_REPLY:
+        return (f"message to {to} refused: bad-reply (the message replied to is not in your conversation "
+                f"with {to}, or is no longer stored)")
     return f"message to {to} refused: {reason}"
 
 
