@@ -19,6 +19,7 @@ shown, so the screen stays in order. Each incoming message shown is confirmed
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Final
@@ -31,7 +32,19 @@ from chatcli.client.session import ClientSession, open_session
 from chatcli.client.settings import ClientSettings
 from chatcli.errors import AuthError, CertificateError, ClientError, ConnectError, RefusedError, UsageError
 from chatcli.paths import state_dir
-from chatcli.protocol import Ack, Error, Feature, History, Message, Presence, Send, ServerFrame, Status, check_user_id
+from chatcli.protocol import (
+    Ack,
+    Error,
+    Feature,
+    History,
+    Message,
+    Presence,
+    Search,
+    Send,
+    ServerFrame,
+    Status,
+    check_user_id,
+)
 
 __all__ = ["HELP", "HISTORY_LINES", "ChatClient", "chat"]
 
@@ -44,7 +57,13 @@ if TYPE_CHECKING:
 HELP: Final = (
     "Enter sends · Alt+Enter (or Esc, Enter) adds a newline · Ctrl-D or /quit leaves",
     "/help shows this · //text sends '/text' · messages typed while offline are sent on reconnect",
+    "/reply [ID] [TEXT] answers the last message (or message ID); without TEXT, the next line is the reply",
+    "/search TEXT finds messages of this conversation, newest first",
 )
+#: Messages of the conversation remembered for reply quotes and /reply (the newest ones).
+QUOTE_MEMORY: Final = 1000
+#: Matches /search shows at most.
+SEARCH_LINES: Final = 20
 #: Messages of the conversation shown when the chat opens. In this module "history" is always the
 #: conversation kept by the server; the lines typed at the prompt are the "recall".
 HISTORY_LINES: Final = 20
@@ -78,6 +97,13 @@ class ChatClient:
         self._history_loaded = False
         self._history_request: str | None = None  # while waiting for the answer…
         self._held: list[Message] = []  # …incoming messages wait here
+        # Replies and search (issue 13): the conversation's latest messages by id, for quotes and /reply;
+        # the message each pending client id replies to; the next line's reply (/reply without TEXT).
+        self._recent: OrderedDict[int, Message] = OrderedDict()
+        self._replying: dict[str, int] = {}
+        self.reply_next: int | None = None
+        self._search_request: str | None = None
+        self._search_text = ""
 
     def view(self) -> render.StatusView:
         retry_in = None
@@ -141,9 +167,13 @@ class ChatClient:
             self.on_change()  # the countdown on the status line
         self._set_state(ConnectionState.CONNECTING)
 
-    async def submit(self, text: str) -> None:
-        """Queue a message and send it now if a session is open."""
+    async def submit(self, text: str, reply_to: int | None = None) -> None:
+        """Queue a message (a reply to ``reply_to``, or to the message /reply chose) and send it now if a
+        session is open."""
         client_id = ClientSession.new_id()
+        reply_to, self.reply_next = reply_to or self.reply_next, None
+        if reply_to is not None:
+            self._replying[client_id] = reply_to
         self.pending[client_id] = text
         self.on_change()
         if self._session is not None:
@@ -154,7 +184,10 @@ class ChatClient:
             return
         self._sent.add(client_id)
         try:
-            await session.send_frame(Send(id=client_id, to=self.peer, text=self.pending[client_id]))
+            reply_to = self._replying.get(client_id)
+            if reply_to is not None and not session.offers(Feature.REPLIES):
+                raise RefusedError("this server does not support replies", "bad-reply")
+            await session.send_frame(Send(id=client_id, to=self.peer, text=self.pending[client_id], reply_to=reply_to))
         except RefusedError as exc:  # refused before sending, e.g. too large for this server
             self._resolve(client_id, render.Outcome(Status.REFUSED, exc.reason))
         except ConnectError:
@@ -167,12 +200,14 @@ class ChatClient:
             else:
                 await self._show_incoming(session, frame)
         elif isinstance(frame, Ack):
-            self._resolve(frame.id, render.Outcome(frame.status, frame.reason, frame.ts))
+            self._resolve(frame.id, render.Outcome(frame.status, frame.reason, frame.ts), frame.msg_id)
         elif isinstance(frame, Presence) and frame.user == self.peer:
             self.peer_online, self.peer_hidden = frame.online, frame.hidden
             self.on_change()
         elif isinstance(frame, History) and frame.id == self._history_request:
             await self._show_history(session, frame.messages)
+        elif isinstance(frame, Search) and frame.id == self._search_request:
+            self._show_search(frame.messages)
         elif isinstance(frame, Error):
             self.notice(f"server error {frame.code}: {frame.message}")
             if self._history_request is not None:  # the only request that can fail without an ack
@@ -184,7 +219,7 @@ class ChatClient:
             self.notice(f"the last {len(messages)} message(s) with {self.peer}")
         for message in messages:
             self._history_ids.add(message.id)
-            self.show(render.message_ansi(message, colour=self.colour))
+            self._show_message(message)
         held, self._held = self._held, []
         for message in held:
             await self._show_incoming(session, message)
@@ -194,14 +229,77 @@ class ChatClient:
         if not self.cursor.is_new(message):
             return
         if message.id not in self._history_ids:
-            self.show(render.message_ansi(message, colour=self.colour))
+            self._show_message(message)
         await session.acknowledge(message.id)
 
-    def _resolve(self, client_id: str, outcome: render.Outcome) -> None:
+    def _resolve(self, client_id: str, outcome: render.Outcome, msg_id: int | None = None) -> None:
         text = self.pending.pop(client_id, None)
+        reply_to = self._replying.pop(client_id, None)
         if text is not None:
+            if reply_to is not None:
+                self._show_quote(reply_to)
             self.show(render.own_message_ansi(self.me, text, outcome, colour=self.colour))
+            if msg_id is not None and outcome.ts and outcome.status != Status.REFUSED:
+                self._remember(Message(msg_id, self.me, self.peer, text, outcome.ts, reply_to))
             self.on_change()
+
+    # -- replies and search (issue 13) -----------------------------------------------------
+
+    def _show_message(self, message: Message) -> None:
+        """A message of the conversation, under a one-line quote of the message it replies to."""
+        if message.reply_to is not None:
+            self._show_quote(message.reply_to)
+        self.show(render.message_ansi(message, colour=self.colour))
+        self._remember(message)
+
+    def _show_quote(self, reply_to: int) -> None:
+        self.show(render.quote_ansi(self._recent.get(reply_to), reply_to, colour=self.colour))
+
+    def _remember(self, message: Message) -> None:
+        self._recent[message.id] = message
+        if len(self._recent) > QUOTE_MEMORY:
+            self._recent.popitem(last=False)
+
+    def reply_command(self, args: str) -> str | None:
+        """``/reply [ID] [TEXT]``: the text to send as a reply now, or None when the next line will be
+        the reply (or nothing can be replied to: said in a notice)."""
+        first, _, rest = args.strip().partition(" ")
+        target: int | None
+        if first.isascii() and first.isdigit():
+            target, text = int(first), rest.strip()
+        else:
+            target, text = (max(self._recent) if self._recent else None), args.strip()
+        if target is None:
+            self.notice("nothing to reply to yet: /reply ID names a message")
+            return None
+        if text:
+            self.reply_next = target
+            return text
+        self.reply_next = target
+        quoted = self._recent.get(target)
+        about = f"{quoted.sender}: {render.safe_text(quoted.text).splitlines()[0][:60]}" if quoted and quoted.text \
+            else f"message #{target}"
+        self.notice(f"replying to {about}; type the reply (/reply again to change it)")
+        return None
+
+    async def search_command(self, text: str) -> None:
+        """``/search TEXT``: this conversation's messages matching TEXT, newest first."""
+        session, text = self._session, text.strip()
+        if not text:
+            self.notice("/search TEXT: give the words to find")
+        elif session is None:
+            self.notice("not connected: search once the chat is connected again")
+        elif not session.offers(Feature.SEARCH):
+            self.notice("this server does not offer search (it keeps no messages, or it is older)")
+        else:
+            self._search_text = text
+            self._search_request = await session.request_search(text[:256], SEARCH_LINES, self.peer)
+
+    def _show_search(self, messages: tuple[Message, ...]) -> None:
+        self._search_request = None
+        self.notice(f"{len(messages)} message(s) with {self.peer} matching {self._search_text!r}, newest first")
+        for message in messages:
+            self.show(render.search_ansi(message, self._search_text, colour=self.colour))
 
 
 def chat(settings: ClientSettings, me: str, peer: str, env: Environment, *, input: Input | None = None,
@@ -251,6 +349,12 @@ async def _read_loop(prompt: PromptSession[str], client: ChatClient) -> bool:
         if line.strip() == "/help":
             for text in HELP:
                 client.notice(text)
+        elif line.startswith("/reply") and line[6:7] in ("", " "):
+            reply = client.reply_command(line[6:])
+            if reply:
+                await client.submit(reply)
+        elif line.startswith("/search") and line[7:8] in ("", " "):
+            await client.search_command(line[7:])
         elif line.startswith("/") and not line.startswith("//"):
             client.notice(f"unknown command {line.split()[0]!r}: /help lists them")
         elif line.strip():

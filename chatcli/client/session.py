@@ -153,6 +153,13 @@ class ClientSession:
                 return messages
             before = reply.messages[0].id
 
+    async def request_search(self, text: str, limit: int, peer: str | None = None, since: str | None = None,
+                             before: int | None = None) -> str:
+        """Ask for our messages matching ``text``; the ``Search`` answer (same id) comes through ``frames()``."""
+        request = SearchRequest(id=self.new_id(), text=text, limit=limit, peer=peer, since=since, before=before)
+        await self._write(request)
+        return request.id
+
     async def search(self, text: str, limit: int, peer: str | None = None, since: str | None = None,
                      rounds: int = 20) -> tuple[tuple[Message, ...], bool]:
         """Up to ``limit`` of our messages matching ``text``, newest first (feature ``search``), and
@@ -164,10 +171,8 @@ class ClientSession:
         messages: tuple[Message, ...] = ()
         before: int | None = None
         for _ in range(rounds):
-            request = SearchRequest(id=self.new_id(), text=text, limit=limit - len(messages), peer=peer,
-                                    since=since, before=before)
-            await self._write(request)
-            reply = await self._answer(_search_answer_to(request.id), "search answer")
+            request_id = await self.request_search(text, limit - len(messages), peer, since, before)
+            reply = await self._answer(_search_answer_to(request_id), "search answer")
             assert isinstance(reply, Search)
             messages += reply.messages
             if not reply.more or len(messages) >= limit:
