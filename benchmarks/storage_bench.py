@@ -6,7 +6,9 @@ For each fsync mode, with and without client ids, and batch sizes 1, 10, 100
 and 1000 (one ``append`` call = one transaction, as the relay does once per
 event-loop tick), prints microseconds per message and messages per second.
 Then the cost of the reads the relay makes: ``pending``, ``history``, ``first_id_since``
-(``Chatcli-Since``: a binary search over ids, O(log n)), ``prune``.
+(``Chatcli-Since``: a binary search over ids, O(log n)), ``search`` (FTS5), a batch holding a
+reply (checked row by row), ``prune``. ``PYTHONPATH=/path/to/other/tree`` measures another tree's
+store with this script (the search rows are left out where it has none).
 
 ``--dir`` must be on the disk the server will use: on tmpfs an fsync is free
 and the "full" figures mean nothing.
@@ -102,6 +104,19 @@ def bench_reads(workdir: Path, rows: int) -> None:
             "pending page after first_id_since(middle)": time_call(
                 lambda: store.messages_to("user3", since_ts=middle_ts, limit=500), repeat=20),
         }
+        if hasattr(store, "iter_search"):  # issue 13; absent from older trees, which this script also measures
+            from chatcli.server.engine.pages import SearchScan
+
+            def search(user: str, words: str) -> object:
+                return list(store.iter_search(user, words, SearchScan(), limit=20))
+
+            figures |= {
+                "search(user, a word in every message)": time_call(lambda: search("user3", "typical"), 50),
+                "search(user, a word in no message)": time_call(lambda: search("user3", "zebra"), 50),
+                "search(another user's word: the cap)": time_call(lambda: search("nobody", "typical"), 10),
+                "append 100 with 1 reply (checked path)": time_call(lambda: store.append(
+                    [*make_batch(99, False), NewMessage("user3", "user24", TEXT, time.time(), None, 1)]), 50),
+            }
         for name, micros in figures.items():
             print(f"  {name:<40}{micros:>10.0f} µs")
         start = time.perf_counter()
