@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
@@ -414,6 +415,7 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
     progress = _HookProgress(options, cursor)
     if options.hooks is not None:
         options.hooks.on_handled = progress.handled
+        _stop_on_sigterm()  # so that running hooks are killed, not left behind
     try:
         async with asyncio.timeout(options.duration):
             await _listen_forever(settings, me, options, cursor, start, take, notice, progress)
@@ -425,6 +427,10 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
                                 f"in {options.duration:g} s") from None
     except BrokenPipeError:
         return
+    except asyncio.CancelledError:
+        if _terminated:  # SIGTERM: an interruption, as Ctrl-C
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if options.hooks is not None:
             options.hooks.stop()
@@ -493,6 +499,23 @@ async def _take_batches(session: ClientSession, options: ListenOptions, cursor: 
             return True
     return False  # pragma: no cover - frame_batches ends by raising ConnectError
 
+
+
+_terminated: list[bool] = []
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM cancels listening (ending as an interruption) instead of ending the process where it stands."""
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - always called from a task
+        return
+
+    def stop() -> None:
+        _terminated.append(True)
+        task.cancel()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
 
 
 class _HookProgress:
