@@ -313,3 +313,18 @@ def test_chat_replies_with_quotes_and_searches_the_conversation(shared: RunningS
         assert "Traceback" not in chat.screen
     finally:
         chat.close()
+
+
+def test_sigterm_stops_listen_and_kills_the_running_hook(chatcli: Chatcli, shared: RunningServer,
+                                                         tmp_path: Path) -> None:
+    me = _user("busy")
+    pid_file = tmp_path / "hook.pid"
+    _send_all(shared, _user("boss"), me, ["take your time"])
+    worker = chatcli("listen", me, "--url", shared.ws_url, "--exec", f"echo $$ > {pid_file}; exec sleep 30")
+    wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), what="the hook running")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait() == 130
+    hook = int(pid_file.read_text())
+    wait_until(lambda: not Path(f"/proc/{hook}").exists() or "Z" in Path(f"/proc/{hook}/stat").read_text().split()[2],
+               what="the hook killed")
+    assert worker.out == []  # not handled: it runs again next time
