@@ -79,6 +79,24 @@ def bench_appends(workdir: Path, seconds: float) -> None:
             print(f"{fsync:<7}{ids:<12}{batch_size:>6}{micros:>10.2f}{1e6 / micros:>12,.0f}{slowest:>12.1f}")
 
 
+def bench_search_index(workdir: Path, seconds: float) -> None:
+    """The commit path with the search index kept up (every SEARCH_BATCH_ROWS) and without, alternated."""
+    import chatcli.server.storage as storage
+
+    if not hasattr(storage, "SEARCH_BATCH_ROWS"):  # an older tree: nothing to compare
+        return
+    print("\ncommit path, batches of 1000, fsync normal: search index kept up vs not (alternated)")
+    every = storage.SEARCH_BATCH_ROWS
+    for round_ in range(3):
+        for label, rows in (("indexed", every), ("not indexed", 10**12)):
+            storage.SEARCH_BATCH_ROWS = rows  # read by append at each call
+            with SQLiteStore(workdir / f"index-{round_}-{rows}.db") as store:
+                store.append(make_batch(1000, False))
+                micros, slowest = time_appends(store, 1000, False, seconds)
+            print(f"  {label:<12}{micros:>8.2f} µs/msg  slowest {slowest:.1f} ms", end="" if rows == every else "\n")
+    storage.SEARCH_BATCH_ROWS = every
+
+
 def bench_reads(workdir: Path, rows: int) -> None:
     with SQLiteStore(workdir / "reads.db") as store:
         for _ in range(rows // 1000):
@@ -133,6 +151,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="chatcli-bench-", dir=args.dir))
     try:
         bench_appends(workdir, args.seconds)
+        bench_search_index(workdir, args.seconds)
         bench_reads(workdir, args.rows)
     finally:
         shutil.rmtree(workdir)
