@@ -320,7 +320,9 @@ def test_sigterm_stops_listen_and_kills_the_running_hook(chatcli: Chatcli, share
     me = _user("busy")
     pid_file = tmp_path / "hook.pid"
     _send_all(shared, _user("boss"), me, ["take your time"])
-    worker = chatcli("listen", me, "--url", shared.ws_url, "--exec", f"echo $$ > {pid_file}; exec sleep 30")
+    # The hook as argv after --, no shell of ours in between (this one is the hook's own).
+    worker = chatcli("listen", me, "--url", shared.ws_url, "--", "/bin/sh", "-c",
+                     f"echo $$ > {pid_file}; exec sleep 30")
     wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), what="the hook running")
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.wait() == 130
