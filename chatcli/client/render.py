@@ -140,14 +140,14 @@ _WORD: Final = re.compile(r"\w+")
 
 def search_ansi(message: Message, query: str, *, colour: bool) -> str:
     """A search result: ``YYYY-MM-DD HH:MM from → to: text``, each word of ``query`` highlighted in the text
-    where it starts a word (as the server matched it; accents are matched but not highlighted)."""
+    (whole words, as the server matched them; a word matched with other accents is not highlighted)."""
     author = f"{safe_text(message.sender)} → {safe_text(message.to)}"
     clock = _clock(message.ts, "%Y-%m-%d %H:%M")
     line = _chat_line(clock, author, author_colour(message.sender), message.text)
     words = _WORD.findall(query)
     if words:
         start = len(clock) + len(author) + 3  # where the text begins in the line
-        pattern = re.compile(r"\b(?:" + "|".join(re.escape(word) for word in words) + r")", re.IGNORECASE)
+        pattern = re.compile(r"\b(?:" + "|".join(re.escape(word) for word in words) + r")\b", re.IGNORECASE)
         for match in pattern.finditer(line.plain, start):
             line.stylize("bold reverse", match.start(), match.end())
     return _to_ansi(line, colour)

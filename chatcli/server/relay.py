@@ -62,7 +62,7 @@ CLOSE_STORAGE_FAILED = CloseCode.INTERNAL_ERROR
 
 
 #: Searches one user may start at once, then per second (all sessions together), beside the request bucket:
-#: each may take the storage thread ~15 ms (storage.SEARCH_MAX_STEPS), which commits wait behind.
+#: each may take the storage thread 10-20 ms (storage.SEARCH_MAX_STEPS), which commits wait behind.
 SEARCH_BURST = 10
 SEARCH_RATE = 2.0
 

@@ -261,9 +261,9 @@ def test_search_sees_only_ones_own_conversations_newest_first_with_limits(
 
 
 def test_search_highlights_the_match_on_a_terminal() -> None:
-    message = p.Message(7, "bob", "alice", "Deploy done, deployment log attached", "2026-11-27T06:00:00.000Z")
+    message = p.Message(7, "bob", "alice", "Deploy done, deployment log: deploy", "2026-11-27T06:00:00.000Z")
     coloured = render.search_ansi(message, "deploy", colour=True)
-    assert coloured.count("\x1b[1;7m") == 2  # both words that start with the query, not "bob" or others
+    assert coloured.count("\x1b[1;7m") == 2  # the whole words, any case; not "deployment"
     plain = render.search_ansi(message, "deploy", colour=False)
     assert "\x1b" not in plain and "bob → alice: Deploy done" in plain
 

@@ -321,7 +321,8 @@ def test_search_finds_only_the_users_own_messages_newest_first(engine: Engine) -
     assert found(engine, "alice", "lunch", peer="bob") == ["lunch: yes, café", "Lunch at noon?"]
     assert found(engine, "alice", "lunch", peer="alice") == ["note: lunch"]
     assert found(engine, "alice", "cafe yes") == ["lunch: yes, café"]  # every word, any order, accents folded
-    assert found(engine, "alice", "lun noo") == ["Lunch at noon?"]  # words match as prefixes
+    assert found(engine, "alice", "noon lunch") == ["Lunch at noon?"]
+    assert found(engine, "alice", "lun") == []  # whole words, not prefixes
     assert found(engine, "alice", 'lunch" OR "secret') == []  # typed quotes and operators are plain words
     assert found(engine, "alice", "?!") == []
     assert found(engine, "alice", "lunch", limit=2) == ["note: lunch", "LUNCH tomorrow"]
