@@ -330,3 +330,20 @@ def test_sigterm_stops_listen_and_kills_the_running_hook(chatcli: Chatcli, share
     wait_until(lambda: not Path(f"/proc/{hook}").exists() or "Z" in Path(f"/proc/{hook}/stat").read_text().split()[2],
                what="the hook killed")
     assert worker.out == []  # not handled: it runs again next time
+
+
+def test_with_parallel_hooks_the_cursor_waits_for_the_lowest_unfinished_message(
+        chatcli: Chatcli, shared: RunningServer, tmp_path: Path) -> None:
+    me, slow, quick = _user("worker"), _user("slow"), _user("quick")
+    gate, cursor = tmp_path / "gate", tmp_path / "cursor"
+    (held,) = _send_all(shared, slow, me, ["wait for the gate"])
+    others = _send_all(shared, quick, me, ["q1", "q2", "q3"])
+    hook = f'case "$CHATCLI_TEXT" in wait*) while [ ! -e {gate} ]; do sleep 0.05; done;; esac'
+    worker = chatcli("listen", me, "--url", shared.ws_url, "--parallel", "2", "--cursor-file", str(cursor),
+                     "--count", "4", "--exec", hook)
+    wait_until(lambda: len(worker.out) == 3, what="the quick sender's hooks done")
+    assert [json.loads(line)["id"] for line in worker.out] == others  # past the held one, in their order
+    assert not cursor.exists() or int(cursor.read_text().split()[0]) < held  # never past an unfinished hook
+    gate.touch()
+    assert worker.wait() == 0
+    assert int(cursor.read_text().split()[0]) == others[-1]
