@@ -517,9 +517,10 @@ class Relay:
         elif len(queue) < HISTORY_QUEUE:
             queue.append(request)
         else:
+            details = {"id": request.id} if isinstance(request, p.SearchRequest) else {}  # searches share the queue
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE, (
                 f"too many history requests at once (at most {HISTORY_QUEUE} waiting): "
-                "read the answers, then ask again"))))
+                "read the answers, then ask again"), details)))
 
     def _search(self, session: Session, request: p.SearchRequest) -> None:
         """Answer a search like a history request: through the same queue, one answer at a time."""

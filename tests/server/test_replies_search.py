@@ -140,3 +140,27 @@ def test_searches_have_a_bucket_of_their_own(tmp_path: Path) -> None:
     assert isinstance(refused, p.Error) and refused.code == p.ErrorCode.RATE_LIMITED
     assert refused.details == {"id": f"s{SEARCH_BURST}"} and "too many searches" in refused.message
     assert isinstance(history, p.History)
+
+
+def test_searches_wait_in_the_history_queue_and_a_full_queue_names_the_search(tmp_path: Path) -> None:
+    from chatcli.server.relay import HISTORY_QUEUE
+    from tests.server.fakes import make_engine
+
+    class Stalled(RecordingSession):
+        """Never drains: the first answer stays unread, the others wait in the queue."""
+
+        def when_drained(self, callback: object) -> None:
+            return None
+
+    ticks = Ticks()
+    relay = relay_on(make_engine("sqlite", tmp_path), ticks)
+    alice = Stalled("alice")
+    relay.open_session(alice)
+    relay.on_native_text(alice, p.encode(p.HistoryRequest("h", "bob")))
+    for n in range(HISTORY_QUEUE + 1):
+        relay.on_native_text(alice, p.encode(p.SearchRequest(f"s{n}", "lunch")))
+    ticks.end()
+    history, refused = alice.frames()
+    assert isinstance(history, p.History)
+    assert isinstance(refused, p.Error) and refused.code == p.ErrorCode.UNAVAILABLE
+    assert refused.details == {"id": f"s{HISTORY_QUEUE}"}
