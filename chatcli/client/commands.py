@@ -345,6 +345,7 @@ async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: 
     asked: Ack | None = None
     epoch: str | None = None
     backoff = Backoff()
+    resendable = True  # until a server that stores nothing (and so cannot tell a resend) was sent the question
     try:
         async with asyncio.timeout(wait):
             while True:
@@ -356,13 +357,14 @@ async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: 
                         if not any_message and not session.offers(Feature.REPLIES):  # no answer could ever match
                             _require(session, Feature.REPLIES, settings.url, "replies (ask --any still works)")
                         if asked is None:
+                            resendable = session.offers(Feature.STORE)
                             asked = await session.send_and_wait(question)
                             if not asked.accepted:
                                 raise refusal(asked, peer)
                         return await _answer(session, peer, asked.msg_id or 0, any_message)
                 except ConnectError as exc:
-                    if isinstance(exc, CertificateError):
-                        raise
+                    if isinstance(exc, CertificateError) or (asked is None and not resendable):
+                        raise  # a resend could ask twice: the server would not recognise it
                     delay = backoff.next_delay()
                     notice(f"{exc}; reconnecting in {delay:.1f} s")
                     await asyncio.sleep(delay)

@@ -17,7 +17,14 @@ import pytest
 from chatcli import protocol as p
 from chatcli.client import render
 from tests.support.flutter_app import decode_legacy_message, encode_legacy_send
-from tests.support.processes import Chatcli, RunningServer, kill_leftovers, start_server_process, wait_until
+from tests.support.processes import (
+    Chatcli,
+    RunningServer,
+    StartServer,
+    kill_leftovers,
+    start_server_process,
+    wait_until,
+)
 from tests.support.wsclients import legacy, native, recv_frame, send_native
 
 
@@ -347,3 +354,18 @@ def test_with_parallel_hooks_the_cursor_waits_for_the_lowest_unfinished_message(
     gate.touch()
     assert worker.wait() == 0
     assert int(cursor.read_text().split()[0]) == others[-1]
+
+
+def test_ask_survives_a_server_restart_and_gets_the_answer_sent_meanwhile(
+        chatcli: Chatcli, start_server: StartServer) -> None:
+    first = start_server()
+    oracle, _ = native(first.ws_url, "oracle")
+    asking = chatcli("ask", "asker", "oracle", "still there?", "--url", first.ws_url)
+    question = _question_for(oracle)
+    first.stop()
+    asking.wait_stderr("reconnecting in")
+    second = start_server("--ws-port", str(first.ws_port))  # the same database
+    oracle, _ = native(second.ws_url, "oracle", headers={p.RECEIVE_HEADER: "none"})
+    _send_reply(oracle, "asker", "yes", question.id)  # asker may still be away: stored, then resumed after
+    assert asking.wait(timeout=30) == 0, asking.err
+    assert asking.out == ["yes"]
