@@ -455,6 +455,8 @@ async def _listen_forever(settings: ClientSettings, me: str, options: ListenOpti
                 if not cursor.resumable and not connected_before and start is not None:
                     notice("this server stores no messages (--ephemeral): nothing to replay or resume")
                 if store_changed_here:
+                    if options.hooks is not None:
+                        options.hooks.store_changed()
                     _restart_cursor(resume, cursor, options.cursor_file, notice)
                 connected_before = True
                 if await _take_batches(session, options, cursor, take, progress):

@@ -113,6 +113,14 @@ class HookRunner:
         self.dead = 0
         #: What stopped the hooks for good (a dead-letter file that cannot be written): raised to listen.
         self._fatal: ClientError | None = None
+        #: Bumped when the server's store changed: hooks of the old store's messages still finish, but their
+        #: ids are no position in the new store, so they no longer move the cursor.
+        self._store = 0
+
+    def store_changed(self) -> None:
+        """The server came back with another store: forget the old store's ids (see ``_store``)."""
+        self._store += 1
+        self._open.clear()
 
     def _check(self) -> None:
         if self._fatal is not None:
@@ -125,7 +133,7 @@ class HookRunner:
         self._check()
         previous = self._last_of_sender.get(message.sender)
         self._open[message.id] = False
-        task = asyncio.create_task(self._handle(message, previous))
+        task = asyncio.create_task(self._handle(message, previous, self._store))
         self._last_of_sender[message.sender] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -144,7 +152,7 @@ class HookRunner:
         for process in self._processes:
             _kill_group(process)
 
-    async def _handle(self, message: Message, previous: asyncio.Task[None] | None) -> None:
+    async def _handle(self, message: Message, previous: asyncio.Task[None] | None, store: int) -> None:
         try:
             if previous is not None:  # the same sender's earlier message first
                 await asyncio.wait({previous})
@@ -156,7 +164,8 @@ class HookRunner:
             self._slots.release()
             if self._last_of_sender.get(message.sender) is asyncio.current_task():
                 del self._last_of_sender[message.sender]
-        self._finished(message.id)
+        if store == self._store:
+            self._finished(message.id)
 
     def _finished(self, msg_id: int) -> None:
         """Mark ``msg_id`` handled; report the highest id with every message up to it handled."""
