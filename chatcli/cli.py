@@ -18,10 +18,10 @@ import typer
 from chatcli import __version__
 from chatcli.client.environment import Environment
 from chatcli.errors import ExitStatus
-from chatcli.launch import client_settings, exit_status_of, send_command
+from chatcli.launch import client_settings, completing, exit_status_of, send_command
 from chatcli.server.engine.options import Fsync
 
-__all__ = ["app", "main", "run"]
+__all__ = ["app", "app_for", "main", "run"]
 
 if TYPE_CHECKING:
     from chatcli.protocol import Message
@@ -323,15 +323,22 @@ def history(
     profile: ProfileOption = None,
 ) -> None:
     """Print the conversation between ME and PEER, oldest first (exit 5 on a server that stores nothing)."""
-    import asyncio
-
     from chatcli.client import render
-    from chatcli.client.commands import fetch_history
+    from chatcli.client.connecting import proxy_in_environment
 
     env = _environment(ctx)
     settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    messages = asyncio.run(fetch_history(settings, me, peer, limit))
+    if proxy_in_environment():  # websockets' client knows how to go through it
+        import asyncio
+
+        from chatcli.client.commands import fetch_history
+
+        messages = asyncio.run(fetch_history(settings, me, peer, limit))
+    else:
+        from chatcli.client import oneshot  # a blocking socket: no asyncio or websockets to start
+
+        messages = oneshot.fetch_history(settings, me, peer, limit)
     for message in messages:
         env.write_line(render.message_json(message) if json_output
                        else render.history_ansi(message, colour=env.colour))
@@ -635,7 +642,8 @@ def run(args: list[str] | None = None, env: Environment | None = None) -> int:
         # Typer >= 0.20 vendors click: its exceptions derive from typer.TyperException, and in
         # non-standalone mode Exit (also Ctrl-C, as 130) comes back as the return value.
         try:
-            status = app(args=args, standalone_mode=False, obj=process_env)
+            status = app_for(sys.argv[1:] if args is None else args)(args=args, standalone_mode=False,
+                                                                     obj=process_env)
         except typer.Abort:
             return ExitStatus.INTERRUPTED
         except typer.TyperException as exc:
@@ -648,6 +656,30 @@ def run(args: list[str] | None = None, env: Environment | None = None) -> int:
         return status if isinstance(status, int) else ExitStatus.SUCCESS
 
     return exit_status_of(call_app, process_env)
+
+
+def app_for(args: list[str]) -> typer.Typer:
+    """The app with only the command that ``args`` name (and the root options), or the whole app.
+
+    Typer builds the click parameters of every registered command at each call, ~20 ms, for the
+    one command that runs. The whole app still answers everything that needs it: no command or an
+    unknown one, options before the command (``--help``, ``--version``), and shell completion.
+    """
+    name = args[0] if args else ""
+    if not name or name.startswith("-") or completing():
+        return app
+    from copy import copy
+
+    from typer.main import get_command_name
+
+    commands = [info for info in app.registered_commands
+                if info.callback is not None and (info.name or get_command_name(info.callback.__name__)) == name]
+    groups = [info for info in app.registered_groups if info.name == name]
+    if not commands and not groups:
+        return app
+    only = copy(app)
+    only.registered_commands, only.registered_groups = commands, groups
+    return only
 
 
 def main() -> None:

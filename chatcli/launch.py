@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from chatcli.client.settings import ClientSettings
     from chatcli.protocol import Ack
 
-__all__ = ["PlainSend", "client_settings", "exit_status_of", "main", "parse_plain_send", "send_command"]
+__all__ = ["PlainSend", "client_settings", "completing", "exit_status_of", "main", "parse_plain_send",
+           "send_command"]
 
 
 class PlainSend:
@@ -62,7 +63,7 @@ def parse_plain_send(args: list[str]) -> PlainSend | None:
     return PlainSend(me, peer, text[0] if text else None, url, json_output)
 
 
-def _completing() -> bool:
+def completing() -> bool:
     """Shell completion asks through ``_CHATCLI_COMPLETE`` (click's ``_{PROG}_COMPLETE``): Typer answers."""
     return any(name.endswith("_COMPLETE") for name in os.environ)
 
@@ -86,15 +87,15 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
                  auth_key: str | None = None, auth_key_file: Path | None = None, token_file: Path | None = None,
                  cafile: Path | None = None, insecure: bool = False, timeout: float | None = None,
                  profile: str | None = None, reply_to: int | None = None) -> None:
-    """``chatcli send``, whichever parser read its arguments."""
-    import asyncio
+    """``chatcli send``, whichever parser read its arguments.
 
-    from chatcli.client.commands import send_messages
-    from chatcli.client.inputs import read_texts
-
+    One message goes over a blocking socket (``client.oneshot``: no asyncio, no websockets to
+    import); ``--lines`` streams over the asyncio session with a window of messages in flight, and
+    so does everything when a proxy is configured (websockets' client knows how to use it) and a
+    reply (``--reply-to``: sent once the hello says the server keeps replies).
+    """
     settings = client_settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file,
                                cafile=cafile, insecure=insecure)
-    texts = read_texts(text, lines=lines, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
 
     def on_ack(ack: Ack) -> None:
         if json_output:
@@ -102,6 +103,20 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
 
             env.write_line(ack_json(ack, peer))
 
+    from chatcli.client.connecting import proxy_in_environment
+
+    if not lines and reply_to is None and not proxy_in_environment():  # a reply checks the server's features
+        from chatcli.client.inputs import read_text
+        from chatcli.client.oneshot import send_one
+
+        send_one(settings, me, peer, read_text(text, stdin=env.stdin, stdin_isatty=env.stdin_isatty), on_ack)
+        return
+    import asyncio
+
+    from chatcli.client.commands import send_messages
+    from chatcli.client.inputs import read_texts
+
+    texts = read_texts(text, lines=lines, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
     asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines, reply_to=reply_to))
 
 
@@ -121,7 +136,7 @@ def exit_status_of(call: Callable[[], int], env: Environment) -> int:
 
 def main() -> None:
     """Console entry point: run the command on argv and exit with its status."""
-    plain = None if _completing() else parse_plain_send(sys.argv[1:])
+    plain = None if completing() else parse_plain_send(sys.argv[1:])
     if plain is None:
         from chatcli.cli import run
 

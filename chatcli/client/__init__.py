@@ -3,6 +3,9 @@
 * ``settings``  — client settings and profiles: flag > environment > profile > default
 * ``session``   — one chatcli.v1 session: connect, handshake, requests, error translation
                   (the only client module that imports websockets)
+* ``wire``, ``oneshot`` — a one-message ``send`` and ``history`` on a blocking socket: RFC 6455 client
+                  framing in the standard library, no asyncio or websockets to import
+* ``connecting`` — what both transports share: user URLs, TLS settings, client ids, failure wording
 * ``reconnect`` — backoff, resume points and message cursors (with the store's epoch), the cursor file
 * ``inputs``    — what commands read from arguments and stdin (``--since``, the texts to send)
 * ``commands``  — the transport halves of ``send``, ``listen``, ``history`` and ``who``

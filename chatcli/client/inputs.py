@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from chatcli.client.commands import TextBatches
+if TYPE_CHECKING:
+    from chatcli.client.commands import TextBatches
 from chatcli.client.reconnect import ResumePoint
 from chatcli.errors import LocalProtocolError, UsageError
 from chatcli.protocol import format_ts, parse_ts
 from chatcli.units import parse_duration
 
-__all__ = ["parse_search_since", "parse_since", "read_texts"]
+__all__ = ["parse_search_since", "parse_since", "read_text", "read_texts"]
 
 
 def parse_since(value: str, now: float | None = None) -> ResumePoint:
@@ -55,16 +55,26 @@ def parse_search_since(value: str, now: float | None = None) -> str:
 def read_texts(text: str | None, *, lines: bool, stdin: TextIO, stdin_isatty: bool) -> TextBatches:
     """The messages ``send`` should send, numbered by input line: the argument, all of stdin, or one per
     stdin line (as they come)."""
-    if text is not None and text != "-":
-        if lines:
-            raise UsageError("--lines reads stdin: give no TEXT (or '-')")
-        return [[(1, _non_empty(text))]]
-    if stdin_isatty:
-        raise UsageError("no TEXT given and stdin is a terminal: pass TEXT, or pipe the message in")
     if lines:
+        if text is not None and text != "-":
+            raise UsageError("--lines reads stdin: give no TEXT (or '-')")
+        if stdin_isatty:
+            raise UsageError(_NO_TEXT)
         return _stdin_lines(stdin)
+    return [[(1, read_text(text, stdin=stdin, stdin_isatty=stdin_isatty))]]
+
+
+_NO_TEXT = "no TEXT given and stdin is a terminal: pass TEXT, or pipe the message in"
+
+
+def read_text(text: str | None, *, stdin: TextIO, stdin_isatty: bool) -> str:
+    """The one message of a ``send`` without ``--lines``: the argument, else all of stdin."""
+    if text is not None and text != "-":
+        return _non_empty(text)
+    if stdin_isatty:
+        raise UsageError(_NO_TEXT)
     whole = stdin.read()
-    return [[(1, _non_empty(whole[:-1] if whole.endswith("\n") else whole))]]
+    return _non_empty(whole[:-1] if whole.endswith("\n") else whole)
 
 
 def _non_empty(text: str) -> str:
@@ -116,6 +126,8 @@ def _has_fd(stream: TextIO) -> bool:
 
 async def _fd_chunks(stdin: TextIO) -> AsyncIterator[bytes]:
     """Raw reads of stdin's descriptor until end of file (then one empty chunk)."""
+    import asyncio  # here: a one-message send runs without asyncio
+
     loop, fd = asyncio.get_running_loop(), stdin.fileno()
     while chunk := await loop.run_in_executor(None, os.read, fd, READ_BYTES):
         yield chunk

@@ -54,9 +54,22 @@ def safe_text(text: str) -> str:
 
 def message_json(message: Message) -> str:
     """The stable ``listen`` line: ``{"id", "from", "to", "text", "ts", "reply_to"}`` (``reply_to``: null
-    unless a reply); JSON escapes every control."""
-    return json.dumps({"id": message.id, "from": message.sender, "to": message.to, "text": message.text,
-                       "ts": message.ts, "reply_to": message.reply_to}, ensure_ascii=False)
+    unless a reply); JSON escapes every control.
+
+    ``json.dumps`` of that dict, character for character, from a template: ``listen`` writes one
+    per message, and the dict and the encoder were a sixth of its CPU. A ``Message`` holds valid
+    user ids (``[A-Za-z0-9._@-]``, nothing to escape) and int ids.
+    """
+    reply_to = "null" if message.reply_to is None else message.reply_to
+    return (f'{{"id": {message.id}, "from": "{message.sender}", "to": "{message.to}", '
+            f'"text": {_json_string(message.text)}, "ts": {_json_string(message.ts)}, "reply_to": {reply_to}}}')
+
+
+def _json_string(text: str) -> str:
+    """``json.dumps(text, ensure_ascii=False)``: as it is when nothing in it needs escaping."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return json.dumps(text, ensure_ascii=False)
 
 
 def ack_json(ack: Ack, to: str) -> str:

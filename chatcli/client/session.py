@@ -14,15 +14,9 @@ websockets exception:
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
-import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Final
-from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
@@ -35,11 +29,21 @@ from websockets.exceptions import (
 )
 
 from chatcli import __version__
+from chatcli.client.connecting import (
+    close_detail,
+    describe,
+    lost_connection,
+    new_client_id,
+    refusal,
+    refusal_text,
+    refused_handshake,
+    tls_context,
+    tls_failure,
+    user_url,
+)
 from chatcli.client.reconnect import ResumePoint
 from chatcli.client.settings import ClientSettings
 from chatcli.errors import (
-    AuthError,
-    CertificateError,
     ConnectError,
     RefusedError,
     RemoteProtocolError,
@@ -57,7 +61,6 @@ from chatcli.protocol import (
     History,
     HistoryRequest,
     Message,
-    Reason,
     Received,
     Search,
     SearchRequest,
@@ -67,7 +70,6 @@ from chatcli.protocol import (
     Who,
     WhoRequest,
     check_text,
-    check_user_id,
     encode,
     parse_server_frame,
 )
@@ -75,18 +77,8 @@ from chatcli.protocol import (
 __all__ = ["ClientSession", "open_session", "refusal", "tls_context", "user_url"]
 
 
-def user_url(server_url: str, user: str) -> str:
-    """``ws://host:port/<user>``, with the id percent-encoded."""
-    return server_url.rstrip("/") + "/" + quote(check_user_id(user), safe="")
-
-
 class ClientSession:
     """An open chatcli.v1 session, after the server's hello."""
-
-    _ids: Final = itertools.count(1)
-    #: Servers that store messages treat a repeated (sender, id) as a retry of the same message,
-    #: so ids must differ between runs: a random tag per process, then a counter.
-    _tag: Final = os.urandom(6).hex()
 
     def __init__(self, ws: ClientConnection, hello: Hello, timeout: float) -> None:
         self._ws = ws
@@ -96,7 +88,7 @@ class ClientSession:
     @staticmethod
     def new_id() -> str:
         """A client id for a ``send``: unique per run, and kept when a message is resent after a reconnect."""
-        return f"{ClientSession._tag}-{next(ClientSession._ids)}"
+        return new_client_id()
 
     def offers(self, feature: str) -> bool:
         """Whether the server announced ``feature`` (a ``protocol.Feature``) in its hello."""
@@ -112,7 +104,7 @@ class ClientSession:
         """Send without waiting for the ack (it arrives through ``frames()``)."""
         reason = check_text(frame.text, self.hello.max_text_bytes)
         if reason is not None:
-            raise RefusedError(_refusal_text(frame.to, reason, self.hello.max_text_bytes), reason)
+            raise RefusedError(refusal_text(frame.to, reason, self.hello.max_text_bytes), reason)
         await self._write(frame)
 
     async def send(self, to: str, text: str) -> Ack:
@@ -237,7 +229,7 @@ class ClientSession:
             pass
         except ConnectionClosed as exc:
             raise _lost(exc) from None
-        detail = _close_detail(ws.close_code, ws.close_reason)
+        detail = close_detail(ws.close_code, ws.close_reason)
         raise ConnectError(f"the server closed the session{detail}")
 
 
@@ -286,18 +278,15 @@ async def _handshake(url: str, settings: ClientSettings, headers: dict[str, str]
             ssl=tls,
         )
     except InvalidStatus as exc:
-        raise _refused_handshake(settings, exc.response.status_code, exc.response.body) from None
+        raise refused_handshake(settings, exc.response.status_code, exc.response.body) from None
     except InvalidURI as exc:
         raise UsageError(f"invalid server URL {settings.url!r}: {exc}") from None
     except TimeoutError:
         raise ConnectError(f"cannot connect to {settings.url}: no answer in {settings.timeout:g} s") from None
-    except ssl.SSLCertVerificationError as exc:  # before OSError, its base class
-        raise CertificateError(_untrusted(settings.url, exc)) from None
-    except ssl.SSLError as exc:
-        raise ConnectError(f"cannot connect to {settings.url}: TLS handshake failed ({exc.reason or exc}); "
-                           "is the server serving TLS? (a server started without --certfile needs ws://)") from None
+    except ssl.SSLError as exc:  # before OSError, its base class
+        raise tls_failure(settings.url, exc) from None
     except (OSError, WebSocketException) as exc:
-        raise ConnectError(f"cannot connect to {settings.url}: {_describe(exc)}{_tls_hint(settings, exc)}") from None
+        raise ConnectError(f"cannot connect to {settings.url}: {describe(exc)}{_tls_hint(settings, exc)}") from None
 
 
 def _tls_hint(settings: ClientSettings, exc: BaseException) -> str:
@@ -309,30 +298,6 @@ def _tls_hint(settings: ClientSettings, exc: BaseException) -> str:
     if not settings.uses_tls and isinstance(exc, InvalidMessage):
         return " (if the server uses TLS, connect to wss://)"
     return ""
-
-
-@functools.cache
-def tls_context(cafile: Path | None, insecure: bool) -> ssl.SSLContext:
-    """The TLS settings of wss:// sessions: the system's CAs (``SSL_CERT_FILE`` honoured), ``cafile``'s,
-    or no verification at all when ``insecure``."""
-    if insecure:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    try:
-        return ssl.create_default_context(cafile=str(cafile) if cafile is not None else None)
-    except FileNotFoundError:
-        raise UsageError(f"cannot read the CA file {str(cafile)!r}: no such file") from None
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot use the CA file {str(cafile)!r}: {_describe(exc)} "
-                         "(expected PEM certificates)") from None
-
-
-def _untrusted(url: str, exc: ssl.SSLCertVerificationError) -> str:
-    cause = exc.verify_message or exc.reason or str(exc)
-    return (f"cannot connect to {url}: the server's TLS certificate is not trusted ({cause}); "
-            "if the server uses its own CA, pass --cafile CA.pem (or set SSL_CERT_FILE)")
 
 
 async def _read_hello(ws: ClientConnection, settings: ClientSettings) -> Hello:
@@ -354,57 +319,9 @@ async def _read_hello(ws: ClientConnection, settings: ClientSettings) -> Hello:
         raise ConnectError(f"{settings.url} broke the protocol: {exc}") from None
 
 
-def _refused_handshake(settings: ClientSettings, status: int, body: bytes | bytearray | None) -> Exception:
-    url = settings.url
-    detail = bytes(body or b"").decode("utf-8", "replace").strip()[:200]
-    if status in (401, 403):
-        if settings.token is not None:
-            hint = "check the token (--token-file, CHATCLI_TOKEN, or the profile's token / token_file)"
-        else:
-            hint = ("a server with accounts needs your token (--token-file or CHATCLI_TOKEN; "
-                    "`chatcli user add` on the server makes one); otherwise check --auth-key, "
-                    "--auth-key-file or CHATCLI_AUTH_KEY")
-        return AuthError(f"authentication refused by {url} (HTTP {status}"
-                         f"{': ' + detail if detail else ''}): {hint}")
-    if status == 400:
-        return UsageError(f"the server refused the user id (HTTP 400){': ' + detail if detail else ''}")
-    return ConnectError(f"cannot connect to {url}: HTTP {status}{': ' + detail if detail else ''}")
 
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the server running?)"
-    if isinstance(exc, ConnectionResetError):
-        return "the server reset the connection"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
-
-
-def _close_detail(code: int | None, reason: str | None) -> str:
-    if code is None:
-        return ""
-    return f" (close code {code}{': ' + reason if reason else ''})"
 
 
 def _lost(exc: ConnectionClosed) -> ConnectError:
     frame = exc.rcvd or exc.sent
-    detail = _close_detail(frame.code, frame.reason) if frame is not None else ""
-    return ConnectError(f"lost the connection to the server{detail}")
-
-
-def _refusal_text(to: str, reason: str, max_bytes: int | None = None) -> str:
-    if reason == Reason.TOO_LARGE and max_bytes is not None:
-        return f"message to {to} refused: too-large (the server accepts at most {max_bytes} bytes)"
-    if reason == Reason.OFFLINE:
-        return f"message to {to} refused: offline ({to} is not connected and this server stores nothing)"
-    if reason == Reason.BAD_REPLY:
-        return (f"message to {to} refused: bad-reply (the message replied to is not in your conversation "
-                f"with {to}, or is no longer stored)")
-    return f"message to {to} refused: {reason}"
-
-
-def refusal(ack: Ack, to: str) -> RefusedError:
-    """The error for a refused ack, with its reason."""
-    reason = ack.reason or "refused"
-    return RefusedError(_refusal_text(to, reason), reason)
+    return lost_connection(frame.code, frame.reason) if frame is not None else lost_connection()

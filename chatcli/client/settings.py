@@ -100,6 +100,8 @@ def resolve_settings(
         insecure=insecure,
     )
     check_url(settings.url)
+    if not settings.credential.isprintable():  # it goes into an HTTP header verbatim: no line breaks inside
+        raise UsageError("the token or auth key holds a line break or another control character")
     if (cafile is not None or insecure) and not settings.uses_tls:
         raise UsageError(f"--cafile and --insecure are for wss:// URLs; {settings.url} is not encrypted")
     return settings

@@ -129,3 +129,10 @@ def test_bad_token_files_are_usage_errors(tmp_home: Path, content: str, message:
     token_file.write_text(content)
     with pytest.raises(UsageError, match=message):
         resolve_settings(token_file=token_file)
+
+
+def test_a_key_that_cannot_be_a_header_is_a_usage_error_not_a_smuggled_header(chatcli: Chatcli) -> None:
+    for args, env in ((["--auth-key", "a\r\nX-Injected: 1"], {}), ([], {"CHATCLI_TOKEN": "t\x01ken"})):
+        run = chatcli("send", "alice", "bob", "hi", "--url", "ws://127.0.0.1:9", *args, env=env)
+        assert run.wait() == 2
+        assert run.err == ["chatcli: the token or auth key holds a line break or another control character"]

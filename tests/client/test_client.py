@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from chatcli.client import render
 from chatcli.client.commands import TextBatches, fetch_history, send_messages
 from chatcli.client.inputs import parse_since, read_texts
 from chatcli.client.reconnect import Backoff, MessageCursor, ResumePoint
@@ -17,6 +19,7 @@ from chatcli.client.settings import ClientSettings
 from chatcli.errors import ConnectError, LocalProtocolError, RefusedError, UsageError
 from chatcli.protocol import Ack, Feature, Hello, Message
 from tests.support.processes import RunningServer
+from tests.support.samples import NASTY_TEXTS
 
 
 def test_backoff_grows_exponentially_with_jitter_up_to_the_cap() -> None:
@@ -159,3 +162,12 @@ def test_since_values() -> None:
     for bad in ("", "x", "-1", "1y", "1.5"):
         with pytest.raises(UsageError, match="invalid --since"):
             parse_since(bad)
+
+
+@pytest.mark.parametrize("text", [*NASTY_TEXTS, "\x7f", "\u2028", "tab\there", "é" * 3, "x" * 5000])
+def test_a_listen_line_is_what_json_dumps_writes(text: str) -> None:
+    for reply_to in (None, 3):
+        message = Message(7, "al.ice@example", "bob-1", text, "2026-01-01T00:00:00.000Z", reply_to)
+        assert render.message_json(message) == json.dumps(
+            {"id": 7, "from": "al.ice@example", "to": "bob-1", "text": text, "ts": "2026-01-01T00:00:00.000Z",
+             "reply_to": reply_to}, ensure_ascii=False)

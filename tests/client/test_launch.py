@@ -1,9 +1,12 @@
-"""Which ``chatcli`` command lines the Typer-free fast path takes (``chatcli.launch``); the rest go to Typer."""
+"""Which ``chatcli`` command lines the Typer-free fast path takes (``chatcli.launch``); the rest go to Typer,
+which builds only the command that runs (``cli.app_for``)."""
 
 from __future__ import annotations
 
 import pytest
+from typer.main import get_command_name
 
+from chatcli.cli import app, app_for
 from chatcli.launch import parse_plain_send
 
 
@@ -29,3 +32,24 @@ def test_plain_sends_skip_typer(args: list[str], expected: tuple[object, ...]) -
 ])
 def test_everything_else_goes_to_typer(args: list[str]) -> None:
     assert parse_plain_send(args) is None
+
+
+@pytest.mark.parametrize(("args", "commands"), [
+    (["listen", "bob"], ["listen"]), (["history", "--help"], ["history"]), (["user", "add", "x"], ["user"]),
+    (["send", "a", "b", "--lines"], ["send"]),
+])
+def test_typer_builds_only_the_command_that_runs(args: list[str], commands: list[str]) -> None:
+    only = app_for(args)
+    names = [c.name or get_command_name(c.callback.__name__) for c in only.registered_commands if c.callback]
+    assert names + [g.name for g in only.registered_groups] == commands
+    assert only.registered_callback is app.registered_callback  # the root's --version and completion stay
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["--version"], ["nosuch"], ["-x", "listen"]])
+def test_the_whole_app_answers_the_rest(args: list[str]) -> None:
+    assert app_for(args) is app
+
+
+def test_the_whole_app_answers_shell_completion(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("_CHATCLI_COMPLETE", "bash_complete")
+    assert app_for(["listen"]) is app

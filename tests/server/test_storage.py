@@ -16,6 +16,7 @@ from chatcli.errors import StorageError
 from chatcli.server.storage import (
     CONTACTS_COMPONENT,
     INBOX_BATCH_ROWS,
+    INSERT_ROWS_MAX,
     MESSAGE_MIGRATIONS,
     MESSAGES_COMPONENT,
     Appended,
@@ -64,6 +65,29 @@ def test_append_returns_increasing_ids_and_the_stored_fields(store: SQLiteStore)
         StoredMessage(ids[1], "bob", "alice", "two", 2.5, "c-1"),
         StoredMessage(ids[2], "alice", "bob", "three", 1000.0, None),
     ]
+
+
+@pytest.mark.parametrize("size", [1, 7, INSERT_ROWS_MAX - 1, INSERT_ROWS_MAX, INSERT_ROWS_MAX + 1,
+                                  3 * INSERT_ROWS_MAX + 77])
+def test_a_batch_of_any_size_is_stored_in_order_with_consecutive_ids(store: SQLiteStore, size: int) -> None:
+    store.append([msg("alice", "bob", "before")])
+    batch = [msg(f"u{i % 3}", "bob", f"m{i}", 1000.0 + i, None if i % 2 else f"c{i}") for i in range(size)]
+
+    ids = list(store.append(batch).ids)
+
+    assert ids == list(range(2, size + 2))
+    assert store.messages_to("bob", after_id=1, limit=size) == [StoredMessage(i, *row) for i, row in zip(ids, batch,
+                                                                                                          strict=True)]
+
+
+def test_a_retry_far_into_a_large_batch_is_still_found(store: SQLiteStore) -> None:
+    batch = [msg("alice", "bob", f"m{i}", client_id=f"k{i}") for i in range(2 * INSERT_ROWS_MAX)]
+    batch.append(msg("alice", "bob", "again", client_id="k3"))  # a retry of row 3, in another statement
+
+    appended = store.append(batch)
+
+    assert appended.duplicates == {len(batch) - 1} and appended.ids[-1] == appended.ids[3]
+    assert len(store.messages_to("bob", limit=1000)) == 2 * INSERT_ROWS_MAX
 
 
 def test_empty_batch_stores_nothing(store: SQLiteStore) -> None:

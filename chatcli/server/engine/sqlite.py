@@ -66,7 +66,7 @@ class SQLiteEngine:
     def open(cls, path: str | os.PathLike[str], fsync: Fsync, runner: StorageRunner) -> SQLiteEngine:
         """Open (creating if missing) the file's messages and accounts; raises StorageError or OSError."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        store = SQLiteStore(path, fsync)
+        store = SQLiteStore(path, fsync, background_checkpoints=True)  # no commit pays a WAL checkpoint
         try:
             return cls(store, AccountStore(path), runner)
         except BaseException:
