@@ -171,6 +171,9 @@ TimeoutOption = Annotated[float | None, typer.Option(
     show_default=False)]
 MeArgument = Annotated[str, typer.Argument(metavar="ME", help="Your user id.", show_default=False)]
 PeerArgument = Annotated[str, typer.Argument(metavar="PEER", help="The other user's id.", show_default=False)]
+MarkReadOption = Annotated[bool, typer.Option(
+    "--mark-read", help="Mark what is printed as read (moves your read position; the chat's unread counts "
+    "and `chatcli inbox` follow). Without it nothing is marked read.")]
 
 
 def _environment(ctx: typer.Context) -> Environment:
@@ -237,6 +240,7 @@ def listen(
         "--cursor-file", metavar="PATH", help="Resume after the last message id saved in PATH, and save "
         "each printed message's id there, so repeated runs miss and repeat nothing.",
         show_default=False, dir_okay=False)] = None,
+    mark_read: MarkReadOption = False,
     exec_command: Annotated[str | None, typer.Option(
         "--exec", metavar="CMD", help="Run CMD (by /bin/sh) for each message: the JSON line on stdin, "
         "CHATCLI_ID/FROM/TO/TEXT/TS in the environment. The cursor moves past a message only once CMD "
@@ -296,7 +300,8 @@ def listen(
     options = ListenOptions(
         count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
         start=parse_since(since) if since is not None else None,
-        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None, flush=env.flush, hooks=hooks)
+        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None, flush=env.flush,
+        mark_read=mark_read, receipts=settings.receipts, hooks=hooks)
     asyncio.run(listen(settings, me, options, on_message, env.notice))
 
 
@@ -313,6 +318,7 @@ def history(
         "--limit", min=1, max=1000, help="How many of the latest messages to show.")] = 50,
     json_output: Annotated[bool, typer.Option(
         "--json", help="One JSON line per message, the schema of listen.")] = False,
+    mark_read: MarkReadOption = False,
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
     auth_key_file: AuthKeyFileOption = None,
@@ -329,12 +335,14 @@ def history(
     env = _environment(ctx)
     settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    if proxy_in_environment():  # websockets' client knows how to go through it
+    # Through a proxy, websockets' client knows the way; --mark-read sends a read frame, which the one-shot
+    # path does not speak.
+    if proxy_in_environment() or mark_read:
         import asyncio
 
         from chatcli.client.commands import fetch_history
 
-        messages = asyncio.run(fetch_history(settings, me, peer, limit))
+        messages = asyncio.run(fetch_history(settings, me, peer, limit, mark_read=mark_read, notice=env.notice))
     else:
         from chatcli.client import oneshot  # a blocking socket: no asyncio or websockets to start
 
@@ -374,6 +382,12 @@ def who(
     else:
         for user in users:
             env.write_line(user)
+
+
+class Notify(StrEnum):
+    bell = "bell"
+    desktop = "desktop"
+    off = "off"
 
 
 @app.command()
@@ -487,7 +501,17 @@ def search(
 def chat(
     ctx: typer.Context,
     me: MeArgument,
-    peer: PeerArgument,
+    peer: Annotated[str | None, typer.Argument(
+        metavar="[PEER]", help="Who to talk to; without it the chat opens on the inbox.", show_default=False)] = None,
+    notify: Annotated[Notify | None, typer.Option(
+        "--notify", case_sensitive=False, help="How a message for another conversation is announced: the "
+        "terminal bell, a desktop notification (notify-send; the bell where there is none), or not at all "
+        "[default: the profile's notify, else bell].", show_default=False)] = None,
+    no_receipts: Annotated[bool, typer.Option(
+        "--no-receipts", help="Do not tell senders when you have read their messages (profile: receipts = "
+        "false).")] = False,
+    no_typing: Annotated[bool, typer.Option(
+        "--no-typing", help="Do not tell the peer when you are typing (profile: typing = false).")] = False,
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
     auth_key_file: AuthKeyFileOption = None,
@@ -497,15 +521,64 @@ def chat(
     timeout: TimeoutOption = None,
     profile: ProfileOption = None,
 ) -> None:
-    """Chat with PEER in an interactive prompt (Enter sends, Alt+Enter adds a newline, Ctrl-D leaves).
+    """Chat in an interactive prompt (Enter sends, Alt+Enter adds a newline, Ctrl-X Ctrl-E opens $EDITOR,
+    Ctrl-D leaves); /help lists the commands (/open PEER, /next, /inbox).
 
-    Opens with the last messages of the conversation, on a server that keeps them.
+    Opens with the last messages of the conversation with PEER, or on the inbox without PEER.
     """
+    import dataclasses
+
     from chatcli.client import repl
 
     env = _environment(ctx)
-    repl.chat(_settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
-                        insecure=insecure), me, peer, env)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+                         insecure=insecure)
+    settings = dataclasses.replace(settings, receipts=settings.receipts and not no_receipts,
+                                   typing=settings.typing and not no_typing,
+                                   notify=notify.value if notify is not None else settings.notify)
+    repl.chat(settings, me, peer, env)
+
+
+@app.command()
+def inbox(
+    ctx: typer.Context,
+    me: MeArgument,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help='One JSON object per conversation: {"peer", "unread", "read", "last_id", "last_from", '
+        '"last_ts", "preview"}.')] = False,
+    count: Annotated[bool, typer.Option(
+        "--count", help="Print only the total of unread messages (for a shell prompt or a status bar).")] = False,
+    limit: Annotated[int, typer.Option(
+        "--limit", min=1, max=200, help="Conversations to list, the most recent first.")] = 50,
+    url: UrlOption = None,
+    auth_key: AuthKeyOption = None,
+    auth_key_file: AuthKeyFileOption = None,
+    token_file: TokenFileOption = None,
+    cafile: CafileOption = None,
+    insecure: InsecureOption = False,
+    timeout: TimeoutOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """List ME's conversations, the most recent first: peer, unread count, last message time and a preview.
+
+    Exit 5 on a server that keeps no read positions (--ephemeral, or an older server).
+    """
+    import asyncio
+
+    from chatcli.client import render
+    from chatcli.client.commands import fetch_inbox
+
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+                         insecure=insecure)
+    answer = asyncio.run(fetch_inbox(settings, me, 200 if count else limit))
+    if count:
+        total = sum(conversation.unread for conversation in answer.conversations)
+        env.write_line(render.unread_json(total) if json_output else str(total))
+        return
+    for conversation in answer.conversations:
+        env.write_line(render.conversation_json(conversation) if json_output
+                       else render.inbox_line(conversation, colour=env.colour))
 
 
 class BenchProtocol(StrEnum):

@@ -28,13 +28,13 @@ from chatcli.client.reconnect import Backoff, CursorFile, MessageCursor, ResumeP
 from chatcli.client.session import ClientSession, open_session, refusal
 from chatcli.client.settings import ClientSettings
 from chatcli.errors import CertificateError, ConnectError, RefusedError, TimedOutError
-from chatcli.protocol import Ack, ErrorCode, Feature, Message, Send, check_user_id
+from chatcli.protocol import INBOX_MAX_LIMIT, Ack, ErrorCode, Feature, Inbox, Message, Send, check_user_id
 
 if TYPE_CHECKING:
     from chatcli.client.hooks import HookRunner
 
-__all__ = ["DEFAULT_WINDOW", "ListenOptions", "Notice", "TextBatches", "ask", "fetch_history", "fetch_online",
-           "listen", "search_messages", "send_messages"]
+__all__ = ["DEFAULT_WINDOW", "NO_READS", "ListenOptions", "Notice", "TextBatches", "ask", "fetch_history",
+           "fetch_inbox", "fetch_online", "listen", "search_messages", "send_messages"]
 
 T = TypeVar("T")
 #: What ``send`` sends: batches of (input line number, text), in order, as they become available.
@@ -285,14 +285,37 @@ def _refused_lines(refused: list[_Outgoing], peer: str, *, by_line: bool) -> Ref
                         first.reason or "refused")
 
 
-async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int) -> tuple[Message, ...]:
-    """``chatcli history``: the last ``limit`` messages between ``me`` and ``peer``, oldest first."""
+#: Why a server cannot say what is unread (``Feature.READS`` missing).
+NO_READS = "keeps no read positions (serve --ephemeral, or a server older than read positions)"
+
+
+async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int, *, mark_read: bool = False,
+                        notice: Notice | None = None) -> tuple[Message, ...]:
+    """``chatcli history``: the last ``limit`` messages between ``me`` and ``peer``, oldest first.
+
+    Reading history marks nothing read, unless ``mark_read``: then ME's read position with PEER moves to
+    the newest message shown (with a receipt to PEER unless the settings opt out of receipts).
+    """
     check_user_id(peer)
     async with open_session(settings, me, ResumePoint.live_only()) as session:
         if not session.offers(Feature.HISTORY):
             raise RefusedError(f"{settings.url} keeps no history: it stores no messages (serve --ephemeral)",
                                ErrorCode.UNAVAILABLE)
-        return await session.history(peer, limit)
+        messages = await session.history(peer, limit)
+        if mark_read and messages:
+            if session.offers(Feature.READS):
+                await session.mark_read(peer, messages[-1].id, receipt=settings.receipts)
+            elif notice is not None:
+                notice(f"nothing marked read: {settings.url} {NO_READS}")
+        return messages
+
+
+async def fetch_inbox(settings: ClientSettings, me: str, limit: int = 50) -> Inbox:
+    """``chatcli inbox``: ME's conversations, the most recent first, with unread counts."""
+    async with open_session(settings, me, ResumePoint.live_only()) as session:
+        if not session.offers(Feature.READS):
+            raise RefusedError(f"{settings.url} {NO_READS}: no inbox", ErrorCode.UNAVAILABLE)
+        return await session.inbox(min(limit, INBOX_MAX_LIMIT))
 
 
 async def fetch_online(settings: ClientSettings, me: str) -> tuple[str, ...]:
@@ -394,6 +417,10 @@ class ListenOptions:
     cursor_file: CursorFile | None = None
     #: Makes what ``on_message`` wrote visible (stdout's flush): called once per batch of messages.
     flush: Callable[[], None] = lambda: None
+    #: Move ME's read position with each sender past what was printed (``--mark-read``), sending receipts
+    #: unless ``receipts`` is false.
+    mark_read: bool = False
+    receipts: bool = True
     #: ``listen --exec``: messages go to these hooks, and the cursor moves only past handled ones.
     hooks: HookRunner | None = None
 
@@ -454,6 +481,8 @@ async def _listen_forever(settings: ClientSettings, me: str, options: ListenOpti
                 notice(f"{'reconnected' if connected_before else 'listening'} as {me} on {settings.url}")
                 if not cursor.resumable and not connected_before and start is not None:
                     notice("this server stores no messages (--ephemeral): nothing to replay or resume")
+                if options.mark_read and not connected_before and not session.offers(Feature.READS):
+                    notice(f"--mark-read: {settings.url} {NO_READS}; nothing is marked read")
                 if store_changed_here:
                     if options.hooks is not None:
                         options.hooks.store_changed()
@@ -501,11 +530,21 @@ async def _take_batches(session: ClientSession, options: ListenOptions, cursor: 
                 options.cursor_file.save(last_id, cursor.epoch)
             if options.sender is None:
                 await session.acknowledge(last_id)
+            if options.mark_read:
+                await _mark_read(session, batch, last_id, options)
         if done:
             return True
     return False  # pragma: no cover - frame_batches ends by raising ConnectError
 
 
+async def _mark_read(session: ClientSession, batch: list[Any], upto: int, options: ListenOptions) -> None:
+    """``listen --mark-read``: each sender's conversation read up to the newest of its messages printed."""
+    newest: dict[str, int] = {}
+    for frame in batch:
+        if isinstance(frame, Message) and frame.id <= upto and options.sender in (None, frame.sender):
+            newest[frame.sender] = max(frame.id, newest.get(frame.sender, 0))
+    for sender, msg_id in newest.items():
+        await session.mark_read(sender, msg_id, receipt=options.receipts)
 
 _terminated: list[bool] = []
 

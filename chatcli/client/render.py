@@ -17,12 +17,12 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Final
 
 from chatcli.errors import LocalProtocolError
-from chatcli.protocol import Ack, Message, Status, parse_ts
+from chatcli.protocol import Ack, Conversation, Message, Status, parse_ts
 
 __all__ = [
-    "ConnectionState", "Outcome", "StatusView", "ack_json", "author_colour", "history_ansi", "message_ansi",
-    "message_json", "notice_ansi", "own_message_ansi", "quote_ansi", "safe_text", "search_ansi", "status_ansi",
-    "status_text", "users_json",
+    "ConnectionState", "Outcome", "StatusView", "ack_json", "author_colour", "conversation_json", "history_ansi",
+    "inbox_line", "message_ansi", "message_json", "notice_ansi", "own_message_ansi", "quote_ansi", "receipt_ansi",
+    "safe_text", "search_ansi", "status_ansi", "status_text", "unread_json", "users_json",
 ]
 
 if TYPE_CHECKING:
@@ -88,6 +88,17 @@ def users_json(users: tuple[str, ...]) -> str:
     return json.dumps(list(users))
 
 
+def conversation_json(conversation: Conversation) -> str:
+    """An ``inbox --json`` line, a stable schema: ``{"peer", "unread", "read", "last_id", "last_from",
+    "last_ts", "preview", "peer_read"}`` (``peer_read`` null when the peer sends no receipts)."""
+    return json.dumps({**conversation.to_dict(), "peer_read": conversation.peer_read}, ensure_ascii=False)
+
+
+def unread_json(total: int) -> str:
+    """``inbox --count --json``: ``{"unread": N}``."""
+    return json.dumps({"unread": total})
+
+
 # ---------------------------------------------------------------------------
 # The chat screen (Rich)
 # ---------------------------------------------------------------------------
@@ -134,10 +145,13 @@ def _chat_line(clock: str, author: str, style: str, text: str) -> Text:
     return line
 
 
-def message_ansi(message: Message, *, colour: bool) -> str:
-    """An incoming message: ``HH:MM author: text``, the author in their colour."""
-    return _to_ansi(_chat_line(_clock(message.ts), safe_text(message.sender), author_colour(message.sender),
-                               message.text), colour)
+def message_ansi(message: Message, *, colour: bool, read: bool = False) -> str:
+    """A message: ``HH:MM author: text``, the author in their colour; ``read``: one of ours the peer has
+    read, marked ``✓✓ read``."""
+    line = _chat_line(_clock(message.ts), safe_text(message.sender), author_colour(message.sender), message.text)
+    if read:
+        line.append("  ✓✓ read", style="bold green")
+    return _to_ansi(line, colour)
 
 
 def history_ansi(message: Message, *, colour: bool) -> str:
@@ -198,6 +212,27 @@ def own_message_ansi(me: str, text: str, outcome: Outcome, *, colour: bool) -> s
     return _to_ansi(line, colour)
 
 
+def receipt_ansi(me: str, text: str, ts: str | None, *, colour: bool) -> str:
+    """One of our messages once the peer has read it: ``HH:MM me: text  ✓✓ read`` (its first line)."""
+    line = _chat_line(_clock(ts), me, "white", text.split("\n", 1)[0])
+    line.append("  ✓✓ read", style="bold green")
+    return _to_ansi(line, colour)
+
+
+def inbox_line(conversation: Conversation, *, colour: bool) -> str:
+    """A line of ``chatcli inbox`` and ``/inbox``: ``bob  2 unread  YYYY-MM-DD HH:MM  bob: preview``."""
+    from rich.text import Text
+
+    line = Text()
+    line.append(f"{safe_text(conversation.peer):<16}", style=f"bold {author_colour(conversation.peer)}")
+    unread = f"{conversation.unread} unread" if conversation.unread else "read"
+    line.append(f" {unread:>10}  ", style="bold yellow" if conversation.unread else "dim")
+    line.append(_clock(conversation.last_ts, "%Y-%m-%d %H:%M") + "  ", style="dim")
+    preview = safe_text(conversation.preview).replace("\n", " ")
+    line.append(f"{safe_text(conversation.last_from)}: {preview}")
+    return _to_ansi(line, colour)
+
+
 def notice_ansi(text: str, *, colour: bool) -> str:
     """A line from chatcli itself (help, errors), set apart from messages."""
     from rich.text import Text
@@ -222,13 +257,18 @@ class StatusView:
     state: ConnectionState
     url: str
     me: str
-    peer: str
+    #: The conversation on screen; None while the chat shows the inbox.
+    peer: str | None
     retry_in: float | None = None
     pending: tuple[str, ...] = ()
     #: Whether PEER has a session open; None while unknown (not connected, or no presence on this server).
     peer_online: bool | None = None
     #: The server does not show PEER's presence to ME (``serve --presence contacts``, nothing exchanged yet).
     peer_hidden: bool = False
+    #: PEER is typing (a typing event came in the last few seconds).
+    peer_typing: bool = False
+    #: Unread messages of the other conversations, (peer, count), the most recent first (a hotlist).
+    unread: tuple[tuple[str, int], ...] = ()
 
 
 _STATE_STYLES: Final = {
@@ -258,13 +298,22 @@ def _status(view: StatusView) -> Text:
     line = Text()
     line.append(f"● {state}", style=_STATE_STYLES[view.state])
     line.append(f"  {view.url}  ", style="dim")
-    line.append(f"{view.me} → {view.peer}", style="bold")
-    if view.peer_hidden:
+    line.append(f"{view.me} → {view.peer or 'inbox'}", style="bold")
+    if view.peer is None:
+        pass
+    elif view.peer_hidden:
         line.append(f"  {view.peer}'s presence hidden until you exchange a message", style="dim")
     elif view.peer_online is not None:
         # Each state has its own style, so a terminal redraw rewrites the whole segment.
         line.append(f"  {view.peer} online" if view.peer_online else f"  {view.peer} offline",
                     style="bold green" if view.peer_online else "dim")
+    if view.peer_typing:
+        line.append(f"  {view.peer} is typing…", style="italic cyan")
+    if view.unread:
+        total = sum(count for _, count in view.unread)
+        hotlist = ", ".join(f"{safe_text(peer)} {count}" for peer, count in view.unread[:5])
+        more = ", …" if len(view.unread) > 5 else ""
+        line.append(f"  [{total} unread: {hotlist}{more}]", style="bold yellow")
     if view.pending:
         line.append(f"  {len(view.pending)} pending", style="yellow")
         for text in view.pending[-3:]:

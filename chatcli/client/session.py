@@ -60,12 +60,16 @@ from chatcli.protocol import (
     Hello,
     History,
     HistoryRequest,
+    Inbox,
+    InboxRequest,
+    MarkRead,
     Message,
     Received,
     Search,
     SearchRequest,
     Send,
     ServerFrame,
+    Typing,
     Watch,
     Who,
     WhoRequest,
@@ -185,6 +189,32 @@ class ClientSession:
     async def watch(self, users: tuple[str, ...]) -> None:
         """Ask for ``Presence`` frames about ``users``: one each now, then one at every change."""
         await self._write(Watch(users))
+
+    # -- the chat experience (issue 12): each a no-op on a server without its feature --------------
+
+    async def mark_read(self, peer: str, msg_id: int, *, receipt: bool = True) -> None:
+        """Tell the server we have read the conversation with ``peer`` up to ``msg_id`` (and ``peer``,
+        as a receipt, unless ``receipt`` is false)."""
+        if self.offers(Feature.READS) or self.offers(Feature.RECEIPTS):
+            await self._write(MarkRead(peer, msg_id, receipt))
+
+    async def typing(self, to: str) -> None:
+        """Tell ``to`` we are typing (passed on only if they are online)."""
+        if self.offers(Feature.TYPING):
+            await self._write(Typing(to))
+
+    async def request_inbox(self, limit: int = 50) -> str:
+        """Ask for our conversations; the ``Inbox`` answer (same id) comes through ``frames()``."""
+        request = InboxRequest(id=self.new_id(), limit=limit)
+        await self._write(request)
+        return request.id
+
+    async def inbox(self, limit: int = 50) -> Inbox:
+        """Our conversations, the most recent first, with unread counts."""
+        request_id = await self.request_inbox(limit)
+        reply = await self._answer(lambda r: isinstance(r, Inbox) and r.id == request_id, "inbox")
+        assert isinstance(reply, Inbox)
+        return reply
 
     async def _answer(self, matches: Callable[[ServerFrame], bool], what: str) -> ServerFrame:
         """The first frame that ``matches``; an ``Error`` meanwhile refuses the request."""

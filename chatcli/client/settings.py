@@ -10,6 +10,9 @@ Profiles live in ``$XDG_CONFIG_HOME/chatcli/config.toml``::
     auth_key_file = "~/.config/chatcli/home.key"   # or auth_key = "..." (servers without)
     cafile = "~/.config/chatcli/home-ca.pem"       # trust this CA for wss://
     timeout = 5
+    receipts = false                               # chat: send no read receipts (--no-receipts)
+    typing = false                                 # chat: send no typing events (--no-typing)
+    notify = "desktop"                             # chat: bell (default), desktop or off (--notify)
 
 Secrets can always come from somewhere other than argv (``CHATCLI_TOKEN``,
 ``CHATCLI_AUTH_KEY``, a file, a profile), because argv is visible to every user
@@ -29,7 +32,7 @@ from chatcli.errors import UsageError
 from chatcli.paths import config_path
 from chatcli.protocol import DEFAULT_AUTH_KEY
 
-__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "ClientSettings", "check_url", "resolve_settings"]
+__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_URL", "NOTIFY_MODES", "ClientSettings", "check_url", "resolve_settings"]
 
 DEFAULT_URL: Final = "ws://127.0.0.1:6060"
 DEFAULT_TIMEOUT: Final = 10.0
@@ -37,7 +40,10 @@ ENV_URL: Final = "CHATCLI_URL"
 ENV_AUTH_KEY: Final = "CHATCLI_AUTH_KEY"
 ENV_PROFILE: Final = "CHATCLI_PROFILE"
 ENV_TOKEN: Final = "CHATCLI_TOKEN"
-_PROFILE_KEYS: Final = frozenset({"url", "auth_key", "auth_key_file", "token", "token_file", "cafile", "timeout"})
+_PROFILE_KEYS: Final = frozenset({"url", "auth_key", "auth_key_file", "token", "token_file", "cafile", "timeout",
+                                  "receipts", "typing", "notify"})
+#: How the chat alerts its user to a message for another conversation (``--notify``).
+NOTIFY_MODES: Final = ("bell", "desktop", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,11 @@ class ClientSettings:
     cafile: Path | None = None
     #: Skip TLS certificate verification (``--insecure``).
     insecure: bool = False
+    #: The chat's preferences (profile keys; the chat's flags override them): send read receipts, send
+    #: typing events, and how to alert to a message for another conversation (one of NOTIFY_MODES).
+    receipts: bool = True
+    typing: bool = True
+    notify: str = "bell"
 
     @property
     def credential(self) -> str:
@@ -98,6 +109,9 @@ def resolve_settings(
         profile=name,
         cafile=cafile or (Path(str(profile_cafile)).expanduser() if profile_cafile else None),
         insecure=insecure,
+        receipts=_profile_bool(values, "receipts"),
+        typing=_profile_bool(values, "typing"),
+        notify=_profile_notify(values),
     )
     check_url(settings.url)
     if not settings.credential.isprintable():  # it goes into an HTTP header verbatim: no line breaks inside
@@ -105,6 +119,20 @@ def resolve_settings(
     if (cafile is not None or insecure) and not settings.uses_tls:
         raise UsageError(f"--cafile and --insecure are for wss:// URLs; {settings.url} is not encrypted")
     return settings
+
+
+def _profile_bool(values: Mapping[str, Any], key: str) -> bool:
+    value = values.get(key, True)
+    if not isinstance(value, bool):
+        raise UsageError(f"profile key {key!r} must be true or false, not {value!r}")
+    return value
+
+
+def _profile_notify(values: Mapping[str, Any]) -> str:
+    value = values.get("notify", "bell")
+    if value not in NOTIFY_MODES:
+        raise UsageError(f"profile key 'notify' must be one of {', '.join(NOTIFY_MODES)}, not {value!r}")
+    return str(value)
 
 
 def _profile_secret(values: Mapping[str, Any], key: str, what: str) -> str | None:

@@ -85,6 +85,10 @@ class Feature(StrEnum):
     HISTORY = "history"  # the "history" request
     PRESENCE = "presence"  # the "who" request and "watch" / "presence" frames
     TOKENS = "tokens"  # per-user accounts: sessions proved their user with a token
+    # The chat experience (issue 12):
+    READS = "reads"  # read positions kept per user and conversation, and the "inbox" request (needs storage)
+    RECEIPTS = "receipts"  # a "read" is passed on to the peer as a "receipt"
+    TYPING = "typing"  # "typing" is passed on to an online recipient
     # issue 13: scriptable chat
     REPLIES = "replies"  # send.reply_to is checked and kept; message.reply_to carries it
     SEARCH = "search"  # the "search" request

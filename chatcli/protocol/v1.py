@@ -5,7 +5,8 @@ object each, with a ``type`` field. Each frame class has ``from_dict`` (the
 peer's object → a checked frame) beside ``to_dict`` (the frame → the object
 ``encode`` serialises), as websockets' ``Frame.parse`` / ``serialize``.
 ``parse_client_frame`` and ``parse_server_frame`` pick the class from a table
-by ``type`` and direction (``history`` and ``who`` name a request and its answer).
+by ``type`` and direction (``history``, ``who``, ``read``, ``typing`` and ``inbox`` name a
+request and what the server sends).
 Pure: no I/O.
 
 Compatibility rules (so later features need no v2): unknown fields are
@@ -37,25 +38,37 @@ from chatcli.protocol._values import (
 __all__ = [
     "CLIENT_ID_MAX_LEN",
     "HISTORY_MAX_LIMIT",
+    "INBOX_MAX_LIMIT",
+    "PREVIEW_MAX_CHARS",
     "PROTOCOL_VERSION",
+    # scriptable chat (issue 13)
     "SEARCH_MAX_LIMIT",
     "SEARCH_TEXT_MAX_LEN",
     "SUBPROTOCOL",
     "Ack",
     "ClientFrame",
+    # the chat experience (issue 12)
+    "Conversation",
     "Error",
     "Frame",
     "Hello",
     "History",
     "HistoryRequest",
+    "Inbox",
+    "InboxRequest",
+    "MarkRead",
     "Message",
+    "PeerTyping",
     "Presence",
+    "ReadPosition",
+    "Receipt",
     "Received",
     "Search",
     "SearchRequest",
     "Send",
     "SendFields",
     "ServerFrame",
+    "Typing",
     "Watch",
     "Who",
     "WhoRequest",
@@ -509,6 +522,236 @@ class Presence:
         return out
 
 
+# ---------------------------------------------------------------------------
+# The chat experience (issue 12): read positions, receipts, typing, the inbox. Announced by the features
+# ``reads`` (read positions and the inbox: a storing server), ``receipts`` and ``typing``.
+# ---------------------------------------------------------------------------
+
+#: Conversations one ``inbox`` answer lists at most, and the characters of each one's preview.
+INBOX_MAX_LIMIT: Final = 200
+PREVIEW_MAX_CHARS: Final = 80
+
+
+def _require_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise LocalProtocolError(f"{name} must be a boolean")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class MarkRead:
+    """Client → server: I have read the conversation with ``peer`` up to message ``id``.
+
+    The server keeps the highest such id per user and conversation (the read position, apart from the
+    delivery cursor), tells the user's other sessions, and sends ``peer`` a ``receipt`` unless ``receipt``
+    is false (the user opted out of receipts).
+    """
+
+    TYPE: ClassVar[str] = "read"
+    peer: str
+    id: int
+    receipt: bool = True
+
+    def __post_init__(self) -> None:
+        check_user_id(self.peer)
+        _require_int("id", self.id)
+        _require_bool("receipt", self.receipt)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, peer=obj.get("peer"), id=obj.get("id"), receipt=obj.get("receipt", True))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "peer": self.peer, "id": self.id}
+        if not self.receipt:
+            out["receipt"] = False
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPosition:
+    """Server → client: your read position in the conversation with ``peer`` is now ``id`` (another
+    session of yours marked it)."""
+
+    TYPE: ClassVar[str] = "read"
+    peer: str
+    id: int
+
+    def __post_init__(self) -> None:
+        check_user_id(self.peer)
+        _require_int("id", self.id)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, peer=obj.get("peer"), id=obj.get("id"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "peer": self.peer, "id": self.id}
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Server → client: ``sender`` has read your messages to them up to message ``id``."""
+
+    TYPE: ClassVar[str] = "receipt"
+    sender: str  # "from" on the wire
+    id: int
+
+    def __post_init__(self) -> None:
+        check_user_id(self.sender)
+        _require_int("id", self.id)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, sender=obj.get("from"), id=obj.get("id"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "from": self.sender, "id": self.id}
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """Client → server: I am typing a message to ``to``. Not stored; sent on only to an online recipient."""
+
+    TYPE: ClassVar[str] = "typing"
+    to: str
+
+    def __post_init__(self) -> None:
+        check_user_id(self.to)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, to=obj.get("to"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "to": self.to}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerTyping:
+    """Server → client: ``sender`` is typing a message to you (until a pause or their message)."""
+
+    TYPE: ClassVar[str] = "typing"
+    sender: str  # "from" on the wire
+
+    def __post_init__(self) -> None:
+        check_user_id(self.sender)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, sender=obj.get("from"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "from": self.sender}
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRequest:
+    """Client → server: my conversations, most recent first, with unread counts. Answered by ``Inbox``."""
+
+    TYPE: ClassVar[str] = "inbox"
+    id: str
+    limit: int = 50
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        _require_int("limit", self.limit)
+        if self.limit > INBOX_MAX_LIMIT:
+            raise LocalProtocolError(f"limit must be at most {INBOX_MAX_LIMIT}")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), limit=obj.get("limit", 50))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "id": self.id, "limit": self.limit}
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """One line of an ``inbox`` answer: the conversation with ``peer``.
+
+    ``unread``: messages from ``peer`` after ``read`` (your read position); ``last_*``: the newest message
+    either way, ``preview`` its first ``PREVIEW_MAX_CHARS`` characters; ``peer_read``: how far ``peer`` has
+    read it, when they send receipts (None otherwise).
+    """
+
+    TYPE: ClassVar[str] = "conversation"  # names it in errors; not a frame of its own
+    peer: str
+    unread: int
+    read: int
+    last_id: int
+    last_from: str
+    last_ts: str
+    preview: str
+    peer_read: int | None = None
+
+    def __post_init__(self) -> None:
+        check_user_id(self.peer)
+        if self.peer_read is not None:
+            _require_int("peer_read", self.peer_read)
+        for name in ("unread", "read", "last_id"):
+            _require_int(name, getattr(self, name))
+        check_user_id(self.last_from)
+        _require_str("last_ts", self.last_ts)
+        _require_str("preview", self.preview, allow_empty=True)
+        if len(self.preview) > PREVIEW_MAX_CHARS or not _is_unicode(self.preview):
+            raise LocalProtocolError(f"preview must be at most {PREVIEW_MAX_CHARS} characters of Unicode text")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, peer=obj.get("peer"), unread=obj.get("unread"), read=obj.get("read"),
+                      last_id=obj.get("last_id"), last_from=obj.get("last_from"), last_ts=obj.get("last_ts"),
+                      preview=obj.get("preview"), peer_read=obj.get("peer_read"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"peer": self.peer, "unread": self.unread, "read": self.read, "last_id": self.last_id,
+                               "last_from": self.last_from, "last_ts": self.last_ts, "preview": self.preview}
+        if self.peer_read is not None:
+            out["peer_read"] = self.peer_read
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Inbox:
+    """Server → client: the answer to an ``inbox`` request, the most recent conversation first.
+
+    ``more``: the user has more conversations than ``limit``.
+    """
+
+    TYPE: ClassVar[str] = "inbox"
+    id: str
+    conversations: tuple[Conversation, ...]
+    more: bool = False
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        if not isinstance(self.conversations, tuple) or not all(
+                isinstance(c, Conversation) for c in self.conversations):
+            raise LocalProtocolError("conversations must be a tuple of Conversation")
+        _require_bool("more", self.more)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        items = obj.get("conversations")
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise RemoteProtocolError("invalid inbox frame: conversations must be a list of objects",
+                                      ErrorCode.BAD_FRAME)
+        try:
+            conversations = tuple(Conversation.from_dict(item) for item in items)
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(f"invalid inbox frame: in conversations: {exc.message}",
+                                      ErrorCode.BAD_FRAME) from None
+        return _build(cls, id=obj.get("id"), conversations=conversations, more=obj.get("more", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id,
+                               "conversations": [c.to_dict() for c in self.conversations]}
+        if self.more:
+            out["more"] = True
+        return out
+
+
 # -- issue 13: search (feature ``search``) ---------------------------------------------
 
 
@@ -584,8 +827,10 @@ class Search:
         return out
 
 
-ClientFrame = Send | Received | HistoryRequest | WhoRequest | Watch | SearchRequest
-ServerFrame = Hello | Ack | Message | Error | History | Who | Presence | Search
+ClientFrame = (Send | Received | HistoryRequest | WhoRequest | Watch | MarkRead | Typing | InboxRequest
+               | SearchRequest)
+ServerFrame = (Hello | Ack | Message | Error | History | Who | Presence | ReadPosition | Receipt | PeerTyping
+               | Inbox | Search)
 Frame = ClientFrame | ServerFrame
 
 
@@ -609,9 +854,11 @@ def _load_object(data: str | bytes) -> dict[str, Any]:
 
 #: The parsers by ``type``, one table per direction: ``history`` and ``who`` name a request and its answer.
 _CLIENT_PARSERS: Final[dict[str, Callable[[dict[str, Any]], ClientFrame]]] = {
-    cls.TYPE: cls.from_dict for cls in (Send, Received, HistoryRequest, WhoRequest, Watch, SearchRequest)}
+    cls.TYPE: cls.from_dict for cls in (Send, Received, HistoryRequest, WhoRequest, Watch, MarkRead, Typing,
+                                        InboxRequest, SearchRequest)}
 _SERVER_PARSERS: Final[dict[str, Callable[[dict[str, Any]], ServerFrame]]] = {
-    cls.TYPE: cls.from_dict for cls in (Hello, Ack, Message, History, Error, Who, Presence, Search)}
+    cls.TYPE: cls.from_dict for cls in (Hello, Ack, Message, History, Error, Who, Presence, ReadPosition,
+                                        Receipt, PeerTyping, Inbox, Search)}
 
 
 def parse_client_frame(data: str | bytes) -> ClientFrame:

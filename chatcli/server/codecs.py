@@ -56,6 +56,8 @@ class Codec(abc.ABC):
     name: ClassVar[str]
     #: The protocol has no ``received`` frame: a message counts as received once its bytes reach the kernel.
     confirms_on_write: ClassVar[bool]
+    #: The session may be sent read positions, receipts and typing (native frames; legacy ones have no room).
+    takes_chat_events: ClassVar[bool]
 
     def __init__(self) -> None:
         self._last_message: StoredMessage | None = None
@@ -100,6 +102,7 @@ class NativeCodec(Codec):
     __slots__ = ()
     name = p.SUBPROTOCOL
     confirms_on_write = False
+    takes_chat_events = True
 
     def greeting(self, hello: p.Hello) -> str:
         return p.encode(hello)
@@ -135,6 +138,7 @@ class LegacyCodec(Codec):
     __slots__ = ()
     name = "legacy"
     confirms_on_write = True
+    takes_chat_events = False
 
     def greeting(self, hello: p.Hello) -> str:
         return p.LEGACY_CONNECTED

@@ -40,6 +40,7 @@ from websockets.frames import CloseCode  # an enum only: the relay stays transpo
 
 from chatcli import protocol as p
 from chatcli.errors import ChatcliError, RemoteProtocolError, StorageError
+from chatcli.server.chat_events import ChatEvents
 from chatcli.server.codecs import Codec, Outcome
 from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.engine.base import Appended, BacklogPage, Capability, Engine, NewMessage, StoredMessage
@@ -191,13 +192,16 @@ class Relay:
         # --presence contacts: (watcher's user, watched user) -> the watcher's sessions told "hidden",
         # until the two exchange a message (see _reveal).
         self.hidden_watchers: dict[tuple[str, str], set[Session]] = {}
+        # Read positions, receipts, typing and the inbox (issue 12).
+        self.chat = ChatEvents(self)
 
     @property
     def features(self) -> tuple[str, ...]:
         """What hellos announce: the engine's capabilities as features, and presence unless it is off."""
         can = self.engine.capabilities
         stored = tuple(feature for capability, feature in _FEATURES if capability in can)
-        return (*stored, p.Feature.PRESENCE) if self.config.presence != "off" else stored
+        presence = (p.Feature.PRESENCE,) if self.config.presence != "off" else ()
+        return (*stored, *presence, *self.chat.features())
 
     @property
     def epoch(self) -> str:
@@ -243,6 +247,7 @@ class Relay:
         """Remove exactly this session; the user's other sessions stay reachable."""
         self.replays.pop(session, None)
         self.history_queues.pop(session, None)
+        self.chat.forget(session)
         self._unwatch(session)
         if session not in self.open:
             return
@@ -396,16 +401,19 @@ class Relay:
             self._who(session, frame)
         elif isinstance(frame, p.SearchRequest):
             self._search(session, frame)
-        else:
+        elif isinstance(frame, p.Watch):
             self._watch(session, frame.users)
+        else:
+            self.chat.handle(session, frame)
 
     def _rate_limited(self, session: Session, frame: p.ClientFrame) -> None:
         """A request over the user's rate limit: an error naming it; a ``received`` is just dropped
-        (a later one advances the cursor as far)."""
+        (a later one advances the cursor as far); so are ``read`` and ``typing``."""
         self.metrics.error(p.ErrorCode.RATE_LIMITED)
-        if isinstance(frame, p.Received):
+        if isinstance(frame, p.Received | p.MarkRead | p.Typing):
             return
-        details = {"id": frame.id} if isinstance(frame, p.HistoryRequest | p.WhoRequest | p.SearchRequest) else {}
+        details = ({"id": frame.id} if isinstance(frame, p.HistoryRequest | p.WhoRequest | p.InboxRequest
+                                                          | p.SearchRequest) else {})
         session.send_text(p.encode(p.Error(
             p.ErrorCode.RATE_LIMITED, f"too many requests: {session.user} may make {self.config.rate:g} per "
             f"second (bursts of {self.config.burst}) over all sessions; ask again later", details)))

@@ -55,7 +55,7 @@ from typing import Final, TypeAlias
 
 from chatcli.errors import StorageError
 from chatcli.protocol import MAX_INT
-from chatcli.server.engine.base import Appended, NewMessage, StoredMessage
+from chatcli.server.engine.base import Appended, ConversationSummary, NewMessage, StoredMessage
 from chatcli.server.engine.options import Fsync
 from chatcli.server.engine.pages import SearchScan
 from chatcli.server.wal import Checkpointer
@@ -262,6 +262,26 @@ CONTACT_MIGRATIONS: Final[tuple[Migration, ...]] = (
         "UNION SELECT recipient, sender FROM messages",
     ),
 )
+# Read positions (issue 12): per user and conversation, how far the user has read; apart from the delivery
+# cursor. Its own component. The index on the inbox by (recipient, sender, id) makes counting one
+# conversation's unread messages a range over those messages alone, and finding its newest one a lookup;
+# the inbox is filled in bulk (see the module docstring), so the index costs nothing per commit.
+READS_COMPONENT: Final = "reads"
+READ_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    # v1
+    (
+        # receipts: whether the user's last read allowed a receipt (then the peer may learn the position).
+        "CREATE TABLE read_positions (user TEXT NOT NULL, peer TEXT NOT NULL, last_id INTEGER NOT NULL, "
+        "receipts INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (user, peer)) WITHOUT ROWID",
+        "CREATE INDEX inbox_by_sender ON inbox (recipient, sender, id)",
+    ),
+)
+_MARK_READ: Final = (
+    "INSERT INTO read_positions (user, peer, last_id, receipts) VALUES (?, ?, ?, ?) ON CONFLICT (user, peer) "
+    "DO UPDATE SET last_id = max(last_id, excluded.last_id), receipts = excluded.receipts"
+)
+#: Contacts the inbox looks at, at most: each costs two index lookups.
+INBOX_CONTACTS_MAX: Final = 10_000
 _ADD_CONTACT: Final = "INSERT INTO contacts (user, peer) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
 # Search (issue 13): an FTS5 index of the texts, its own component. External content: the index keeps
@@ -369,6 +389,7 @@ class SQLiteStore:
         self._known_contacts: set[tuple[str, str]] = set()
         try:
             migrate(self._conn, CONTACTS_COMPONENT, CONTACT_MIGRATIONS)
+            migrate(self._conn, READS_COMPONENT, READ_MIGRATIONS)
             migrate(self._conn, SEARCH_COMPONENT, SEARCH_MIGRATIONS)
             self._search_upto = self._search_state()
             # Hints only, to decide when to index the tail; the file has the truth.
@@ -780,6 +801,70 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StorageError(f"cannot read the contacts of {user}: {exc}") from exc
         return {row[0] for row in rows}
+
+    # -- read positions and the inbox (issue 12) ----------------------------
+
+    def mark_read(self, user: str, peer: str, msg_id: int, receipt: bool = True) -> int:
+        """Move ``user``'s read position with ``peer`` up to ``msg_id`` (never down); the position now kept.
+        ``receipt``: whether ``peer`` may learn it (the inbox's ``peer_read``)."""
+        return self.mark_read_many({(user, peer): (msg_id, receipt)})[(user, peer)]
+
+    def mark_read_many(self, marks: Mapping[tuple[str, str], tuple[int, bool]]) -> dict[tuple[str, str], int]:
+        """``mark_read`` for many (user, peer) in one transaction; the positions now kept."""
+        rows = [(user, peer, msg_id, int(receipt)) for (user, peer), (msg_id, receipt) in marks.items()]
+        with write_transaction(self._conn, f"keep {len(rows)} read position(s)"):
+            self._conn.executemany(_MARK_READ, rows)
+        return {key: self.read_position(*key) for key in marks}
+
+    def receipted_position(self, user: str, peer: str) -> int | None:
+        """How far ``peer`` has read the conversation with ``user``, if their last read allowed a receipt."""
+        with sqlite_errors(f"read the read position of {peer} with {user}"):
+            row = self._conn.execute("SELECT last_id FROM read_positions WHERE user = ? AND peer = ? AND receipts",
+                                     (peer, user)).fetchone()
+        return int(row[0]) if row else None
+
+    def read_position(self, user: str, peer: str) -> int:
+        """The highest message id of the conversation with ``peer`` that ``user`` has read (0 if none)."""
+        with sqlite_errors(f"read the read position of {user} with {peer}"):
+            row = self._conn.execute("SELECT last_id FROM read_positions WHERE user = ? AND peer = ?",
+                                     (user, peer)).fetchone()
+        return int(row[0]) if row else 0
+
+    def unread_count(self, user: str, peer: str) -> int:
+        """Messages from ``peer`` to ``user`` above ``user``'s read position: a range of the index, no more."""
+        self._catch_up()
+        with sqlite_errors(f"count the unread messages of {user} from {peer}"):
+            return int(self._conn.execute(
+                "SELECT count(*) FROM inbox WHERE recipient = ? AND sender = ? AND id > ?",
+                (user, peer, self.read_position(user, peer))).fetchone()[0])
+
+    def conversations(self, user: str, limit: int) -> tuple[list[ConversationSummary], bool]:
+        """``user``'s conversations, the newest message first, at most ``limit``; and whether there are more.
+
+        Two index lookups per contact (the newest message each way), then, for the ``limit`` kept, the
+        read position, the unread count and the newest message: never a scan of the history.
+        """
+        _check_limit(limit)
+        self._catch_up()
+        newest = "SELECT max(id) FROM inbox WHERE recipient = ? AND sender = ?"
+        with sqlite_errors(f"read the conversations of {user}"):
+            peers = [row[0] for row in self._conn.execute("SELECT peer FROM contacts WHERE user = ? LIMIT ?",
+                                                          (user, INBOX_CONTACTS_MAX))]
+            latest: list[tuple[int, str]] = []
+            for peer in peers:
+                ids = [self._conn.execute(newest, (user, peer)).fetchone()[0],
+                       self._conn.execute(newest, (peer, user)).fetchone()[0]]
+                last = max((msg_id for msg_id in ids if msg_id is not None), default=None)
+                if last is not None:  # None: every message between them was pruned
+                    latest.append((int(last), peer))
+            latest.sort(reverse=True)
+            summaries = []
+            for last_id, peer in latest[:limit]:
+                row = self._conn.execute(_MESSAGE_BY_ID, (last_id,)).fetchone()
+                summaries.append(ConversationSummary(peer, self.unread_count(user, peer),
+                                                     self.read_position(user, peer), StoredMessage(*row),
+                                                     self.receipted_position(user, peer)))
+        return summaries, len(latest) > limit
 
     # -- maintenance -------------------------------------------------------
 

@@ -131,6 +131,17 @@ def test_bad_token_files_are_usage_errors(tmp_home: Path, content: str, message:
         resolve_settings(token_file=token_file)
 
 
+def test_the_chats_preferences_come_from_the_profile(tmp_home: Path) -> None:
+    assert (resolve_settings().receipts, resolve_settings().typing, resolve_settings().notify) == (True, True, "bell")
+    write_config(tmp_home, '[profiles.default]\nreceipts = false\ntyping = false\nnotify = "desktop"\n')
+    settings = resolve_settings()
+    assert (settings.receipts, settings.typing, settings.notify) == (False, False, "desktop")
+    for bad in ('receipts = "no"', "typing = 0", 'notify = "loud"'):
+        write_config(tmp_home, f"[profiles.default]\n{bad}\n")
+        with pytest.raises(UsageError, match=bad.split(" ")[0]):
+            resolve_settings()
+
+
 def test_a_key_that_cannot_be_a_header_is_a_usage_error_not_a_smuggled_header(chatcli: Chatcli) -> None:
     for args, env in ((["--auth-key", "a\r\nX-Injected: 1"], {}), ([], {"CHATCLI_TOKEN": "t\x01ken"})):
         run = chatcli("send", "alice", "bob", "hi", "--url", "ws://127.0.0.1:9", *args, env=env)

@@ -78,3 +78,12 @@ def test_install_completion_writes_the_script(tmp_path: Path) -> None:
     assert "bash completion installed" in run.stdout, run.stdout + run.stderr
     assert "_chatcli_completion" in (tmp_path / ".bash_completions" / "chatcli.sh").read_text()
     assert "chatcli.sh" in (tmp_path / ".bashrc").read_text()
+
+
+def test_the_chat_experience_completes() -> None:
+    assert "inbox" in complete_bash("chatcli ")
+    assert {"--json", "--count", "--limit"} <= set(complete_bash("chatcli inbox alice --"))
+    assert {"--notify", "--no-receipts", "--no-typing"} <= set(complete_bash("chatcli chat alice --"))
+    assert {"bell", "desktop", "off"} <= set(complete_bash("chatcli chat alice --notify "))
+    assert "--mark-read" in complete_bash("chatcli history alice bob --")
+    assert "--mark-read" in complete_bash("chatcli listen alice --")

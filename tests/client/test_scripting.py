@@ -286,41 +286,6 @@ def test_search_is_rate_limited_per_user(chatcli: Chatcli, shared: RunningServer
     assert sum(isinstance(a, p.Search) for a in answers) == 10
 
 
-# -- the REPL: /reply, quotes, /search ------------------------------------------------------------
-
-
-def test_chat_replies_with_quotes_and_searches_the_conversation(shared: RunningServer, tmp_home: Path) -> None:
-    from tests.client.test_repl import Terminal
-
-    me, peer = _user("alice"), _user("bob")
-    bob, _ = native(shared.ws_url, peer)
-    chat = Terminal([me, peer, "--url", shared.ws_url], {})
-    try:
-        chat.wait_for("connected")
-        question = send_native(bob, me, "deploy 4.2 now?\nsecond line").msg_id
-        chat.wait_for(f"{peer}: deploy 4.2 now?")
-        chat.type("/reply yes, go\r")  # to the last message of the conversation
-        answer = _question_for(bob)
-        assert (answer.text, answer.reply_to) == ("yes, go", question)
-        chat.wait_for(f"↪ {peer}: deploy 4.2 now?…")
-        chat.wait_for("✓ delivered")
-        _send_reply(bob, me, "done", answer.id)
-        chat.wait_for(f"↪ {me}: yes, go")
-        chat.type(f"/reply {question}\r")  # no text: the next line is the reply
-        chat.wait_for("type the reply")
-        chat.type("and the logs\r")
-        assert _question_for(bob).reply_to == question
-        chat.type("/reply 999999999 nope\r")
-        chat.wait_for("refused (bad-reply)")
-        chat.type("/search deploy\r")
-        chat.wait_for(f"1 message(s) with {peer} matching 'deploy'")
-        chat.wait_for(f"{peer} → {me}: deploy 4.2 now?")
-        chat.type("/quit\r")
-        assert chat.proc.wait(timeout=10) == 0
-        assert "Traceback" not in chat.screen
-    finally:
-        chat.close()
-
 
 def test_sigterm_stops_listen_and_kills_the_running_hook(chatcli: Chatcli, shared: RunningServer,
                                                          tmp_path: Path) -> None:

@@ -38,10 +38,11 @@ from chatcli.protocol import (
     parse_client_frame,
     parse_server_frame,
 )
+from tests.protocol.test_chat_frames import CHAT_CLIENT_FRAME_TYPES, CHAT_ENCODINGS
 from tests.support.samples import EPOCH, NASTY_TEXTS, TS
 
 #: Frames a client sends; everything else is parsed as a server frame. ``history`` and ``who`` are both.
-CLIENT_FRAME_TYPES = (Send, Received, HistoryRequest, WhoRequest, Watch, SearchRequest)
+CLIENT_FRAME_TYPES = (Send, Received, HistoryRequest, WhoRequest, Watch, *CHAT_CLIENT_FRAME_TYPES, SearchRequest)
 
 
 def _parser_for(frame: Frame) -> Callable[[str | bytes], Frame]:
@@ -113,6 +114,7 @@ EXACT_ENCODINGS: list[tuple[Frame, str]] = [
     (Presence(user="carol", online=False), '{"type":"presence","user":"carol","online":false}'),
     (Presence(user="dave", online=False, hidden=True),
      '{"type":"presence","user":"dave","online":false,"hidden":true}'),
+    *CHAT_ENCODINGS,
     # issue 13: more in tests/protocol/test_scripting_frames.py
     (SearchRequest(id="s1", text="lunch"), '{"type":"search","id":"s1","text":"lunch","limit":20}'),
     (Search(id="s1", messages=(MESSAGE,)),
@@ -196,7 +198,8 @@ def test_hello_lists_every_feature() -> None:
     text = encode(Hello(user="alice", session="s", server="x", features=tuple(Feature)))
     frame = parse_server_frame(text)
     assert isinstance(frame, Hello)
-    assert frame.features == ("store", "resume", "history", "presence", "tokens", "replies", "search")
+    assert frame.features == ("store", "resume", "history", "presence", "tokens", "reads", "receipts", "typing",
+                              "replies", "search")
 
 
 def test_history_request_defaults_when_parsed() -> None:
@@ -257,7 +260,7 @@ def test_unknown_fields_inside_history_messages_are_ignored() -> None:
 @pytest.mark.parametrize(
     ("parse", "text"),
     [
-        (parse_client_frame, '{"type":"typing","to":"bob"}'),
+        (parse_client_frame, '{"type":"reaction","to":"bob"}'),
         (parse_client_frame, '{"type":"hello","protocol":1}'),  # a server frame is not a client frame
         (parse_client_frame, '{"type":"presence","user":"bob","online":true}'),
         (parse_client_frame, '{"type":"ack","id":"c1","status":"delivered","msg_id":1}'),

@@ -41,7 +41,8 @@ def test_stable_codes() -> None:
     assert list(ErrorCode) == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported", "unavailable",
                                "rate-limited"]
     assert sorted(Status) == ["delivered", "refused", "stored"]
-    assert list(Feature) == ["store", "resume", "history", "presence", "tokens", "replies", "search"]
+    assert list(Feature) == ["store", "resume", "history", "presence", "tokens", "reads", "receipts", "typing",
+                             "replies", "search"]
 
 
 def test_handshake_names() -> None:

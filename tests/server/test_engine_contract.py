@@ -254,6 +254,39 @@ def test_every_capability_is_held_by_some_engine(capability: Capability, tmp_pat
             e.close()
 
 
+# -- read positions and the inbox (issue 12) ------------------------------------------------------
+
+
+def test_read_positions_move_up_only_and_count_the_peers_messages_beyond(engine: Engine) -> None:
+    for user in ("alice", "bob", "carol"):
+        engine.presence.joined(user)
+    append(engine, msg("bob", "alice", "one"), msg("bob", "alice", "two"), msg("alice", "bob", "mine"),
+           msg("carol", "alice", "x" * 500, ts=2000.0), msg("bob", "carol", "not alice's"))
+    marked = outcome(lambda done: engine.mark_read({("alice", "bob"): (1, True), ("bob", "alice"): (2, True)}, done))
+    lowered = outcome(lambda done: engine.mark_read({("alice", "bob"): (0, True)}, done))
+    page = outcome(lambda done: engine.read_inbox("alice", 10, done))
+    if Capability.READS not in engine.capabilities:
+        assert all(isinstance(result, StorageError) for result in (marked, lowered, page))
+        return
+    assert (marked, lowered) == ({("alice", "bob"): 1, ("bob", "alice"): 2}, {("alice", "bob"): 1})  # never down
+    assert not page.more
+    # The most recent conversation first; unread counts only the peer's messages above the position.
+    assert [(c.peer, c.unread, c.read, c.last.id, c.last.sender) for c in page.conversations] == [
+        ("carol", 1, 0, 4, "carol"), ("bob", 1, 1, 3, "alice")]
+    assert page.conversations[0].last.text == "x" * 500 and page.conversations[0].last.ts == 2000.0
+    first = outcome(lambda done: engine.read_inbox("alice", 1, done))
+    assert [c.peer for c in first.conversations] == ["carol"] and first.more
+    assert outcome(lambda done: engine.read_inbox("dave", 10, done)).conversations == []
+    # Per user: bob's position with alice is his own.
+    assert [(c.peer, c.unread) for c in outcome(lambda done: engine.read_inbox("bob", 10, done)).conversations] == [
+        ("carol", 0), ("alice", 1)]
+    # bob learns how far alice read, while her reads allow receipts; the latest read decides.
+    assert [c.peer_read for c in outcome(lambda done: engine.read_inbox("bob", 10, done)).conversations] == [None, 1]
+    assert outcome(lambda done: engine.mark_read({("alice", "bob"): (3, False)}, done)) == {("alice", "bob"): 3}
+    assert [c.peer_read for c in outcome(lambda done: engine.read_inbox("bob", 10, done)).conversations] == [
+        None, None]
+
+
 # -- replies and search (issue 13) -------------------------------------------------------------
 
 

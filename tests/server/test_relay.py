@@ -120,10 +120,11 @@ def test_hello_features_and_history_follow_the_capabilities(engine: Engine) -> N
     (answer,) = alice.frames()
     if Capability.HISTORY in engine.capabilities:
         assert relay.features == (p.Feature.STORE, p.Feature.RESUME, p.Feature.HISTORY, p.Feature.REPLIES,
-                                  p.Feature.SEARCH, p.Feature.PRESENCE)
+                                  p.Feature.SEARCH, p.Feature.PRESENCE, p.Feature.READS, p.Feature.RECEIPTS,
+                                  p.Feature.TYPING)
         assert isinstance(answer, p.History) and answer.messages == ()
     else:
-        assert relay.features == (p.Feature.REPLIES, p.Feature.PRESENCE)
+        assert relay.features == (p.Feature.REPLIES, p.Feature.PRESENCE, p.Feature.RECEIPTS, p.Feature.TYPING)
         assert isinstance(answer, p.Error) and answer.code == p.ErrorCode.UNAVAILABLE
 
 

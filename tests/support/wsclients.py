@@ -16,7 +16,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from chatcli import protocol as p
 
-__all__ = ["RawClient", "client_frame", "legacy", "native", "recv_frame", "request_head", "send_native"]
+__all__ = ["CHAT_EVENTS", "RawClient", "client_frame", "legacy", "native", "recv_frame", "request_head", "send_native"]
 
 
 def native(url: str, user: str, key: str = p.DEFAULT_AUTH_KEY, headers: dict[str, str] | None = None,
@@ -37,8 +37,16 @@ def legacy(url: str, user: str) -> ClientConnection:
     return ws
 
 
-def recv_frame(ws: ClientConnection, timeout: float = 5) -> p.ServerFrame:
-    return p.parse_server_frame(ws.recv(timeout=timeout))
+#: Frames a peer's chat sends on its own (issue 12): skipped by ``recv_frame`` unless asked for.
+CHAT_EVENTS = (p.PeerTyping, p.Receipt, p.ReadPosition)
+
+
+def recv_frame(ws: ClientConnection, timeout: float = 5, *, events: bool = False) -> p.ServerFrame:
+    """The next frame; typing, receipts and read positions only with ``events`` (a chat sends them unasked)."""
+    while True:
+        frame = p.parse_server_frame(ws.recv(timeout=timeout))
+        if events or not isinstance(frame, CHAT_EVENTS):
+            return frame
 
 
 def send_native(ws: ClientConnection, to: str, text: str, client_id: str | None = None) -> p.Ack:

@@ -38,11 +38,14 @@ __all__ = [
     "Appended",
     "BacklogPage",
     "Capability",
+    "ConversationSummary",
     "Encoder",
     "Engine",
     "EngineListener",
+    "InboxPage",
     "NewMessage",
     "Presence",
+    "ReadMarks",
     "StoredMessage",
 ]
 
@@ -116,11 +119,37 @@ class Capability(enum.Enum):
     CONTACTS = enum.auto()
     #: Per-user accounts can exist (``accounts`` is not None).
     ACCOUNTS = enum.auto()
+    #: Read positions per user and conversation are kept (``mark_read``), and ``read_inbox`` answers.
+    READS = enum.auto()
     #: ``append`` checks each message's ``reply_to`` (issue 13): the referenced message must exist and be
     #: between the same two users (either direction), else the message is refused (``bad_replies``).
     REPLIES = enum.auto()
     #: ``read_search`` answers from an index of message texts (issue 13).
     SEARCH = enum.auto()
+
+
+class ConversationSummary(NamedTuple):
+    """One of a user's conversations, for the inbox: how far the user has read it, how many of the peer's
+    messages lie beyond that, and the newest message either way."""
+
+    peer: str
+    unread: int
+    read: int
+    last: StoredMessage
+    #: How far the peer has read it, if their last read allowed a receipt (else None).
+    peer_read: int | None = None
+
+
+#: Read positions to move at once: (user, peer) -> (message id, whether the peer may learn it).
+ReadMarks = Mapping[tuple[str, str], tuple[int, bool]]
+
+
+class InboxPage(NamedTuple):
+    """A user's conversations, the most recent (highest last message id) first; ``more`` when the limit cut
+    the list."""
+
+    conversations: list[ConversationSummary]
+    more: bool
 
 
 #: A stored message's frame for one session's wire protocol; raises ChatcliError for a row that breaks it.
@@ -249,6 +278,25 @@ class Engine(Protocol):
 
         Answered at once (the relay's watch and who answers depend on it within the frame).
         """
+        ...
+
+    # -- read positions and the inbox (issue 12): engines with Capability.READS --------------------
+    # Without READS, both answer ``done`` with a StorageError saying nothing is kept.
+
+    def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
+        """Move read positions, a tick's worth at once (one transaction: a flood of ``read`` frames costs
+        one commit per tick, as ``received`` does). For each (user, peer): the user's position in the
+        conversation with peer moves up to the id (never down), apart from the delivery cursor and shared
+        by every session (every node) of the user; the flag (kept with it, latest wins) says whether
+        peer's inbox may show it (``ConversationSummary.peer_read``). Then ``done`` with the position
+        now kept for each (user, peer); on error nothing moved."""
+        ...
+
+    def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
+        """``user``'s conversations (peers they exchanged a stored message with), the most recent first, at
+        most ``limit``: each with its read position, the count of the peer's messages above it, and the
+        newest message. Counting must not read the conversation's history: use an index on
+        (recipient, sender, id), so that it costs the unread messages, not all of them."""
         ...
 
     async def prune(self, older_than_ts: float, limit: int) -> int:

@@ -2,11 +2,11 @@
 
 A message is committed only if its recipient is online at commit time; otherwise it
 is refused as ``offline``. There is no backlog, no history, no search, no cursor, no
-contacts and no accounts, and the relay asks ``capabilities`` before using any of those.
-Replies are checked (``Capability.REPLIES``) against the conversations of the last
-``REPLY_MEMORY`` messages: their two users, never their texts, so memory stays bounded.
-The epoch is made at start, so every restart is a new store: a client's cursor from
-before is reset, never trusted.
+contacts, no read positions or inbox, and no accounts, and the relay asks ``capabilities``
+before using any of those. Replies are checked (``Capability.REPLIES``) against the
+conversations of the last ``REPLY_MEMORY`` messages: their two users, never their texts,
+so memory stays bounded. The epoch is made at start, so every restart is a new store: a
+client's cursor from before is reset, never trusted.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from chatcli.server.engine.base import (
     Capability,
     Encoder,
     EngineListener,
+    InboxPage,
     NewMessage,
+    ReadMarks,
 )
 from chatcli.server.engine.presence import LocalPresence
 
@@ -99,6 +101,12 @@ class MemoryEngine:
 
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
         return set()  # no message is kept, so nobody is known to have talked to anybody
+
+    def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
+        done(StorageError(f"{_NOTHING_STORED}: no read positions"))
+
+    def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
+        done(StorageError(f"{_NOTHING_STORED}: no inbox"))
 
     async def prune(self, older_than_ts: float, limit: int) -> int:
         return 0

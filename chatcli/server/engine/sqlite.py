@@ -23,7 +23,16 @@ from typing import Any, Final, TypeVar
 from chatcli import protocol as p
 from chatcli.errors import StorageError
 from chatcli.server.accounts import AccountStore
-from chatcli.server.engine.base import Appended, BacklogPage, Capability, Encoder, EngineListener, NewMessage
+from chatcli.server.engine.base import (
+    Appended,
+    BacklogPage,
+    Capability,
+    Encoder,
+    EngineListener,
+    InboxPage,
+    NewMessage,
+    ReadMarks,
+)
 from chatcli.server.engine.options import Fsync
 from chatcli.server.engine.pages import read_backlog_page, read_history_answer, read_search_answer
 from chatcli.server.engine.presence import LocalPresence
@@ -130,6 +139,14 @@ class SQLiteEngine:
 
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
         return self.store.contacts_among(user, candidates)
+
+    def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
+        store = self.store
+        self._submit(lambda: store.mark_read_many(marks), done)
+
+    def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
+        store = self.store
+        self._submit(lambda: InboxPage(*store.conversations(user, limit)), done)
 
     async def prune(self, older_than_ts: float, limit: int) -> int:
         deleted = await self._runner.call(functools.partial(self.store.prune, older_than_ts, limit=limit))

@@ -1,0 +1,61 @@
+"""The chat's client side in-process (issue 12), against a real server: what the status line is told,
+where the pty tests can only see escape sequences; and the status line's words."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from chatcli.client import render, repl
+from chatcli.client.render import ConnectionState, StatusView
+from chatcli.client.repl import ChatClient
+from chatcli.client.session import open_session
+from chatcli.client.settings import ClientSettings
+from tests.support.processes import RunningServer
+
+
+async def _until(condition: Callable[[], object], timeout: float = 5) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def test_typing_shows_until_the_message_or_a_pause(server: RunningServer, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_home: object) -> None:
+    monkeypatch.setattr(repl, "TYPING_SHOWN_S", 0.5)  # the pause, shortened
+    settings = ClientSettings(url=server.ws_url)
+    shown: list[str] = []
+
+    async def scenario() -> None:
+        client = ChatClient(settings, "tom", "uma", colour=False, show=shown.append)
+        running = asyncio.create_task(client.run())
+        await _until(lambda: client.state is ConnectionState.CONNECTED and client.peer_online is not None)
+        async with open_session(settings, "uma") as uma:
+            await uma.typing("tom")
+            await _until(lambda: client.view().peer_typing)
+            assert "uma is typing…" in render.status_text(client.view())
+            await uma.send("tom", "done typing")
+            await _until(lambda: any("uma: done typing" in line for line in shown))
+            assert not client.view().peer_typing  # cleared by the message
+        async with open_session(settings, "uma") as again:  # a new session: not held back by the interval
+            await again.typing("tom")
+            await _until(lambda: client.view().peer_typing)
+            await _until(lambda: not client.view().peer_typing, timeout=3)  # cleared by the pause
+        running.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_the_status_line_names_the_conversation_typing_and_the_hotlist() -> None:
+    connected = ConnectionState.CONNECTED
+    view = StatusView(connected, "ws://h:1", "alice", "bob", peer_online=True, peer_typing=True,
+                      unread=(("carol", 2), ("dave", 1)))
+    assert render.status_text(view) == ("● connected  ws://h:1  alice → bob  bob online  bob is typing…"
+                                        "  [3 unread: carol 2, dave 1]")
+    inbox = StatusView(connected, "ws://h:1", "alice", None)
+    assert render.status_text(inbox) == "● connected  ws://h:1  alice → inbox"
+    many = tuple((f"u{n}", 1) for n in range(7))
+    assert render.status_text(StatusView(connected, "u", "a", None, unread=many)).endswith(
+        "[7 unread: u0 1, u1 1, u2 1, u3 1, u4 1, …]")
