@@ -6,7 +6,9 @@ For each fsync mode, with and without client ids, and batch sizes 1, 10, 100
 and 1000 (one ``append`` call = one transaction, as the relay does once per
 event-loop tick), prints microseconds per message and messages per second.
 Then the cost of the reads the relay makes: ``pending``, ``history``, ``first_id_since``
-(``Chatcli-Since``: a binary search over ids, O(log n)), ``prune``.
+(``Chatcli-Since``: a binary search over ids, O(log n)), ``search`` (FTS5), a batch holding a
+reply (checked row by row), ``prune``. ``PYTHONPATH=/path/to/other/tree`` measures another tree's
+store with this script (the search rows are left out where it has none).
 
 ``--dir`` must be on the disk the server will use: on tmpfs an fsync is free
 and the "full" figures mean nothing.
@@ -77,6 +79,24 @@ def bench_appends(workdir: Path, seconds: float) -> None:
             print(f"{fsync:<7}{ids:<12}{batch_size:>6}{micros:>10.2f}{1e6 / micros:>12,.0f}{slowest:>12.1f}")
 
 
+def bench_search_index(workdir: Path, seconds: float) -> None:
+    """The commit path with the search index kept up (every SEARCH_BATCH_ROWS) and without, alternated."""
+    import chatcli.server.storage as storage
+
+    if not hasattr(storage, "SEARCH_BATCH_ROWS"):  # an older tree: nothing to compare
+        return
+    print("\ncommit path, batches of 1000, fsync normal: search index kept up vs not (alternated)")
+    every = storage.SEARCH_BATCH_ROWS
+    for round_ in range(3):
+        for label, rows in (("indexed", every), ("not indexed", 10**12)):
+            storage.SEARCH_BATCH_ROWS = rows  # read by append at each call
+            with SQLiteStore(workdir / f"index-{round_}-{rows}.db") as store:
+                store.append(make_batch(1000, False))
+                micros, slowest = time_appends(store, 1000, False, seconds)
+            print(f"  {label:<12}{micros:>8.2f} µs/msg  slowest {slowest:.1f} ms", end="" if rows == every else "\n")
+    storage.SEARCH_BATCH_ROWS = every
+
+
 def bench_reads(workdir: Path, rows: int) -> None:
     with SQLiteStore(workdir / "reads.db") as store:
         for _ in range(rows // 1000):
@@ -102,6 +122,19 @@ def bench_reads(workdir: Path, rows: int) -> None:
             "pending page after first_id_since(middle)": time_call(
                 lambda: store.messages_to("user3", since_ts=middle_ts, limit=500), repeat=20),
         }
+        if hasattr(store, "iter_search"):  # issue 13; absent from older trees, which this script also measures
+            from chatcli.server.engine.pages import SearchScan
+
+            def search(user: str, words: str) -> object:
+                return list(store.iter_search(user, words, SearchScan(), limit=20))
+
+            figures |= {
+                "search(user, a word in every message)": time_call(lambda: search("user3", "typical"), 50),
+                "search(user, a word in no message)": time_call(lambda: search("user3", "zebra"), 50),
+                "search(another user's word: the cap)": time_call(lambda: search("nobody", "typical"), 10),
+                "append 100 with 1 reply (checked path)": time_call(lambda: store.append(
+                    [*make_batch(99, False), NewMessage("user3", "user24", TEXT, time.time(), None, 1)]), 50),
+            }
         for name, micros in figures.items():
             print(f"  {name:<40}{micros:>10.0f} µs")
         start = time.perf_counter()
@@ -118,6 +151,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="chatcli-bench-", dir=args.dir))
     try:
         bench_appends(workdir, args.seconds)
+        bench_search_index(workdir, args.seconds)
         bench_reads(workdir, args.rows)
     finally:
         shutil.rmtree(workdir)

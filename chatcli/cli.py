@@ -208,6 +208,9 @@ def send(
     window: Annotated[int, typer.Option(
         "--window", min=1, help="Messages in flight, unacknowledged, at most (1: wait for each ack).")] = 256,
     json_output: Annotated[bool, typer.Option("--json", help="Print each ack as a JSON line.")] = False,
+    reply_to: Annotated[int | None, typer.Option(
+        "--reply-to", metavar="ID", min=1, help="Reply to message ID of this conversation (its id in listen "
+        "or history --json); the server refuses an id from elsewhere (exit 5).", show_default=False)] = None,
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
     auth_key_file: AuthKeyFileOption = None,
@@ -224,13 +227,16 @@ def send(
     """
     send_command(_environment(ctx), me, peer, text, lines=lines, window=window, json_output=json_output,
                  url=url, auth_key=auth_key, auth_key_file=auth_key_file, token_file=token_file, cafile=cafile,
-                 insecure=insecure, timeout=timeout, profile=profile)
+                 insecure=insecure, timeout=timeout, profile=profile, reply_to=reply_to)
 
 
 @app.command()
 def listen(
     ctx: typer.Context,
     me: MeArgument,
+    argv: Annotated[list[str] | None, typer.Argument(
+        metavar="[-- PROGRAM [ARG...]]", help="The hook as a program and its arguments, run without a shell "
+        "(instead of --exec).", show_default=False)] = None,
     count: Annotated[int | None, typer.Option(
         "--count", min=1, help="Exit 0 after this many messages.", show_default=False)] = None,
     duration: Annotated[float | None, typer.Option(
@@ -248,6 +254,22 @@ def listen(
         "each printed message's id there, so repeated runs miss and repeat nothing.",
         show_default=False, dir_okay=False)] = None,
     mark_read: MarkReadOption = False,
+    exec_command: Annotated[str | None, typer.Option(
+        "--exec", metavar="CMD", help="Run CMD (by /bin/sh) for each message: the JSON line on stdin, "
+        "CHATCLI_ID/FROM/TO/TEXT/TS in the environment. The cursor moves past a message only once CMD "
+        "exited 0; a failure is retried with backoff.", show_default=False)] = None,
+    parallel: Annotated[int, typer.Option(
+        "--parallel", min=1, max=256, help="Hooks running at once; each sender's messages still run one at a "
+        "time, in order.")] = 1,
+    max_attempts: Annotated[int | None, typer.Option(
+        "--max-attempts", min=1, help="Give up on a message after N failed attempts: write it to "
+        "--dead-letter and move on [default: retry until it succeeds].", show_default=False)] = None,
+    dead_letter: Annotated[Path | None, typer.Option(
+        "--dead-letter", metavar="FILE", help="Where messages given up on go, as JSON lines (with attempts "
+        "and error).", show_default=False, dir_okay=False)] = None,
+    exec_timeout: Annotated[float, typer.Option(
+        "--exec-timeout", min=0.0, help="Kill a hook still running after this many seconds (a failed "
+        "attempt); 0: never.")] = 60.0,
     url: UrlOption = None,
     auth_key: AuthKeyOption = None,
     auth_key_file: AuthKeyFileOption = None,
@@ -256,7 +278,12 @@ def listen(
     insecure: InsecureOption = False,
     profile: ProfileOption = None,
 ) -> None:
-    """Print each incoming message as a JSON line: {"id", "from", "to", "text", "ts"}."""
+    """Print each incoming message as a JSON line: {"id", "from", "to", "text", "ts", "reply_to"}.
+
+    With --exec CMD (or -- PROGRAM ARGS), run a hook for each message instead, at least once: the
+    cursor (--cursor-file, and the server's) moves past a message only once its hook exited 0 (or it
+    went to --dead-letter), and stdout gets the JSON line of each message whose hook succeeded.
+    """
     import asyncio
 
     from chatcli.client import render
@@ -267,16 +294,32 @@ def listen(
     env = _environment(ctx)
     settings = _settings(env, url, auth_key, auth_key_file, None, profile, token_file=token_file, cafile=cafile,
                          insecure=insecure)
-    options = ListenOptions(
-        count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
-        start=parse_since(since) if since is not None else None,
-        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None, flush=env.flush,
-        mark_read=mark_read, receipts=settings.receipts)
 
     def on_message(message: Message) -> None:
         env.write_line(render.message_json(message), flush=False)  # flushed once per batch that arrived
 
+    hooks = None
+    if exec_command is not None or argv:
+        from chatcli.client.hooks import HookOptions, HookRunner
+
+        hook_options = HookOptions.build(exec_command, argv, parallel=parallel, max_attempts=max_attempts,
+                                         dead_letter=dead_letter, timeout=exec_timeout or None)
+        hooks = HookRunner(hook_options, on_success=lambda m: env.write_line(render.message_json(m)),
+                           notice=env.notice)
+        on_message = _ignore  # printed once its hook succeeded
+    elif (max_attempts, dead_letter) != (None, None) or parallel != 1:
+        raise typer.BadParameter("--parallel, --max-attempts and --dead-letter need a hook: --exec CMD or "
+                                 "-- PROGRAM ARGS", param_hint="--exec")
+    options = ListenOptions(
+        count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
+        start=parse_since(since) if since is not None else None,
+        cursor_file=CursorFile(cursor_file) if cursor_file is not None else None, flush=env.flush,
+        mark_read=mark_read, receipts=settings.receipts, hooks=hooks)
     asyncio.run(listen(settings, me, options, on_message, env.notice))
+
+
+def _ignore(message: Message) -> None:
+    return None
 
 
 @app.command()
@@ -358,6 +401,113 @@ class Notify(StrEnum):
     bell = "bell"
     desktop = "desktop"
     off = "off"
+
+
+@app.command()
+def ask(
+    ctx: typer.Context,
+    me: MeArgument,
+    peer: PeerArgument,
+    text: Annotated[str | None, typer.Argument(
+        metavar="TEXT", help="The question; omitted or '-' reads it from stdin.", show_default=False)] = None,
+    any_message: Annotated[bool, typer.Option(
+        "--any", help="The answer is PEER's next message, a reply or not (a seed app cannot reply).")] = False,
+    yes_no: Annotated[bool, typer.Option(
+        "--yes-no", help="Exit 0 for yes/y/ok/approve, 7 for no/n/deny; any other answer is printed, exit 8.")] = False,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print the answer's JSON line (listen's schema).")] = False,
+    wait: Annotated[float, typer.Option(
+        "--timeout", min=0.001, help="Seconds to wait for the answer (exit 6 after).")] = 300.0,
+    url: UrlOption = None,
+    auth_key: AuthKeyOption = None,
+    auth_key_file: AuthKeyFileOption = None,
+    token_file: TokenFileOption = None,
+    cafile: CafileOption = None,
+    insecure: InsecureOption = False,
+    profile: ProfileOption = None,
+) -> None:
+    """Send TEXT to PEER, then wait for the answer (PEER's reply to it) and print its text.
+
+    Example: chatcli ask deploybot alice "Deploy 4.2 to prod?" --yes-no && make deploy
+    """
+    import asyncio
+
+    from chatcli.client import render
+    from chatcli.client.commands import ask as ask_peer
+    from chatcli.client.inputs import read_texts
+    from chatcli.errors import AnsweredNo, AnswerUnclear
+
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, None, profile, token_file=token_file, cafile=cafile,
+                         insecure=insecure)
+    batches = read_texts(text, lines=False, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
+    assert isinstance(batches, list)  # a whole text, never stdin lines
+    answer = asyncio.run(ask_peer(settings, me, peer, batches[0][0][1], wait=wait, any_message=any_message,
+                                  notice=env.notice))
+    verdict = _yes_or_no(answer.text) if yes_no else None
+    if json_output:
+        env.write_line(render.message_json(answer))
+    elif verdict is None:
+        env.write_line(answer.text)
+    if verdict is False:
+        raise AnsweredNo(f"{peer} answered no")
+    if yes_no and verdict is None:
+        raise AnswerUnclear(f"{peer}'s answer is neither yes nor no")
+
+
+_YES = frozenset({"yes", "y", "ok", "okay", "approve", "approved"})
+_NO = frozenset({"no", "n", "deny", "denied"})
+
+
+def _yes_or_no(answer: str) -> bool | None:
+    """True for yes/y/ok/approve, False for no/n/deny (any case, trailing punctuation ignored), else None."""
+    word = answer.strip().rstrip(".!").strip().lower()
+    return True if word in _YES else False if word in _NO else None
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    me: MeArgument,
+    text: Annotated[str, typer.Argument(metavar="TEXT", help="The words to find (each starts a word; all must "
+                                        "be there).", show_default=False)],
+    peer: Annotated[str | None, typer.Option(
+        "--peer", metavar="PEER", help="Only the conversation with PEER.", show_default=False)] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="DURATION|TIME", help="Only messages of the last DURATION (e.g. 30m, 2d) or since an "
+        "ISO 8601 TIME.", show_default=False)] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=200, help="How many matches at most.")] = 20,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="One JSON line per message, the schema of listen.")] = False,
+    url: UrlOption = None,
+    auth_key: AuthKeyOption = None,
+    auth_key_file: AuthKeyFileOption = None,
+    token_file: TokenFileOption = None,
+    cafile: CafileOption = None,
+    insecure: InsecureOption = False,
+    timeout: TimeoutOption = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Find messages in ME's own conversations, newest first, the match highlighted on a terminal."""
+    import asyncio
+
+    from chatcli.client import render
+    from chatcli.client.commands import search_messages
+    from chatcli.client.inputs import parse_search_since
+
+    env = _environment(ctx)
+    settings = _settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file, cafile=cafile,
+                         insecure=insecure)
+    start = parse_search_since(since) if since is not None else None
+    if not text.strip() or len(text) > 256:
+        raise typer.BadParameter("give 1-256 characters holding a word", param_hint="TEXT")
+    messages, incomplete = asyncio.run(search_messages(settings, me, text, limit, peer, start))
+    for message in messages:
+        env.write_line(render.message_json(message) if json_output
+                       else render.search_ansi(message, text, colour=env.colour))
+    if incomplete:
+        env.notice("the server stopped before reading every older message (too many matches elsewhere): "
+                   "narrow the search with --peer or --since")
 
 
 @app.command()

@@ -15,7 +15,9 @@
         │   └── CertificateError      3  the wss:// server's certificate is not trusted
         ├── AuthError                 4  the server refused our credentials
         ├── RefusedError              5  the server refused a message (reason in ``reason``)
-        └── TimedOutError             6  nothing happened in time
+        ├── TimedOutError             6  nothing happened in time
+        ├── AnsweredNo                7  ``ask --yes-no``: the answer was no (no, n, deny)
+        └── AnswerUnclear             8  ``ask --yes-no``: the answer was neither yes nor no
 
 Command code raises these and never handles them; ``exit_status_for`` is the only
 place that turns an exception into an exit status (as HTTPie does).
@@ -25,8 +27,9 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["AccountError", "AuthError", "CertificateError", "ChatcliError", "ClientError", "ConnectError",
-           "EngineUnavailable", "ExitStatus", "InvalidUserId", "LocalProtocolError", "ProtocolError", "RefusedError",
+__all__ = ["AccountError", "AnswerUnclear", "AnsweredNo",
+           "AuthError", "CertificateError", "ChatcliError", "ClientError", "ConnectError", "EngineUnavailable",
+           "ExitStatus", "InvalidUserId", "LocalProtocolError", "ProtocolError", "RefusedError",
            "RemoteProtocolError", "StorageError", "TimedOutError", "UnknownFrameType", "UsageError",
            "exit_status_for"]
 
@@ -40,6 +43,8 @@ class ExitStatus(IntEnum):
     AUTH = 4
     REFUSED = 5
     TIMEOUT = 6
+    ANSWERED_NO = 7
+    ANSWER_UNCLEAR = 8
     INTERRUPTED = 130
 
 
@@ -131,6 +136,18 @@ class RefusedError(ClientError):
 
 class TimedOutError(ClientError):
     exit_status = ExitStatus.TIMEOUT
+
+
+class AnsweredNo(ClientError):
+    """``chatcli ask --yes-no`` got a no."""
+
+    exit_status = ExitStatus.ANSWERED_NO
+
+
+class AnswerUnclear(ClientError):
+    """``chatcli ask --yes-no`` got an answer that is neither yes nor no (printed on stdout)."""
+
+    exit_status = ExitStatus.ANSWER_UNCLEAR
 
 
 def exit_status_for(exc: BaseException) -> ExitStatus:

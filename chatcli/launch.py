@@ -86,12 +86,13 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
                  window: int = 256, json_output: bool = False, url: str | None = None,
                  auth_key: str | None = None, auth_key_file: Path | None = None, token_file: Path | None = None,
                  cafile: Path | None = None, insecure: bool = False, timeout: float | None = None,
-                 profile: str | None = None) -> None:
+                 profile: str | None = None, reply_to: int | None = None) -> None:
     """``chatcli send``, whichever parser read its arguments.
 
     One message goes over a blocking socket (``client.oneshot``: no asyncio, no websockets to
     import); ``--lines`` streams over the asyncio session with a window of messages in flight, and
-    so does everything when a proxy is configured (websockets' client knows how to use it).
+    so does everything when a proxy is configured (websockets' client knows how to use it) and a
+    reply (``--reply-to``: sent once the hello says the server keeps replies).
     """
     settings = client_settings(env, url, auth_key, auth_key_file, timeout, profile, token_file=token_file,
                                cafile=cafile, insecure=insecure)
@@ -104,7 +105,7 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
 
     from chatcli.client.connecting import proxy_in_environment
 
-    if not lines and not proxy_in_environment():
+    if not lines and reply_to is None and not proxy_in_environment():  # a reply checks the server's features
         from chatcli.client.inputs import read_text
         from chatcli.client.oneshot import send_one
 
@@ -116,7 +117,7 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
     from chatcli.client.inputs import read_texts
 
     texts = read_texts(text, lines=lines, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
-    asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines))
+    asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines, reply_to=reply_to))
 
 
 def exit_status_of(call: Callable[[], int], env: Environment) -> int:

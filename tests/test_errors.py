@@ -6,6 +6,8 @@ import pytest
 
 from chatcli.errors import (
     AccountError,
+    AnsweredNo,
+    AnswerUnclear,
     AuthError,
     CertificateError,
     ChatcliError,
@@ -34,6 +36,8 @@ from chatcli.errors import (
         (AuthError("bad key"), 4),
         (RefusedError("recipient offline", reason="offline"), 5),
         (TimedOutError("no ack in 5 s"), 6),
+        (AnsweredNo("alice answered no"), 7),
+        (AnswerUnclear("neither yes nor no"), 8),
         (ClientError("something else"), 1),
         (KeyboardInterrupt(), 130),
         (LocalProtocolError("invalid user id 'a b'"), 2),  # bad usage, e.g. an invalid id on the command line
@@ -65,3 +69,10 @@ def test_protocol_error_codes() -> None:
 def test_refused_error_carries_its_reason() -> None:
     assert RefusedError("no").reason == "refused"
     assert RefusedError("no", reason="too-large").reason == "too-large"
+
+
+def test_the_readme_table_lists_every_exit_status() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert all(f"| {int(status)} |" in readme for status in ExitStatus)

@@ -1,4 +1,4 @@
-"""The commands' transport halves: ``send``, ``listen``, ``history`` and ``who`` over client sessions.
+"""The commands' transport halves: ``send``, ``listen``, ``history``, ``who``, ``ask`` and ``search``.
 
 Each takes resolved settings and callbacks for what to show, and leaves formatting and
 exit statuses to ``chatcli.cli``.
@@ -15,12 +15,14 @@ server answers as a ``duplicate`` if it had already stored it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from chatcli.client.reconnect import Backoff, CursorFile, MessageCursor, ResumePoint, store_changed
 from chatcli.client.session import ClientSession, open_session, refusal
@@ -28,8 +30,11 @@ from chatcli.client.settings import ClientSettings
 from chatcli.errors import CertificateError, ConnectError, RefusedError, TimedOutError
 from chatcli.protocol import INBOX_MAX_LIMIT, Ack, ErrorCode, Feature, Inbox, Message, Send, check_user_id
 
-__all__ = ["DEFAULT_WINDOW", "NO_READS", "ListenOptions", "Notice", "TextBatches", "fetch_history", "fetch_inbox",
-           "fetch_online", "listen", "send_messages"]
+if TYPE_CHECKING:
+    from chatcli.client.hooks import HookRunner
+
+__all__ = ["DEFAULT_WINDOW", "NO_READS", "ListenOptions", "Notice", "TextBatches", "ask", "fetch_history",
+           "fetch_inbox", "fetch_online", "listen", "search_messages", "send_messages"]
 
 T = TypeVar("T")
 #: What ``send`` sends: batches of (input line number, text), in order, as they become available.
@@ -107,7 +112,7 @@ class _Window:
 
 async def send_messages(settings: ClientSettings, me: str, peer: str, texts: TextBatches,
                         on_ack: Callable[[Ack], None], *, window: int = DEFAULT_WINDOW, by_line: bool = False,
-                        new_id: Callable[[], str] = ClientSession.new_id) -> None:
+                        new_id: Callable[[], str] = ClientSession.new_id, reply_to: int | None = None) -> None:
     """Send each text in order, up to ``window`` unacknowledged at once; return once every one was
     accepted. ``on_ack`` gets the acks in input order.
 
@@ -116,7 +121,9 @@ async def send_messages(settings: ClientSettings, me: str, peer: str, texts: Tex
     If a session to a storing server drops, reconnect (backoff, for at most ``settings.timeout``
     seconds) and resend every unacknowledged message with its client id: the server stores each
     once, answering a repeat as a ``duplicate``. A server that stores nothing cannot tell a
-    repeat, so a drop there ends with ``ConnectError``.
+    repeat, so a drop there ends with ``ConnectError``. With ``reply_to``, every message replies to
+    that message id; a server without the ``replies`` feature is refused before anything is sent (it
+    would drop the reference silently).
     """
     check_user_id(peer)
     pending = _Window(window, on_ack)
@@ -131,7 +138,9 @@ async def send_messages(settings: ClientSettings, me: str, peer: str, texts: Tex
                     backoff.reset()
                     lost_at = None
                     can_retry = session.offers(Feature.STORE)
-                    await _send_all(session, peer, source, pending, new_id, settings.timeout)
+                    if reply_to is not None:
+                        _require(session, Feature.REPLIES, settings.url, "replies")
+                    await _send_all(session, peer, source, pending, new_id, settings.timeout, reply_to)
                     break
             except ConnectError as exc:
                 if not can_retry:
@@ -207,7 +216,7 @@ async def _wait_to_resend(exc: ConnectError, lost_at: float, backoff: Backoff, w
 
 
 async def _send_all(session: ClientSession, peer: str, source: _Lines, pending: _Window,
-                    new_id: Callable[[], str], timeout: float) -> None:
+                    new_id: Callable[[], str], timeout: float, reply_to: int | None = None) -> None:
     """Resend what is unacknowledged, then stream the rest of the lines, keeping the window full."""
     acks = asyncio.create_task(_take_acks(session, pending))
 
@@ -225,7 +234,8 @@ async def _send_all(session: ClientSession, peer: str, source: _Lines, pending: 
             lines = await _wait(functools.partial(source.take, pending.room), acks, pending, timeout)
             if not lines:
                 break
-            batch = [_Outgoing(number, Send(id=new_id(), to=peer, text=text)) for number, text in lines]
+            batch = [_Outgoing(number, Send(id=new_id(), to=peer, text=text, reply_to=reply_to))
+                     for number, text in lines]
             for outgoing in batch:  # all in the window first: a drop mid-batch resends the rest
                 pending.add(outgoing)
             for outgoing in batch:
@@ -322,6 +332,79 @@ async def fetch_online(settings: ClientSettings, me: str) -> tuple[str, ...]:
         return await session.who()
 
 
+def _require(session: ClientSession, feature: Feature, url: str, what: str) -> None:
+    if not session.offers(feature):
+        raise RefusedError(f"{url} does not support {what} (an older server, or one that cannot keep them): "
+                           "upgrade it", ErrorCode.UNAVAILABLE)
+
+
+async def search_messages(settings: ClientSettings, me: str, text: str, limit: int, peer: str | None = None,
+                          since: str | None = None) -> tuple[tuple[Message, ...], bool]:
+    """``chatcli search``: ME's messages matching ``text``, newest first; True if older ones were not read."""
+    if peer is not None:
+        check_user_id(peer)
+    async with open_session(settings, me, ResumePoint.live_only()) as session:
+        _require(session, Feature.SEARCH, settings.url, "search")
+        return await session.search(text, limit, peer, since)
+
+
+#: ``Chatcli-Since`` of a session that wants no stored messages, only what arrives from now on.
+_NOTHING_STORED = ResumePoint(since="9999-12-31T00:00:00Z")
+
+
+async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: float, any_message: bool,
+              notice: Notice) -> Message:
+    """``chatcli ask``: send ``text`` to ``peer``, then wait up to ``wait`` seconds for the answer.
+
+    The answer is PEER's first message that replies to ours (``any_message``: PEER's first message
+    after ours, a seed app's included). One receiving session asks and waits, starting with no
+    backlog: anything that answers ours comes after our ack on it (the server acknowledges a batch's
+    messages in id order, and a reply needs our id). After a drop it resends with the same client id
+    (a storing server keeps the question once) and, once asked, resumes right after the question, so
+    an answer that came meanwhile is not missed. ``TimedOutError`` when none came in time.
+    """
+    check_user_id(peer)
+    question = Send(id=ClientSession.new_id(), to=peer, text=text)
+    asked: Ack | None = None
+    epoch: str | None = None
+    backoff = Backoff()
+    resendable = True  # until a server that stores nothing (and so cannot tell a resend) was sent the question
+    try:
+        async with asyncio.timeout(wait):
+            while True:
+                resume = _NOTHING_STORED if asked is None else ResumePoint(after=asked.msg_id, epoch=epoch)
+                try:
+                    async with open_session(settings, me, resume) as session:
+                        backoff.reset()
+                        epoch = session.hello.epoch
+                        if not any_message and not session.offers(Feature.REPLIES):  # no answer could ever match
+                            _require(session, Feature.REPLIES, settings.url, "replies (ask --any still works)")
+                        if asked is None:
+                            resendable = session.offers(Feature.STORE)
+                            asked = await session.send_and_wait(question)
+                            if not asked.accepted:
+                                raise refusal(asked, peer)
+                        return await _answer(session, peer, asked.msg_id or 0, any_message)
+                except ConnectError as exc:
+                    if isinstance(exc, CertificateError) or (asked is None and not resendable):
+                        raise  # a resend could ask twice: the server would not recognise it
+                    delay = backoff.next_delay()
+                    notice(f"{exc}; reconnecting in {delay:.1f} s")
+                    await asyncio.sleep(delay)
+    except TimeoutError:
+        if asked is None:
+            raise TimedOutError(f"could not ask {peer} within {wait:g} s") from None
+        raise TimedOutError(f"no answer from {peer} within {wait:g} s") from None
+
+
+async def _answer(session: ClientSession, peer: str, question: int, any_message: bool) -> Message:
+    async for frame in session.frames():
+        if (isinstance(frame, Message) and frame.sender == peer and frame.id > question
+                and (any_message or frame.reply_to == question)):
+            return frame
+    raise ConnectError("the server closed the session")  # pragma: no cover - frames() ends by raising
+
+
 @dataclass(frozen=True, slots=True)
 class ListenOptions:
     count: int | None = None
@@ -338,6 +421,8 @@ class ListenOptions:
     #: unless ``receipts`` is false.
     mark_read: bool = False
     receipts: bool = True
+    #: ``listen --exec``: messages go to these hooks, and the cursor moves only past handled ones.
+    hooks: HookRunner | None = None
 
 
 async def listen(settings: ClientSettings, me: str, options: ListenOptions,
@@ -357,19 +442,34 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
 
     saved = options.cursor_file.load() if options.cursor_file is not None else None
     start = options.start or (saved.resume_point() if saved is not None else None)
+    cursor = MessageCursor()
+    progress = _HookProgress(options, cursor)
+    if options.hooks is not None:
+        options.hooks.on_handled = progress.handled
+        _stop_on_sigterm()  # so that running hooks are killed, not left behind
     try:
         async with asyncio.timeout(options.duration):
-            await _listen_forever(settings, me, options, MessageCursor(), start, take, notice)
+            await _listen_forever(settings, me, options, cursor, start, take, notice, progress)
+            if options.hooks is not None:  # --count reached: the hooks of those messages finish first
+                await options.hooks.drain()
     except TimeoutError:
         if options.count is not None:
             raise TimedOutError(f"received {received} of {options.count} messages "
                                 f"in {options.duration:g} s") from None
     except BrokenPipeError:
         return
+    except asyncio.CancelledError:
+        if _terminated:  # SIGTERM: an interruption, as Ctrl-C
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if options.hooks is not None:
+            options.hooks.stop()
 
 
 async def _listen_forever(settings: ClientSettings, me: str, options: ListenOptions, cursor: MessageCursor,
-                          start: ResumePoint | None, take: Callable[[Message], bool], notice: Notice) -> None:
+                          start: ResumePoint | None, take: Callable[[Message], bool], notice: Notice,
+                          progress: _HookProgress | None = None) -> None:
     backoff = Backoff()
     connected_before = False
     while True:
@@ -384,9 +484,11 @@ async def _listen_forever(settings: ClientSettings, me: str, options: ListenOpti
                 if options.mark_read and not connected_before and not session.offers(Feature.READS):
                     notice(f"--mark-read: {settings.url} {NO_READS}; nothing is marked read")
                 if store_changed_here:
+                    if options.hooks is not None:
+                        options.hooks.store_changed()
                     _restart_cursor(resume, cursor, options.cursor_file, notice)
                 connected_before = True
-                if await _take_batches(session, options, cursor, take):
+                if await _take_batches(session, options, cursor, take, progress):
                     return
         except ConnectError as exc:
             if not options.reconnect or isinstance(exc, CertificateError):
@@ -405,7 +507,7 @@ def _restart_cursor(resumed: ResumePoint | None, cursor: MessageCursor, cursor_f
 
 
 async def _take_batches(session: ClientSession, options: ListenOptions, cursor: MessageCursor,
-                        take: Callable[[Message], bool]) -> bool:
+                        take: Callable[[Message], bool], progress: _HookProgress | None = None) -> bool:
     """Hand on each new message; True once ``take`` says it has enough.
 
     Per batch of messages that arrived together, once ``take`` wrote them all: flush them,
@@ -413,6 +515,8 @@ async def _take_batches(session: ClientSession, options: ListenOptions, cursor: 
     listener leaves the server-side cursor alone: it skips other senders' messages, which a
     later unfiltered listener must still get.
     """
+    if options.hooks is not None and progress is not None:
+        return await _take_into_hooks(session, options, cursor, take, options.hooks, progress)
     async for batch in session.frame_batches():
         last_id, done = None, False
         for frame in batch:
@@ -441,3 +545,64 @@ async def _mark_read(session: ClientSession, batch: list[Any], upto: int, option
             newest[frame.sender] = max(frame.id, newest.get(frame.sender, 0))
     for sender, msg_id in newest.items():
         await session.mark_read(sender, msg_id, receipt=options.receipts)
+
+_terminated: list[bool] = []
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM cancels listening (ending as an interruption) instead of ending the process where it stands."""
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - always called from a task
+        return
+
+    def stop() -> None:
+        _terminated.append(True)
+        task.cancel()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals off the main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+
+
+class _HookProgress:
+    """Where ``listen --exec`` records handled messages: the cursor file, and the server-side cursor through
+    the session reading now (a confirmation lost with a session only means a repeat, never a skip)."""
+
+    def __init__(self, options: ListenOptions, cursor: MessageCursor) -> None:
+        self.options = options
+        self.cursor = cursor
+        self.session: ClientSession | None = None
+        self._confirming: set[asyncio.Task[None]] = set()
+
+    def handled(self, msg_id: int) -> None:
+        options = self.options
+        if options.cursor_file is not None and self.cursor.resumable:
+            options.cursor_file.save(msg_id, self.cursor.epoch)
+        if options.sender is None and self.session is not None:  # --from leaves the server's cursor alone
+            task = asyncio.ensure_future(_confirm(self.session, msg_id))
+            self._confirming.add(task)
+            task.add_done_callback(self._confirming.discard)
+
+
+async def _confirm(session: ClientSession, msg_id: int) -> None:
+    with contextlib.suppress(ConnectError):
+        await session.acknowledge(msg_id)
+
+
+async def _take_into_hooks(session: ClientSession, options: ListenOptions, cursor: MessageCursor,
+                           take: Callable[[Message], bool], hooks: HookRunner, progress: _HookProgress) -> bool:
+    """``listen --exec``: hand each new message to the hooks; the cursor moves as they finish (``progress``).
+
+    ``take`` only counts (``--count``): what is printed is each message whose hook succeeded.
+    """
+    progress.session = session
+    try:
+        async for batch in session.frame_batches():
+            for frame in batch:
+                if isinstance(frame, Message) and cursor.is_new(frame):
+                    if options.sender is None or frame.sender == options.sender:
+                        await hooks.submit(frame)
+                    if take(frame):
+                        return True
+    finally:
+        progress.session = None
+    return False  # pragma: no cover - frame_batches ends by raising ConnectError

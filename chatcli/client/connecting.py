@@ -126,6 +126,9 @@ def refusal_text(to: str, reason: str, max_bytes: int | None = None) -> str:
         return f"message to {to} refused: too-large (the server accepts at most {max_bytes} bytes)"
     if reason == Reason.OFFLINE:
         return f"message to {to} refused: offline ({to} is not connected and this server stores nothing)"
+    if reason == Reason.BAD_REPLY:
+        return (f"message to {to} refused: bad-reply (the message replied to is not in your conversation "
+                f"with {to}, or is no longer stored)")
     return f"message to {to} refused: {reason}"
 
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from chatcli.client.commands import TextBatches
 from chatcli.client.reconnect import ResumePoint
-from chatcli.errors import UsageError
-from chatcli.protocol import format_ts
+from chatcli.errors import LocalProtocolError, UsageError
+from chatcli.protocol import format_ts, parse_ts
 from chatcli.units import parse_duration
 
-__all__ = ["parse_since", "read_text", "read_texts"]
+__all__ = ["parse_search_since", "parse_since", "read_text", "read_texts"]
 
 
 def parse_since(value: str, now: float | None = None) -> ResumePoint:
@@ -33,6 +33,23 @@ def parse_since(value: str, now: float | None = None) -> ResumePoint:
         raise UsageError(f"invalid --since {value!r}: use a message id (e.g. 42), a duration with a unit "
                          "(e.g. 30m, 1h, 2d) or 'all'") from None
     return ResumePoint(since=format_ts((time.time() if now is None else now) - seconds))
+
+
+def parse_search_since(value: str, now: float | None = None) -> str:
+    """``search --since``: a duration back from now (``30m``, ``2d``) or an ISO 8601 time with a zone."""
+    value = value.strip()
+    try:
+        return format_ts(parse_ts(value))
+    except LocalProtocolError:
+        pass
+    try:
+        if not value[-1:].isalpha():
+            raise ValueError(value)
+        seconds = parse_duration(value)
+    except ValueError:
+        raise UsageError(f"invalid --since {value!r}: use a duration with a unit (e.g. 30m, 1h, 2d) or an "
+                         "ISO 8601 time with a zone (e.g. 2026-11-25T10:00:00Z)") from None
+    return format_ts((time.time() if now is None else now) - seconds)
 
 
 def read_texts(text: str | None, *, lines: bool, stdin: TextIO, stdin_isatty: bool) -> TextBatches:

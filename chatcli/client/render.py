@@ -21,8 +21,8 @@ from chatcli.protocol import Ack, Conversation, Message, Status, parse_ts
 
 __all__ = [
     "ConnectionState", "Outcome", "StatusView", "ack_json", "author_colour", "conversation_json", "history_ansi",
-    "inbox_line", "message_ansi", "message_json", "notice_ansi", "own_message_ansi", "receipt_ansi", "safe_text",
-    "status_ansi", "status_text", "unread_json", "users_json",
+    "inbox_line", "message_ansi", "message_json", "notice_ansi", "own_message_ansi", "quote_ansi", "receipt_ansi",
+    "safe_text", "search_ansi", "status_ansi", "status_text", "unread_json", "users_json",
 ]
 
 if TYPE_CHECKING:
@@ -53,14 +53,16 @@ def safe_text(text: str) -> str:
 
 
 def message_json(message: Message) -> str:
-    """The stable ``listen`` line: ``{"id", "from", "to", "text", "ts"}``; JSON escapes every control.
+    """The stable ``listen`` line: ``{"id", "from", "to", "text", "ts", "reply_to"}`` (``reply_to``: null
+    unless a reply); JSON escapes every control.
 
     ``json.dumps`` of that dict, character for character, from a template: ``listen`` writes one
     per message, and the dict and the encoder were a sixth of its CPU. A ``Message`` holds valid
-    user ids (``[A-Za-z0-9._@-]``, nothing to escape) and an int id.
+    user ids (``[A-Za-z0-9._@-]``, nothing to escape) and int ids.
     """
+    reply_to = "null" if message.reply_to is None else message.reply_to
     return (f'{{"id": {message.id}, "from": "{message.sender}", "to": "{message.to}", '
-            f'"text": {_json_string(message.text)}, "ts": {_json_string(message.ts)}}}')
+            f'"text": {_json_string(message.text)}, "ts": {_json_string(message.ts)}, "reply_to": {reply_to}}}')
 
 
 def _json_string(text: str) -> str:
@@ -156,6 +158,39 @@ def history_ansi(message: Message, *, colour: bool) -> str:
     """A line of ``chatcli history``: ``YYYY-MM-DD HH:MM author: text`` (a conversation spans days)."""
     return _to_ansi(_chat_line(_clock(message.ts, "%Y-%m-%d %H:%M"), safe_text(message.sender),
                                author_colour(message.sender), message.text), colour)
+
+
+# -- issue 13: search results and reply quotes --------------------------------------------
+
+_WORD: Final = re.compile(r"\w+")
+
+
+def search_ansi(message: Message, query: str, *, colour: bool) -> str:
+    """A search result: ``YYYY-MM-DD HH:MM from → to: text``, each word of ``query`` highlighted in the text
+    (whole words, as the server matched them; a word matched with other accents is not highlighted)."""
+    author = f"{safe_text(message.sender)} → {safe_text(message.to)}"
+    clock = _clock(message.ts, "%Y-%m-%d %H:%M")
+    line = _chat_line(clock, author, author_colour(message.sender), message.text)
+    words = _WORD.findall(query)
+    if words:
+        start = len(clock) + len(author) + 3  # where the text begins in the line
+        pattern = re.compile(r"\b(?:" + "|".join(re.escape(word) for word in words) + r")\b", re.IGNORECASE)
+        for match in pattern.finditer(line.plain, start):
+            line.stylize("bold reverse", match.start(), match.end())
+    return _to_ansi(line, colour)
+
+
+def quote_ansi(quoted: Message | None, reply_to: int, *, colour: bool, width: int = 72) -> str:
+    """The line above a reply in the chat: ``  ↪ bob: the first line of the message it answers…``; the id
+    alone when that message is not known here."""
+    from rich.text import Text
+
+    if quoted is None:
+        return _to_ansi(Text(f"  ↪ reply to message #{reply_to}", style="dim"), colour)
+    first = safe_text(quoted.text).split("\n", 1)[0]
+    room = max(10, width - len(quoted.sender) - 6)
+    shown = first if len(first) <= room and "\n" not in quoted.text else first[:room].rstrip() + "…"
+    return _to_ansi(Text(f"  ↪ {safe_text(quoted.sender)}: {shown}", style="dim"), colour)
 
 
 @dataclass(frozen=True, slots=True)

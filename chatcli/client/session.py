@@ -65,6 +65,8 @@ from chatcli.protocol import (
     MarkRead,
     Message,
     Received,
+    Search,
+    SearchRequest,
     Send,
     ServerFrame,
     Typing,
@@ -146,6 +148,35 @@ class ClientSession:
             if not reply.more or not reply.messages or len(messages) >= limit:
                 return messages
             before = reply.messages[0].id
+
+    async def request_search(self, text: str, limit: int, peer: str | None = None, since: str | None = None,
+                             before: int | None = None) -> str:
+        """Ask for our messages matching ``text``; the ``Search`` answer (same id) comes through ``frames()``."""
+        request = SearchRequest(id=self.new_id(), text=text, limit=limit, peer=peer, since=since, before=before)
+        await self._write(request)
+        return request.id
+
+    async def search(self, text: str, limit: int, peer: str | None = None, since: str | None = None,
+                     rounds: int = 20) -> tuple[tuple[Message, ...], bool]:
+        """Up to ``limit`` of our messages matching ``text``, newest first (feature ``search``), and
+        whether older matches may exist that were not read.
+
+        An answer the server cut short (``more``) is followed by another for older messages, for at
+        most ``rounds`` answers: a common word in a large store is then left incomplete, not endless.
+        """
+        messages: tuple[Message, ...] = ()
+        before: int | None = None
+        for _ in range(rounds):
+            request_id = await self.request_search(text, limit - len(messages), peer, since, before)
+            reply = await self._answer(_search_answer_to(request_id), "search answer")
+            assert isinstance(reply, Search)
+            messages += reply.messages
+            if not reply.more or len(messages) >= limit:
+                return messages, False
+            if not reply.messages:  # the server stopped reading before a match: nothing to page back from
+                return messages, True
+            before = reply.messages[-1].id
+        return messages, True
 
     async def who(self) -> tuple[str, ...]:
         """The users with at least one open session that receives messages, sorted."""
@@ -239,6 +270,10 @@ def _waiting(ws: ClientConnection) -> bool:
 
 def _history_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:
     return lambda frame: isinstance(frame, History) and frame.id == request_id
+
+
+def _search_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:
+    return lambda frame: isinstance(frame, Search) and frame.id == request_id
 
 
 @asynccontextmanager

@@ -89,6 +89,9 @@ class Feature(StrEnum):
     READS = "reads"  # read positions kept per user and conversation, and the "inbox" request (needs storage)
     RECEIPTS = "receipts"  # a "read" is passed on to the peer as a "receipt"
     TYPING = "typing"  # "typing" is passed on to an online recipient
+    # issue 13: scriptable chat
+    REPLIES = "replies"  # send.reply_to is checked and kept; message.reply_to carries it
+    SEARCH = "search"  # the "search" request
 
 
 class Status(StrEnum):
@@ -109,6 +112,7 @@ class Reason(StrEnum):
     BAD_RECIPIENT = "bad-recipient"
     RATE_LIMITED = "rate-limited"
     STORAGE_FAILED = "storage-failed"  # the server could not commit the message; nothing was stored
+    BAD_REPLY = "bad-reply"  # reply_to names no message of this conversation that the sender can see
     UNAVAILABLE = "unavailable"  # the shared store (Redis) is out of reach for now; nothing was stored
 
 

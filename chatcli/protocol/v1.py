@@ -32,6 +32,7 @@ from chatcli.protocol._values import (
     check_user_id,
     is_valid_epoch,
     is_valid_user_id,
+    parse_ts,
 )
 
 __all__ = [
@@ -40,6 +41,9 @@ __all__ = [
     "INBOX_MAX_LIMIT",
     "PREVIEW_MAX_CHARS",
     "PROTOCOL_VERSION",
+    # scriptable chat (issue 13)
+    "SEARCH_MAX_LIMIT",
+    "SEARCH_TEXT_MAX_LEN",
     "SUBPROTOCOL",
     "Ack",
     "ClientFrame",
@@ -59,6 +63,8 @@ __all__ = [
     "ReadPosition",
     "Receipt",
     "Received",
+    "Search",
+    "SearchRequest",
     "Send",
     "SendFields",
     "ServerFrame",
@@ -78,6 +84,9 @@ PROTOCOL_VERSION: Final = 1
 SUBPROTOCOL: Final = "chatcli.v1"
 CLIENT_ID_MAX_LEN: Final = 128
 HISTORY_MAX_LIMIT: Final = 1000
+#: The most messages one search answer holds, and the longest search text (characters).
+SEARCH_MAX_LIMIT: Final = 200
+SEARCH_TEXT_MAX_LEN: Final = 256
 
 #: An ack's status is checked on every ack built or read: against plain strings, which hash and compare
 #: faster than the enum members (and the error message lists the wire values).
@@ -187,6 +196,8 @@ class Send:
     id: str
     to: str
     text: str
+    #: The id of an earlier message of this conversation that this one answers (feature ``replies``).
+    reply_to: int | None = None
 
     def __post_init__(self) -> None:
         _require_str("id", self.id)
@@ -196,13 +207,18 @@ class Send:
         _require_str("text", self.text, allow_empty=True)
         if not _is_unicode(self.text):
             raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
+        if self.reply_to is not None:
+            _require_int("reply_to", self.reply_to)
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Self:
-        return _build(cls, id=obj.get("id"), to=obj.get("to"), text=obj.get("text"))
+        return _build(cls, id=obj.get("id"), to=obj.get("to"), text=obj.get("text"), reply_to=obj.get("reply_to"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "id": self.id, "to": self.to, "text": self.text}
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "to": self.to, "text": self.text}
+        if self.reply_to is not None:
+            out["reply_to"] = self.reply_to
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +284,8 @@ class Message:
     to: str
     text: str
     ts: str
+    #: The id of the message this one answers (``send.reply_to``, checked by the server), or None.
+    reply_to: int | None = None
 
     def __post_init__(self) -> None:
         _require_int("id", self.id)
@@ -277,15 +295,20 @@ class Message:
         if not _is_unicode(self.text):
             raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
         _require_str("ts", self.ts)
+        if self.reply_to is not None:
+            _require_int("reply_to", self.reply_to)
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Self:
         return _build(cls, id=obj.get("id"), sender=obj.get("from"), to=obj.get("to"), text=obj.get("text"),
-                      ts=obj.get("ts"))
+                      ts=obj.get("ts"), reply_to=obj.get("reply_to"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.TYPE, "id": self.id, "from": self.sender, "to": self.to, "text": self.text,
-                "ts": self.ts}
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "from": self.sender, "to": self.to,
+                               "text": self.text, "ts": self.ts}
+        if self.reply_to is not None:
+            out["reply_to"] = self.reply_to
+        return out
 
 
 _ERROR_FIELDS: Final = frozenset({"type", "code", "message"})
@@ -390,15 +413,7 @@ class History:
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> Self:
-        items = obj.get("messages")
-        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-            raise RemoteProtocolError("invalid history frame: messages must be a list of objects",
-                                      ErrorCode.BAD_FRAME)
-        try:
-            messages = tuple(Message.from_dict(item) for item in items)
-        except RemoteProtocolError as exc:  # name the frame the peer sent, not the object nested in it
-            raise RemoteProtocolError(f"invalid history frame: in messages: {exc.message}",
-                                      ErrorCode.BAD_FRAME) from None
+        messages = _messages_of(obj, cls.TYPE)
         return _build(cls, id=obj.get("id"), peer=obj.get("peer"), messages=messages, more=obj.get("more", False))
 
     def to_dict(self) -> dict[str, Any]:
@@ -407,6 +422,19 @@ class History:
         if self.more:
             out["more"] = True
         return out
+
+
+def _messages_of(obj: dict[str, Any], frame_type: str) -> tuple[Message, ...]:
+    """The ``messages`` list of a ``history`` or ``search`` answer, as checked frames."""
+    items = obj.get("messages")
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise RemoteProtocolError(f"invalid {frame_type} frame: messages must be a list of objects",
+                                  ErrorCode.BAD_FRAME)
+    try:
+        return tuple(Message.from_dict(item) for item in items)
+    except RemoteProtocolError as exc:  # name the frame the peer sent, not the object nested in it
+        raise RemoteProtocolError(f"invalid {frame_type} frame: in messages: {exc.message}",
+                                  ErrorCode.BAD_FRAME) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,9 +752,85 @@ class Inbox:
         return out
 
 
-ClientFrame = Send | Received | HistoryRequest | WhoRequest | Watch | MarkRead | Typing | InboxRequest
+# -- issue 13: search (feature ``search``) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRequest:
+    """Client → server: my messages (both directions) whose text matches every word of ``text``, newest first.
+
+    ``peer`` keeps one conversation; ``since`` (ISO 8601 with a zone) keeps messages accepted at or
+    after it; ``before`` pages back (only smaller ids), like history.
+    """
+
+    TYPE: ClassVar[str] = "search"
+    id: str
+    text: str
+    limit: int = 20
+    peer: str | None = None
+    since: str | None = None
+    before: int | None = None
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        _require_str("text", self.text)
+        if len(self.text) > SEARCH_TEXT_MAX_LEN or not self.text.strip() or not _is_unicode(self.text):
+            raise LocalProtocolError(f"text must hold a word and at most {SEARCH_TEXT_MAX_LEN} characters")
+        _require_int("limit", self.limit)
+        if not 1 <= self.limit <= SEARCH_MAX_LIMIT:
+            raise LocalProtocolError(f"limit must be from 1 to {SEARCH_MAX_LIMIT}")
+        if self.peer is not None:
+            check_user_id(self.peer)
+        if self.since is not None:
+            parse_ts(_require_str("since", self.since))
+        if self.before is not None:
+            _require_int("before", self.before)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), text=obj.get("text"), limit=obj.get("limit", 20),
+                      peer=obj.get("peer"), since=obj.get("since"), before=obj.get("before"))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "text": self.text, "limit": self.limit}
+        for name in ("peer", "since", "before"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    """Server → client: the answer to a ``search``, newest message first; ``more`` when a cap cut it."""
+
+    TYPE: ClassVar[str] = "search"
+    id: str
+    messages: tuple[Message, ...]
+    more: bool = False
+
+    def __post_init__(self) -> None:
+        _require_str("id", self.id)
+        if not isinstance(self.messages, tuple) or not all(isinstance(m, Message) for m in self.messages):
+            raise LocalProtocolError("messages must be a tuple of Message")
+        if not isinstance(self.more, bool):
+            raise LocalProtocolError("more must be a boolean")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
+        return _build(cls, id=obj.get("id"), messages=_messages_of(obj, cls.TYPE), more=obj.get("more", False))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "id": self.id, "messages": [m.to_dict() for m in self.messages]}
+        if self.more:
+            out["more"] = True
+        return out
+
+
+ClientFrame = (Send | Received | HistoryRequest | WhoRequest | Watch | MarkRead | Typing | InboxRequest
+               | SearchRequest)
 ServerFrame = (Hello | Ack | Message | Error | History | Who | Presence | ReadPosition | Receipt | PeerTyping
-               | Inbox)
+               | Inbox | Search)
 Frame = ClientFrame | ServerFrame
 
 
@@ -751,10 +855,10 @@ def _load_object(data: str | bytes) -> dict[str, Any]:
 #: The parsers by ``type``, one table per direction: ``history`` and ``who`` name a request and its answer.
 _CLIENT_PARSERS: Final[dict[str, Callable[[dict[str, Any]], ClientFrame]]] = {
     cls.TYPE: cls.from_dict for cls in (Send, Received, HistoryRequest, WhoRequest, Watch, MarkRead, Typing,
-                                        InboxRequest)}
+                                        InboxRequest, SearchRequest)}
 _SERVER_PARSERS: Final[dict[str, Callable[[dict[str, Any]], ServerFrame]]] = {
     cls.TYPE: cls.from_dict for cls in (Hello, Ack, Message, History, Error, Who, Presence, ReadPosition,
-                                        Receipt, PeerTyping, Inbox)}
+                                        Receipt, PeerTyping, Inbox, Search)}
 
 
 def parse_client_frame(data: str | bytes) -> ClientFrame:
@@ -778,7 +882,7 @@ def read_client_frame(data: str | bytes) -> ClientFrame | SendFields:
     gets its precise error); only the object built differs.
     """
     obj = _load_object(data)
-    if obj["type"] == "send":
+    if obj["type"] == "send" and "reply_to" not in obj:  # a reply is rare: it goes through Send
         client_id, to, text = obj.get("id"), obj.get("to"), obj.get("text")
         # json.loads builds exact str, so type() is isinstance here; ASCII text is always valid Unicode.
         if (type(client_id) is str and client_id and len(client_id) <= CLIENT_ID_MAX_LEN
@@ -811,13 +915,13 @@ def encode_ack(client_id: str, status: str, msg_id: int, ts: str, duplicate: boo
             f'"ts":{_json_str(ts)}{tail}')
 
 
-def encode_message(msg_id: int, sender: str, to: str, text: str, ts: str) -> str:
-    """``encode(Message(msg_id, sender, to, text, ts))`` byte for byte, from a template, with the same checks
-    (a value ``Message`` would refuse raises ``LocalProtocolError`` as before)."""
+def encode_message(msg_id: int, sender: str, to: str, text: str, ts: str, reply_to: int | None = None) -> str:
+    """``encode(Message(msg_id, sender, to, text, ts, reply_to))`` byte for byte, from a template, with the same
+    checks (a value ``Message`` would refuse raises ``LocalProtocolError`` as before)."""
     if (type(msg_id) is not int or not 0 <= msg_id <= MAX_INT or not is_valid_user_id(sender)
             or not is_valid_user_id(to) or type(text) is not str or not (text.isascii() or _is_unicode(text))
-            or type(ts) is not str):
-        return encode(Message(msg_id, sender, to, text, ts))
+            or type(ts) is not str or reply_to is not None):
+        return encode(Message(msg_id, sender, to, text, ts, reply_to))
     # Valid user ids are [A-Za-z0-9._@-]: nothing JSON escapes, so they go in as they are.
     return (f'{{"type":"message","id":{msg_id},"from":"{sender}","to":"{to}","text":{_json_str(text)},'
             f'"ts":{_json_str(ts)}}}')

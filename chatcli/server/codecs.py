@@ -122,7 +122,7 @@ class NativeCodec(Codec):
         # A template, same checks and bytes as encode(message_frame(message)): every delivery and replay
         # row passes here.
         return p.encode_message(message.id, message.sender, message.recipient, message.text,
-                                p.format_ts(message.ts))
+                                p.format_ts(message.ts), message.reply_to)
 
     def dispatch(self, relay: Relay, session: Session, text: str) -> None:
         relay.on_native_text(session, text)

@@ -28,6 +28,7 @@ Limits are per user, not per session: ``UserQuota`` counts a user's open session
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import time
@@ -45,8 +46,8 @@ from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.engine.base import Appended, BacklogPage, Capability, Engine, NewMessage, StoredMessage
 from chatcli.server.metrics import Metrics
 
-__all__ = ["CLOSE_STORAGE_FAILED", "HELD_CHARS", "HELD_LIMIT", "HISTORY_QUEUE", "MAX_WATCHED_USERS", "Outcome", "Relay",
-           "Session", "UserQuota"]
+__all__ = ["CLOSE_STORAGE_FAILED", "HELD_CHARS", "HELD_LIMIT", "HISTORY_QUEUE", "MAX_WATCHED_USERS", "SEARCH_BURST",
+           "SEARCH_RATE", "Outcome", "Relay", "Session", "UserQuota"]
 
 log = logging.getLogger("chatcli.server")
 
@@ -60,6 +61,11 @@ HELD_CHARS = 64 * 1024
 #: The close code for a session whose backlog cannot be read (1011: the server hit an unexpected condition).
 CLOSE_STORAGE_FAILED = CloseCode.INTERNAL_ERROR
 
+
+#: Searches one user may start at once, then per second (all sessions together), beside the request bucket:
+#: each may take the storage thread 10-20 ms (storage.SEARCH_MAX_STEPS), which commits wait behind.
+SEARCH_BURST = 10
+SEARCH_RATE = 2.0
 
 #: Users one session may watch at once (a watch replaces the session's previous one).
 MAX_WATCHED_USERS = 512
@@ -123,12 +129,24 @@ class UserQuota:
     no clock read. Over any period it grants at most ``burst + rate * elapsed``.
     """
 
-    __slots__ = ("refilled_at", "sessions", "tokens")
+    __slots__ = ("refilled_at", "searches", "searches_at", "sessions", "tokens")
 
     def __init__(self, tokens: float, now: float) -> None:
         self.sessions = 0
         self.tokens = tokens
         self.refilled_at = now
+        #: The search bucket (SEARCH_BURST, SEARCH_RATE); dropped with the quota, which is full again by then.
+        self.searches = float(SEARCH_BURST)
+        self.searches_at = now
+
+    def take_search(self, now: float) -> bool:
+        """Charge one search; False (charge nothing) when the user searched too often."""
+        self.searches = min(float(SEARCH_BURST), self.searches + (now - self.searches_at) * SEARCH_RATE)
+        self.searches_at = now
+        if self.searches < 1.0:
+            return False
+        self.searches -= 1.0
+        return True
 
     def tokens_at(self, now: float, rate: float) -> float:
         """What a refill at ``now`` would give, before the cap at ``burst``."""
@@ -157,12 +175,14 @@ class Relay:
         # Accept times never decrease with ids (first_id_since relies on it), across restarts too.
         self.last_ts = engine.newest_ts
         # A session's history requests, answered one at a time: the key exists while one is being answered.
-        self.history_queues: dict[Session, deque[p.HistoryRequest]] = {}
+        self.history_queues: dict[Session, deque[p.HistoryRequest | p.SearchRequest]] = {}
         # user -> that user's open sessions; a user may be connected several times.
         self.sessions: dict[str, list[Session]] = {}
         self.replays: dict[Session, Replay] = {}
         # Accepted this tick, committed together: (sender session, client id, recipient, text).
         self.pending: list[tuple[Session, str | None, str, str]] = []
+        #: position in ``pending`` -> the message it replies to (issue 13; most batches hold none).
+        self.pending_replies: dict[int, int] = {}
         self.cursor_updates: dict[str, int] = {}
         self.commit_scheduled = False
         self.batch_started = 0.0
@@ -375,7 +395,7 @@ class Relay:
         if isinstance(frame, tuple):
             self.submit(session, *frame)  # charged there, refused with an ack
         elif isinstance(frame, p.Send):
-            self.submit(session, frame.id, frame.to, frame.text)
+            self.submit(session, frame.id, frame.to, frame.text, frame.reply_to)
         elif not self.take_token(session.user):
             self._rate_limited(session, frame)
         elif isinstance(frame, p.Received):
@@ -385,6 +405,8 @@ class Relay:
             self._history(session, frame)
         elif isinstance(frame, p.WhoRequest):
             self._who(session, frame)
+        elif isinstance(frame, p.SearchRequest):
+            self._search(session, frame)
         elif isinstance(frame, p.Watch):
             self._watch(session, frame.users)
         else:
@@ -396,7 +418,8 @@ class Relay:
         self.metrics.error(p.ErrorCode.RATE_LIMITED)
         if isinstance(frame, p.Received | p.MarkRead | p.Typing):
             return
-        details = {"id": frame.id} if isinstance(frame, p.HistoryRequest | p.WhoRequest | p.InboxRequest) else {}
+        details = ({"id": frame.id} if isinstance(frame, p.HistoryRequest | p.WhoRequest | p.InboxRequest
+                                                          | p.SearchRequest) else {})
         session.send_text(p.encode(p.Error(
             p.ErrorCode.RATE_LIMITED, f"too many requests: {session.user} may make {self.config.rate:g} per "
             f"second (bursts of {self.config.burst}) over all sessions; ask again later", details)))
@@ -495,7 +518,7 @@ class Relay:
             self.cursor_updates[user] = msg_id
             self._schedule_commit()
 
-    def _history(self, session: Session, request: p.HistoryRequest) -> None:
+    def _history(self, session: Session, request: p.HistoryRequest | p.SearchRequest) -> None:
         """Answer history requests one at a time: the next is read once the previous answer has drained."""
         if Capability.HISTORY not in self.engine.capabilities:
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
@@ -508,18 +531,38 @@ class Relay:
         elif len(queue) < HISTORY_QUEUE:
             queue.append(request)
         else:
+            details = {"id": request.id} if isinstance(request, p.SearchRequest) else {}  # searches share the queue
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE, (
                 f"too many history requests at once (at most {HISTORY_QUEUE} waiting): "
-                "read the answers, then ask again"))))
+                "read the answers, then ask again"), details)))
 
-    def _read_history(self, session: Session, request: p.HistoryRequest) -> None:
-        self.engine.read_history(session.user, request, lambda answer: self._answer_history(session, answer))
+    def _search(self, session: Session, request: p.SearchRequest) -> None:
+        """Answer a search like a history request: through the same queue, one answer at a time."""
+        if Capability.SEARCH not in self.engine.capabilities:
+            session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE, "this server keeps no message texts "
+                                               "(--ephemeral): no search", {"id": request.id})))
+            return
+        quota = self.quotas.get(session.user)
+        if quota is not None and not quota.take_search(self.monotonic()):
+            self.metrics.error(p.ErrorCode.RATE_LIMITED)
+            session.send_text(p.encode(p.Error(p.ErrorCode.RATE_LIMITED, (
+                f"too many searches: {session.user} may search {SEARCH_BURST} times at once, then "
+                f"{SEARCH_RATE:g} times per second; ask again later"), {"id": request.id})))
+            return
+        self._history(session, request)  # queued and answered alike
 
-    def _answer_history(self, session: Session, answer: str | StorageError) -> None:
+    def _read_history(self, session: Session, request: p.HistoryRequest | p.SearchRequest) -> None:
+        answer = functools.partial(self._answer_history, session, type(request).TYPE)
+        if isinstance(request, p.SearchRequest):
+            self.engine.read_search(session.user, request, answer)
+        else:
+            self.engine.read_history(session.user, request, answer)
+
+    def _answer_history(self, session: Session, what: str, answer: str | StorageError) -> None:
         if isinstance(answer, StorageError):
-            _log_storage_failure(f"could not read history for {session.user}", answer)
+            _log_storage_failure(f"could not read {what} for {session.user}", answer)
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
-                                               "history is unavailable right now: the server's storage failed")))
+                                               f"{what} is unavailable right now: the server's storage failed")))
         else:
             session.send_text(answer)
         if session in self.history_queues:
@@ -536,17 +579,25 @@ class Relay:
 
     # -- accepting a message ---------------------------------------------------------
 
-    def submit(self, session: Session, client_id: str | None, to: str, text: str) -> None:
-        """Accept a message for ``to`` or refuse it; either way the sender gets exactly one ack."""
+    def submit(self, session: Session, client_id: str | None, to: str, text: str,
+               reply_to: int | None = None) -> None:
+        """Accept a message for ``to`` or refuse it; either way the sender gets exactly one ack.
+
+        A reply (``reply_to``) is checked by the engine as part of the commit (``Capability.REPLIES``).
+        """
         reason = (p.check_text(text, self.config.max_text_bytes) if self.take_token(session.user)
                   else p.Reason.RATE_LIMITED)
         if reason is None and to not in self.sessions and not p.is_valid_user_id(to):  # online ids are valid
             reason = p.Reason.BAD_RECIPIENT
+        if reason is None and reply_to is not None and Capability.REPLIES not in self.engine.capabilities:
+            reason = p.Reason.BAD_REPLY
         if reason is not None:
             self.refuse(session, client_id, reason)
             return
         if not self.pending:
             self.batch_started = self.clock()
+        if reply_to is not None:
+            self.pending_replies[len(self.pending)] = reply_to
         self.pending.append((session, client_id, to, text))
         self._schedule_commit()
 
@@ -573,6 +624,9 @@ class Relay:
         # One accept time per batch, never before the previous one: ids and times grow together.
         now = self.last_ts = max(self.last_ts, self.clock())
         rows = [NewMessage(session.user, to, text, now, client_id) for session, client_id, to, text in batch]
+        if self.pending_replies:
+            rows = _with_replies(rows, self.pending_replies)
+            self.pending_replies = {}
         self.committing = True
         started = self.batch_started  # the next batch's first message may arrive before this one is done
         self.engine.append(rows, updates, lambda done: self._committed(batch, rows, started, done))
@@ -597,11 +651,14 @@ class Relay:
 
     def _acknowledge(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
                      appended: Appended) -> None:
-        unusual = appended.duplicates or appended.offline  # both empty in the common case: one test
+        unusual = appended.duplicates or appended.offline or appended.bad_replies  # all empty as a rule
         offline = Outcome.OFFLINE  # looked up once, not per message
         for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
                                                                                  strict=True)):
             message = StoredMessage(msg_id, *row)
+            if unusual and position in appended.bad_replies:
+                self.refuse(session, client_id, p.Reason.BAD_REPLY)
+                continue
             outcome = self._settled(position, appended) if unusual else None
             if outcome is None:
                 outcome = self._dispatch(message)
@@ -708,7 +765,14 @@ class Relay:
 
 #: Engine capabilities announced as hello features, in the order hellos list them.
 _FEATURES = ((Capability.STORE, p.Feature.STORE), (Capability.RESUME, p.Feature.RESUME),
-             (Capability.HISTORY, p.Feature.HISTORY))
+             (Capability.HISTORY, p.Feature.HISTORY), (Capability.REPLIES, p.Feature.REPLIES),
+             (Capability.SEARCH, p.Feature.SEARCH))
+
+
+def _with_replies(rows: list[NewMessage], replies: dict[int, int]) -> list[NewMessage]:
+    """The batch's rows with each reply's ``reply_to`` set (positions in the batch)."""
+    return [row._replace(reply_to=replies[position]) if position in replies else row
+            for position, row in enumerate(rows)]
 
 
 def _log_storage_failure(what: str, exc: StorageError) -> None:

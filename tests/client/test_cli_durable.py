@@ -181,7 +181,7 @@ def test_history_json_has_the_listen_schema_and_limit_keeps_the_latest(chatcli: 
     run = chatcli("history", "bob", "alice", "--json", "--limit", "2", "--url", server.ws_url)
     assert run.wait() == 0
     lines = [json.loads(line) for line in run.out]
-    assert [set(line) for line in lines] == [{"id", "from", "to", "text", "ts"}] * 2
+    assert [set(line) for line in lines] == [{"id", "from", "to", "text", "ts", "reply_to"}] * 2
     assert [(line["from"], line["text"]) for line in lines] == [("bob", "hi \x1b[2J alice\nsecond line"),
                                                                 ("alice", "bye")]
     assert lines[0]["id"] < lines[1]["id"]

@@ -27,7 +27,7 @@ def test_each_message_is_one_json_line_with_the_documented_schema(chatcli: Chatc
     line = json.loads(bob.wait_stdout_lines(1)[0])
     send_native(alice, "bob", "escape \x1b[2J and\nnewline", "c2")
     assert bob.wait() == 0
-    assert set(line) == {"id", "from", "to", "text", "ts"}
+    assert set(line) == {"id", "from", "to", "text", "ts", "reply_to"} and line["reply_to"] is None
     assert (line["from"], line["to"], line["text"]) == ("alice", "bob", "first")
     assert datetime.fromisoformat(line["ts"].replace("Z", "+00:00")).utcoffset().total_seconds() == 0
     second = json.loads(bob.out[1])

@@ -166,7 +166,8 @@ def test_since_values() -> None:
 
 @pytest.mark.parametrize("text", [*NASTY_TEXTS, "\x7f", "\u2028", "tab\there", "é" * 3, "x" * 5000])
 def test_a_listen_line_is_what_json_dumps_writes(text: str) -> None:
-    message = Message(7, "al.ice@example", "bob-1", text, "2026-01-01T00:00:00.000Z")
-    assert render.message_json(message) == json.dumps(
-        {"id": 7, "from": "al.ice@example", "to": "bob-1", "text": text, "ts": "2026-01-01T00:00:00.000Z"},
-        ensure_ascii=False)
+    for reply_to in (None, 3):
+        message = Message(7, "al.ice@example", "bob-1", text, "2026-01-01T00:00:00.000Z", reply_to)
+        assert render.message_json(message) == json.dumps(
+            {"id": 7, "from": "al.ice@example", "to": "bob-1", "text": text, "ts": "2026-01-01T00:00:00.000Z",
+             "reply_to": reply_to}, ensure_ascii=False)

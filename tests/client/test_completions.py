@@ -48,6 +48,15 @@ def test_commands_and_options_complete() -> None:
     assert {"--json", "--token-file", "--cafile", "--insecure"} <= set(complete_bash("chatcli who alice --"))
 
 
+def test_scripting_commands_and_options_complete() -> None:
+    assert {"ask", "search"} <= set(complete_bash("chatcli "))
+    assert {"--exec", "--parallel", "--max-attempts", "--dead-letter", "--exec-timeout"} <= set(
+        complete_bash("chatcli listen bob --"))
+    assert {"--reply-to"} <= set(complete_bash("chatcli send alice bob --"))
+    assert {"--any", "--yes-no", "--json", "--timeout"} <= set(complete_bash("chatcli ask alice bob --"))
+    assert {"--peer", "--since", "--limit", "--json"} <= set(complete_bash("chatcli search alice --"))
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_bash_script_completes_in_bash(tmp_path: Path) -> None:
     bindir = tmp_path / "bin"

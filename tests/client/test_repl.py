@@ -338,4 +338,4 @@ def test_no_colour_means_no_escape_sequences(monkeypatch: pytest.MonkeyPatch) ->
     assert "\x1b" in render.message_ansi(message, colour=True)
     assert "\x1b" not in render.message_ansi(message, colour=False)
     assert render.message_json(message) == json.dumps(
-        {"id": 1, "from": "bob", "to": "alice", "text": "hi", "ts": "2026-01-01T00:00:00.000Z"})
+        {"id": 1, "from": "bob", "to": "alice", "text": "hi", "ts": "2026-01-01T00:00:00.000Z", "reply_to": None})

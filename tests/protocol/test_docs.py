@@ -55,9 +55,9 @@ def test_doc_json_examples_are_exact_encodings() -> None:
     examples = _doc_json_examples()
     client = {json.loads(line)["type"] for direction, line in examples if direction == "client"}
     server = {json.loads(line)["type"] for direction, line in examples if direction == "server"}
-    assert client == {"send", "received", "history", "who", "watch", "read", "typing", "inbox"}
+    assert client == {"send", "received", "history", "who", "watch", "read", "typing", "inbox", "search"}
     assert server == {"hello", "ack", "message", "history", "who", "presence", "error", "read", "receipt", "typing",
-                      "inbox"}
+                      "inbox", "search"}
     for direction, line in examples:
         parse = parse_client_frame if direction == "client" else parse_server_frame
         assert encode(parse(line)) == line

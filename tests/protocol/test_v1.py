@@ -26,6 +26,8 @@ from chatcli.protocol import (
     Presence,
     Reason,
     Received,
+    Search,
+    SearchRequest,
     Send,
     Status,
     Watch,
@@ -40,7 +42,7 @@ from tests.protocol.test_chat_frames import CHAT_CLIENT_FRAME_TYPES, CHAT_ENCODI
 from tests.support.samples import EPOCH, NASTY_TEXTS, TS
 
 #: Frames a client sends; everything else is parsed as a server frame. ``history`` and ``who`` are both.
-CLIENT_FRAME_TYPES = (Send, Received, HistoryRequest, WhoRequest, Watch, *CHAT_CLIENT_FRAME_TYPES)
+CLIENT_FRAME_TYPES = (Send, Received, HistoryRequest, WhoRequest, Watch, *CHAT_CLIENT_FRAME_TYPES, SearchRequest)
 
 
 def _parser_for(frame: Frame) -> Callable[[str | bytes], Frame]:
@@ -113,6 +115,11 @@ EXACT_ENCODINGS: list[tuple[Frame, str]] = [
     (Presence(user="dave", online=False, hidden=True),
      '{"type":"presence","user":"dave","online":false,"hidden":true}'),
     *CHAT_ENCODINGS,
+    # issue 13: more in tests/protocol/test_scripting_frames.py
+    (SearchRequest(id="s1", text="lunch"), '{"type":"search","id":"s1","text":"lunch","limit":20}'),
+    (Search(id="s1", messages=(MESSAGE,)),
+     f'{{"type":"search","id":"s1","messages":['
+     f'{{"type":"message","id":7,"from":"alice","to":"bob","text":"it\'s \\\\ fine","ts":"{TS}"}}]}}'),
 ]
 
 def test_every_frame_type_has_an_exact_encoding() -> None:
@@ -191,7 +198,8 @@ def test_hello_lists_every_feature() -> None:
     text = encode(Hello(user="alice", session="s", server="x", features=tuple(Feature)))
     frame = parse_server_frame(text)
     assert isinstance(frame, Hello)
-    assert frame.features == ("store", "resume", "history", "presence", "tokens", "reads", "receipts", "typing")
+    assert frame.features == ("store", "resume", "history", "presence", "tokens", "reads", "receipts", "typing",
+                              "replies", "search")
 
 
 def test_history_request_defaults_when_parsed() -> None:

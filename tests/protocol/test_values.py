@@ -37,11 +37,12 @@ from tests.support.samples import EPOCH
 
 def test_stable_codes() -> None:
     assert list(Reason) == ["offline", "too-large", "empty", "bad-auth", "bad-recipient", "rate-limited",
-                            "storage-failed", "unavailable"]
+                            "storage-failed", "bad-reply", "unavailable"]
     assert list(ErrorCode) == ["bad-json", "bad-frame", "unknown-type", "binary-unsupported", "unavailable",
                                "rate-limited"]
     assert sorted(Status) == ["delivered", "refused", "stored"]
-    assert list(Feature) == ["store", "resume", "history", "presence", "tokens", "reads", "receipts", "typing"]
+    assert list(Feature) == ["store", "resume", "history", "presence", "tokens", "reads", "receipts", "typing",
+                             "replies", "search"]
 
 
 def test_handshake_names() -> None:

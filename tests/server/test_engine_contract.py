@@ -249,11 +249,13 @@ def test_health_is_ok_and_names_the_engine(engine: Engine) -> None:
 
 @pytest.mark.parametrize("capability", list(Capability))
 def test_every_capability_is_held_by_some_engine(capability: Capability, tmp_path: Path) -> None:
-    """No capability is dead weight: some engine in the suite has it, so its branch above is tested."""
+    """No capability is dead weight: some engine in the suite has it, so its branch above is tested.
+    Every engine here checks replies; the relay's path for one that does not is tested in
+    tests/server/test_replies_search.py."""
     engines = [make_engine(kind, tmp_path / kind) for kind in ENGINES]
     try:
         assert any(capability in e.capabilities for e in engines)
-        assert any(capability not in e.capabilities for e in engines)
+        assert capability is Capability.REPLIES or any(capability not in e.capabilities for e in engines)
     finally:
         for e in engines:
             e.close()
@@ -290,3 +292,102 @@ def test_read_positions_move_up_only_and_count_the_peers_messages_beyond(engine:
     assert outcome(lambda done: engine.mark_read({("alice", "bob"): (3, False)}, done)) == {("alice", "bob"): 3}
     assert [c.peer_read for c in outcome(lambda done: engine.read_inbox("bob", 10, done)).conversations] == [
         None, None]
+
+
+# -- replies and search (issue 13) -------------------------------------------------------------
+
+
+def reply(sender: str, recipient: str, text: str, reply_to: int) -> NewMessage:
+    return NewMessage(sender, recipient, text, 1000.0, None, reply_to)
+
+
+def test_a_reply_must_name_a_message_of_its_own_conversation(engine: Engine) -> None:
+    if Capability.REPLIES not in engine.capabilities:  # the relay refuses replies before they reach it
+        return
+    for user in ("alice", "bob", "carol"):
+        engine.presence.joined(user)
+    question, other = append(engine, msg("alice", "bob", "deploy?"), msg("carol", "bob", "lunch?")).ids
+    done = append(engine, reply("bob", "alice", "yes", question),  # the other side answers
+                  reply("alice", "bob", "and also", question),  # the asker adds to their own message
+                  reply("bob", "alice", "wrong one", other),  # carol's conversation with bob
+                  reply("carol", "alice", "me too", question),  # not carol's conversation at all
+                  reply("bob", "alice", "never sent", 999_999),
+                  reply("bob", "alice", "zero", 0))
+    assert done.bad_replies == {2, 3, 4, 5}
+    assert [i == 0 for i in done.ids] == [False, False, True, True, True, True]
+    assert done.ids[0] > other and done.ids[1] == done.ids[0] + 1
+    if Capability.HISTORY in engine.capabilities:  # what was refused was not stored; replies keep reply_to
+        answer = history(engine, "alice", "bob")
+        assert isinstance(answer, p.History)
+        assert [(m.text, m.reply_to) for m in answer.messages] == [
+            ("deploy?", None), ("yes", question), ("and also", question)]
+
+
+def test_a_reply_in_the_same_batch_as_its_message_and_a_retry_beside_it(engine: Engine) -> None:
+    if Capability.REPLIES not in engine.capabilities:
+        return
+    engine.presence.joined("bob")
+    engine.presence.joined("alice")
+    (first,) = append(engine, msg("alice", "bob", "q", client_id="c1")).ids
+    again = append(engine, msg("alice", "bob", "q", client_id="c1"), reply("bob", "alice", "a", first))
+    assert again.bad_replies == frozenset() and again.ids[1] > first
+    if stores(engine):
+        assert again.duplicates == {0} and again.ids[0] == first
+
+
+def search(engine: Engine, user: str, text: str, **fields: Any) -> p.Search | StorageError:
+    answer = outcome(lambda done: engine.read_search(user, p.SearchRequest("s1", text, **fields), done))
+    if isinstance(answer, StorageError):
+        return answer
+    frame = p.parse_server_frame(answer)
+    assert isinstance(frame, p.Search)
+    return frame
+
+
+def found(engine: Engine, user: str, text: str, **fields: Any) -> list[str]:
+    answer = search(engine, user, text, **fields)
+    assert isinstance(answer, p.Search)
+    return [m.text for m in answer.messages]
+
+
+def test_search_finds_only_the_users_own_messages_newest_first(engine: Engine) -> None:
+    for user in ("alice", "bob", "carol"):
+        engine.presence.joined(user)
+    append(engine, msg("alice", "bob", "Lunch at noon?", ts=1000.0), msg("bob", "alice", "lunch: yes, café", ts=1000.0),
+           msg("carol", "dave", "secret lunch plans", ts=1000.0))
+    append(engine, msg("carol", "alice", "LUNCH tomorrow", ts=2000.0), msg("alice", "alice", "note: lunch", ts=2000.0))
+    if Capability.SEARCH not in engine.capabilities:
+        assert isinstance(search(engine, "alice", "lunch"), StorageError)  # saying why, e.g. "no search"
+        return
+    assert found(engine, "alice", "lunch") == ["note: lunch", "LUNCH tomorrow", "lunch: yes, café", "Lunch at noon?"]
+    assert found(engine, "dave", "lunch") == ["secret lunch plans"]  # and never alice's
+    assert found(engine, "erin", "lunch") == []
+    assert found(engine, "alice", "lunch", peer="bob") == ["lunch: yes, café", "Lunch at noon?"]
+    assert found(engine, "alice", "lunch", peer="alice") == ["note: lunch"]
+    assert found(engine, "alice", "cafe yes") == ["lunch: yes, café"]  # every word, any order, accents folded
+    assert found(engine, "alice", "noon lunch") == ["Lunch at noon?"]
+    assert found(engine, "alice", "lun") == []  # whole words, not prefixes
+    assert found(engine, "alice", 'lunch" OR "secret') == []  # typed quotes and operators are plain words
+    assert found(engine, "alice", "?!") == []
+    assert found(engine, "alice", "lunch", limit=2) == ["note: lunch", "LUNCH tomorrow"]
+    assert found(engine, "alice", "lunch", since=p.format_ts(1500.0)) == ["note: lunch", "LUNCH tomorrow"]
+    assert found(engine, "alice", "lunch", since=p.format_ts(9999.0)) == []
+    newest = search(engine, "alice", "lunch", limit=1)
+    assert isinstance(newest, p.Search)
+    assert found(engine, "alice", "lunch", before=newest.messages[0].id) == [
+        "LUNCH tomorrow", "lunch: yes, café", "Lunch at noon?"]
+
+
+def test_a_search_answer_is_capped_in_bytes_and_sees_every_commit(engine: Engine) -> None:
+    engine.presence.joined("bob")
+    if Capability.SEARCH not in engine.capabilities:
+        return
+    big = "needle " + "y" * (HISTORY_ANSWER_BYTES // 2)
+    for _ in range(3):  # one commit each: the index catches up before a search, whatever its batch size
+        append(engine, msg("alice", "bob", big))
+    answer = search(engine, "bob", "needle", limit=10)
+    assert isinstance(answer, p.Search) and answer.more and len(answer.messages) == 1
+    append(engine, reply("bob", "alice", "needle too", answer.messages[0].id))
+    latest = search(engine, "alice", "needle", limit=1)
+    assert isinstance(latest, p.Search)
+    assert [(m.text, m.reply_to) for m in latest.messages] == [("needle too", answer.messages[0].id)]

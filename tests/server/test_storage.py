@@ -332,7 +332,7 @@ def test_schema_version_is_recorded_and_not_redone(db_path: Path) -> None:
     SQLiteStore(db_path).close()
     conn = open_database(db_path)
     try:
-        assert schema_version(conn, MESSAGES_COMPONENT) == len(MESSAGE_MIGRATIONS) == 2
+        assert schema_version(conn, MESSAGES_COMPONENT) == len(MESSAGE_MIGRATIONS) == 3
         assert migrate(conn, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS) == []
     finally:
         conn.close()
@@ -341,11 +341,11 @@ def test_schema_version_is_recorded_and_not_redone(db_path: Path) -> None:
 def test_a_new_migration_upgrades_an_existing_file_once(db_path: Path) -> None:
     with SQLiteStore(db_path) as store:
         store.append([msg("alice", "bob", "from v1")])
-    v3 = (*MESSAGE_MIGRATIONS, ("ALTER TABLE messages ADD COLUMN edited_ts REAL",))
+    newer = (*MESSAGE_MIGRATIONS, ("ALTER TABLE messages ADD COLUMN edited_ts REAL",))
     conn = open_database(db_path)
     try:
-        assert migrate(conn, MESSAGES_COMPONENT, v3) == [3]
-        assert migrate(conn, MESSAGES_COMPONENT, v3) == []
+        assert migrate(conn, MESSAGES_COMPONENT, newer) == [len(newer)]
+        assert migrate(conn, MESSAGES_COMPONENT, newer) == []
         assert conn.execute("SELECT text, edited_ts FROM messages").fetchall() == [("from v1", None)]
     finally:
         conn.close()

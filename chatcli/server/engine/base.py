@@ -64,6 +64,7 @@ class NewMessage(NamedTuple):
     text: str
     ts: float  # epoch seconds when the server accepted it
     client_id: str | None = None  # the sender's idempotency key, if it gave one
+    reply_to: int | None = None  # the message this one answers (Capability.REPLIES), checked by ``append``
 
 
 class StoredMessage(NamedTuple):
@@ -76,6 +77,7 @@ class StoredMessage(NamedTuple):
     text: str
     ts: float
     client_id: str | None
+    reply_to: int | None = None  # the message this one answers, or None
 
 
 class Appended(NamedTuple):
@@ -84,7 +86,9 @@ class Appended(NamedTuple):
     ``ids`` has one id per message, in batch order: for a retried (sender,
     client_id), the ORIGINAL message's id, and its position is in ``duplicates``
     (nothing was stored for it). An engine that stores nothing refuses a message
-    whose recipient is not online: its position is in ``offline`` (and its id is 0).
+    whose recipient is not online: its position is in ``offline`` (and its id is 0). A message whose
+    ``reply_to`` is not a message of its own conversation is not stored: its position is in
+    ``bad_replies`` (and its id is 0).
     Ids, not records: the relay already holds the messages, and building a record
     per message was a measurable cost per commit.
     """
@@ -92,6 +96,7 @@ class Appended(NamedTuple):
     ids: Sequence[int]
     duplicates: frozenset[int]
     offline: frozenset[int] = frozenset()
+    bad_replies: frozenset[int] = frozenset()
 
 
 class BacklogPage(NamedTuple):
@@ -119,6 +124,11 @@ class Capability(enum.Enum):
     ACCOUNTS = enum.auto()
     #: Read positions per user and conversation are kept (``mark_read``), and ``read_inbox`` answers.
     READS = enum.auto()
+    #: ``append`` checks each message's ``reply_to`` (issue 13): the referenced message must exist and be
+    #: between the same two users (either direction), else the message is refused (``bad_replies``).
+    REPLIES = enum.auto()
+    #: ``read_search`` answers from an index of message texts (issue 13).
+    SEARCH = enum.auto()
 
 
 class ConversationSummary(NamedTuple):
@@ -240,6 +250,11 @@ class Engine(Protocol):
         """Commit a tick's batch and cursor moves together; then ``done`` with the ids in batch order.
 
         A (sender, client_id) already committed is not committed again (``Appended.duplicates``).
+        With ``Capability.REPLIES``, a message whose ``reply_to`` names no message between its sender and
+        recipient (unknown, pruned, another conversation's) is not committed (``Appended.bad_replies``).
+        The reply lookup is part of the commit, not a call of its own: checked in the same transaction,
+        the referenced message cannot be pruned in between, and a reply keeps its place among its
+        sender's messages (a lookup before the commit would let later sends overtake it).
         On error nothing of the batch is committed: ``done`` gets the StorageError.
         """
         ...
@@ -256,6 +271,13 @@ class Engine(Protocol):
     def read_history(self, user: str, request: p.HistoryRequest, done: Callable[[str | StorageError], None]) -> None:
         """The encoded answer to ``user``'s history request: the newest messages of the conversation,
         bounded in count and bytes, ``more`` when the byte bound cut it (one message always fits)."""
+        ...
+
+    def read_search(self, user: str, request: p.SearchRequest, done: Callable[[str | StorageError], None]) -> None:
+        """The encoded answer to ``user``'s search (``Capability.SEARCH``): messages sent or received by
+        ``user`` whose text holds every word of ``request.text``, newest first, bounded in count, bytes
+        and index entries read (``more`` when a bound other than ``limit`` cut it). Without the
+        capability, ``done`` gets a StorageError saying why."""
         ...
 
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:

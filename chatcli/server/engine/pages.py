@@ -16,8 +16,8 @@ from chatcli import protocol as p
 from chatcli.errors import ChatcliError
 from chatcli.server.engine.base import BacklogPage, Encoder, StoredMessage
 
-__all__ = ["HISTORY_ANSWER_BYTES", "REPLAY_PAGE", "REPLAY_PAGE_BYTES", "MessageLog", "message_frame",
-           "read_backlog_page", "read_history_answer", "utf8_len"]
+__all__ = ["HISTORY_ANSWER_BYTES", "REPLAY_PAGE", "REPLAY_PAGE_BYTES", "MessageLog", "SearchScan", "SearchableLog",
+           "message_frame", "read_backlog_page", "read_history_answer", "read_search_answer", "utf8_len"]
 
 log = logging.getLogger("chatcli.server")
 
@@ -50,7 +50,7 @@ def utf8_len(text: str) -> int:
 
 def message_frame(stored: StoredMessage) -> p.Message:
     """The chatcli.v1 frame of a stored message; raises ChatcliError for a row that breaks the protocol."""
-    return p.Message(stored.id, stored.sender, stored.recipient, stored.text, p.format_ts(stored.ts))
+    return p.Message(stored.id, stored.sender, stored.recipient, stored.text, p.format_ts(stored.ts), stored.reply_to)
 
 
 def read_backlog_page(store: MessageLog, user: str, encode: Encoder, after: int | None,
@@ -88,21 +88,53 @@ def read_backlog_page(store: MessageLog, user: str, encode: Encoder, after: int 
 def read_history_answer(store: MessageLog, user: str, request: p.HistoryRequest) -> str:
     """The encoded answer to ``request``: newest messages first until ``limit`` or ``HISTORY_ANSWER_BYTES``.
     An answer cut by the byte cap says ``more``; one message always fits."""
+    messages, more = _bounded_frames(store.iter_history(user, request.peer, request.limit, request.before),
+                                     "a history answer")
+    messages.reverse()
+    return p.encode(p.History(request.id, request.peer, tuple(messages), more=more))
+
+
+def _bounded_frames(rows: Iterator[StoredMessage], what: str) -> tuple[list[p.Message], bool]:
+    """The frames of ``rows`` until ``HISTORY_ANSWER_BYTES`` (one always fits); True if that cut them."""
     messages: list[p.Message] = []
     size = 0
-    more = False
-    for stored in store.iter_history(user, request.peer, request.limit, request.before):
+    for stored in rows:
         try:
             message = message_frame(stored)
             cost = utf8_len(p.encode(message))
         except ChatcliError as exc:
-            log.error("skipping stored message %d in a history answer: %s", stored.id, exc,
+            log.error("skipping stored message %d in %s: %s", stored.id, what, exc,
                       extra={"event": "bad-stored-message", "msg_id": stored.id})
             continue
         if messages and size + cost > HISTORY_ANSWER_BYTES:
-            more = True
-            break
+            return messages, True
         messages.append(message)
         size += cost
-    messages.reverse()
-    return p.encode(p.History(request.id, request.peer, tuple(messages), more=more))
+    return messages, False
+
+
+class SearchScan:
+    """How a search's reading went: ``cut`` once it stopped at its bound of work (older matches may exist)."""
+
+    __slots__ = ("cut",)
+
+    def __init__(self) -> None:
+        self.cut = False
+
+
+class SearchableLog(Protocol):
+    """A store with a text index (``SQLiteStore``): what ``read_search_answer`` reads."""
+
+    def iter_search(self, user: str, text: str, scan: SearchScan, peer: str | None = None,
+                    since_ts: float | None = None, before_id: int | None = None,
+                    limit: int = 20) -> Iterator[StoredMessage]: ...
+
+
+def read_search_answer(store: SearchableLog, user: str, request: p.SearchRequest) -> str:
+    """The encoded answer to a search: newest first, capped like a history answer (``more`` when the
+    bytes or the index reading, not ``limit``, cut it short)."""
+    scan = SearchScan()
+    since_ts = p.parse_ts(request.since) if request.since is not None else None
+    rows = store.iter_search(user, request.text, scan, request.peer, since_ts, request.before, request.limit)
+    messages, more = _bounded_frames(rows, "a search answer")
+    return p.encode(p.Search(request.id, tuple(messages), more=more or scan.cut))

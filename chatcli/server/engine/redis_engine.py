@@ -119,9 +119,11 @@ class RedisEngine:
     """``Engine`` of one node of a cluster sharing a Redis."""
 
     name = "redis"
-    #: No READS yet (issue 12's read positions and inbox arrived as this engine was finished): the relay
-    #: then keeps no read positions and says so, and receipts and typing reach this node's sessions only.
-    capabilities: frozenset[Capability] = frozenset(Capability) - {Capability.READS}
+    #: Not yet: READS (issue 12's read positions and inbox), REPLIES and SEARCH (issue 13), which arrived as
+    #: this engine was finished. The relay then refuses replies (bad-reply), keeps no read positions, and
+    #: answers searches "unavailable", each saying why; receipts and typing reach this node's sessions only.
+    capabilities: frozenset[Capability] = frozenset(Capability) - {Capability.READS, Capability.REPLIES,
+                                                                   Capability.SEARCH}
 
     def __init__(self, url: str, client: aioredis.Redis, epoch: str, newest_ts: float, highest_id: int,
                  guarantee: Guarantee) -> None:
@@ -217,7 +219,7 @@ class RedisEngine:
 
     def _commit_args(self, batch: list[NewMessage]) -> list[Any]:
         args: list[Any] = [self.epoch, IDEMPOTENCY_TTL_S]
-        for sender, recipient, text, ts, client_id in batch:
+        for sender, recipient, text, ts, client_id, *_ in batch:  # no reply_to: no REPLIES capability
             args += (sender, recipient, text, repr(ts), client_id or "")
         return args
 
@@ -618,6 +620,9 @@ class RedisEngine:
         except sync_redis.RedisError as exc:
             raise StorageError(f"cannot read contacts from Redis: {exc}") from exc
         return {name for name, member in zip(names, found, strict=True) if member}
+
+    def read_search(self, user: str, request: p.SearchRequest, done: Callable[[str | StorageError], None]) -> None:
+        done(StorageError("this cluster (--redis) has no search yet"))
 
     def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
         done(StorageError(f"{_NO_READS}: no read positions"))

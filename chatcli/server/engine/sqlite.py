@@ -34,7 +34,7 @@ from chatcli.server.engine.base import (
     ReadMarks,
 )
 from chatcli.server.engine.options import Fsync
-from chatcli.server.engine.pages import read_backlog_page, read_history_answer
+from chatcli.server.engine.pages import read_backlog_page, read_history_answer, read_search_answer
 from chatcli.server.engine.presence import LocalPresence
 from chatcli.server.storage import SQLiteStore
 from chatcli.server.storage_thread import StorageRunner
@@ -132,6 +132,10 @@ class SQLiteEngine:
     def read_history(self, user: str, request: p.HistoryRequest, done: Callable[[str | StorageError], None]) -> None:
         store = self.store
         self._submit(lambda: read_history_answer(store, user, request), done)
+
+    def read_search(self, user: str, request: p.SearchRequest, done: Callable[[str | StorageError], None]) -> None:
+        store = self.store
+        self._submit(lambda: read_search_answer(store, user, request), done)
 
     def contacts_among(self, user: str, candidates: Set[str]) -> set[str]:
         return self.store.contacts_among(user, candidates)
