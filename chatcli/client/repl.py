@@ -20,6 +20,12 @@ again with "✓✓ read". While the user types, the peer is told (``typing``, at
 on the status line until their message or ``TYPING_SHOWN_S`` of silence. Ctrl-X Ctrl-E
 edits the message in $VISUAL/$EDITOR (prompt_toolkit's own binding).
 
+Replies (issue 13): ``/reply [ID] [TEXT]`` sends a message that answers the conversation's
+last message, or message ID (the server checks it is of this conversation), and every
+message shown that answers another has a one-line quote of it above (``QUOTE_MEMORY``
+messages shown are remembered for that). ``/search TEXT`` lists the open conversation's
+messages matching TEXT, newest first.
+
 Our messages wait in ``pending`` until the server acknowledges them; whatever is
 pending when a session opens is sent on it, so text typed while offline goes out on
 reconnect. A conversation opens with its last ``HISTORY_LINES`` messages; messages
@@ -33,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -67,6 +74,7 @@ from chatcli.protocol import (
     Presence,
     ReadPosition,
     Receipt,
+    Search,
     Send,
     ServerFrame,
     Status,
@@ -105,17 +113,22 @@ OWN_REMEMBERED: Final = 500
 ALERT_INTERVAL_S: Final = 1.0
 #: The receipt lines shown at once; earlier messages read with them are summed up in one notice.
 RECEIPT_LINES: Final = 3
+#: Messages shown (all conversations) remembered for reply quotes and /reply, the newest ones.
+QUOTE_MEMORY: Final = 1000
+#: Matches /search shows at most.
+SEARCH_LINES: Final = 20
 
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """A REPL command: ``/name ARGS``. ``run`` gets the client and the words after the name; it returns
-    True to leave the chat."""
+    """A REPL command: ``/name ARGS``. ``run`` gets the client and the words after the name (with ``raw``,
+    the text after the name as typed, newlines and spaces kept: a message); it returns True to leave the chat."""
 
     name: str
     args: str
     help: str
     run: Callable[[ChatClient, list[str]], Awaitable[bool]]
+    raw: bool = False
 
 
 class ChatClient:
@@ -158,6 +171,13 @@ class ChatClient:
         self._tasks: set[asyncio.Task[None]] = set()
         self._connected_before = False  # what is said once per chat, not at every reconnect
         self._alerted_at = float("-inf")
+        # Replies and search (issue 13): messages shown, by id, for quotes and /reply; the message each
+        # pending client id replies to; the next line's reply (/reply without TEXT); the search awaited.
+        self._recent: OrderedDict[int, Message] = OrderedDict()
+        self._replying: dict[str, int] = {}
+        self.reply_next: int | None = None
+        self._search_request: str | None = None
+        self._search_text = ""
 
     # -- what the status line shows ---------------------------------------------------------
 
@@ -259,6 +279,7 @@ class ChatClient:
     async def open_conversation(self, peer: str) -> None:
         """Put the conversation with ``peer`` on screen: its last messages, then what arrives."""
         self.peer, self.peer_online, self.peer_hidden = peer, None, False
+        self.reply_next = None  # it named a message of the conversation left
         self.known_peers.add(peer)
         self._history_ids.clear()
         self._history_shown = False
@@ -323,12 +344,16 @@ class ChatClient:
 
     # -- sending -----------------------------------------------------------------------------------
 
-    async def submit(self, text: str) -> None:
-        """Queue a message to the conversation on screen and send it now if a session is open."""
+    async def submit(self, text: str, reply_to: int | None = None) -> None:
+        """Queue a message to the conversation on screen (a reply to ``reply_to``, or to the message
+        /reply chose) and send it now if a session is open."""
         if self.peer is None:
             self.notice("no conversation open: /open PEER first (or /next)")
             return
         client_id = ClientSession.new_id()
+        reply_to, self.reply_next = reply_to or self.reply_next, None
+        if reply_to is not None:
+            self._replying[client_id] = reply_to
         self.pending[client_id] = (self.peer, text)
         self._typing_sent_at = float("-inf")  # a new message: the next keystroke says so again
         self.on_change()
@@ -340,8 +365,11 @@ class ChatClient:
             return
         self._sent.add(client_id)
         to, text = self.pending[client_id]
+        reply_to = self._replying.get(client_id)
         try:
-            await session.send_frame(Send(id=client_id, to=to, text=text))
+            if reply_to is not None and not session.offers(Feature.REPLIES):
+                raise RefusedError("this server does not support replies", "bad-reply")
+            await session.send_frame(Send(id=client_id, to=to, text=text, reply_to=reply_to))
         except RefusedError as exc:  # refused before sending, e.g. too large for this server
             self._resolve(client_id, render.Outcome(Status.REFUSED, exc.reason))
         except ConnectError:
@@ -385,6 +413,8 @@ class ChatClient:
             await self._show_history(session, frame.messages)
         elif isinstance(frame, Inbox) and frame.id == self._inbox_request:
             self._take_inbox(frame)
+        elif isinstance(frame, Search) and frame.id == self._search_request:
+            self._show_search(frame)
         else:
             await self._handle_event(session, frame)
 
@@ -399,6 +429,8 @@ class ChatClient:
             self.notice(f"server error {frame.code}: {frame.message}")
             if self._inbox_request is not None and frame.details.get("id") == self._inbox_request:
                 self._inbox_request, self._inbox_shown = None, False
+            elif self._search_request is not None and frame.details.get("id") == self._search_request:
+                self._search_request = None
             elif self._history_request is not None:  # the only other request that can fail without an ack
                 await self._show_history(session, ())
 
@@ -415,7 +447,7 @@ class ChatClient:
                     self.notice("unread:")
                     marked = True
                 read = message.sender == self.me and message.id <= self._peer_read.get(peer, 0)
-                self.show(render.message_ansi(message, colour=self.colour, read=read))
+                self._show_message(message, read=read)
             await self._mark_read(session, peer, messages[-1].id)
         held, self._held = self._held, []
         for message in held:
@@ -434,7 +466,7 @@ class ChatClient:
         self._typing_until.pop(message.sender, None)
         if peer == self.peer:
             if message.id not in self._history_ids:
-                self.show(render.message_ansi(message, colour=self.colour))
+                self._show_message(message)
             await self._mark_read(session, peer, message.id)
         elif message.sender != self.me:  # ours from another session is not unread
             self._live_unread.setdefault(peer, set()).add(message.id)
@@ -493,12 +525,78 @@ class ChatClient:
         if entry is None:
             return
         to, text = entry
+        reply_to = self._replying.pop(client_id, None)
+        if reply_to is not None:
+            self._show_quote(reply_to)
         self.show(render.own_message_ansi(self.me, text, outcome, colour=self.colour))
         if msg_id is not None and outcome.status != Status.REFUSED:
             self._own[msg_id] = (to, text, outcome.ts)
             if len(self._own) > OWN_REMEMBERED:
                 del self._own[min(self._own)]
+            if outcome.ts:
+                self._remember(Message(msg_id, self.me, to, text, outcome.ts, reply_to))
         self.on_change()
+
+    # -- replies and search (issue 13) ---------------------------------------------------------
+
+    def _show_message(self, message: Message, *, read: bool = False) -> None:
+        """A message of the conversation, under a one-line quote of the message it replies to."""
+        if message.reply_to is not None:
+            self._show_quote(message.reply_to)
+        self.show(render.message_ansi(message, colour=self.colour, read=read))
+        self._remember(message)
+
+    def _show_quote(self, reply_to: int) -> None:
+        self.show(render.quote_ansi(self._recent.get(reply_to), reply_to, colour=self.colour))
+
+    def _remember(self, message: Message) -> None:
+        self._recent[message.id] = message
+        if len(self._recent) > QUOTE_MEMORY:
+            self._recent.popitem(last=False)
+
+    def reply_command(self, args: str) -> str | None:
+        """``/reply [ID] [TEXT]``: the text to send as a reply now, or None when the next line will be
+        the reply (or nothing can be replied to: said in a notice)."""
+        first, _, rest = args.strip().partition(" ")
+        target: int | None
+        if first.isascii() and first.isdigit():
+            target, text = int(first), rest.strip()
+        else:  # the last message shown of the conversation on screen
+            shown = [msg_id for msg_id, m in self._recent.items() if self._conversation_of(m) == self.peer]
+            target, text = max(shown, default=None), args.strip()
+        if self.peer is None or target is None:
+            self.notice("no conversation open: /open PEER first" if self.peer is None
+                        else "nothing to reply to yet: /reply ID names a message")
+            return None
+        self.reply_next = target
+        if not text:
+            quoted = self._recent.get(target)
+            about = (f"{quoted.sender}: {render.safe_text(quoted.text).splitlines()[0][:60]}"
+                     if quoted is not None and quoted.text.strip() else f"message #{target}")
+            self.notice(f"replying to {about}; type the reply (/reply again to change it)")
+        return text or None
+
+    async def search_command(self, text: str) -> None:
+        """``/search TEXT``: the open conversation's messages matching TEXT, newest first."""
+        session, text = self._session, text.strip()
+        if not text or self.peer is None:
+            self.notice("/search TEXT: give the words to find" if text or self.peer is not None
+                        else "no conversation open: /open PEER first")
+        elif session is None:
+            self.notice("not connected: search once the chat is connected again")
+        elif not session.offers(Feature.SEARCH):
+            self.notice("this server does not offer search (it keeps no messages, or it is older)")
+        else:
+            self._search_text = text
+            with suppress(ConnectError):  # the reconnect says so
+                self._search_request = await session.request_search(text[:256], SEARCH_LINES, self.peer)
+
+    def _show_search(self, answer: Search) -> None:
+        self._search_request = None
+        self.notice(f"{len(answer.messages)} message(s) with {self.peer} matching {self._search_text!r}, newest first"
+                    + (" (older matches not shown)" if answer.more else ""))
+        for message in answer.messages:
+            self.show(render.search_ansi(message, self._search_text, colour=self.colour))
 
 
 def _notify_desktop(title: str, body: str) -> bool:
@@ -554,10 +652,25 @@ async def _inbox(client: ChatClient, args: list[str]) -> bool:
     return False
 
 
+async def _reply(client: ChatClient, args: list[str]) -> bool:
+    text = client.reply_command(args[0] if args else "")
+    if text:
+        await client.submit(text)
+    return False
+
+
+async def _search(client: ChatClient, args: list[str]) -> bool:
+    await client.search_command(args[0] if args else "")
+    return False
+
+
 COMMANDS: Final[dict[str, Command]] = {command.name: command for command in (
     Command("open", "PEER", "switch to the conversation with PEER (Tab completes known peers)", _open),
     Command("next", "", "open the most recent conversation with unread messages", _next),
     Command("inbox", "", "list your conversations with their unread counts", _inbox),
+    Command("reply", "[ID] [TEXT]", "answer the last message (or message ID); without TEXT, the next line is the "
+            "reply", _reply, raw=True),
+    Command("search", "TEXT", "find this conversation's messages matching TEXT, newest first", _search, raw=True),
     Command("help", "", "show this", _help),
     Command("quit", "", "leave (or Ctrl-D)", _quit),
 )}
@@ -570,6 +683,8 @@ async def run_command(client: ChatClient, line: str) -> bool:
     if command is None:
         client.notice(f"unknown command {'/' + name!r}: /help lists them")
         return False
+    if command.raw:
+        args = line[1:].split(maxsplit=1)[1:]
     return await command.run(client, args)
 
 

@@ -334,3 +334,51 @@ def test_ask_survives_a_server_restart_and_gets_the_answer_sent_meanwhile(
     _send_reply(oracle, "asker", "yes", question.id)  # asker may still be away: stored, then resumed after
     assert asking.wait(timeout=30) == 0, asking.err
     assert asking.out == ["yes"]
+
+
+# -- the REPL: /reply, quotes, /search ------------------------------------------------------------
+
+
+def test_chat_replies_with_quotes_and_searches_the_conversation(shared: RunningServer, tmp_home: Path) -> None:
+    from tests.client.test_repl import Terminal
+
+    me, peer, other = _user("alice"), _user("bob"), _user("carol")
+    bob, _ = native(shared.ws_url, peer)
+    chat = Terminal([me, peer, "--url", shared.ws_url], {})
+    try:
+        chat.wait_for(f"{peer} online")
+        chat.type("/reply too early\r")
+        chat.wait_for("nothing to reply to yet")
+        question = send_native(bob, me, "deploy 4.2 now?\nsecond line").msg_id
+        chat.wait_for(f"{peer}: deploy 4.2 now?")
+        chat.type("/reply yes,  go\r")  # to the last message of the conversation, the text as typed
+        answer = _question_for(bob)
+        assert (answer.text, answer.reply_to) == ("yes,  go", question)
+        chat.wait_for(f"↪ {peer}: deploy 4.2 now?…")
+        chat.wait_for("✓ delivered")
+        _send_reply(bob, me, "done", answer.id)
+        chat.wait_for(f"↪ {me}: yes,  go")
+        chat.type(f"/reply {question}\r")  # no text: the next line is the reply
+        chat.wait_for("type the reply")
+        chat.type("and the logs\r")
+        assert _question_for(bob).reply_to == question
+        chat.type("/reply 999999999 nope\r")
+        chat.wait_for("refused (bad-reply)")
+        chat.type("/search deploy\r")
+        chat.wait_for(f"1 message(s) with {peer} matching 'deploy'")
+        chat.wait_for(f"{peer} → {me}: deploy 4.2 now?")
+        mark = len(chat.screen)
+        chat.type(f"/open {other}\r")  # another conversation, then back: its history shows the quotes again
+        chat.wait_for(f"conversation with {other}", after=mark)
+        chat.type(f"/open {peer}\r")
+        chat.wait_for(f"the last 4 message(s) with {peer}", after=mark)
+        chat.wait_for(f"↪ {peer}: deploy 4.2 now?…", after=mark, count=2)
+        chat.wait_for(f"↪ {me}: yes,  go", after=mark)
+        chat.type("/help\r")
+        chat.wait_for("/reply [ID] [TEXT]: answer the last message")
+        chat.wait_for("/search TEXT: find this conversation's messages")
+        chat.type("/quit\r")
+        assert chat.proc.wait(timeout=10) == 0
+        assert "Traceback" not in chat.screen
+    finally:
+        chat.close()
