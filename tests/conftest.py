@@ -5,6 +5,7 @@ Only fixtures live here; the helpers and types they use are in ``tests/support/`
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,17 @@ from tests.support.processes import (
     start_chatcli,
     start_server_process,
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give the commands under test the Ctrl-C a user's terminal gives them.
+
+    A shell starting the suite in the background (``cmd &``) ignores SIGINT, every child inherits the
+    ignoring, and the Ctrl-C tests then wait forever on a ``listen`` that never sees its SIGINT.
+    A handler of our own is reset to the default at exec, so the children get SIGINT back.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
