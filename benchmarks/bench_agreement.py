@@ -19,7 +19,6 @@ import os
 import resource
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,20 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from serverprocs import wait_port  # benchmarks/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT.parent / "shared" / "bench" / "loadgen.js"
 NODE_DIR = Path(os.environ.get("BENCH_NODE_DIR", Path(tempfile.gettempdir()) / "chatcli-bench-node"))
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on {port}")
 
 
 def timed(argv: list[str]) -> tuple[dict[str, Any], float]:

@@ -23,7 +23,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,28 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from serverprocs import cpu_seconds, wait_port  # benchmarks/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 LOADGEN = ROOT.parent / "shared" / "bench" / "loadgen.js"
 SEED = ROOT.parent / "shared" / "peers" / "seed-node" / "server.js"
 #: Each server listens on PORT_BASE + 10 * its position (its HTTP port on the next one).
 PORT_BASE = 18700
 NODE_DIR = Path(os.environ.get("BENCH_NODE_DIR", Path(tempfile.gettempdir()) / "chatcli-bench-node"))
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port: int) -> None:
-    for _ in range(400):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"no server on port {port}")
 
 
 def start(argv: list[str], port: int, scratch: str, tree: str | None) -> subprocess.Popen[bytes]:
