@@ -133,9 +133,9 @@ def measure(targets: list[Target], rounds: int, messages: int) -> None:
     seed_runs = targets[0].runs
     for target in targets:
         median = {key: statistics.median(run[key] for run in target.runs) for key in target.runs[0]}
-        ratio = statistics.median(r["msgs_per_s"] / s["msgs_per_s"] for r, s in zip(target.runs, seed_runs, strict=True))
-        cpu_ratio = statistics.median(seed_runs[0]["total"] and s["total"] / r["total"]
-                                      for r, s in zip(target.runs, seed_runs, strict=True))
+        pairs = list(zip(target.runs, seed_runs, strict=True))
+        ratio = statistics.median(run["msgs_per_s"] / seed["msgs_per_s"] for run, seed in pairs)
+        cpu_ratio = statistics.median(seed["total"] / run["total"] for run, seed in pairs)
         alive = "" if all(proc.poll() is None for proc in target.procs.values()) else "  DIED"
         print(describe(target, median, median["delivered"]) + f"  ratio {ratio:4.2f}  cpu ratio {cpu_ratio:4.2f}"
               + alive)
