@@ -159,8 +159,9 @@ def test_a_row_the_encoder_rejects_is_skipped_not_fatal(engine: Engine) -> None:
 # -- history ----------------------------------------------------------------------------------------
 
 
-def history(engine: Engine, user: str, peer: str, limit: int = 50) -> p.History | StorageError:
-    answer = outcome(lambda done: engine.read_history(user, p.HistoryRequest("h1", peer, limit), done))
+def history(engine: Engine, user: str, peer: str, limit: int = 50,
+            before: int | None = None) -> p.History | StorageError:
+    answer = outcome(lambda done: engine.read_history(user, p.HistoryRequest("h1", peer, limit, before), done))
     if isinstance(answer, StorageError):
         return answer
     frame = p.parse_server_frame(answer)
@@ -182,6 +183,22 @@ def test_history_is_both_directions_oldest_first_and_bounded(engine: Engine) -> 
     append(engine, *(msg("alice", "bob", big) for _ in range(3)))
     cut = history(engine, "bob", "alice")
     assert isinstance(cut, p.History) and cut.more and len(cut.messages) == 1
+
+
+def test_history_pages_back_from_a_message_in_both_directions(engine: Engine) -> None:
+    if Capability.HISTORY not in engine.capabilities:
+        return
+    append(engine, *(msg("alice", "bob", f"a{n}") if n % 2 else msg("bob", "alice", f"b{n}") for n in range(1, 8)),
+           msg("carol", "bob", "not this conversation"))
+
+    def page(user: str, peer: str, before: int | None = None) -> list[str]:
+        answer = history(engine, user, peer, limit=3, before=before)
+        assert isinstance(answer, p.History) and not answer.more  # "more": only when cut by the byte cap
+        return [m.text for m in answer.messages]
+
+    assert page("bob", "alice") == page("alice", "bob") == ["a5", "b6", "a7"]
+    assert page("bob", "alice", before=5) == ["b2", "a3", "b4"]
+    assert page("alice", "bob", before=2) == ["a1"]
 
 
 # -- contacts, presence, accounts, listener --------------------------------------------------------

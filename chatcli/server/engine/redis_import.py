@@ -96,7 +96,7 @@ def _rows(source: sqlite3.Connection) -> Iterator[tuple[int, str, str, str, floa
 
 def _copy_messages(source: sqlite3.Connection, target: Any, total: int,
                    progress: Callable[[int, int], None]) -> tuple[int, dict[str, tuple[int, int]], float, int]:
-    """Every message into its recipient's inbox and conversation streams; per user (sequence, last id)."""
+    """Every message into its recipient's inbox and (its id) conversation stream; per user (sequence, last id)."""
     seqs: dict[str, tuple[int, int]] = {}
     moved, newest, top, shown = 0, 0.0, 0, time.monotonic()
     pipe = target.pipeline(transaction=False)
@@ -105,7 +105,7 @@ def _copy_messages(source: sqlite3.Connection, target: Any, total: int,
         seqs[recipient] = (seq, msg_id)
         entry = f"{msg_id}-0"
         pipe.xadd(inbox_key(recipient), {"s": seq, "f": sender, "t": text, "ts": repr(ts)}, id=entry)
-        pipe.xadd(peer_key(recipient, sender), {"f": sender, "t": text, "ts": repr(ts)}, id=entry)
+        pipe.xadd(peer_key(recipient, sender), {"f": sender}, id=entry)  # ids only: the text is in the inbox
         moved, newest, top = moved + 1, max(newest, ts), msg_id
         if moved % CHUNK == 0:
             pipe.execute()

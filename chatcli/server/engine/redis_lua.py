@@ -8,7 +8,8 @@ keys on one node:
                           inbox's sequence (messages ever added), ``c`` the user's cursor
                           (highest id acknowledged); the newest id is the inbox's last entry
 * ``{u:ID}:in``           inbox stream: every message to ID, entry id ``<message id>-0``
-* ``{u:ID}:p:PEER``       the messages PEER sent to ID (history reads two of these)
+* ``{u:ID}:p:PEER``       the ids of the messages PEER sent to ID (history reads two of these and
+                          the texts from the inboxes: entry id = message id, one field ``f``)
 * ``{u:ID}:k:SENDER:CID`` a client message id already committed (idempotency), with a TTL
 * ``{u:ID}:c``            the users ID exchanged a message with, either way (``--presence contacts``)
 * ``{u:ID}:ch``           the Pub/Sub channel of ID's new messages (one per user, never a global one)
@@ -88,69 +89,80 @@ def channel_user(name: bytes) -> str:
 #: separate script calls in one pipeline, a batch of a few hundred messages arrived in many reads and cost
 #: an fsync per read (measured: ~130 ms per 660-message batch against a few ms).
 #: Per message: the original's id for a repeated client id; else the epoch if the inbox is new, the next
-#: id and inbox sequence, XADD to the inbox and to the sender's conversation stream, the idempotency key.
-#: Then one PUBLISH per recipient of the batch, on the recipient's channel, carrying its messages in order
-#: as records "id\nseq\nts\nsender\nBYTES\ntext" (user ids hold no newline; BYTES is the text's length):
-#: one Pub/Sub message per recipient and batch, not per message (read by ``published_records``).
+#: id and inbox sequence, XADD to the inbox and an id-only entry to the conversation stream ``:p:SENDER``
+#: (history and unread counts need the ids; the text is read from the inbox: one copy per message), the
+#: idempotency key. Then one PUBLISH per recipient of the batch, on the recipient's channel, carrying its
+#: messages in order as records "id\nseq\nts\nsender\nBYTES\ntext" (user ids hold no newline; BYTES is
+#: the text's length): one Pub/Sub message per recipient and batch, not per message (``published_records``).
+#: Redis runs the whole cluster's commits on one core, and every string built or number formatted per
+#: message shows (Lua formats a number with sprintf: ~0.35 us), so each recipient's keys are built once
+#: per batch, each id and sequence formatted once, and the answer is per batch, not per message.
 #: The users' keys are derived here from the ids, as ``meta_key`` and friends do: a Redis Cluster would
 #: need the batch split per slot and the keys declared (and per-user ids), see docs/scaling.md.
 #: KEYS: epoch, ids, users, newest. ARGV: epoch, idempotency TTL, then per message sender, recipient,
-#: text, ts, client id ('' for none). Returns {id, duplicate (0/1), seq} per message, flattened; {-1}
-#: when the store's epoch is not ARGV[1] (wiped, e.g. FLUSHALL): nothing was written.
+#: text, ts, client id ('' for none). Returns {last id before the batch, {position (from 0), original id}
+#: per duplicate, flattened, {recipient, inbox sequence before the batch} per recipient with a new message,
+#: flattened}: the new messages took the following ids in batch order, and each recipient's the following
+#: sequences (``Committed``). {-1} when the store's epoch is not ARGV[1] (wiped, e.g. FLUSHALL): nothing
+#: was written.
 COMMIT: Final = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 -- Counters are read once and written once per batch (not INCR/HINCRBY per message): fewer commands
 -- to run and to append to the AOF. The script is atomic, so nothing can interleave.
-local last_id = tonumber(redis.call('GET', KEYS[2]) or '0')
-local out, newest, published, channels, seqs, metas, pairs = {}, nil, {}, {}, {}, {}, {}
+local before = tonumber(redis.call('GET', KEYS[2]) or '0')
+local last_id, newest, last_ts, inboxes, order, duplicates = before, nil, nil, {}, {}, {}
 for i = 3, #ARGV, 5 do
   local sender, recipient, text, ts, cid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local user = '{u:' .. recipient .. '}'
-  local idem = user .. ':k:' .. sender .. ':' .. cid
   local prior = false
-  if cid ~= '' then prior = redis.call('GET', idem) end
+  if cid ~= '' then prior = redis.call('GET', '{u:' .. recipient .. '}:k:' .. sender .. ':' .. cid) end
   if prior then
-    out[#out + 1] = tonumber(prior); out[#out + 1] = 1; out[#out + 1] = 0
+    duplicates[#duplicates + 1] = (i - 3) / 5; duplicates[#duplicates + 1] = tonumber(prior)
   else
-    last_id = last_id + 1
-    local id = last_id
-    local meta = user .. ':m'
-    local seq = seqs[meta]
-    if seq == nil then
-      seq = tonumber(redis.call('HGET', meta, 's') or '0')
-      metas[#metas + 1] = meta
+    local inbox = inboxes[recipient]
+    if inbox == nil then  -- the recipient's first message in the batch
+      local tag = '{u:' .. recipient .. '}'
+      local seq = tonumber(redis.call('HGET', tag .. ':m', 's') or '0')
       if seq == 0 then  -- a new inbox: made in this store (the epoch), listed for retention and moves
-        redis.call('HSET', meta, 'e', ARGV[1])
+        redis.call('HSET', tag .. ':m', 'e', ARGV[1])
         redis.call('SADD', KEYS[3], recipient)
       end
+      inbox = {tag = tag, key = tag .. ':in', first = seq, seq = seq, records = {}, peers = {}}
+      inboxes[recipient] = inbox; order[#order + 1] = recipient
     end
-    seq = seq + 1
-    seqs[meta] = seq
+    last_id = last_id + 1
+    inbox.seq = inbox.seq + 1
+    local id, seq = tostring(last_id), tostring(inbox.seq)
     local entry = id .. '-0'
-    redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
-    redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts)
-    if cid ~= '' then redis.call('SET', idem, id, 'EX', ARGV[2]) end
-    local pair = sender .. '\\n' .. recipient
-    if pairs[pair] == nil then  -- contacts, both ways (--presence contacts): once per pair and batch
-      pairs[pair] = true
-      redis.call('SADD', user .. ':c', sender)
+    redis.call('XADD', inbox.key, entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
+    local peer = inbox.peers[sender]
+    if peer == nil then  -- contacts, both ways (--presence contacts): once per pair and batch
+      peer = inbox.tag .. ':p:' .. sender
+      inbox.peers[sender] = peer
+      redis.call('SADD', inbox.tag .. ':c', sender)
       redis.call('SADD', '{u:' .. sender .. '}:c', recipient)
     end
-    local channel = user .. ':ch'
-    local records = published[channel]
-    if records == nil then records = {}; published[channel] = records; channels[#channels + 1] = channel end
+    redis.call('XADD', peer, entry, 'f', sender)
+    if cid ~= '' then redis.call('SET', inbox.tag .. ':k:' .. sender .. ':' .. cid, id, 'EX', ARGV[2]) end
+    local records = inbox.records
     records[#records + 1] = id .. '\\n' .. seq .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. #text .. '\\n' .. text
-    out[#out + 1] = id; out[#out + 1] = 0; out[#out + 1] = seq
-    if newest == nil or tonumber(ts) > tonumber(newest) then newest = ts end
+    if ts ~= last_ts then  -- one accept time per batch as a rule: parsed only when it changes
+      last_ts = ts
+      if newest == nil or tonumber(ts) > tonumber(newest) then newest = ts end
+    end
   end
 end
-redis.call('SET', KEYS[2], last_id)
-for _, meta in ipairs(metas) do redis.call('HSET', meta, 's', seqs[meta]) end
-for _, channel in ipairs(channels) do redis.call('PUBLISH', channel, table.concat(published[channel])) end
+local sequences = {}
+if last_id ~= before then redis.call('SET', KEYS[2], last_id) end
+for _, recipient in ipairs(order) do
+  local inbox = inboxes[recipient]
+  redis.call('HSET', inbox.tag .. ':m', 's', inbox.seq)
+  redis.call('PUBLISH', inbox.tag .. ':ch', table.concat(inbox.records))
+  sequences[#sequences + 1] = recipient; sequences[#sequences + 1] = inbox.first
+end
 if newest ~= nil and tonumber(newest) > tonumber(redis.call('GET', KEYS[4]) or '0') then
   redis.call('SET', KEYS[4], newest)
 end
-return out
+return {before, duplicates, sequences}
 """
 
 #: Move a user's cursor forward, never back. KEYS: meta. ARGV: the acknowledged id.
