@@ -20,6 +20,7 @@ of users with an inbox, and the presence sorted set (``redis_presence.py``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Final
 
@@ -174,15 +175,28 @@ return 0
 
 
 def published_records(payload: bytes) -> Iterator[tuple[int, int, float, str, str]]:
-    """The messages of one published payload, in order: (id, seq, ts, sender, text)."""
+    """The messages of one published payload, in order: (id, seq, ts, sender, text).
+
+    One regular expression match per record, and the time and sender (the same for most of a batch)
+    converted only when they change: this runs for every message a node receives from another.
+    """
+    match = _RECORD_HEAD.match
     position, end = 0, len(payload)
+    last_ts = last_sender = b""
+    ts, sender = 0.0, ""
     while position < end:
-        fields = []
-        for _ in range(5):
-            newline = payload.index(b"\n", position)
-            fields.append(payload[position:newline])
-            position = newline + 1
-        size = int(fields[4])
-        text = payload[position:position + size].decode()
-        position += size
-        yield int(fields[0]), int(fields[1]), float(fields[2]), fields[3].decode(), text
+        head = match(payload, position)
+        if head is None:
+            raise ValueError(f"not a published record at byte {position}")
+        msg_id, seq, ts_bytes, sender_bytes, size = head.groups()
+        if ts_bytes != last_ts:
+            last_ts, ts = ts_bytes, float(ts_bytes)
+        if sender_bytes != last_sender:
+            last_sender, sender = sender_bytes, sender_bytes.decode()
+        start = head.end()
+        position = start + int(size)
+        yield int(msg_id), int(seq), ts, sender, payload[start:position].decode()
+
+
+#: A published record's head: "id\nseq\nts\nsender\nBYTES\n", the text's BYTES bytes follow.
+_RECORD_HEAD: Final = re.compile(rb"(\d+)\n(\d+)\n([^\n]+)\n([^\n]+)\n(\d+)\n")
