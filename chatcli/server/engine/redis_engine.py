@@ -217,7 +217,8 @@ class RedisEngine:
         calls: list[_Call] = []
         if batch:
             calls.append(("commit", [EPOCH_KEY, IDS_KEY, USERS_KEY, NEWEST_KEY], _commit_args(self.epoch, batch)))
-        calls += [("cursor", [meta_key(user)], [upto]) for user, upto in cursors.items()]
+        if cursors:
+            calls.append(("cursor", [meta_key(user) for user in cursors], list(cursors.values())))
         started = time.monotonic()
         try:
             results = await self._run_scripts(calls)

@@ -166,10 +166,13 @@ end
 return {before, duplicates, sequences}
 """
 
-#: Move a user's cursor forward, never back. KEYS: meta. ARGV: the acknowledged id.
+#: Move users' cursors forward, never back: every move of a tick in one call (a node delivering to many
+#: users moves many cursors per tick; one call each cost Redis a command, and the node packing, per user).
+#: KEYS: the users' meta hashes. ARGV: the acknowledged id of each, in the same order.
 CURSOR: Final = """
-local now = tonumber(redis.call('HGET', KEYS[1], 'c') or '0')
-if tonumber(ARGV[1]) > now then redis.call('HSET', KEYS[1], 'c', ARGV[1]) end
+for i, meta in ipairs(KEYS) do
+  if tonumber(ARGV[i]) > tonumber(redis.call('HGET', meta, 'c') or '0') then redis.call('HSET', meta, 'c', ARGV[i]) end
+end
 return 0
 """
 
