@@ -159,6 +159,30 @@ def test_offline_delivery_history_who_and_presence_across_nodes(cluster: list[Ru
     assert recv_frame(watcher) == p.Presence("erin2", False)
 
 
+def test_a_seed_apps_cursor_is_written_soon_and_nothing_comes_twice_through_another_node(
+        cluster: list[RunningServer], shared_redis: RedisServer) -> None:
+    """A seed app's cursor moves as messages are written to it, with no message of its own to commit: the
+    node gathers such moves (CURSOR_DELAY_S) but writes them within it, and at once when the app leaves."""
+    one, two, _ = cluster
+    alice, _ = native(one.ws_url, "alice5")
+    seed_app = legacy(two.ws_url, "bob5")
+    wait_until(lambda: "bob5" in who(one.ws_url, "alice5"), 5, "node one to see bob online")
+
+    def cursor() -> int:
+        return int(redis_cli(shared_redis, "EVAL", "return tonumber(redis.call('HGET', KEYS[1], 'c') or '0')",
+                             "1", "{u:bob5}:m"))
+
+    for round_ in ("a", "b"):
+        acks = [send_native(alice, "bob5", f"{round_}{i}") for i in range(3)]
+        assert [decode_legacy_message(seed_app.recv(timeout=5)) for _ in acks] == [
+            ("alice5", f"{round_}{i}") for i in range(3)]
+        wait_until(lambda: cursor() == acks[-1].msg_id, 2, "the seed app's cursor in Redis")  # noqa: B023
+    seed_app.close()
+    seed_app = legacy(one.ws_url, "bob5")  # another node: its backlog starts after the cursor
+    send_native(alice, "bob5", "after")
+    assert decode_legacy_message(seed_app.recv(timeout=5)) == ("alice5", "after")
+
+
 def test_a_killed_pubsub_connection_loses_nothing(cluster: list[RunningServer], shared_redis: RedisServer) -> None:
     one, two, _ = cluster
     bob, _ = native(two.ws_url, "bob3")

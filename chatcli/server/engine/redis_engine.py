@@ -101,6 +101,10 @@ SUBSCRIBE_WAIT_S: Final = 5.0
 #: The round-trip buckets (seconds) of /metrics' chatcli_redis_roundtrip_seconds.
 ROUNDTRIP_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+#: Cursor moves committed without a message wait this long at most, gathered (a message commit takes them
+#: along at once): a node delivering to seed apps moves cursors on nearly every tick, and every commit is
+#: an fsync in Redis under appendfsync always (measured: ~1 us of CPU per message, and stalls).
+CURSOR_DELAY_S: Final = 0.05
 
 #: Lane jobs: done at once (None) or a coroutine the lane awaits before the next job.
 _Job = Callable[[], Awaitable[None] | None]
@@ -167,6 +171,8 @@ class RedisEngine:
         self.reconnects = 0
         self._used_memory = 0  # Redis's used_memory, as of the last look (start-up, then every REFRESH_S)
         self.gaps_filled = 0
+        self._cursors: dict[str, int] = {}  # cursor moves waiting for CURSOR_DELAY_S or a message commit
+        self._cursor_timer: asyncio.TimerHandle | None = None
         #: Set by ``close``: the background loops stop on it too, not only on cancellation, which redis-py
         #: can swallow (a transaction pipeline did, in ~1 close in 8 of the contract tests: close hung).
         self._closed = False
@@ -210,7 +216,30 @@ class RedisEngine:
         if not self._available:  # refused at once: nothing is acked that is not stored
             done(self._unavailable())
             return
-        self._lane.put_nowait(lambda: self._commit(list(batch), dict(cursors), done))
+        if not batch:  # nothing to ack: the moves wait (a lost move only costs a repeat delivery, never a loss)
+            for user, upto in cursors.items():
+                self._cursors[user] = max(upto, self._cursors.get(user, 0))
+            if self._cursors and self._cursor_timer is None:
+                self._cursor_timer = asyncio.get_running_loop().call_later(CURSOR_DELAY_S, self._write_cursors)
+            done(Appended([], frozenset()))
+            return
+        moves = self._take_cursors()
+        for user, upto in cursors.items():
+            moves[user] = max(upto, moves.get(user, 0))
+        self._lane.put_nowait(lambda: self._commit(list(batch), moves, done))
+
+    def _take_cursors(self) -> dict[str, int]:
+        moves, self._cursors = self._cursors, {}
+        if self._cursor_timer is not None:
+            self._cursor_timer.cancel()
+            self._cursor_timer = None
+        return moves
+
+    def _write_cursors(self) -> None:
+        """Commit the cursor moves waiting (after CURSOR_DELAY_S, a user's last session here closing, settle)."""
+        moves = self._take_cursors()
+        if moves:
+            self._lane.put_nowait(lambda: self._commit([], moves, lambda _: None))  # failures: _went_down logs
 
     async def _commit(self, batch: list[NewMessage], cursors: dict[str, int],
                       done: Callable[[Appended | StorageError], None]) -> None:
@@ -387,6 +416,8 @@ class RedisEngine:
             self._tracks[user] = _Track()
         else:
             self._tracks.pop(user, None)
+            if user in self._cursors:  # where they reconnect (any node) resumes from there: written now
+                self._write_cursors()
         self._background(self._announce(user, joined))
 
     async def _announce(self, user: str, joined: bool) -> None:
@@ -563,7 +594,7 @@ class RedisEngine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(track.ready.wait(), SUBSCRIBE_WAIT_S)
         if after is None and since_ts is None:
-            after = int(await self._redis.hget(meta_key(user), "c") or 0)
+            after = max(int(await self._redis.hget(meta_key(user), "c") or 0), self._cursors.get(user, 0))
         start = after or 0
         entries = await self._redis.xrange(inbox_key(user), f"({start}-0", "+", count=REPLAY_PAGE)
         if since_ts is not None:
@@ -678,6 +709,7 @@ class RedisEngine:
         return len(old)
 
     async def settle(self) -> None:
+        self._write_cursors()
         finished = asyncio.get_running_loop().create_future()
         self._lane.put_nowait(lambda: finished.set_result(None))
         await finished
@@ -716,6 +748,8 @@ class RedisEngine:
 
     def close(self) -> None:
         self._closed = True
+        if self._cursor_timer is not None:  # moves still waiting are lost: settle() writes them first
+            self._cursor_timer.cancel()
         for task in (*self._tasks, *self._reads):
             task.cancel()
         self.accounts.close()
