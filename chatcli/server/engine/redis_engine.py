@@ -359,16 +359,22 @@ class RedisEngine:
         """Messages from ``user``'s channel: the next one is handed on, an older one dropped, a newer one
         means a gap: it and the rest are read from the stream."""
         track = self._tracks.get(user)
-        if track is None or track.seq is None:
+        if track is None or track.seq is None or self._listener is None:
             return None  # not subscribed any more, or the track's first read is still to come
-        for msg_id, seq, ts, sender, text in published_records(payload):
-            if seq <= track.seq:
-                continue
-            if seq > track.seq + 1:
-                return self._catch_up(user)
-            track.seq, track.top = seq, msg_id
-            self._highest_id = max(self._highest_id, msg_id)
-            self._hand_on(StoredMessage(msg_id, sender, user, text, ts, None))
+        deliver = self._listener.message_committed_elsewhere
+        seq, top = track.seq, track.top  # kept in locals, written back once: this runs for every message
+        try:
+            for msg_id, next_seq, ts, sender, text in published_records(payload):
+                if next_seq <= seq:
+                    continue
+                if next_seq > seq + 1:
+                    return self._catch_up(user)
+                seq, top = next_seq, msg_id
+                # tuple.__new__: StoredMessage(...) is a Python-level constructor, ~0.2 us more per message
+                deliver(tuple.__new__(StoredMessage, (msg_id, sender, user, text, ts, None, None)))
+        finally:
+            track.seq, track.top = seq, top
+            self._highest_id = max(self._highest_id, top)
         return None
 
     async def _catch_up(self, user: str, before: int | None = None) -> None:
@@ -787,24 +793,25 @@ def _evalsha(sha: str, keys: list[str], args: list[Any] | _Packed) -> bytes:
 
 def _commit_args(epoch: str, batch: Sequence[NewMessage]) -> _Packed:
     """``redis_lua.COMMIT``'s arguments, packed here: the generic ``_pack`` per argument cost ~3 us per
-    message on the sending node, this ~1 (the batch's one accept time is formatted once, user ids once)."""
-    parts = [_bulk(epoch), _IDEMPOTENCY_TTL_BULK]
-    last_ts, ts_bulk = None, b""
+    message on the sending node, this under 1 (one string per message, encoded once for the batch; the
+    batch's one accept time formatted once, user ids once; ASCII texts need no encoding to be measured)."""
+    parts = [_bulk(epoch), _bulk(str(IDEMPOTENCY_TTL_S))]
+    last_ts, ts_bulk = None, ""
     for sender, recipient, text, ts, client_id, *_ in batch:  # no reply_to: no REPLIES capability
         if ts != last_ts:
             last_ts, ts_bulk = ts, _bulk(repr(ts))
-        data = text.encode()
-        parts += (_user_bulk(sender), _user_bulk(recipient), b"$%d\r\n%b\r\n" % (len(data), data), ts_bulk,
-                  _bulk(client_id) if client_id else _EMPTY_BULK)
-    return _Packed(2 + 5 * len(batch), b"".join(parts))
+        size = len(text) if text.isascii() else len(text.encode())
+        parts.append(f"{_user_bulk(sender)}{_user_bulk(recipient)}${size}\r\n{text}\r\n{ts_bulk}"
+                     f"{_bulk(client_id) if client_id else _EMPTY_BULK}")
+    return _Packed(2 + 5 * len(batch), "".join(parts).encode())
 
 
-def _bulk(value: str) -> bytes:
-    data = value.encode()
-    return b"$%d\r\n%b\r\n" % (len(data), data)
+def _bulk(value: str) -> str:
+    """``value`` as one RESP argument (as text: encoded with the rest of the command)."""
+    return f"${len(value) if value.isascii() else len(value.encode())}\r\n{value}\r\n"
 
 
-def _user_bulk(user: str) -> bytes:
+def _user_bulk(user: str) -> str:
     """A user id as a RESP argument, kept for the next batch (user ids are short and few per node)."""
     packed = _USER_BULKS.get(user)
     if packed is None:
@@ -814,11 +821,10 @@ def _user_bulk(user: str) -> bytes:
     return packed
 
 
-_USER_BULKS: dict[str, bytes] = {}
+_USER_BULKS: dict[str, str] = {}
 #: User ids are at most 64 bytes: a few hundred kilobytes at most.
 _USER_BULKS_MAX: Final = 4096
-_EMPTY_BULK: Final = b"$0\r\n\r\n"
-_IDEMPOTENCY_TTL_BULK: Final = _bulk(str(IDEMPOTENCY_TTL_S))
+_EMPTY_BULK: Final = "$0\r\n\r\n"
 _NO_SHA: Final = "0" * 40
 
 
