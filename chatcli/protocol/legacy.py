@@ -100,7 +100,8 @@ def _parse_exact_template(data: str) -> LegacyCommand | None:
     auth, cmd, userid = data[9:cmd_at], data[cmd_at + 9:userid_at], data[userid_at + 12:userid_end]
     if "'" in auth or "'" in cmd or text_at > len(data) - 2:
         return None
-    return LegacyCommand(cmd, auth, userid, data[text_at:-2])
+    # tuple.__new__: LegacyCommand(...) is a NamedTuple's Python-level constructor, ~0.2 us more per message.
+    return tuple.__new__(LegacyCommand, (cmd, auth, userid, data[text_at:-2]))
 
 
 def _legacy_from_object(obj: dict[str, Any]) -> LegacyCommand:
