@@ -96,8 +96,10 @@ def channel_user(name: bytes) -> str:
 #: messages in order as records "id\nseq\nts\nsender\nBYTES\ntext" (user ids hold no newline; BYTES is
 #: the text's length): one Pub/Sub message per recipient and batch, not per message (``published_records``).
 #: Redis runs the whole cluster's commits on one core, and every string built or number formatted per
-#: message shows (Lua formats a number with sprintf: ~0.35 us), so each recipient's keys are built once
-#: per batch, each id and sequence formatted once, and the answer is per batch, not per message.
+#: message shows, so each recipient's keys are built once per batch, each id and sequence formatted once,
+#: and the answer is per batch, not per message. Numbers are formatted with '%d': Lua's own conversion
+#: (tostring, ..) goes through '%.14g', twice the cost (measured in Redis: 0.30 against 0.15 us), and
+#: writes ids from 10^14 on as '1e+14'.
 #: The users' keys are derived here from the ids, as ``meta_key`` and friends do: a Redis Cluster would
 #: need the batch split per slot and the keys declared (and per-user ids), see docs/scaling.md.
 #: KEYS: epoch, ids, users, newest. ARGV: epoch, idempotency TTL, then per message sender, recipient,
@@ -111,6 +113,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 -- Counters are read once and written once per batch (not INCR/HINCRBY per message): fewer commands
 -- to run and to append to the AOF. The script is atomic, so nothing can interleave.
 local before = tonumber(redis.call('GET', KEYS[2]) or '0')
+local format = string.format
 local last_id, newest, last_ts, inboxes, order, duplicates = before, nil, nil, {}, {}, {}
 for i = 3, #ARGV, 5 do
   local sender, recipient, text, ts, cid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -132,7 +135,7 @@ for i = 3, #ARGV, 5 do
     end
     last_id = last_id + 1
     inbox.seq = inbox.seq + 1
-    local id, seq = tostring(last_id), tostring(inbox.seq)
+    local id, seq = format('%d', last_id), format('%d', inbox.seq)
     local entry = id .. '-0'
     redis.call('XADD', inbox.key, entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
     local peer = inbox.peers[sender]
@@ -145,7 +148,8 @@ for i = 3, #ARGV, 5 do
     redis.call('XADD', peer, entry, 'f', sender)
     if cid ~= '' then redis.call('SET', inbox.tag .. ':k:' .. sender .. ':' .. cid, id, 'EX', ARGV[2]) end
     local records = inbox.records
-    records[#records + 1] = id .. '\\n' .. seq .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. #text .. '\\n' .. text
+    records[#records + 1] = id .. '\\n' .. seq .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. format('%d', #text)
+      .. '\\n' .. text
     if ts ~= last_ts then  -- one accept time per batch as a rule: parsed only when it changes
       last_ts = ts
       if newest == nil or tonumber(ts) > tonumber(newest) then newest = ts end
@@ -153,10 +157,10 @@ for i = 3, #ARGV, 5 do
   end
 end
 local sequences = {}
-if last_id ~= before then redis.call('SET', KEYS[2], last_id) end
+if last_id ~= before then redis.call('SET', KEYS[2], format('%d', last_id)) end
 for _, recipient in ipairs(order) do
   local inbox = inboxes[recipient]
-  redis.call('HSET', inbox.tag .. ':m', 's', inbox.seq)
+  redis.call('HSET', inbox.tag .. ':m', 's', format('%d', inbox.seq))
   redis.call('PUBLISH', inbox.tag .. ':ch', table.concat(inbox.records))
   sequences[#sequences + 1] = recipient; sequences[#sequences + 1] = inbox.first
 end
