@@ -134,6 +134,18 @@ def test_duplicates_within_one_batch_are_stored_once(store: SQLiteStore) -> None
     assert ids == sorted(ids)
 
 
+def test_a_batch_mixing_messages_with_and_without_client_ids_keeps_each_ones_id(store: SQLiteStore) -> None:
+    """Batches without client ids leave the column out of the INSERT; a mixed batch must still store each."""
+    first = store.append([msg("alice", "bob", "legacy 1"), msg("alice", "bob", "native", client_id="k1"),
+                          msg("alice", "bob", "legacy 2")])
+    plain = store.append([msg("alice", "bob", "legacy 3"), msg("alice", "bob", "legacy 3")])  # no id: two messages
+    retry = store.append([msg("alice", "bob", "native (retry)", client_id="k1")])
+
+    assert retry.ids == [first.ids[1]] and retry.duplicates == {0}
+    assert len(set(plain.ids)) == 2 and not plain.duplicates
+    assert texts(store.messages_to("bob")) == ["legacy 1", "native", "legacy 2", "legacy 3", "legacy 3"]
+
+
 def test_client_ids_are_per_sender(store: SQLiteStore) -> None:
     results = store.append(
         [msg("alice", "carol", "from alice", client_id="k"), msg("bob", "carol", "from bob", client_id="k")]
