@@ -162,7 +162,7 @@ class SQLiteEngine:
             self._wait_for_quiet(still)
             return
         self._indexing = True
-        self._submit(self.store.index_some, self._indexed_some)
+        self._runner.submit(self.store.index_some, self._indexed_some)  # not _submit: health is about requests
 
     def _indexed_some(self, more: bool | StorageError) -> None:
         self._indexing = False
