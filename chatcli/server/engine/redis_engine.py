@@ -20,6 +20,10 @@ handed to the relay twice nor before an older one, whichever connection brought 
 
 If Redis goes away, sends are refused at once (``EngineUnavailable``), sessions stay
 open, and the node retries with backoff; once back, every user's gap is filled.
+
+The chat's read positions and inbox (issue 12) live in each user's read hash (``redis_lua.MARK_READ``,
+``UNREAD``, ``LAST_IDS``); its live events (typing, receipts, read positions) cross nodes on each
+user's events channel (``pass_on``), never stored. Replies are checked inside the commit script.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from chatcli.server.engine.base import (
     Appended,
     BacklogPage,
     Capability,
+    ConversationSummary,
     Encoder,
     EngineListener,
     InboxPage,
@@ -64,15 +69,22 @@ from chatcli.server.engine.redis_lua import (
     EPOCH_KEY,
     IDEMPOTENCY_TTL_S,
     IDS_KEY,
+    LAST_IDS,
+    MARK_READ,
     NEWEST_KEY,
+    UNREAD,
+    UNREAD_COUNT_MAX,
     USERS_KEY,
     channel,
     channel_user,
     contacts_key,
+    events_channel,
+    events_user,
     inbox_key,
     meta_key,
     peer_key,
     published_records,
+    reads_key,
 )
 from chatcli.server.engine.redis_presence import (
     PRESENCE_CHANNEL,
@@ -101,9 +113,16 @@ SUBSCRIBE_WAIT_S: Final = 5.0
 #: The round-trip buckets (seconds) of /metrics' chatcli_redis_roundtrip_seconds.
 ROUNDTRIP_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+#: Contacts the inbox looks at, at most (as the SQLite engine): each costs two stream lookups in Redis.
+INBOX_CONTACTS_MAX: Final = 10_000
+#: Streams whose newest id one LAST_IDS call reads: Redis runs each call at once, so a user with thousands
+#: of contacts takes it in slices of a few hundred microseconds, not one long stall.
+LAST_IDS_KEYS: Final = 256
 
 #: Lane jobs: done at once (None) or a coroutine the lane awaits before the next job.
 _Job = Callable[[], Awaitable[None] | None]
+#: A script call for ``_run_scripts``: (script name in ``_SCRIPTS``, keys, arguments).
+_Call = tuple[str, list[str], list[Any]]
 
 
 @dataclass(slots=True)
@@ -119,11 +138,8 @@ class RedisEngine:
     """``Engine`` of one node of a cluster sharing a Redis."""
 
     name = "redis"
-    #: Not yet: READS (issue 12's read positions and inbox), REPLIES and SEARCH (issue 13), which arrived as
-    #: this engine was finished. The relay then refuses replies (bad-reply), keeps no read positions, and
-    #: answers searches "unavailable", each saying why; receipts and typing reach this node's sessions only.
-    capabilities: frozenset[Capability] = frozenset(Capability) - {Capability.READS, Capability.REPLIES,
-                                                                   Capability.SEARCH}
+    #: Not yet: SEARCH (issue 13): the relay answers searches "unavailable", saying why.
+    capabilities: frozenset[Capability] = frozenset(Capability) - {Capability.SEARCH}
 
     def __init__(self, url: str, client: aioredis.Redis, epoch: str, newest_ts: float, highest_id: int,
                  guarantee: Guarantee) -> None:
@@ -136,6 +152,7 @@ class RedisEngine:
         self._blocking: Any = sync_redis.Redis.from_url(url, socket_timeout=CONNECT_TIMEOUT_S,
                                                         socket_connect_timeout=CONNECT_TIMEOUT_S)
         self.node = secrets.token_hex(6)
+        self._node_bytes = self.node.encode()
         self.presence = ClusterPresence(self.node, self._presence_changed, self._local_presence)
         #: redis-py's command types are too loose to check replies against (bytes | str | None): Any.
         self._redis: Any = client
@@ -219,8 +236,8 @@ class RedisEngine:
 
     def _commit_args(self, batch: list[NewMessage]) -> list[Any]:
         args: list[Any] = [self.epoch, IDEMPOTENCY_TTL_S]
-        for sender, recipient, text, ts, client_id, *_ in batch:  # no reply_to: no REPLIES capability
-            args += (sender, recipient, text, repr(ts), client_id or "")
+        for sender, recipient, text, ts, client_id, reply_to in batch:
+            args += (sender, recipient, text, repr(ts), client_id or "", "" if reply_to is None else reply_to)
         return args
 
     async def _settle_commit(self, batch: list[NewMessage], results: list[Any]) -> Appended | StorageError:
@@ -231,11 +248,12 @@ class RedisEngine:
             return EngineUnavailable("the message store was reset (a new epoch): send again")
         ids: list[int] = []
         duplicates: set[int] = set()
+        bad_replies: set[int] = set()
         triples = zip(results[0::3], results[1::3], results[2::3], strict=True)
-        for position, (message, (msg_id, duplicate, seq)) in enumerate(zip(batch, triples, strict=True)):
+        for position, (message, (msg_id, status, seq)) in enumerate(zip(batch, triples, strict=True)):
             ids.append(msg_id)
-            if duplicate:
-                duplicates.add(position)
+            if status:
+                (duplicates if status == 1 else bad_replies).add(position)
                 continue
             track = self._tracks.get(message.recipient)
             if track is not None and track.seq is not None:
@@ -243,9 +261,9 @@ class RedisEngine:
                     await self._catch_up(message.recipient, before=msg_id)
                 track.seq, track.top = max(track.seq, seq), max(track.top, msg_id)
         self._highest_id = max(self._highest_id, *ids) if ids else self._highest_id
-        return Appended(ids, frozenset(duplicates))
+        return Appended(ids, frozenset(duplicates), bad_replies=frozenset(bad_replies))
 
-    async def _run_scripts(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+    async def _run_scripts(self, calls: list[_Call]) -> list[Any]:
         """Run (script, keys, args) calls as one pipeline; scripts Redis forgot (a restart) are loaded
         and the calls it refused for that run again, in order. Raises RedisError if Redis is out of reach."""
         results: list[Any] = [None] * len(calls)
@@ -321,14 +339,14 @@ class RedisEngine:
         track = self._tracks.get(user)
         if track is None or track.seq is None:
             return None  # not subscribed any more, or the track's first read is still to come
-        for msg_id, seq, ts, sender, text in published_records(payload):
+        for msg_id, seq, ts, sender, reply_to, text in published_records(payload):
             if seq <= track.seq:
                 continue
             if seq > track.seq + 1:
                 return self._catch_up(user)
             track.seq, track.top = seq, msg_id
             self._highest_id = max(self._highest_id, msg_id)
-            self._hand_on(StoredMessage(msg_id, sender, user, text, ts, None))
+            self._hand_on(StoredMessage(msg_id, sender, user, text, ts, None, reply_to))
         return None
 
     async def _catch_up(self, user: str, before: int | None = None) -> None:
@@ -382,7 +400,7 @@ class RedisEngine:
         member = self.presence.member(user)
         command = "SUBSCRIBE" if joined else "UNSUBSCRIBE"
         if self._pubsub is not None:
-            await self._pubsub.send_command(command, channel(user), check_health=False)
+            await self._pubsub.send_command(command, channel(user), events_channel(user), check_health=False)
         pipe = self._redis.pipeline(transaction=False)
         if joined:
             pipe.zadd(PRESENCE_KEY, {member: time.time() + PRESENCE_TTL_S})
@@ -412,8 +430,9 @@ class RedisEngine:
                 continue
             try:
                 # The confirmations start each user's track, or fill what it missed (_start_track).
-                await connection.send_command("SUBSCRIBE", PRESENCE_CHANNEL, *map(channel, list(self._tracks)),
-                                              check_health=False)
+                users = list(self._tracks)
+                await connection.send_command("SUBSCRIBE", PRESENCE_CHANNEL, *map(channel, users),
+                                              *map(events_channel, users), check_health=False)
                 self._pubsub, wait = connection, 0.0
                 while True:
                     self._on_pubsub(await connection.read_response(timeout=math.inf))  # wait for ever
@@ -431,9 +450,11 @@ class RedisEngine:
         if kind == b"message":
             if name == _PRESENCE_CHANNEL_BYTES:
                 self.presence.on_event(data)
+            elif (user := events_user(name)) is not None:
+                self._live_event(user, data)
             else:
                 self._published(channel_user(name), data)
-        elif kind == b"subscribe" and name != _PRESENCE_CHANNEL_BYTES:
+        elif kind == b"subscribe" and name != _PRESENCE_CHANNEL_BYTES and events_user(name) is None:
             user = channel_user(name)
             self._lane.put_nowait(lambda: self._start_track(user))
 
@@ -453,6 +474,22 @@ class RedisEngine:
         def job() -> Awaitable[None] | None:
             self._lane_bytes -= len(data)
             return self._on_published(user, data)
+
+        self._in_lane(job)
+
+    def _live_event(self, user: str, data: bytes) -> None:
+        """Another node's live event for ``user`` ("NODE\nFRAME"): handed on in the lane, behind the messages
+        that came before it. Held within ``LANE_BYTES`` like messages; past it dropped (never stored anyway)."""
+        node, _, frame = data.partition(b"\n")
+        if node == self._node_bytes or self._lane_bytes + len(data) > LANE_BYTES:
+            return  # our own (this node told its sessions itself), or no room
+        self._lane_bytes += len(data)
+        text = frame.decode()
+
+        def job() -> None:
+            self._lane_bytes -= len(data)
+            if self._listener is not None:
+                self._listener.live_event(user, text)
 
         self._in_lane(job)
 
@@ -624,11 +661,70 @@ class RedisEngine:
     def read_search(self, user: str, request: p.SearchRequest, done: Callable[[str | StorageError], None]) -> None:
         done(StorageError("this cluster (--redis) has no search yet"))
 
+    # -- read positions, the inbox and live events (issue 12) ---------------------------------------------
+
     def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
-        done(StorageError(f"{_NO_READS}: no read positions"))
+        self._read(self._mark_read(marks), done)
+
+    async def _mark_read(self, marks: ReadMarks) -> dict[tuple[str, str], int]:
+        """One MARK_READ call per user (its read hash), all in one pipeline."""
+        by_user: dict[str, list[tuple[str, int, bool]]] = {}
+        for (user, peer), (msg_id, receipt) in marks.items():
+            by_user.setdefault(user, []).append((peer, msg_id, receipt))
+        calls = [("read", [reads_key(user), IDS_KEY], [arg for peer, msg_id, receipt in rows
+                                                       for arg in (peer, msg_id, int(receipt))])
+                 for user, rows in by_user.items()]
+        answers = _checked(await self._run_scripts(calls))
+        return {(user, peer): int(kept) for (user, rows), positions in zip(by_user.items(), answers, strict=True)
+                for (peer, _, _), kept in zip(rows, positions, strict=True)}
 
     def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
-        done(StorageError(f"{_NO_READS}: no inbox"))
+        self._read(self._inbox(user, limit), done)
+
+    async def _inbox(self, user: str, limit: int) -> InboxPage:
+        """Three round trips: the contacts, the newest id each way (LAST_IDS, no texts), then for the
+        ``limit`` most recent the position and unread count (UNREAD), the peer's receipt, the newest message."""
+        peers = await self._contacts(user)
+        keys = [key for peer in peers for key in (peer_key(user, peer), peer_key(peer, user))]
+        calls: list[_Call] = [("last_ids", keys[at:at + LAST_IDS_KEYS], [])
+                             for at in range(0, len(keys), LAST_IDS_KEYS)]
+        tops = [_entry_number(entry) for answer in _checked(await self._run_scripts(calls)) for entry in answer]
+        pairs = zip(peers, tops[0::2], tops[1::2], strict=True)
+        # (newest id, peer, whether the newest came from the peer); neither way: every message was pruned
+        latest = sorted(((max(got, sent), peer, got > sent) for peer, got, sent in pairs if got or sent), reverse=True)
+        return InboxPage(await self._summaries(user, latest[:limit]), len(latest) > limit)
+
+    async def _contacts(self, user: str) -> list[str]:
+        peers: dict[str, None] = {}  # SSCAN may name one twice
+        async for name in self._redis.sscan_iter(contacts_key(user), count=1000):
+            peers[name.decode()] = None
+            if len(peers) >= INBOX_CONTACTS_MAX:
+                break
+        return list(peers)
+
+    async def _summaries(self, user: str, latest: list[tuple[int, str, bool]]) -> list[ConversationSummary]:
+        if not latest:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for last, peer, received in latest:
+            pipe.hget(reads_key(peer), user)
+            pipe.xrange(peer_key(user, peer) if received else peer_key(peer, user), f"{last}-0", f"{last}-0")
+        counts, answers = await asyncio.gather(
+            self._run_scripts([("unread", [peer_key(user, peer), reads_key(user)], [peer, UNREAD_COUNT_MAX])
+                               for _, peer, _ in latest]),
+            pipe.execute())
+        summaries = []
+        for (last, peer, received), (read, unread), peer_read, entries in zip(
+                latest, _checked(counts), answers[0::2], answers[1::2], strict=True):
+            if entries:  # else pruned meanwhile
+                message = _stored(last, user if received else peer, entries[0][1])
+                summaries.append(ConversationSummary(peer, int(unread), int(read), message, _receipted(peer_read)))
+        return summaries
+
+    def pass_on(self, user: str, frame: str) -> None:
+        """Publish a live event on ``user``'s events channel when they are connected to another node."""
+        if self.presence.elsewhere(user):
+            self._background(self._redis.publish(events_channel(user), f"{self.node}\n{frame}"))
 
     async def prune(self, older_than_ts: float, limit: int) -> int:
         """Delete up to ``limit`` acknowledged messages accepted before ``older_than_ts`` (the unacknowledged
@@ -706,8 +802,7 @@ class RedisEngine:
         await self._redis.aclose()
 
 
-_NO_READS: Final = "this cluster (--redis) keeps no read positions yet"
-_SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR}
+_SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR, "read": MARK_READ, "unread": UNREAD, "last_ids": LAST_IDS}
 _PRESENCE_CHANNEL_BYTES: Final = PRESENCE_CHANNEL.encode()
 
 
@@ -721,7 +816,30 @@ def _pack(command: tuple[Any, ...]) -> bytes:
 
 
 def _stored(msg_id: int, recipient: str, fields: dict[bytes, bytes]) -> StoredMessage:
-    return StoredMessage(msg_id, fields[b"f"].decode(), recipient, fields[b"t"].decode(), float(fields[b"ts"]), None)
+    reply_to = fields.get(b"r")
+    return StoredMessage(msg_id, fields[b"f"].decode(), recipient, fields[b"t"].decode(), float(fields[b"ts"]), None,
+                         None if reply_to is None else int(reply_to))
+
+
+def _checked(answers: list[Any]) -> list[Any]:
+    """Script answers, or the first error Redis answered instead (``_run_scripts`` returns them)."""
+    failed = next((answer for answer in answers if isinstance(answer, Exception)), None)
+    if failed is not None:
+        raise failed
+    return answers
+
+
+def _entry_number(entry_id: bytes) -> int:
+    """The message id of a stream entry id (``ID-0``); 0 for none (b'')."""
+    return int(entry_id.split(b"-", 1)[0] or 0)
+
+
+def _receipted(value: bytes | None) -> int | None:
+    """The position in a read hash value (``ID:FLAG``) if its flag lets the peer learn it."""
+    if value is None:
+        return None
+    position, _, receipt = value.partition(b":")
+    return int(position) if receipt == b"1" else None
 
 
 def _is_connection_error(exc: RedisError) -> bool:

@@ -12,6 +12,10 @@ keys on one node:
 * ``{u:ID}:k:SENDER:CID`` a client message id already committed (idempotency), with a TTL
 * ``{u:ID}:c``            the users ID exchanged a message with, either way (``--presence contacts``)
 * ``{u:ID}:ch``           the Pub/Sub channel of ID's new messages (one per user, never a global one)
+* ``{u:ID}:r``            read positions (issue 12): PEER -> ``<id>:<1|0>``, how far ID has read the
+                          conversation with PEER and whether PEER may learn it (receipts)
+* ``{u:ID}:ev``           the Pub/Sub channel of live events for ID's sessions (typing, receipts, read
+                          positions): never stored, only passed on to the nodes ID is connected to
 
 Four keys are shared by the whole store: the epoch, the message id counter, the set
 of users with an inbox, and the presence sorted set (``redis_presence.py``).
@@ -29,16 +33,23 @@ __all__ = [
     "EPOCH_KEY",
     "IDEMPOTENCY_TTL_S",
     "IDS_KEY",
+    "LAST_IDS",
+    "MARK_READ",
     "NEWEST_KEY",
+    "UNREAD",
+    "UNREAD_COUNT_MAX",
     "USERS_KEY",
     "channel",
     "channel_user",
     "contacts_key",
+    "events_channel",
+    "events_user",
     "idempotency_key",
     "inbox_key",
     "meta_key",
     "peer_key",
     "published_records",
+    "reads_key",
 ]
 
 EPOCH_KEY: Final = "chatcli:epoch"
@@ -51,6 +62,8 @@ ACCOUNTS_KEY: Final = "chatcli:accounts"
 IDEMPOTENCY_TTL_S: Final = 7 * 24 * 3600
 
 _CHANNEL_SUFFIX: Final = "}:ch"
+_EVENTS_SUFFIX: Final = "}:ev"
+_EVENTS_SUFFIX_BYTES: Final = _EVENTS_SUFFIX.encode()
 
 
 def meta_key(user: str) -> str:
@@ -79,8 +92,21 @@ def channel(user: str) -> str:
 
 
 def channel_user(name: bytes) -> str:
-    """The user whose channel ``name`` is (``{u:ID}:ch``)."""
+    """The user whose channel ``name`` is (``{u:ID}:ch``, or ``{u:ID}:ev``: the suffixes have one length)."""
     return name[3:-len(_CHANNEL_SUFFIX)].decode()
+
+
+def reads_key(user: str) -> str:
+    return f"{{u:{user}}}:r"
+
+
+def events_channel(user: str) -> str:
+    return f"{{u:{user}{_EVENTS_SUFFIX}"
+
+
+def events_user(name: bytes) -> str | None:
+    """The user whose live-events channel ``name`` is, or None for another channel."""
+    return name[3:-len(_EVENTS_SUFFIX)].decode() if name.endswith(_EVENTS_SUFFIX_BYTES) else None
 
 
 #: A tick's messages, committed by one script call: each message atomically (the whole batch, in fact),
@@ -90,27 +116,39 @@ def channel_user(name: bytes) -> str:
 #: Per message: the original's id for a repeated client id; else the epoch if the inbox is new, the next
 #: id and inbox sequence, XADD to the inbox and to the sender's conversation stream, the idempotency key.
 #: Then one PUBLISH per recipient of the batch, on the recipient's channel, carrying its messages in order
-#: as records "id\nseq\nts\nsender\nBYTES\ntext" (user ids hold no newline; BYTES is the text's length):
+#: as records "id\nseq\nts\nsender\nreply\nBYTES\ntext" (user ids hold no newline; reply is the id replied to
+#: or empty; BYTES is the text's length):
 #: one Pub/Sub message per recipient and batch, not per message (read by ``published_records``).
 #: The users' keys are derived here from the ids, as ``meta_key`` and friends do: a Redis Cluster would
 #: need the batch split per slot and the keys declared (and per-user ids), see docs/scaling.md.
+#: Replies (issue 13): a message with a reply id is refused unless that id is in one of the two streams of
+#: its conversation (``{u:R}:p:S``, ``{u:S}:p:R``); a kept reply carries it as the field ``r``.
 #: KEYS: epoch, ids, users, newest. ARGV: epoch, idempotency TTL, then per message sender, recipient,
-#: text, ts, client id ('' for none). Returns {id, duplicate (0/1), seq} per message, flattened; {-1}
-#: when the store's epoch is not ARGV[1] (wiped, e.g. FLUSHALL): nothing was written.
+#: text, ts, client id ('' for none), reply id ('' for none). Returns {id, status, seq} per message,
+#: flattened (status 0 stored, 1 a duplicate, 2 a refused reply: id and seq 0); {-1} when the store's
+#: epoch is not ARGV[1] (wiped, e.g. FLUSHALL): nothing was written.
 COMMIT: Final = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 -- Counters are read once and written once per batch (not INCR/HINCRBY per message): fewer commands
 -- to run and to append to the AOF. The script is atomic, so nothing can interleave.
 local last_id = tonumber(redis.call('GET', KEYS[2]) or '0')
 local out, newest, published, channels, seqs, metas, pairs = {}, nil, {}, {}, {}, {}, {}
-for i = 3, #ARGV, 5 do
+local function in_conversation(a, b, reply)  -- the message replied to lies between a and b, either way
+  local entry = reply .. '-0'
+  return #redis.call('XRANGE', '{u:' .. a .. '}:p:' .. b, entry, entry) > 0
+    or #redis.call('XRANGE', '{u:' .. b .. '}:p:' .. a, entry, entry) > 0
+end
+for i = 3, #ARGV, 6 do
   local sender, recipient, text, ts, cid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local reply = ARGV[i + 5]
   local user = '{u:' .. recipient .. '}'
   local idem = user .. ':k:' .. sender .. ':' .. cid
   local prior = false
   if cid ~= '' then prior = redis.call('GET', idem) end
   if prior then
     out[#out + 1] = tonumber(prior); out[#out + 1] = 1; out[#out + 1] = 0
+  elseif reply ~= '' and not in_conversation(recipient, sender, reply) then
+    out[#out + 1] = 0; out[#out + 1] = 2; out[#out + 1] = 0
   else
     last_id = last_id + 1
     local id = last_id
@@ -127,8 +165,13 @@ for i = 3, #ARGV, 5 do
     seq = seq + 1
     seqs[meta] = seq
     local entry = id .. '-0'
-    redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
-    redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts)
+    if reply == '' then
+      redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
+      redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts)
+    else
+      redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts, 'r', reply)
+      redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts, 'r', reply)
+    end
     if cid ~= '' then redis.call('SET', idem, id, 'EX', ARGV[2]) end
     local pair = sender .. '\\n' .. recipient
     if pairs[pair] == nil then  -- contacts, both ways (--presence contacts): once per pair and batch
@@ -139,7 +182,8 @@ for i = 3, #ARGV, 5 do
     local channel = user .. ':ch'
     local records = published[channel]
     if records == nil then records = {}; published[channel] = records; channels[#channels + 1] = channel end
-    records[#records + 1] = id .. '\\n' .. seq .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. #text .. '\\n' .. text
+    records[#records + 1] = id .. '\\n' .. seq .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. reply .. '\\n' .. #text
+      .. '\\n' .. text
     out[#out + 1] = id; out[#out + 1] = 0; out[#out + 1] = seq
     if newest == nil or tonumber(ts) > tonumber(newest) then newest = ts end
   end
@@ -161,16 +205,75 @@ return 0
 """
 
 
-def published_records(payload: bytes) -> Iterator[tuple[int, int, float, str, str]]:
-    """The messages of one published payload, in order: (id, seq, ts, sender, text)."""
+# -- read positions and the inbox (issue 12) -------------------------------------------------------------
+
+#: Move one user's read positions up, never down, and never past the highest id given out (a client's
+#: id is not trusted beyond it). One call per user and tick. KEYS: the user's read hash, the id counter.
+#: ARGV: per conversation peer, id, receipt flag (1/0; latest wins). Returns the position now kept per
+#: conversation, as strings (ids compared as numbers, written as given: no float formatting).
+MARK_READ: Final = """
+local top = redis.call('GET', KEYS[2]) or '0'
+local out = {}
+for i = 1, #ARGV, 3 do
+  local peer, wanted = ARGV[i], ARGV[i + 1]
+  if tonumber(wanted) > tonumber(top) then wanted = top end
+  local now = string.match(redis.call('HGET', KEYS[1], peer) or '0:1', '^(%d+)')
+  if tonumber(now) > tonumber(wanted) then wanted = now end
+  redis.call('HSET', KEYS[1], peer, wanted .. ':' .. ARGV[i + 2])
+  out[#out + 1] = wanted
+end
+return out
+"""
+
+#: Unread messages counted per conversation at most this far from either end (see ``UNREAD``).
+UNREAD_COUNT_MAX: Final = 100
+
+#: One conversation's read position and unread count for the inbox, without reading its history: the
+#: messages PEER sent to the user are the stream ``{u:ID}:p:PEER`` (entry ids are message ids), so
+#: nothing read (position before the first entry) is XLEN, everything read (at or after the last) is 0,
+#: and otherwise the entries after the position are counted, ``UNREAD_COUNT_MAX`` at most; past that the
+#: entries up to it are counted (unread = XLEN minus them), and only when both sides hold more than
+#: ``UNREAD_COUNT_MAX`` is the answer that bound (a lower bound: "100 or more"). At most 2 x 100 entries
+#: read per conversation, whatever its length. KEYS: that stream, the user's read hash. ARGV: the peer,
+#: ``UNREAD_COUNT_MAX``. Returns {position, unread}.
+UNREAD: Final = """
+local position = string.match(redis.call('HGET', KEYS[2], ARGV[1]) or '0:1', '^(%d+)')
+local n = redis.call('XLEN', KEYS[1])
+if n == 0 then return {position, 0} end
+local function id_of(entries) return tonumber(string.match(entries[1][1], '^(%d+)')) end
+local pos = tonumber(position)
+if pos < id_of(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)) then return {position, n} end
+if pos >= id_of(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)) then return {position, 0} end
+local bound = tonumber(ARGV[2])
+local newer = #redis.call('XRANGE', KEYS[1], '(' .. position .. '-0', '+', 'COUNT', bound)
+if newer < bound then return {position, newer} end
+local older = #redis.call('XRANGE', KEYS[1], '-', position .. '-0', 'COUNT', bound)
+if older < bound then return {position, n - older} end
+return {position, bound}
+"""
+
+#: The id of each stream's newest entry ('' for an empty or missing stream): the inbox orders
+#: conversations by these without sending texts over the network. KEYS: the streams.
+LAST_IDS: Final = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  out[i] = newest[1] and newest[1][1] or ''
+end
+return out
+"""
+
+
+def published_records(payload: bytes) -> Iterator[tuple[int, int, float, str, int | None, str]]:
+    """The messages of one published payload, in order: (id, seq, ts, sender, reply_to, text)."""
     position, end = 0, len(payload)
     while position < end:
         fields = []
-        for _ in range(5):
+        for _ in range(6):
             newline = payload.index(b"\n", position)
             fields.append(payload[position:newline])
             position = newline + 1
-        size = int(fields[4])
+        size = int(fields[5])
         text = payload[position:position + size].decode()
         position += size
-        yield int(fields[0]), int(fields[1]), float(fields[2]), fields[3].decode(), text
+        yield int(fields[0]), int(fields[1]), float(fields[2]), fields[3].decode(), int(fields[4] or 0) or None, text
