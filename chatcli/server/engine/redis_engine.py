@@ -235,9 +235,10 @@ class RedisEngine:
         done(await self._settle_commit(batch, results[0] if batch else []))
 
     def _commit_args(self, batch: list[NewMessage]) -> list[Any]:
-        args: list[Any] = [self.epoch, IDEMPOTENCY_TTL_S]
-        for sender, recipient, text, ts, client_id, reply_to in batch:
-            args += (sender, recipient, text, repr(ts), client_id or "", "" if reply_to is None else reply_to)
+        replies = " ".join(f"{at} {m.reply_to}" for at, m in enumerate(batch) if m.reply_to is not None)
+        args: list[Any] = [self.epoch, IDEMPOTENCY_TTL_S, replies]
+        for sender, recipient, text, ts, client_id, _ in batch:
+            args += (sender, recipient, text, repr(ts), client_id or "")
         return args
 
     async def _settle_commit(self, batch: list[NewMessage], results: list[Any]) -> Appended | StorageError:

@@ -122,9 +122,11 @@ def events_user(name: bytes) -> str | None:
 #: The users' keys are derived here from the ids, as ``meta_key`` and friends do: a Redis Cluster would
 #: need the batch split per slot and the keys declared (and per-user ids), see docs/scaling.md.
 #: Replies (issue 13): a message with a reply id is refused unless that id is in one of the two streams of
-#: its conversation (``{u:R}:p:S``, ``{u:S}:p:R``); a kept reply carries it as the field ``r``.
-#: KEYS: epoch, ids, users, newest. ARGV: epoch, idempotency TTL, then per message sender, recipient,
-#: text, ts, client id ('' for none), reply id ('' for none). Returns {id, status, seq} per message,
+#: its conversation (``{u:R}:p:S``, ``{u:S}:p:R``); a kept reply carries it as the field ``r``. The reply
+#: ids come apart from the messages, as "POSITION ID ..." (positions in the batch from 0; '' for none,
+#: the rule), so that a batch without replies costs nothing more per message.
+#: KEYS: epoch, ids, users, newest. ARGV: epoch, idempotency TTL, the reply ids, then per message sender,
+#: recipient, text, ts, client id ('' for none). Returns {id, status, seq} per message,
 #: flattened (status 0 stored, 1 a duplicate, 2 a refused reply: id and seq 0); {-1} when the store's
 #: epoch is not ARGV[1] (wiped, e.g. FLUSHALL): nothing was written.
 COMMIT: Final = """
@@ -133,21 +135,23 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 -- to run and to append to the AOF. The script is atomic, so nothing can interleave.
 local last_id = tonumber(redis.call('GET', KEYS[2]) or '0')
 local out, newest, published, channels, seqs, metas, pairs = {}, nil, {}, {}, {}, {}, {}
+local replies = {}
+for position, reply in string.gmatch(ARGV[3], '(%d+) (%d+)') do replies[4 + 5 * tonumber(position)] = reply end
 local function in_conversation(a, b, reply)  -- the message replied to lies between a and b, either way
   local entry = reply .. '-0'
   return #redis.call('XRANGE', '{u:' .. a .. '}:p:' .. b, entry, entry) > 0
     or #redis.call('XRANGE', '{u:' .. b .. '}:p:' .. a, entry, entry) > 0
 end
-for i = 3, #ARGV, 6 do
+for i = 4, #ARGV, 5 do
   local sender, recipient, text, ts, cid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local reply = ARGV[i + 5]
+  local reply = replies[i]
   local user = '{u:' .. recipient .. '}'
   local idem = user .. ':k:' .. sender .. ':' .. cid
   local prior = false
   if cid ~= '' then prior = redis.call('GET', idem) end
   if prior then
     out[#out + 1] = tonumber(prior); out[#out + 1] = 1; out[#out + 1] = 0
-  elseif reply ~= '' and not in_conversation(recipient, sender, reply) then
+  elseif reply and not in_conversation(recipient, sender, reply) then
     out[#out + 1] = 0; out[#out + 1] = 2; out[#out + 1] = 0
   else
     last_id = last_id + 1
@@ -165,7 +169,8 @@ for i = 3, #ARGV, 6 do
     seq = seq + 1
     seqs[meta] = seq
     local entry = id .. '-0'
-    if reply == '' then
+    if not reply then
+      reply = ''
       redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
       redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts)
     else
