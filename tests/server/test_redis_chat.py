@@ -1,6 +1,6 @@
-"""Issues 12 and 13 on a cluster: read positions, the inbox, receipts, typing and replies work across
-``chatcli serve --redis`` nodes as on one server. Two nodes on one real redis-server, shared by the module
-(each test has its own user names); the unread bound in process, on the engine."""
+"""Issues 12 and 13 on a cluster: read positions, the inbox, receipts, typing, replies and search work
+across ``chatcli serve --redis`` nodes as on one server. Two nodes on one real redis-server, shared by the
+module (each test has its own user names); the unread and search bounds in process, on the engine."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from chatcli import protocol as p
+from chatcli.server.engine import redis_search
 from chatcli.server.engine.base import InboxPage, NewMessage
 from chatcli.server.engine.redis_lua import UNREAD_COUNT_MAX
 from tests.server.fakes import make_engine
@@ -130,5 +131,42 @@ def test_unread_counts_are_exact_within_their_bound(tmp_path: Path) -> None:
         # past it on both sides, the bound (a lower bound: "100 or more").
         assert [unread_after(n) for n in (0, 50, UNREAD_COUNT_MAX + 20, count - 30, count)] == [
             count, count - 50, UNREAD_COUNT_MAX, 30, 0]
+    finally:
+        engine.close()
+
+
+def test_search_through_another_node_finds_both_directions(nodes: tuple[RunningServer, RunningServer]) -> None:
+    one, two = nodes
+    alice, _ = native(one.ws_url, "alice4")
+    sent = send_native(alice, "bob4", "the deploy is at noon").msg_id
+    bob, _ = native(two.ws_url, "bob4")
+    answered = send_native(bob, "alice4", "noon deploy: fine").msg_id
+    bob.send(p.encode(p.SearchRequest("s", "DEPLOY noon")))
+    assert [m.id for m in next_of(bob, p.Search).messages] == [answered, sent]
+
+
+def search_texts(engine: Any, user: str, text: str, **fields: Any) -> tuple[list[str], bool]:
+    answers: list[Any] = []
+    engine.read_search(user, p.SearchRequest("s", text, **fields), answers.append)
+    frame = p.parse_server_frame(answers[0])
+    assert isinstance(frame, p.Search)
+    return [m.text for m in frame.messages], frame.more
+
+
+def test_a_search_merges_every_conversation_newest_first_and_says_more_when_its_bound_cut_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = make_engine("redis", tmp_path)
+    try:
+        batch = [NewMessage("alice", "bob", "needle, the oldest", 1000.0)]
+        for n in range(200):  # both directions with five peers, interleaved: eleven streams to merge
+            peer = f"peer{n % 5}"
+            batch.append(NewMessage(peer, "alice", f"hay {n}", 1000.0) if n % 2 else
+                         NewMessage("alice", peer, f"hay {n}", 1000.0))
+        engine.append(batch, {}, lambda _: None)
+        texts, more = search_texts(engine, "alice", "hay", limit=100)
+        assert texts == [f"hay {n}" for n in range(199, 99, -1)] and not more
+        assert search_texts(engine, "alice", "needle") == (["needle, the oldest"], False)
+        monkeypatch.setattr(redis_search, "SCAN_MAX_ENTRIES", 100)
+        assert search_texts(engine, "alice", "needle") == ([], True)  # cut short: the client may page on
     finally:
         engine.close()

@@ -61,7 +61,13 @@ from chatcli.server.engine.base import (
     ReadMarks,
     StoredMessage,
 )
-from chatcli.server.engine.pages import REPLAY_PAGE, read_backlog_page, read_history_answer
+from chatcli.server.engine.pages import (
+    REPLAY_PAGE,
+    SearchScan,
+    read_backlog_page,
+    read_history_answer,
+    read_search_answer,
+)
 from chatcli.server.engine.redis_accounts import RedisAccountStore
 from chatcli.server.engine.redis_lua import (
     COMMIT,
@@ -93,6 +99,8 @@ from chatcli.server.engine.redis_presence import (
     REFRESH_S,
     ClusterPresence,
 )
+from chatcli.server.engine.redis_search import PAGE as SEARCH_PAGE
+from chatcli.server.engine.redis_search import Stream, query_words, scan_streams
 from chatcli.server.engine.redis_setup import Guarantee, check_guarantee, redact
 from chatcli.server.metrics import Histogram
 
@@ -138,8 +146,7 @@ class RedisEngine:
     """``Engine`` of one node of a cluster sharing a Redis."""
 
     name = "redis"
-    #: Not yet: SEARCH (issue 13): the relay answers searches "unavailable", saying why.
-    capabilities: frozenset[Capability] = frozenset(Capability) - {Capability.SEARCH}
+    capabilities: frozenset[Capability] = frozenset(Capability)
 
     def __init__(self, url: str, client: aioredis.Redis, epoch: str, newest_ts: float, highest_id: int,
                  guarantee: Guarantee) -> None:
@@ -660,7 +667,29 @@ class RedisEngine:
         return {name for name, member in zip(names, found, strict=True) if member}
 
     def read_search(self, user: str, request: p.SearchRequest, done: Callable[[str | StorageError], None]) -> None:
-        done(StorageError("this cluster (--redis) has no search yet"))
+        self._read(self._search(user, request), done)
+
+    async def _search(self, user: str, request: p.SearchRequest) -> str:
+        """A bounded scan of the streams of ``user``'s messages (``redis_search``): what they received, and
+        what they sent to each contact (or to ``peer``)."""
+        peer = request.peer
+        if peer is not None:
+            streams = [Stream(peer_key(user, peer), user)]
+            if peer != user:
+                streams.append(Stream(peer_key(peer, user), peer))
+        else:  # a note to oneself is in the inbox already
+            streams = [Stream(inbox_key(user), user), *(Stream(peer_key(contact, user), contact)
+                                                         for contact in await self._contacts(user) if contact != user)]
+        heads = await self._last_ids([stream.key for stream in streams])
+        if request.before is not None:
+            heads = [min(head, request.before - 1) for head in heads]
+        since_ts = p.parse_ts(request.since) if request.since is not None else None
+        found, cut = await scan_streams(streams, heads, query_words(request.text), request.limit, since_ts,
+                                        self._search_page, _stored)
+        return read_search_answer(_Found(found, cut), user, request)
+
+    async def _search_page(self, key: str, upto: int) -> list[Any]:
+        return list(await self._redis.xrevrange(key, f"{upto}-0", "-", count=SEARCH_PAGE))
 
     # -- read positions, the inbox and live events (issue 12) ---------------------------------------------
 
@@ -686,14 +715,17 @@ class RedisEngine:
         """Three round trips: the contacts, the newest id each way (LAST_IDS, no texts), then for the
         ``limit`` most recent the position and unread count (UNREAD), the peer's receipt, the newest message."""
         peers = await self._contacts(user)
-        keys = [key for peer in peers for key in (peer_key(user, peer), peer_key(peer, user))]
-        calls: list[_Call] = [("last_ids", keys[at:at + LAST_IDS_KEYS], [])
-                             for at in range(0, len(keys), LAST_IDS_KEYS)]
-        tops = [_entry_number(entry) for answer in _checked(await self._run_scripts(calls)) for entry in answer]
+        tops = await self._last_ids([key for peer in peers for key in (peer_key(user, peer), peer_key(peer, user))])
         pairs = zip(peers, tops[0::2], tops[1::2], strict=True)
         # (newest id, peer, whether the newest came from the peer); neither way: every message was pruned
         latest = sorted(((max(got, sent), peer, got > sent) for peer, got, sent in pairs if got or sent), reverse=True)
         return InboxPage(await self._summaries(user, latest[:limit]), len(latest) > limit)
+
+    async def _last_ids(self, keys: list[str]) -> list[int]:
+        """The newest message id in each stream (0 for an empty one), no texts read over the network."""
+        calls: list[_Call] = [("last_ids", keys[at:at + LAST_IDS_KEYS], [])
+                              for at in range(0, len(keys), LAST_IDS_KEYS)]
+        return [_entry_number(entry) for answer in _checked(await self._run_scripts(calls)) for entry in answer]
 
     async def _contacts(self, user: str) -> list[str]:
         peers: dict[str, None] = {}  # SSCAN may name one twice
@@ -845,6 +877,20 @@ def _receipted(value: bytes | None) -> int | None:
 
 def _is_connection_error(exc: RedisError) -> bool:
     return isinstance(exc, RedisConnectionError | RedisTimeoutError)
+
+
+class _Found:
+    """A search's finds, offered to ``pages.read_search_answer`` as a ``SearchableLog``."""
+
+    def __init__(self, messages: list[StoredMessage], cut: bool) -> None:
+        self._messages = messages
+        self._cut = cut
+
+    def iter_search(self, user: str, text: str, scan: SearchScan, peer: str | None = None,
+                    since_ts: float | None = None, before_id: int | None = None,
+                    limit: int = 20) -> Iterator[StoredMessage]:
+        scan.cut = self._cut
+        return iter(self._messages[:limit])
 
 
 class _Fetched:
