@@ -16,7 +16,7 @@ from chatcli.server.engine.base import InboxPage, NewMessage
 from chatcli.server.engine.redis_lua import UNREAD_COUNT_MAX
 from tests.server.fakes import make_engine
 from tests.support.processes import RunningServer, kill_leftovers, start_server_process, wait_until
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, redis_cli, shared_redis
 from tests.support.wsclients import native, recv_frame, send_native
 
 
@@ -131,6 +131,11 @@ def test_unread_counts_are_exact_within_their_bound(tmp_path: Path) -> None:
         # past it on both sides, the bound (a lower bound: "100 or more").
         assert [unread_after(n) for n in (0, 50, UNREAD_COUNT_MAX + 20, count - 30, count)] == [
             count, count - 50, UNREAD_COUNT_MAX, 30, 0]
+        # A conversation that does not exist keeps no position: the read hash grows with contacts only.
+        kept: list[Any] = []
+        engine.mark_read({("alice", "nobody"): (5, True)}, kept.append)
+        assert kept == [{("alice", "nobody"): 0}]
+        assert redis_cli(shared_redis(), "HEXISTS", "{u:alice}:r", "nobody") == "0"
     finally:
         engine.close()
 
@@ -139,8 +144,9 @@ def test_search_through_another_node_finds_both_directions(nodes: tuple[RunningS
     one, two = nodes
     alice, _ = native(one.ws_url, "alice4")
     sent = send_native(alice, "bob4", "the deploy is at noon").msg_id
-    bob, _ = native(two.ws_url, "bob4")
-    answered = send_native(bob, "alice4", "noon deploy: fine").msg_id
+    bob, _ = native(two.ws_url, "bob4")  # alice's message comes first, from his backlog
+    bob.send(p.encode(p.Send("b1", "alice4", "noon deploy: fine")))
+    answered = next_of(bob, p.Ack).msg_id
     bob.send(p.encode(p.SearchRequest("s", "DEPLOY noon")))
     assert [m.id for m in next_of(bob, p.Search).messages] == [answered, sent]
 

@@ -492,7 +492,7 @@ class RedisEngine:
         if node == self._node_bytes or self._lane_bytes + len(data) > LANE_BYTES:
             return  # our own (this node told its sessions itself), or no room
         self._lane_bytes += len(data)
-        text = frame.decode()
+        text = frame.decode(errors="replace")  # written by a node from a frame: UTF-8 unless Redis was tampered with
 
         def job() -> None:
             self._lane_bytes -= len(data)
@@ -701,7 +701,7 @@ class RedisEngine:
         by_user: dict[str, list[tuple[str, int, bool]]] = {}
         for (user, peer), (msg_id, receipt) in marks.items():
             by_user.setdefault(user, []).append((peer, msg_id, receipt))
-        calls = [("read", [reads_key(user), IDS_KEY], [arg for peer, msg_id, receipt in rows
+        calls = [("read", [reads_key(user), IDS_KEY, contacts_key(user)], [arg for peer, msg_id, receipt in rows
                                                        for arg in (peer, msg_id, int(receipt))])
                  for user, rows in by_user.items()]
         answers = _checked(await self._run_scripts(calls))

@@ -213,18 +213,25 @@ return 0
 # -- read positions and the inbox (issue 12) -------------------------------------------------------------
 
 #: Move one user's read positions up, never down, and never past the highest id given out (a client's
-#: id is not trusted beyond it). One call per user and tick. KEYS: the user's read hash, the id counter.
-#: ARGV: per conversation peer, id, receipt flag (1/0; latest wins). Returns the position now kept per
-#: conversation, as strings (ids compared as numbers, written as given: no float formatting).
+#: id is not trusted beyond it). Only conversations that exist are kept: a peer the user never exchanged
+#: a message with (not in their contacts) keeps nothing (position 0), so the hash is bounded by the
+#: contacts, not by what a client makes up. One call per user and tick. KEYS: the user's read hash, the
+#: id counter, the user's contacts. ARGV: per conversation peer, id, receipt flag (1/0; latest wins).
+#: Returns the position now kept per conversation, as strings (ids compared as numbers, written as
+#: given: no float formatting).
 MARK_READ: Final = """
 local top = redis.call('GET', KEYS[2]) or '0'
 local out = {}
 for i = 1, #ARGV, 3 do
   local peer, wanted = ARGV[i], ARGV[i + 1]
-  if tonumber(wanted) > tonumber(top) then wanted = top end
-  local now = string.match(redis.call('HGET', KEYS[1], peer) or '0:1', '^(%d+)')
-  if tonumber(now) > tonumber(wanted) then wanted = now end
-  redis.call('HSET', KEYS[1], peer, wanted .. ':' .. ARGV[i + 2])
+  if redis.call('SISMEMBER', KEYS[3], peer) == 0 then
+    wanted = '0'
+  else
+    if tonumber(wanted) > tonumber(top) then wanted = top end
+    local now = string.match(redis.call('HGET', KEYS[1], peer) or '0:1', '^(%d+)')
+    if tonumber(now) > tonumber(wanted) then wanted = now end
+    redis.call('HSET', KEYS[1], peer, wanted .. ':' .. ARGV[i + 2])
+  end
   out[#out + 1] = wanted
 end
 return out
