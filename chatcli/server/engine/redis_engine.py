@@ -99,7 +99,6 @@ from chatcli.server.engine.redis_presence import (
     REFRESH_S,
     ClusterPresence,
 )
-from chatcli.server.engine.redis_search import PAGE as SEARCH_PAGE
 from chatcli.server.engine.redis_search import Stream, query_words, scan_streams
 from chatcli.server.engine.redis_setup import Guarantee, check_guarantee, redact
 from chatcli.server.metrics import Histogram
@@ -688,8 +687,8 @@ class RedisEngine:
                                         self._search_page, _stored)
         return read_search_answer(_Found(found, cut), user, request)
 
-    async def _search_page(self, key: str, upto: int) -> list[Any]:
-        return list(await self._redis.xrevrange(key, f"{upto}-0", "-", count=SEARCH_PAGE))
+    async def _search_page(self, key: str, upto: int, count: int) -> list[Any]:
+        return list(await self._redis.xrevrange(key, f"{upto}-0", "-", count=count))
 
     # -- read positions, the inbox and live events (issue 12) ---------------------------------------------
 
