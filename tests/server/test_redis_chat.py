@@ -14,6 +14,7 @@ from chatcli import protocol as p
 from chatcli.server.engine import redis_search
 from chatcli.server.engine.base import InboxPage, NewMessage
 from chatcli.server.engine.redis_lua import UNREAD_COUNT_MAX
+from tests.client.test_repl import Terminal
 from tests.server.fakes import make_engine
 from tests.support.processes import RunningServer, kill_leftovers, start_server_process, wait_until
 from tests.support.redis_server import RedisServer, redis_cli, shared_redis
@@ -70,6 +71,31 @@ def test_a_read_through_one_node_is_kept_told_and_counted_through_the_other(
     assert [(c.peer, c.unread, c.peer_read) for c in next_of(bob, p.Inbox).conversations] == [("alice1", 0, ids[1])]
     alice.send(p.encode(p.MarkRead("bob1", ids[0])))  # never back
     assert next_of(alice_elsewhere, p.ReadPosition) == p.ReadPosition("bob1", ids[1])
+
+
+def test_two_chats_on_two_nodes_see_typing_receipts_and_unread_counts(
+        nodes: tuple[RunningServer, RunningServer], tmp_home: Path) -> None:
+    """issue 12's first REPL test, each user on another node: what the chat shows comes across."""
+    one, two = nodes
+    alice = Terminal(["alice5", "bob5", "--url", one.ws_url], {})
+    bob = Terminal(["bob5", "alice5", "--url", two.ws_url], {})
+    try:
+        alice.wait_for("bob5 online")
+        bob.wait_for("alice5 online")
+        carol, _ = native(two.ws_url, "carol5", headers={p.REPLAY_SINCE_HEADER: "2999-01-01T00:00:00Z"})
+        send_native(carol, "alice5", "psst")  # through node two, for alice's other conversation
+        alice.wait_for("[1 unread: carol5 1]")
+        bob.type("hello ali")
+        alice.wait_for("bob5 is typing…")
+        bob.type("ce\r")
+        alice.wait_for("bob5: hello alice")
+        bob.wait_for("bob5: hello alice  ✓✓ read")  # alice's chat on node one showed it
+        for term in (alice, bob):
+            term.type("/quit\r")
+            assert term.proc.wait(timeout=10) == 0
+    finally:
+        alice.close()
+        bob.close()
 
 
 def test_typing_crosses_nodes_once_per_interval_and_never_to_the_offline(

@@ -123,8 +123,9 @@ BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 10
 #: Contacts the inbox looks at, at most (as the SQLite engine): each costs two stream lookups in Redis.
 INBOX_CONTACTS_MAX: Final = 10_000
 #: Streams whose newest id one LAST_IDS call reads: Redis runs each call at once, so a user with thousands
-#: of contacts takes it in slices of a few hundred microseconds, not one long stall.
-LAST_IDS_KEYS: Final = 256
+#: of contacts takes it in slices of ~100 µs, not one long stall; and the newest entries a call copies
+#: into Lua (texts included, never sent) stay within 64 texts.
+LAST_IDS_KEYS: Final = 64
 
 #: Lane jobs: done at once (None) or a coroutine the lane awaits before the next job.
 _Job = Callable[[], Awaitable[None] | None]
