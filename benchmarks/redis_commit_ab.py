@@ -7,7 +7,8 @@ times, which are not the script's and vary with the machine's other load, stay o
 loads both trees' COMMIT, and runs the same
 batches through each in turn, round after round (order reversed every round): 300 messages per call from
 50 senders to 50 recipients, each with a client id, as a loaded node sends them. It prints, per tree, the
-redis-server main thread's CPU time (user + sys, from INFO cpu) per committed message: median and per round.
+redis-server main thread's CPU time (user + sys, from INFO cpu) per committed message: median and per round,
+and the median of the rounds' ratios (each round runs both trees back to back: the steadier figure).
 
     git archive BASE chatcli | tar -x -C /tmp/base
     python benchmarks/redis_commit_ab.py --baseline /tmp/base --rounds 6
@@ -93,6 +94,8 @@ def main() -> None:
             for name, values in figures.items():
                 print(f"{name:10} {statistics.median(values):6.2f} µs/msg  rounds: "
                       + " ".join(f"{v:.2f}" for v in values))
+            ratios = [new / old for old, new in zip(figures["baseline"], figures["this tree"], strict=True)]
+            print(f"this tree / baseline, median of the rounds' ratios: {statistics.median(ratios):.3f}")
         finally:
             server.stop()
 

@@ -116,8 +116,8 @@ def events_user(name: bytes) -> str | None:
 #: Per message: the original's id for a repeated client id; else the epoch if the inbox is new, the next
 #: id and inbox sequence, XADD to the inbox and to the sender's conversation stream, the idempotency key.
 #: Then one PUBLISH per recipient of the batch, on the recipient's channel, carrying its messages in order
-#: as records "id\nseq\nts\nsender\nreply\nBYTES\ntext" (user ids hold no newline; reply is the id replied to
-#: or empty; BYTES is the text's length):
+#: as records "id\nseq\nts\nsender\nBYTES\ntext" (user ids hold no newline; BYTES is the text's length; a
+#: reply's seq is "SEQ REPLY_ID", so that the format and its cost are unchanged for every other message):
 #: one Pub/Sub message per recipient and batch, not per message (read by ``published_records``).
 #: The users' keys are derived here from the ids, as ``meta_key`` and friends do: a Redis Cluster would
 #: need the batch split per slot and the keys declared (and per-user ids), see docs/scaling.md.
@@ -169,13 +169,14 @@ for i = 4, #ARGV, 5 do
     seq = seq + 1
     seqs[meta] = seq
     local entry = id .. '-0'
+    local head = seq
     if not reply then
-      reply = ''
       redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
       redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts)
     else
       redis.call('XADD', user .. ':in', entry, 's', seq, 'f', sender, 't', text, 'ts', ts, 'r', reply)
       redis.call('XADD', user .. ':p:' .. sender, entry, 'f', sender, 't', text, 'ts', ts, 'r', reply)
+      head = seq .. ' ' .. reply
     end
     if cid ~= '' then redis.call('SET', idem, id, 'EX', ARGV[2]) end
     local pair = sender .. '\\n' .. recipient
@@ -187,8 +188,7 @@ for i = 4, #ARGV, 5 do
     local channel = user .. ':ch'
     local records = published[channel]
     if records == nil then records = {}; published[channel] = records; channels[#channels + 1] = channel end
-    records[#records + 1] = id .. '\\n' .. seq .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. reply .. '\\n' .. #text
-      .. '\\n' .. text
+    records[#records + 1] = id .. '\\n' .. head .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. #text .. '\\n' .. text
     out[#out + 1] = id; out[#out + 1] = 0; out[#out + 1] = seq
     if newest == nil or tonumber(ts) > tonumber(newest) then newest = ts end
   end
@@ -281,11 +281,16 @@ def published_records(payload: bytes) -> Iterator[tuple[int, int, float, str, in
     position, end = 0, len(payload)
     while position < end:
         fields = []
-        for _ in range(6):
+        for _ in range(5):
             newline = payload.index(b"\n", position)
             fields.append(payload[position:newline])
             position = newline + 1
-        size = int(fields[5])
+        size = int(fields[4])
         text = payload[position:position + size].decode()
         position += size
-        yield int(fields[0]), int(fields[1]), float(fields[2]), fields[3].decode(), int(fields[4] or 0) or None, text
+        try:
+            seq, reply_to = int(fields[1]), None
+        except ValueError:  # "SEQ REPLY_ID": a reply, the rare case (a try costs nothing when it does not raise)
+            seq_text, reply_text = fields[1].split(b" ")
+            seq, reply_to = int(seq_text), int(reply_text)
+        yield int(fields[0]), seq, float(fields[2]), fields[3].decode(), reply_to, text
