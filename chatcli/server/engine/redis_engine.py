@@ -697,13 +697,14 @@ class RedisEngine:
         self._read(self._mark_read(marks), done)
 
     async def _mark_read(self, marks: ReadMarks) -> dict[tuple[str, str], int]:
-        """One MARK_READ call per user (its read hash), all in one pipeline."""
+        """One MARK_READ call per user (its read hash, the id counter, its contacts), all in one pipeline."""
         by_user: dict[str, list[tuple[str, int, bool]]] = {}
         for (user, peer), (msg_id, receipt) in marks.items():
             by_user.setdefault(user, []).append((peer, msg_id, receipt))
-        calls = [("read", [reads_key(user), IDS_KEY, contacts_key(user)], [arg for peer, msg_id, receipt in rows
-                                                       for arg in (peer, msg_id, int(receipt))])
-                 for user, rows in by_user.items()]
+        calls: list[_Call] = [
+            ("read", [reads_key(user), IDS_KEY, contacts_key(user)],
+             [arg for peer, msg_id, receipt in rows for arg in (peer, msg_id, int(receipt))])
+            for user, rows in by_user.items()]
         answers = _checked(await self._run_scripts(calls))
         return {(user, peer): int(kept) for (user, rows), positions in zip(by_user.items(), answers, strict=True)
                 for (peer, _, _), kept in zip(rows, positions, strict=True)}
