@@ -688,8 +688,17 @@ class RedisEngine:
                                         self._search_page, _stored)
         return read_search_answer(_Found(found, cut), user, request)
 
-    async def _search_page(self, key: str, upto: int, count: int) -> list[Any]:
-        return list(await self._redis.xrevrange(key, f"{upto}-0", "-", count=count))
+    async def _search_page(self, stream: Stream, upto: int, count: int) -> list[Any]:
+        """Up to ``count`` entries of ``stream`` from ``upto`` down, with their texts: a conversation stream
+        that keeps ids only has them read from its recipient's inbox (an entry pruned meanwhile: no text)."""
+        entries = list(await self._redis.xrevrange(stream.key, f"{upto}-0", "-", count=count))
+        if not entries or b"t" in entries[0][1]:
+            return entries
+        pipe = self._redis.pipeline(transaction=False)
+        for entry_id, _ in entries:
+            pipe.xrange(inbox_key(stream.recipient), entry_id, entry_id)
+        return [(entry_id, found[0][1] if found else {}) for (entry_id, _), found in
+                zip(entries, await pipe.execute(), strict=True)]
 
     # -- read positions, the inbox and live events (issue 12) ---------------------------------------------
 
@@ -742,7 +751,7 @@ class RedisEngine:
         pipe = self._redis.pipeline(transaction=False)
         for last, peer, received in latest:
             pipe.hget(reads_key(peer), user)
-            pipe.xrange(peer_key(user, peer) if received else peer_key(peer, user), f"{last}-0", f"{last}-0")
+            pipe.xrange(inbox_key(user if received else peer), f"{last}-0", f"{last}-0")  # the recipient's
         counts, answers = await asyncio.gather(
             self._run_scripts([("unread", [peer_key(user, peer), reads_key(user)], [peer, UNREAD_COUNT_MAX])
                                for _, peer, _ in latest]),

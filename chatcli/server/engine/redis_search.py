@@ -82,8 +82,9 @@ def matches(words: frozenset[str], text: str) -> bool:
 
 #: (message id, recipient, stream entry fields) -> the message.
 ToMessage = Callable[[int, str, dict[bytes, bytes]], StoredMessage]
-#: (stream key, newest entry id to read (inclusive), how many at most) -> entries, newest first.
-ReadPage = Callable[[str, int, int], Awaitable[list[Any]]]
+#: (stream, newest entry id to read (inclusive), how many at most) -> entries, newest first, with their texts
+#: (an entry without one, a message pruned meanwhile, is passed over).
+ReadPage = Callable[[Stream, int, int], Awaitable[list[Any]]]
 
 
 async def scan_streams(streams: list[Stream], heads: list[int], words: frozenset[str], limit: int,
@@ -107,9 +108,9 @@ async def scan_streams(streams: list[Stream], heads: list[int], words: frozenset
             if entries >= SCAN_MAX_ENTRIES or size >= SCAN_MAX_BYTES:
                 return found, True
             count = min(PAGE_MAX, max(PAGE_MIN, PAGE_BYTES * entries // size)) if size else PAGE_MIN * 4
-            page = pages[at] = deque(await read_page(streams[at].key, -upper, count))
+            page = pages[at] = deque(await read_page(streams[at], -upper, count))
             entries += len(page)
-            size += sum(len(fields[b"t"]) for _, fields in page)
+            size += sum(len(fields.get(b"t", b"")) for _, fields in page)
             if len(page) < count:
                 ended.add(at)
             if page:
@@ -123,6 +124,8 @@ async def scan_streams(streams: list[Stream], heads: list[int], words: frozenset
             if msg_id < floor:
                 break
             page.popleft()
+            if not fields:
+                continue
             if since_ts is not None and float(fields[b"ts"]) < since_ts:
                 page.clear()  # accept times grow with ids: the rest of this stream is older still
                 ended.add(at)
