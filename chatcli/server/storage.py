@@ -14,9 +14,11 @@ commit. The server's store copies the WAL into the file from a thread of its own
 Why appends are cheap: ``messages`` is an append-only log with no index on
 the recipient. An index updated at every commit would dirty one B-tree page per
 distinct recipient per batch and cost 2-3 times the insert itself. Instead the
-``inbox`` table (recipient, id) is filled in bulk, sorted, from the not yet
-indexed tail of the log: when the tail reaches ``INBOX_BATCH_ROWS`` rows, and
-before any read by recipient, so reads always see every committed message.
+``inbox`` table (recipient, id) and the search index are filled in bulk, sorted, from the not yet
+indexed tail of the log, when the server is quiet (``index_some``, called by the engine once no
+commit has come for a moment), or by a commit itself once the tail is ``INDEX_LAG_MAX`` rows long.
+Reads see every committed message all the same: a backlog read scans the unindexed tail, and the
+other reads (history, unread counts, search) index it first.
 
 The file's schema is versioned per component in the ``schema_versions`` table;
 ``open_database`` and ``migrate`` are shared with ``chatcli.server.accounts``,
@@ -49,7 +51,7 @@ import operator
 import os
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Final, TypeAlias
 
@@ -62,9 +64,10 @@ from chatcli.server.wal import Checkpointer
 
 # The records are the engine seam's (chatcli.server.engine.base); named here too, where the store writes them.
 __all__ = [
-    "INBOX_BATCH_ROWS",
+    "INBOX_CHUNK_ROWS",
+    "INDEX_LAG_MAX",
     "INSERT_ROWS_MAX",
-    "SEARCH_BATCH_ROWS",
+    "SEARCH_CHUNK_ROWS",
     "Appended",
     "Migration",
     "NewMessage",
@@ -90,9 +93,18 @@ Migration: TypeAlias = Sequence[str]
 BUSY_TIMEOUT_MS: Final = 5000
 #: Keep the WAL file from staying large after a burst (bytes).
 JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
-#: Index the log's tail into ``inbox`` once it is this long: longer amortises better,
-#: shorter bounds the one slower ``append`` that does it (about 1 µs per row).
-INBOX_BATCH_ROWS: Final = 8192
+#: Rows of the log's tail that may wait unindexed, per index. Indexing (the inbox and the search index)
+#: costs about 4 µs per message, twice what storing it does, so a burst's commits leave it to the quiet
+#: moment after the burst; past this many rows a commit indexes a chunk itself, so sustained load keeps the
+#: lag bounded. It also bounds the catch-up of a history, inbox or search read (~2 µs per row each).
+INDEX_LAG_MAX: Final = 65_536
+#: Inbox rows per indexing step, in a transaction of its own. The cost per row falls with the step's size
+#: (each step rewrites the last page of every recipient's range: 3.7 µs per row in steps of 2,048 rows,
+#: 2.1 in steps of 8,192, measured with 50 recipients); the step is the longest a commit waits (~16 ms).
+INBOX_CHUNK_ROWS: Final = 8192
+#: Texts per search-indexing step: FTS5 builds each step's segment in memory, so small steps cost about
+#: the same per row, and a commit never waits long (~2.5 ms).
+SEARCH_CHUNK_ROWS: Final = 1024
 
 
 @contextlib.contextmanager
@@ -286,8 +298,8 @@ _ADD_CONTACT: Final = "INSERT INTO contacts (user, peer) VALUES (?, ?) ON CONFLI
 
 # Search (issue 13): an FTS5 index of the texts, its own component. External content: the index keeps
 # no copy of the texts (it reads them from ``messages``). Like the inbox it is filled in bulk from the
-# log's tail (``SEARCH_BATCH_ROWS`` at a time, after a commit, and before a search), so a commit never
-# pays for tokenising; the migration indexes the messages a file already holds, once.
+# log's tail (see ``INDEX_LAG_MAX``), and before a search, so a commit does not pay for tokenising; the
+# migration indexes the messages a file already holds, once.
 SEARCH_COMPONENT: Final = "search"
 SEARCH_MIGRATIONS: Final[tuple[Migration, ...]] = (
     (
@@ -300,8 +312,6 @@ SEARCH_MIGRATIONS: Final[tuple[Migration, ...]] = (
         "INSERT INTO search_progress (indexed_upto) SELECT ifnull(max(id), 0) FROM messages",
     ),
 )
-#: Index the texts' tail once it is this long: a few milliseconds in a transaction of its own after a commit.
-SEARCH_BATCH_ROWS: Final = 1024
 #: SQLite virtual-machine steps one search may take (checked every 1000): bounds the storage thread's time
 #: on a common word in a large file; the answer then says ``more``.
 SEARCH_MAX_STEPS: Final = 200_000  # 10-20 ms of the storage thread (benchmarks/storage_bench.py)
@@ -317,15 +327,25 @@ _INSERT: Final = (
 )
 #: Rows per multi-row INSERT: one statement of many rows costs ~1.0 µs per row where ``executemany`` of
 #: ``_INSERT`` cost ~2.4 (AUTOINCREMENT's bookkeeping and a statement's setup are paid per statement;
-#: measured appending 300-700-row batches). 128 rows of 6 columns are 768 parameters: under 999, the oldest
+#: measured appending 300-700-row batches). 128 rows of at most 5 columns are 640 parameters: under 999, the oldest
 #: SQLite limit.
 INSERT_ROWS_MAX: Final = 128
 
 
+#: The columns the fast path binds: a batch there holds no reply, and a batch without client ids leaves
+#: that column out too. Binding None costs the sqlite3 module a failed adapter lookup, an AttributeError
+#: made and dropped (0.25 µs per value, measured): twice per row of the load generator's messages.
+_FIELDS: Final = {4: operator.itemgetter(0, 1, 2, 3), 5: operator.itemgetter(0, 1, 2, 3, 4)}
+_CLIENT_ID: Final = operator.itemgetter(4)  # NewMessage.client_id
+_SENDER_RECIPIENT: Final = operator.itemgetter(0, 1)
+
+
 @functools.cache
-def _insert_rows(count: int) -> str:
-    """``_INSERT`` for ``count`` rows in one statement."""
-    return _INSERT.replace("(?, ?, ?, ?, ?, ?)", ", ".join(("(?, ?, ?, ?, ?, ?)",) * count))
+def _insert_rows(count: int, columns: int) -> str:
+    """The fast path's INSERT of ``count`` rows of the first ``columns`` columns, in one statement."""
+    names = "sender, recipient, text, ts" + (", client_id" if columns == 5 else "")
+    row = "(" + ", ".join("?" * columns) + ")"
+    return f"INSERT INTO messages ({names}) VALUES {', '.join((row,) * count)} ON CONFLICT DO NOTHING"
 
 
 def _row_runs(count: int) -> Iterator[tuple[int, int]]:
@@ -342,7 +362,7 @@ def _row_runs(count: int) -> Iterator[tuple[int, int]]:
 
 _INDEX_TAIL: Final = (
     "INSERT INTO inbox (recipient, id, sender) "
-    "SELECT recipient, id, sender FROM messages WHERE id > ? ORDER BY recipient, id"
+    "SELECT recipient, id, sender FROM messages WHERE id > ? AND id <= ? ORDER BY recipient, id"
 )
 _ADVANCE: Final = (
     "INSERT INTO cursors (user, last_id) VALUES (?, ?) "
@@ -381,10 +401,12 @@ class SQLiteStore:
     """Messages, cursors and contacts in a SQLite file. Not thread-safe: one call at a time."""
 
     def __init__(self, path: str | os.PathLike[str], fsync: Fsync = Fsync.normal,
-                 background_checkpoints: bool = False) -> None:
-        """``background_checkpoints``: a thread copies the WAL into the file, not the commits (``wal``)."""
+                 background_checkpoints: bool = False, index_lag_max: int = INDEX_LAG_MAX) -> None:
+        """``background_checkpoints``: a thread copies the WAL into the file, not the commits (``wal``).
+        ``index_lag_max``: unindexed rows past which a commit indexes (``INDEX_LAG_MAX``)."""
         self.path = Path(path)
         self.fsync = fsync
+        self.index_lag_max = index_lag_max
         self._conn = open_component(path, fsync, MESSAGES_COMPONENT, MESSAGE_MIGRATIONS)
         self._known_contacts: set[tuple[str, str]] = set()
         try:
@@ -456,21 +478,36 @@ class SQLiteStore:
         if self._checkpointer is not None:
             self._checkpointer.committed()
         self._check_file()
-        if self._last_id - self._indexed_upto >= INBOX_BATCH_ROWS:
-            self._index_committed()
-        if self._last_id - self._search_upto >= SEARCH_BATCH_ROWS:
-            self._index_search_committed()
+        if self._last_id - self._indexed_upto > self.index_lag_max:
+            self._index_logged("index new messages", self._index_tail, INBOX_CHUNK_ROWS)
+        if self._last_id - self._search_upto > self.index_lag_max:
+            self._index_logged("index new texts for search", self._index_search_tail, SEARCH_CHUNK_ROWS)
         return results
 
-    def _index_committed(self) -> None:
-        """Index the tail after a commit. A failure (e.g. disk full) must not fail the append: the
-        batch IS stored, and a refusal would make senders retry it. Reads index before reading."""
+    def unindexed_rows(self) -> int:
+        """How many of the newest messages wait for the inbox or the search index (a hint: safe from any thread)."""
+        return self._last_id - min(self._indexed_upto, self._search_upto)
+
+    def index_some(self) -> bool:
+        """One step of indexing the log's tail (the inbox first: backlog reads use it); whether more waits."""
+        if self._last_id > self._indexed_upto:
+            done = self._index_logged("index new messages", self._index_tail, INBOX_CHUNK_ROWS)
+        else:
+            done = self._index_logged("index new texts for search", self._index_search_tail, SEARCH_CHUNK_ROWS)
+        return done and self.unindexed_rows() > 0
+
+    def _index_logged(self, doing: str, index_tail: Callable[[int], None], rows: int) -> bool:
+        """``index_tail(rows)`` in a transaction of its own; False if it failed. A failure (e.g. disk full) is
+        logged, not raised: the messages ARE stored, and after a commit a refusal would make senders retry
+        them. History, unread counts and search index before reading, and say why they cannot."""
         try:
-            with write_transaction(self._conn, "index new messages"):
-                self._index_tail()
+            with write_transaction(self._conn, doing):
+                index_tail(rows)
         except StorageError as exc:
             log.warning("%s; the messages are stored, indexing is retried later", exc,
                         extra={"event": "storage-index-failed"})
+            return False
+        return True
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -509,9 +546,11 @@ class SQLiteStore:
         """
         conn = self._conn
         inserted = 0
+        columns = 5 if any(map(operator.is_not, map(_CLIENT_ID, batch), itertools.repeat(None))) else 4
+        fields = _FIELDS[columns]
         for start, size in _row_runs(len(batch)):
-            values = [value for row in batch[start:start + size] for value in row]
-            inserted += conn.execute(_insert_rows(size), values).rowcount
+            values = list(itertools.chain.from_iterable(map(fields, batch[start:start + size])))
+            inserted += conn.execute(_insert_rows(size, columns), values).rowcount
         if inserted != len(batch):
             raise _RetryInBatch
         last_id: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
@@ -555,8 +594,7 @@ class SQLiteStore:
         Pairs remembered from earlier commits are skipped, so a steady conversation costs a set
         lookup per message and no SQL.
         """
-        known = self._known_contacts
-        new = {pair for pair in ((m.sender, m.recipient) for m in batch) if pair not in known}
+        new = set(map(_SENDER_RECIPIENT, batch)).difference(self._known_contacts)  # in C: no Python per message
         if new:
             self._conn.executemany(_ADD_CONTACT, [*new, *((peer, user) for user, peer in new)])
         return new
@@ -581,13 +619,16 @@ class SQLiteStore:
             ).fetchone()
         return int(upto), int(last)
 
-    def _index_tail(self) -> None:
-        """Index the log's tail into the inbox; call inside a write transaction."""
+    def _index_tail(self, rows: int = MAX_INT) -> None:
+        """Index the log's tail into the inbox, at most ``rows`` of its ids; call inside a write transaction."""
         upto, last = self._inbox_state()
+        self._last_id = max(self._last_id, last)
         if last > upto:
-            self._conn.execute(_INDEX_TAIL, (upto,))
-            self._conn.execute("UPDATE inbox_progress SET indexed_upto = ?", (last,))
-        self._indexed_upto = self._last_id = max(upto, last)
+            end = min(last, upto + rows)
+            self._conn.execute(_INDEX_TAIL, (upto, end))
+            self._conn.execute("UPDATE inbox_progress SET indexed_upto = ?", (end,))
+            upto = end
+        self._indexed_upto = upto
 
     def _catch_up(self) -> None:
         """Make the inbox complete before a read (a no-op read when it is)."""
@@ -635,15 +676,28 @@ class SQLiteStore:
 
     def iter_messages_to(self, user: str, after_id: int = 0, limit: int = 1000) -> Iterator[StoredMessage]:
         """``messages_to`` one row at a time: a reader with a byte budget stops early, and the rows
-        after that are never read (a page of large messages is never held whole)."""
+        after that are never read (a page of large messages is never held whole).
+
+        The indexed part comes from the inbox, the rest from a scan of the unindexed tail, if it is short
+        (``INBOX_CHUNK_ROWS``: about a millisecond); a longer one is indexed first, once for every reader
+        after it (a hundred clients connecting at once would otherwise scan it a hundred times).
+        """
         _check_limit(limit)
-        self._catch_up()
-        yield from self._rows(
-            f"read the messages to {user}",
-            f"SELECT {_COLUMNS} FROM inbox AS i JOIN messages AS m ON m.id = i.id "
-            "WHERE i.recipient = ? AND i.id > ? ORDER BY i.id LIMIT ?",
-            (user, after_id, limit),
-        )
+        if self._last_id - self._indexed_upto > INBOX_CHUNK_ROWS:
+            self._catch_up()
+        doing = f"read the messages to {user}"
+        with sqlite_errors(doing):
+            indexed = int(self._conn.execute("SELECT indexed_upto FROM inbox_progress").fetchone()[0])
+        sent = 0
+        for message in self._rows(doing, f"SELECT {_COLUMNS} FROM inbox AS i JOIN messages AS m ON m.id = i.id "
+                                  "WHERE i.recipient = ? AND i.id > ? AND i.id <= ? ORDER BY i.id LIMIT ?",
+                                  (user, after_id, indexed, limit)):
+            sent += 1
+            yield message
+        if sent < limit:
+            yield from self._rows(doing, f"SELECT {_COLUMNS} FROM messages AS m "
+                                  "WHERE m.id > ? AND m.recipient = ? ORDER BY m.id LIMIT ?",
+                                  (max(after_id, indexed), user, limit - sent))
 
     def _rows(self, doing: str, sql: str, params: tuple[object, ...]) -> Iterator[StoredMessage]:
         with sqlite_errors(doing):
@@ -711,30 +765,23 @@ class SQLiteStore:
         with sqlite_errors("read the search index state"):
             return int(self._conn.execute("SELECT indexed_upto FROM search_progress").fetchone()[0])
 
-    def _index_search_tail(self) -> None:
-        """Index the texts of the log's tail; call inside a write transaction."""
+    def _index_search_tail(self, rows: int = MAX_INT) -> None:
+        """Index the texts of the log's tail, at most ``rows`` of its ids; call inside a write transaction."""
         upto = self._search_state()
         last = int(self._conn.execute("SELECT ifnull(max(id), 0) FROM messages").fetchone()[0])
         if last > upto:
+            end = min(last, upto + rows)
             self._conn.execute("INSERT INTO message_search (rowid, text) SELECT id, text FROM messages "
-                               "WHERE id > ? ORDER BY id", (upto,))
-            self._conn.execute("UPDATE search_progress SET indexed_upto = ?", (last,))
-        self._search_upto = max(upto, last)
+                               "WHERE id > ? AND id <= ? ORDER BY id", (upto, end))
+            self._conn.execute("UPDATE search_progress SET indexed_upto = ?", (end,))
+            upto = end
+        self._search_upto = upto
 
     def _unindex_upto(self, last_id: int, older_than_ts: float) -> None:
         """Drop the index entries of the messages ``prune`` deletes: those up to ``last_id`` older than the
         cut (one statement: a 'delete' per row through executemany cost 14 times as much)."""
         self._conn.execute("INSERT INTO message_search (message_search, rowid, text) "
                            "SELECT 'delete', id, text FROM messages WHERE id <= ? AND ts < ?", (last_id, older_than_ts))
-
-    def _index_search_committed(self) -> None:
-        """As ``_index_committed``: a failure leaves the texts for the next try, the batch stays stored."""
-        try:
-            with write_transaction(self._conn, "index new texts for search"):
-                self._index_search_tail()
-        except StorageError as exc:
-            log.warning("%s; the messages are stored, indexing is retried later", exc,
-                        extra={"event": "storage-index-failed"})
 
     def iter_search(self, user: str, text: str, scan: SearchScan, peer: str | None = None,
                     since_ts: float | None = None, before_id: int | None = None,

@@ -15,7 +15,6 @@ import pytest
 from chatcli.errors import StorageError
 from chatcli.server.storage import (
     CONTACTS_COMPONENT,
-    INBOX_BATCH_ROWS,
     INSERT_ROWS_MAX,
     MESSAGE_MIGRATIONS,
     MESSAGES_COMPONENT,
@@ -135,6 +134,18 @@ def test_duplicates_within_one_batch_are_stored_once(store: SQLiteStore) -> None
     assert ids == sorted(ids)
 
 
+def test_a_batch_mixing_messages_with_and_without_client_ids_keeps_each_ones_id(store: SQLiteStore) -> None:
+    """Batches without client ids leave the column out of the INSERT; a mixed batch must still store each."""
+    first = store.append([msg("alice", "bob", "legacy 1"), msg("alice", "bob", "native", client_id="k1"),
+                          msg("alice", "bob", "legacy 2")])
+    plain = store.append([msg("alice", "bob", "legacy 3"), msg("alice", "bob", "legacy 3")])  # no id: two messages
+    retry = store.append([msg("alice", "bob", "native (retry)", client_id="k1")])
+
+    assert retry.ids == [first.ids[1]] and retry.duplicates == {0}
+    assert len(set(plain.ids)) == 2 and not plain.duplicates
+    assert texts(store.messages_to("bob")) == ["legacy 1", "native", "legacy 2", "legacy 3", "legacy 3"]
+
+
 def test_client_ids_are_per_sender(store: SQLiteStore) -> None:
     results = store.append(
         [msg("alice", "carol", "from alice", client_id="k"), msg("bob", "carol", "from bob", client_id="k")]
@@ -206,17 +217,25 @@ def test_negative_limit_is_refused(store: SQLiteStore) -> None:
 
 
 def test_reads_see_every_message_however_much_is_indexed_yet(db_path: Path) -> None:
-    total = INBOX_BATCH_ROWS + 500  # crosses the bulk-indexing threshold once
-    with SQLiteStore(db_path) as writer, SQLiteStore(db_path) as reader:
-        for start in range(0, total, 1000):
-            writer.append([msg("alice", "bob", f"m{i}") for i in range(start, min(start + 1000, total))])
+    total = 5000  # past the lag allowed, so commits index part of the tail and leave the rest
+    with SQLiteStore(db_path, index_lag_max=1000) as writer, SQLiteStore(db_path) as reader:
+        for start in range(0, total, 700):
+            writer.append([msg("alice", "bob", f"m{i}") for i in range(start, min(start + 700, total))])
             # Another connection (another process, say) sees what was just committed.
-            assert reader.messages_to("bob", limit=total)[-1].text == f"m{min(start + 1000, total) - 1}"
+            assert reader.messages_to("bob", limit=total)[-1].text == f"m{min(start + 700, total) - 1}"
+            assert writer.unindexed_rows() <= 1000 + 700
         writer.append([msg("bob", "alice", "reply")])
+        assert writer.unindexed_rows() > 0  # the backlog below reads both the index and the tail
 
         got = writer.messages_to("bob", limit=total + 1)
         assert texts(got) == [f"m{i}" for i in range(total)]
+        assert texts(writer.messages_to("bob", after_id=got[100].id, limit=3)) == ["m101", "m102", "m103"]
+        assert texts(writer.messages_to("bob", after_id=got[-3].id)) == [f"m{total - 2}", f"m{total - 1}"]
         assert texts(writer.history("alice", "bob", limit=2)) == [f"m{total - 1}", "reply"]
+        while writer.index_some():  # what the server does when quiet
+            pass
+        assert writer.unindexed_rows() == 0
+        assert texts(reader.messages_to("bob", limit=total + 1)) == texts(got)
         assert writer.prune(older_than_ts=1e12) == total + 1
         assert reader.messages_to("bob") == [] and writer.history("alice", "bob") == []
 
@@ -429,16 +448,18 @@ def test_reads_stop_reading_where_the_caller_stops(store: SQLiteStore) -> None:
     assert texts(store.messages_to("bob", limit=100))[-1] == "after"
 
 
-def test_a_failed_index_after_commit_keeps_the_batch_stored(db_path: Path, store: SQLiteStore) -> None:
-    with sqlite3.connect(db_path) as other:  # indexing fails as with a full disk
-        other.execute("CREATE TRIGGER full BEFORE INSERT ON inbox BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
-    appended = store.append([msg("alice", "bob", f"m{i}") for i in range(INBOX_BATCH_ROWS)])
-    assert len(appended.ids) == INBOX_BATCH_ROWS  # no StorageError: the messages are committed
-    with pytest.raises(StorageError, match="disk is full"):
-        store.messages_to("bob")  # a read needs the index: a clear error, no sqlite3 exception
-    with sqlite3.connect(db_path) as other:
-        other.execute("DROP TRIGGER full")
-    assert len(store.messages_to("bob", limit=INBOX_BATCH_ROWS)) == INBOX_BATCH_ROWS
+def test_a_failed_index_after_commit_keeps_the_batch_stored(db_path: Path) -> None:
+    with SQLiteStore(db_path, index_lag_max=100) as store:
+        with sqlite3.connect(db_path) as other:  # indexing fails as with a full disk
+            other.execute("CREATE TRIGGER full BEFORE INSERT ON inbox BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
+        appended = store.append([msg("alice", "bob", f"m{i}") for i in range(500)])  # past the lag: indexes
+        assert len(appended.ids) == 500  # no StorageError: the messages are committed
+        assert len(store.messages_to("bob", limit=1000)) == 500  # the backlog reads the unindexed tail
+        with pytest.raises(StorageError, match="disk is full"):
+            store.history("alice", "bob")  # history needs the index: a clear error, no sqlite3 exception
+        with sqlite3.connect(db_path) as other:
+            other.execute("DROP TRIGGER full")
+        assert len(store.history("alice", "bob", limit=1000)) == 500
 
 
 def test_a_deleted_file_fails_every_later_append(db_path: Path, store: SQLiteStore) -> None:

@@ -6,6 +6,10 @@ message read and write runs on the storage thread (``StorageRunner``), in the
 order the relay started them, never on the event loop: while one batch is being
 committed, the next ticks' messages gather into the next batch.
 
+Indexing waits for quiet: once no commit has come for ``QUIET_SECONDS``, the storage thread indexes the
+log's tail a chunk at a time (``SQLiteStore.index_some``), stopping as soon as commits come again; during a
+burst only a tail past ``INDEX_LAG_MAX`` rows is indexed by the commits themselves.
+
 Health: a failed storage call is reported by /healthz until a later one succeeds;
 a damaged file (SQLite finds it malformed) until a restart; a file deleted or
 replaced under the server, for good (``SQLiteStore.verify_file``).
@@ -13,9 +17,11 @@ replaced under the server, for good (``SQLiteStore.verify_file``).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -47,6 +53,9 @@ T = TypeVar("T")
 
 #: SQLite's names for a damaged file: unlike a full disk or a held lock, a later success does not undo them.
 DAMAGED_FILE_ERRORS: Final = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+#: No commit for this long, and the storage thread indexes the log's tail. Short enough that a search or an
+#: inbox after a burst rarely waits for indexing; long enough that a burst's short lulls are not taken for it.
+QUIET_SECONDS: Final = 0.05
 
 
 class SQLiteEngine:
@@ -70,6 +79,12 @@ class SQLiteEngine:
         self._error: str | None = None
         #: The file is damaged: reported until a restart, whatever succeeds later.
         self._damaged: str | None = None
+        self._last_commit = 0.0  # time.monotonic() of the last commit: indexing waits for quiet
+        self._quiet_timer: asyncio.TimerHandle | None = None
+        self._indexing = False  # an index_some job is queued or running
+        self._closed = False
+        if store.unindexed_rows() > 0:  # left by the last run: index it once quiet
+            self._wait_for_quiet(QUIET_SECONDS)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], fsync: Fsync, runner: StorageRunner) -> SQLiteEngine:
@@ -120,9 +135,39 @@ class SQLiteEngine:
         def committed(appended: Appended | StorageError) -> None:
             if not isinstance(appended, StorageError) and appended.ids:
                 self._highest_id = max(self._highest_id, max(appended.ids))
+                self._last_commit = time.monotonic()
+                if self._quiet_timer is None and not self._indexing:
+                    self._wait_for_quiet(QUIET_SECONDS)
             done(appended)
 
         self._submit(lambda: store.append(batch, cursors), committed)
+
+    # -- indexing in quiet moments ---------------------------------------------------------
+
+    def _wait_for_quiet(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (tools, in-process tests): commits past INDEX_LAG_MAX index
+            return
+        if not self._closed:
+            self._quiet_timer = loop.call_later(delay, self._index_if_quiet)
+
+    def _index_if_quiet(self) -> None:
+        """Index a chunk if no commit came for QUIET_SECONDS; else wait until that much after the last one."""
+        self._quiet_timer = None
+        if self._closed or self.store.unindexed_rows() <= 0:
+            return
+        still = self._last_commit + QUIET_SECONDS - time.monotonic()
+        if still > 0:
+            self._wait_for_quiet(still)
+            return
+        self._indexing = True
+        self._runner.submit(self.store.index_some, self._indexed_some)  # not _submit: health is about requests
+
+    def _indexed_some(self, more: bool | StorageError) -> None:
+        self._indexing = False
+        if more is True:  # False: done, or failed (logged; the next commit tries again)
+            self._index_if_quiet()
 
     def read_backlog(self, user: str, after: int | None, since_ts: float | None, encode: Encoder,
                      done: Callable[[BacklogPage | StorageError], None]) -> None:
@@ -171,6 +216,9 @@ class SQLiteEngine:
         return health
 
     def close(self) -> None:
+        self._closed = True
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
         self.store.close()
         if self.accounts is not None:
             self.accounts.close()
