@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from chatcli import protocol as p
+from chatcli.errors import StorageError
 from chatcli.server.engine import redis_search
 from chatcli.server.engine.base import InboxPage, NewMessage
 from chatcli.server.engine.redis_lua import UNREAD_COUNT_MAX
@@ -200,5 +201,21 @@ def test_a_search_merges_every_conversation_newest_first_and_says_more_when_its_
         assert search_texts(engine, "alice", "needle") == (["needle, the oldest"], False)
         monkeypatch.setattr(redis_search, "SCAN_MAX_ENTRIES", 100)
         assert search_texts(engine, "alice", "needle") == ([], True)  # cut short: the client may page on
+    finally:
+        engine.close()
+
+
+def test_a_read_that_fails_unexpectedly_is_answered_as_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a read must not leave its request unanswered: the relay would refuse that session's next
+    inbox request for ever ("an inbox request is being answered")."""
+    engine = make_engine("redis", tmp_path)
+    try:
+        monkeypatch.setattr("chatcli.server.engine.redis_engine.scan_streams", None)  # calling it raises TypeError
+        answers: list[Any] = []
+        with caplog.at_level("ERROR", "chatcli.server"):
+            engine.read_search("alice", p.SearchRequest("s", "lunch"), answers.append)
+        assert len(answers) == 1 and isinstance(answers[0], StorageError)
+        assert "a read failed" in caplog.text
     finally:
         engine.close()

@@ -637,6 +637,9 @@ class RedisEngine:
                 result = await work
             except RedisError as exc:
                 result = self._went_down(exc) if _is_connection_error(exc) else StorageError(f"Redis: {exc}")
+            except Exception as exc:  # a bug: answered as a failure, else the session would wait for ever
+                log.exception("redis engine: a read failed", extra={"event": "redis-error"})
+                result = StorageError(f"the read failed: {exc!r}")
             done(result)
 
         task = asyncio.get_running_loop().create_task(run())
