@@ -4,7 +4,8 @@ Beside the relay, which owns the sessions and hands these frames here once they 
 charged to their user's rate limit. Read positions and the inbox go through the engine
 (``Capability.READS``: a store keeps them); receipts and typing are passed on live, to
 open native sessions only (legacy frames have no room for them), and only where the
-presence setting would show the two users to each other (``--presence``).
+presence setting would show the two users to each other (``--presence``). Live events go
+to this node's sessions, and through the engine (``pass_on``) to the other nodes' (Redis).
 
 Bounds: the ``read`` frames of a tick are kept in one transaction (the highest per user and
 conversation), and the next tick's wait while it commits, as messages do; a session has at
@@ -105,6 +106,15 @@ class ChatEvents:
             if session.codec.takes_chat_events:
                 session.send_text(text)
 
+    def _tell(self, user: str, text: str, but: Session | None = None) -> None:
+        """A live event for ``user``'s sessions: this node's (but ``but``), then the other nodes' (the engine's)."""
+        self._send_native((s for s in self.relay.sessions.get(user, ()) if s is not but), text)
+        self.relay.engine.pass_on(user, text)
+
+    def arrived(self, user: str, text: str) -> None:
+        """A live event another node passed on (it checked privacy and limits): to ``user``'s sessions here."""
+        self._send_native(self.relay.sessions.get(user, ()), text)
+
     # -- read positions and receipts -------------------------------------------------------
 
     def mark_read(self, session: Session, frame: p.MarkRead) -> None:
@@ -149,25 +159,24 @@ class ChatEvents:
     def _marked(self, mark: _Mark, peer: str, kept: int) -> None:
         relay, session = self.relay, mark.session
         if Capability.READS in relay.engine.capabilities:
-            others = [s for s in relay.sessions.get(session.user, ()) if s is not session]
-            self._send_native(others, p.encode(p.ReadPosition(peer, kept)))
+            self._tell(session.user, p.encode(p.ReadPosition(peer, kept)), but=session)
         if mark.receipt and peer != session.user and self._may_signal(session, peer):
-            self._send_native(relay.sessions.get(peer, ()), p.encode(p.Receipt(session.user, kept)))
+            self._tell(peer, p.encode(p.Receipt(session.user, kept)))
 
     # -- typing ----------------------------------------------------------------------------
 
     def typing(self, session: Session, frame: p.Typing) -> None:
-        """Pass it on to the recipient's open sessions, at most once per interval; never stored."""
+        """Pass it on to the recipient's open sessions (on any node), at most once per interval; never stored."""
         relay = self.relay
         now = relay.monotonic()
         last = self.typing_at.get(session)
         if last is not None and now - last < TYPING_INTERVAL_S:
             return
-        recipients = relay.sessions.get(frame.to)
-        if not recipients or frame.to == session.user or not self._may_signal(session, frame.to):
+        if (frame.to == session.user or not relay.engine.presence.is_online(frame.to)
+                or not self._may_signal(session, frame.to)):
             return
         self.typing_at[session] = now
-        self._send_native(recipients, p.encode(p.PeerTyping(session.user)))
+        self._tell(frame.to, p.encode(p.PeerTyping(session.user)))
 
     # -- the inbox ---------------------------------------------------------------------------
 

@@ -348,6 +348,10 @@ class Relay:
         """``user`` came or went on another node: tell this node's watchers."""
         self._announce(user, online)
 
+    def live_event(self, user: str, frame: str) -> None:
+        """Another node's typing, receipt or read position for ``user``: to this node's native sessions."""
+        self.chat.arrived(user, frame)
+
     def store_reset(self) -> None:
         """The shared store is another one now: close every session (1012), so that each client reconnects,
         is told of the reset in its hello and starts again from the new store's beginning."""

@@ -74,7 +74,12 @@ class BlockingRedisEngine:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(30)
 
     def call(self, action: Callable[[RedisEngine], object]) -> None:
-        """Run ``action`` on the engine's loop, then wait until everything it started has finished."""
+        """Run ``action`` on the engine's loop, then wait until everything it started has finished (at once
+        when called from a ``done`` callback, which runs on that loop already)."""
+        if threading.current_thread() is self._thread:
+            action(self._engine)
+            return
+
         async def act() -> None:
             action(self._engine)
             await self._engine.settle()
@@ -95,6 +100,18 @@ class BlockingRedisEngine:
 
     def read_history(self, *args: Any) -> None:
         self.call(lambda engine: engine.read_history(*args))
+
+    def read_search(self, *args: Any) -> None:
+        self.call(lambda engine: engine.read_search(*args))
+
+    def mark_read(self, *args: Any) -> None:
+        self.call(lambda engine: engine.mark_read(*args))
+
+    def read_inbox(self, *args: Any) -> None:
+        self.call(lambda engine: engine.read_inbox(*args))
+
+    def pass_on(self, *args: Any) -> None:
+        self.call(lambda engine: engine.pass_on(*args))
 
     async def prune(self, older_than_ts: float, limit: int) -> int:
         future: Future[int] = asyncio.run_coroutine_threadsafe(self._engine.prune(older_than_ts, limit), self._loop)
@@ -179,9 +196,13 @@ class RecordingListener:
 
     messages: list[StoredMessage] = field(default_factory=list)
     presence: list[tuple[str, bool]] = field(default_factory=list)
+    live: list[tuple[str, str]] = field(default_factory=list)
 
     def message_committed_elsewhere(self, message: StoredMessage) -> None:
         self.messages.append(message)
+
+    def live_event(self, user: str, frame: str) -> None:
+        self.live.append((user, frame))
 
     def presence_changed(self, user: str, online: bool) -> None:
         self.presence.append((user, online))

@@ -36,7 +36,9 @@ def test_accounts_messages_cursors_and_history_move_and_clients_resume(
     seen = recv_frame(carol)
     assert isinstance(seen, p.Message)
     carol.send(p.encode(p.Received(seen.id)))  # carol's cursor moves past it
-    send_native(carol, "alice", "carol's answer")
+    carol.send(p.encode(p.MarkRead("alice", seen.id, receipt=False)))  # and her read position
+    carol.send(p.encode(p.Send("c1", "alice", "carol's answer", reply_to=seen.id)))
+    assert isinstance(recv_frame(carol), p.Ack)
     carol.close()
     alice.close()
     assert single.stop() == 0
@@ -57,8 +59,12 @@ def test_accounts_messages_cursors_and_history_move_and_clients_resume(
         carol.send(p.encode(p.HistoryRequest("h", "alice")))
         history = recv_frame(carol)  # nothing replayed first: its cursor came across
         assert isinstance(history, p.History)
-        assert [(m.sender, m.text) for m in history.messages] == [("alice", "seen by carol"),
-                                                                  ("carol", "carol's answer")]
+        assert [(m.sender, m.text, m.reply_to) for m in history.messages] == [
+            ("alice", "seen by carol", None), ("carol", "carol's answer", seen.id)]
+        carol.send(p.encode(p.InboxRequest("i")))
+        inbox = recv_frame(carol)  # the read position and its receipt flag came across
+        assert isinstance(inbox, p.Inbox)
+        assert [(c.peer, c.read, c.unread) for c in inbox.conversations] == [("alice", seen.id, 0)]
         # Accounts: who shows contacts only, and they came across: alice talked with both, they never did.
         _alice, _ = native(node.ws_url, "alice", key=tokens["alice"],
                            headers={p.REPLAY_SINCE_HEADER: "2999-01-01T00:00:00Z"})

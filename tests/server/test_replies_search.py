@@ -40,7 +40,7 @@ def test_a_reply_reaches_native_sessions_with_reply_to_and_seed_apps_as_plain_te
     relay.on_native_text(bob, p.encode(p.Send("r1", "alice", "yes 'go'", reply_to=question.msg_id)))
     relay.on_native_text(bob, p.encode(p.Send("r2", "carol", "not yours", reply_to=question.msg_id)))
     ticks.end()
-    if Capability.REPLIES not in engine.capabilities:  # the relay refuses every reply (Redis, for now)
+    if Capability.REPLIES not in engine.capabilities:  # the relay refuses every reply (no engine here, today)
         assert [(a.status, a.reason) for a in bob.acks()] == [(p.Status.REFUSED, p.Reason.BAD_REPLY)] * 2
         return
     answer = [f for f in alice.frames() if isinstance(f, p.Message)]

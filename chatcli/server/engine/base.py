@@ -206,6 +206,11 @@ class EngineListener(Protocol):
         """The shared store was wiped or replaced (a new ``epoch``): sessions must start again from it."""
         ...
 
+    def live_event(self, user: str, frame: str) -> None:
+        """A live event (an encoded typing, receipt or read-position frame) another node passed on
+        (``Engine.pass_on``), for this node's sessions of ``user``."""
+        ...
+
 
 class Engine(Protocol):
     """Storage, cross-process routing, presence and accounts, as the relay sees them."""
@@ -297,6 +302,11 @@ class Engine(Protocol):
         by every session (every node) of the user; the flag (kept with it, latest wins) says whether
         peer's inbox may show it (``ConversationSummary.peer_read``). Then ``done`` with the position
         now kept for each (user, peer); on error nothing moved."""
+        ...
+
+    def pass_on(self, user: str, frame: str) -> None:
+        """Hand a live event (an encoded typing, receipt or read-position frame; never stored) to ``user``'s
+        sessions on other nodes; the relay has told this node's own. Nothing to do for a single process."""
         ...
 
     def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:

@@ -108,6 +108,9 @@ class MemoryEngine:
     def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
         done(StorageError(f"{_NOTHING_STORED}: no inbox"))
 
+    def pass_on(self, user: str, frame: str) -> None:
+        return None  # one process: the relay told every session there is
+
     async def prune(self, older_than_ts: float, limit: int) -> int:
         return 0
 

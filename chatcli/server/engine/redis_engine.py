@@ -20,6 +20,10 @@ handed to the relay twice nor before an older one, whichever connection brought 
 
 If Redis goes away, sends are refused at once (``EngineUnavailable``), sessions stay
 open, and the node retries with backoff; once back, every user's gap is filled.
+
+The chat's read positions and inbox (issue 12) live in each user's read hash (``redis_lua.MARK_READ``,
+``UNREAD``, ``LAST_IDS``); its live events (typing, receipts, read positions) cross nodes on each
+user's events channel (``pass_on``), never stored. Replies are checked inside the commit script.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from chatcli.server.engine.base import (
     Appended,
     BacklogPage,
     Capability,
+    ConversationSummary,
     Encoder,
     EngineListener,
     InboxPage,
@@ -56,7 +61,13 @@ from chatcli.server.engine.base import (
     ReadMarks,
     StoredMessage,
 )
-from chatcli.server.engine.pages import REPLAY_PAGE, read_backlog_page, read_history_answer
+from chatcli.server.engine.pages import (
+    REPLAY_PAGE,
+    SearchScan,
+    read_backlog_page,
+    read_history_answer,
+    read_search_answer,
+)
 from chatcli.server.engine.redis_accounts import RedisAccountStore
 from chatcli.server.engine.redis_lua import (
     COMMIT,
@@ -64,15 +75,22 @@ from chatcli.server.engine.redis_lua import (
     EPOCH_KEY,
     IDEMPOTENCY_TTL_S,
     IDS_KEY,
+    LAST_IDS,
+    MARK_READ,
     NEWEST_KEY,
+    UNREAD,
+    UNREAD_COUNT_MAX,
     USERS_KEY,
     channel,
     channel_user,
     contacts_key,
+    events_channel,
+    events_user,
     inbox_key,
     meta_key,
     peer_key,
     published_records,
+    reads_key,
 )
 from chatcli.server.engine.redis_presence import (
     PRESENCE_CHANNEL,
@@ -81,6 +99,7 @@ from chatcli.server.engine.redis_presence import (
     REFRESH_S,
     ClusterPresence,
 )
+from chatcli.server.engine.redis_search import Stream, query_words, scan_streams
 from chatcli.server.engine.redis_setup import Guarantee, check_guarantee, redact
 from chatcli.server.metrics import Histogram
 
@@ -105,6 +124,12 @@ BATCH_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 10
 #: along at once): a node delivering to seed apps moves cursors on nearly every tick, and every commit is
 #: an fsync in Redis under appendfsync always (measured: ~1 us of CPU per message, and stalls).
 CURSOR_DELAY_S: Final = 0.05
+#: Contacts the inbox looks at, at most (as the SQLite engine): each costs two stream lookups in Redis.
+INBOX_CONTACTS_MAX: Final = 10_000
+#: Streams whose newest id one LAST_IDS call reads: Redis runs each call at once, so a user with thousands
+#: of contacts takes it in slices of ~100 µs, not one long stall; and the newest entries a call copies
+#: into Lua (texts included, never sent) stay within 64 texts.
+LAST_IDS_KEYS: Final = 64
 
 #: Lane jobs: done at once (None) or a coroutine the lane awaits before the next job.
 _Job = Callable[[], Awaitable[None] | None]
@@ -134,11 +159,7 @@ class RedisEngine:
     """``Engine`` of one node of a cluster sharing a Redis."""
 
     name = "redis"
-    #: Not yet: READS (issue 12's read positions and inbox), REPLIES and SEARCH (issue 13), which arrived as
-    #: this engine was finished. The relay then refuses replies (bad-reply), keeps no read positions, and
-    #: answers searches "unavailable", each saying why; receipts and typing reach this node's sessions only.
-    capabilities: frozenset[Capability] = frozenset(Capability) - {Capability.READS, Capability.REPLIES,
-                                                                   Capability.SEARCH}
+    capabilities: frozenset[Capability] = frozenset(Capability)
 
     def __init__(self, url: str, client: aioredis.Redis, epoch: str, newest_ts: float, highest_id: int,
                  guarantee: Guarantee) -> None:
@@ -151,6 +172,7 @@ class RedisEngine:
         self._blocking: Any = sync_redis.Redis.from_url(url, socket_timeout=CONNECT_TIMEOUT_S,
                                                         socket_connect_timeout=CONNECT_TIMEOUT_S)
         self.node = secrets.token_hex(6)
+        self._node_bytes = self.node.encode()
         self.presence = ClusterPresence(self.node, self._presence_changed, self._local_presence)
         #: redis-py's command types are too loose to check replies against (bytes | str | None): Any.
         self._redis: Any = client
@@ -271,20 +293,21 @@ class RedisEngine:
         if answer == [-1]:
             await self._store_replaced("a commit found another store")
             return EngineUnavailable("the message store was reset (a new epoch): send again")
-        before, duplicates, sequences = answer
+        before, duplicates, sequences, refused = answer
         originals = dict(zip(duplicates[0::2], duplicates[1::2], strict=True))
-        ids = _new_ids(before, len(batch), originals)
+        bad_replies = frozenset(refused)
+        ids = _new_ids(before, len(batch), originals, bad_replies)
         for recipient, seq_before in zip(sequences[0::2], sequences[1::2], strict=True):
             user = recipient.decode()
             track = self._tracks.get(user)
             if track is not None and track.seq is not None:  # a recipient with a session on this node
                 theirs = [ids[at] for at, message in enumerate(batch)
-                          if message.recipient == user and at not in originals]
+                          if message.recipient == user and at not in originals and at not in bad_replies]
                 if seq_before > track.seq:
                     await self._catch_up(user, before=theirs[0])
                 track.seq, track.top = max(track.seq, seq_before + len(theirs)), max(track.top, theirs[-1])
-        self._highest_id = max(self._highest_id, before + len(batch) - len(originals))
-        return Appended(ids, frozenset(originals))
+        self._highest_id = max(self._highest_id, before + len(batch) - len(originals) - len(bad_replies))
+        return Appended(ids, frozenset(originals), bad_replies=bad_replies)
 
     async def _run_scripts(self, calls: list[_Call]) -> list[Any]:
         """Run (script, keys, args) calls as one pipeline; scripts Redis forgot (a restart) are loaded
@@ -364,14 +387,14 @@ class RedisEngine:
         deliver = self._listener.message_committed_elsewhere
         seq, top = track.seq, track.top  # kept in locals, written back once: this runs for every message
         try:
-            for msg_id, next_seq, ts, sender, text in published_records(payload):
+            for msg_id, next_seq, ts, sender, reply_to, text in published_records(payload):
                 if next_seq <= seq:
                     continue
                 if next_seq > seq + 1:
                     return self._catch_up(user)
                 seq, top = next_seq, msg_id
                 # tuple.__new__: StoredMessage(...) is a Python-level constructor, ~0.2 us more per message
-                deliver(tuple.__new__(StoredMessage, (msg_id, sender, user, text, ts, None, None)))
+                deliver(tuple.__new__(StoredMessage, (msg_id, sender, user, text, ts, None, reply_to)))
         finally:
             track.seq, track.top = seq, top
             self._highest_id = max(self._highest_id, top)
@@ -430,7 +453,7 @@ class RedisEngine:
         member = self.presence.member(user)
         command = "SUBSCRIBE" if joined else "UNSUBSCRIBE"
         if self._pubsub is not None:
-            await self._pubsub.send_command(command, channel(user), check_health=False)
+            await self._pubsub.send_command(command, channel(user), events_channel(user), check_health=False)
         pipe = self._redis.pipeline(transaction=False)
         if joined:
             pipe.zadd(PRESENCE_KEY, {member: time.time() + PRESENCE_TTL_S})
@@ -460,8 +483,9 @@ class RedisEngine:
                 continue
             try:
                 # The confirmations start each user's track, or fill what it missed (_start_track).
-                await connection.send_command("SUBSCRIBE", PRESENCE_CHANNEL, *map(channel, list(self._tracks)),
-                                              check_health=False)
+                users = list(self._tracks)
+                await connection.send_command("SUBSCRIBE", PRESENCE_CHANNEL, *map(channel, users),
+                                              *map(events_channel, users), check_health=False)
                 self._pubsub, wait = connection, 0.0
                 while not self._closed:
                     self._on_pubsub(await connection.read_response(timeout=math.inf))  # wait for ever
@@ -479,9 +503,11 @@ class RedisEngine:
         if kind == b"message":
             if name == _PRESENCE_CHANNEL_BYTES:
                 self.presence.on_event(data)
+            elif (user := events_user(name)) is not None:
+                self._live_event(user, data)
             else:
                 self._published(channel_user(name), data)
-        elif kind == b"subscribe" and name != _PRESENCE_CHANNEL_BYTES:
+        elif kind == b"subscribe" and name != _PRESENCE_CHANNEL_BYTES and events_user(name) is None:
             user = channel_user(name)
             self._lane.put_nowait(lambda: self._start_track(user))
 
@@ -501,6 +527,22 @@ class RedisEngine:
         def job() -> Awaitable[None] | None:
             self._lane_bytes -= len(data)
             return self._on_published(user, data)
+
+        self._in_lane(job)
+
+    def _live_event(self, user: str, data: bytes) -> None:
+        """Another node's live event for ``user`` ("NODE\nFRAME"): handed on in the lane, behind the messages
+        that came before it. Held within ``LANE_BYTES`` like messages; past it dropped (never stored anyway)."""
+        node, _, frame = data.partition(b"\n")
+        if node == self._node_bytes or self._lane_bytes + len(data) > LANE_BYTES:
+            return  # our own (this node told its sessions itself), or no room
+        self._lane_bytes += len(data)
+        text = frame.decode(errors="replace")  # written by a node from a frame: UTF-8 unless Redis was tampered with
+
+        def job() -> None:
+            self._lane_bytes -= len(data)
+            if self._listener is not None:
+                self._listener.live_event(user, text)
 
         self._in_lane(job)
 
@@ -650,6 +692,9 @@ class RedisEngine:
                 result = await work
             except RedisError as exc:
                 result = self._went_down(exc) if _is_connection_error(exc) else StorageError(f"Redis: {exc}")
+            except Exception as exc:  # a bug: answered as a failure, else the session would wait for ever
+                log.exception("redis engine: a read failed", extra={"event": "redis-error"})
+                result = StorageError(f"the read failed: {exc!r}")
             done(result)
 
         task = asyncio.get_running_loop().create_task(run())
@@ -680,13 +725,107 @@ class RedisEngine:
         return {name for name, member in zip(names, found, strict=True) if member}
 
     def read_search(self, user: str, request: p.SearchRequest, done: Callable[[str | StorageError], None]) -> None:
-        done(StorageError("this cluster (--redis) has no search yet"))
+        self._read(self._search(user, request), done)
+
+    async def _search(self, user: str, request: p.SearchRequest) -> str:
+        """A bounded scan of the streams of ``user``'s messages (``redis_search``): what they received, and
+        what they sent to each contact (or to ``peer``)."""
+        peer = request.peer
+        if peer is not None:
+            streams = [Stream(peer_key(user, peer), user)]
+            if peer != user:
+                streams.append(Stream(peer_key(peer, user), peer))
+        else:  # a note to oneself is in the inbox already
+            streams = [Stream(inbox_key(user), user), *(Stream(peer_key(contact, user), contact)
+                                                         for contact in await self._contacts(user) if contact != user)]
+        heads = await self._last_ids([stream.key for stream in streams])
+        if request.before is not None:
+            heads = [min(head, request.before - 1) for head in heads]
+        since_ts = p.parse_ts(request.since) if request.since is not None else None
+        found, cut = await scan_streams(streams, heads, query_words(request.text), request.limit, since_ts,
+                                        self._search_page, _stored)
+        return read_search_answer(_Found(found, cut), user, request)
+
+    async def _search_page(self, stream: Stream, upto: int, count: int) -> list[Any]:
+        """Up to ``count`` entries of ``stream`` from ``upto`` down, with their texts: a conversation stream
+        that keeps ids only has them read from its recipient's inbox (an entry pruned meanwhile: no text)."""
+        entries = list(await self._redis.xrevrange(stream.key, f"{upto}-0", "-", count=count))
+        if not entries or b"t" in entries[0][1]:
+            return entries
+        pipe = self._redis.pipeline(transaction=False)
+        for entry_id, _ in entries:
+            pipe.xrange(inbox_key(stream.recipient), entry_id, entry_id)
+        return [(entry_id, found[0][1] if found else {}) for (entry_id, _), found in
+                zip(entries, await pipe.execute(), strict=True)]
+
+    # -- read positions, the inbox and live events (issue 12) ---------------------------------------------
 
     def mark_read(self, marks: ReadMarks, done: Callable[[dict[tuple[str, str], int] | StorageError], None]) -> None:
-        done(StorageError(f"{_NO_READS}: no read positions"))
+        self._read(self._mark_read(marks), done)
+
+    async def _mark_read(self, marks: ReadMarks) -> dict[tuple[str, str], int]:
+        """One MARK_READ call per user (its read hash, the id counter, its contacts), all in one pipeline."""
+        by_user: dict[str, list[tuple[str, int, bool]]] = {}
+        for (user, peer), (msg_id, receipt) in marks.items():
+            by_user.setdefault(user, []).append((peer, msg_id, receipt))
+        calls: list[_Call] = [
+            ("read", [reads_key(user), IDS_KEY, contacts_key(user)],
+             [arg for peer, msg_id, receipt in rows for arg in (peer, msg_id, int(receipt))])
+            for user, rows in by_user.items()]
+        answers = _checked(await self._run_scripts(calls))
+        return {(user, peer): int(kept) for (user, rows), positions in zip(by_user.items(), answers, strict=True)
+                for (peer, _, _), kept in zip(rows, positions, strict=True)}
 
     def read_inbox(self, user: str, limit: int, done: Callable[[InboxPage | StorageError], None]) -> None:
-        done(StorageError(f"{_NO_READS}: no inbox"))
+        self._read(self._inbox(user, limit), done)
+
+    async def _inbox(self, user: str, limit: int) -> InboxPage:
+        """Three round trips: the contacts, the newest id each way (LAST_IDS, no texts), then for the
+        ``limit`` most recent the position and unread count (UNREAD), the peer's receipt, the newest message."""
+        peers = await self._contacts(user)
+        tops = await self._last_ids([key for peer in peers for key in (peer_key(user, peer), peer_key(peer, user))])
+        pairs = zip(peers, tops[0::2], tops[1::2], strict=True)
+        # (newest id, peer, whether the newest came from the peer); neither way: every message was pruned
+        latest = sorted(((max(got, sent), peer, got > sent) for peer, got, sent in pairs if got or sent), reverse=True)
+        return InboxPage(await self._summaries(user, latest[:limit]), len(latest) > limit)
+
+    async def _last_ids(self, keys: list[str]) -> list[int]:
+        """The newest message id in each stream (0 for an empty one), no texts read over the network."""
+        calls: list[_Call] = [("last_ids", keys[at:at + LAST_IDS_KEYS], [])
+                              for at in range(0, len(keys), LAST_IDS_KEYS)]
+        return [_entry_number(entry) for answer in _checked(await self._run_scripts(calls)) for entry in answer]
+
+    async def _contacts(self, user: str) -> list[str]:
+        peers: dict[str, None] = {}  # SSCAN may name one twice
+        async for name in self._redis.sscan_iter(contacts_key(user), count=1000):
+            peers[name.decode()] = None
+            if len(peers) >= INBOX_CONTACTS_MAX:
+                break
+        return list(peers)
+
+    async def _summaries(self, user: str, latest: list[tuple[int, str, bool]]) -> list[ConversationSummary]:
+        if not latest:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for last, peer, received in latest:
+            pipe.hget(reads_key(peer), user)
+            pipe.xrange(inbox_key(user if received else peer), f"{last}-0", f"{last}-0")  # the recipient's
+        counts, answers = await asyncio.gather(
+            self._run_scripts([("unread", [peer_key(user, peer), reads_key(user)], [peer, UNREAD_COUNT_MAX])
+                               for _, peer, _ in latest]),
+            pipe.execute())
+        summaries = []
+        for (last, peer, received), (read, unread), peer_read, entries in zip(
+                latest, _checked(counts), answers[0::2], answers[1::2], strict=True):
+            if entries:  # else pruned meanwhile
+                message = _stored(last, user if received else peer, entries[0][1])
+                summaries.append(ConversationSummary(peer, int(unread), int(read), message, _receipted(peer_read)))
+        return summaries
+
+    def pass_on(self, user: str, frame: str) -> None:
+        """Publish a live event on ``user``'s events channel when they are connected to another node."""
+        if self.presence.elsewhere(user):
+            self._background(self._redis.publish(events_channel(user), f"{self.node}\n{frame}"))
 
     async def prune(self, older_than_ts: float, limit: int) -> int:
         """Delete up to ``limit`` acknowledged messages accepted before ``older_than_ts`` (the unacknowledged
@@ -768,8 +907,7 @@ class RedisEngine:
         await self._redis.aclose()
 
 
-_NO_READS: Final = "this cluster (--redis) keeps no read positions yet"
-_SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR}
+_SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR, "read": MARK_READ, "unread": UNREAD, "last_ids": LAST_IDS}
 _PRESENCE_CHANNEL_BYTES: Final = PRESENCE_CHANNEL.encode()
 
 
@@ -795,15 +933,16 @@ def _commit_args(epoch: str, batch: Sequence[NewMessage]) -> _Packed:
     """``redis_lua.COMMIT``'s arguments, packed here: the generic ``_pack`` per argument cost ~3 us per
     message on the sending node, this under 1 (one string per message, encoded once for the batch; the
     batch's one accept time formatted once, user ids once; ASCII texts need no encoding to be measured)."""
-    parts = [_bulk(epoch), _bulk(str(IDEMPOTENCY_TTL_S))]
+    replies = " ".join(f"{at} {m.reply_to}" for at, m in enumerate(batch) if m.reply_to is not None)
+    parts = [_bulk(epoch), _bulk(str(IDEMPOTENCY_TTL_S)), _bulk(replies)]
     last_ts, ts_bulk = None, ""
-    for sender, recipient, text, ts, client_id, *_ in batch:  # no reply_to: no REPLIES capability
+    for sender, recipient, text, ts, client_id, _ in batch:  # the replies go apart, above
         if ts != last_ts:
             last_ts, ts_bulk = ts, _bulk(repr(ts))
         size = len(text) if text.isascii() else len(text.encode())
         parts.append(f"{_user_bulk(sender)}{_user_bulk(recipient)}${size}\r\n{text}\r\n{ts_bulk}"
                      f"{_bulk(client_id) if client_id else _EMPTY_BULK}")
-    return _Packed(2 + 5 * len(batch), "".join(parts).encode())
+    return _Packed(3 + 5 * len(batch), "".join(parts).encode())
 
 
 def _bulk(value: str) -> str:
@@ -828,14 +967,17 @@ _EMPTY_BULK: Final = "$0\r\n\r\n"
 _NO_SHA: Final = "0" * 40
 
 
-def _new_ids(before: int, count: int, originals: dict[int, int]) -> list[int]:
-    """Each message's id after a commit: the next ids in batch order, a duplicate's original id."""
-    if not originals:
+def _new_ids(before: int, count: int, originals: dict[int, int], refused: AbstractSet[int]) -> list[int]:
+    """Each message's id after a commit: the next ids in batch order, a duplicate's original id, a refused
+    reply's 0."""
+    if not originals and not refused:
         return list(range(before + 1, before + 1 + count))
     ids, next_id = [], before
     for position in range(count):
         if position in originals:
             ids.append(originals[position])
+        elif position in refused:
+            ids.append(0)
         else:
             next_id += 1
             ids.append(next_id)
@@ -843,16 +985,48 @@ def _new_ids(before: int, count: int, originals: dict[int, int]) -> list[int]:
 
 
 def _stored(msg_id: int, recipient: str, fields: dict[bytes, bytes]) -> StoredMessage:
-    return StoredMessage(msg_id, fields[b"f"].decode(), recipient, fields[b"t"].decode(), float(fields[b"ts"]), None)
+    reply_to = fields.get(b"r")
+    return StoredMessage(msg_id, fields[b"f"].decode(), recipient, fields[b"t"].decode(), float(fields[b"ts"]), None,
+                         None if reply_to is None else int(reply_to))
+
+
+def _checked(answers: list[Any]) -> list[Any]:
+    """Script answers, or the first error Redis answered instead (``_run_scripts`` returns them)."""
+    failed = next((answer for answer in answers if isinstance(answer, Exception)), None)
+    if failed is not None:
+        raise failed
+    return answers
 
 
 def _entry_number(entry_id: bytes) -> int:
-    """The message id of a stream entry id (``ID-0``)."""
-    return int(entry_id.split(b"-", 1)[0])
+    """The message id of a stream entry id (``ID-0``); 0 for none (b'')."""
+    return int(entry_id.split(b"-", 1)[0] or 0)
+
+
+def _receipted(value: bytes | None) -> int | None:
+    """The position in a read hash value (``ID:FLAG``) if its flag lets the peer learn it."""
+    if value is None:
+        return None
+    position, _, receipt = value.partition(b":")
+    return int(position) if receipt == b"1" else None
 
 
 def _is_connection_error(exc: RedisError) -> bool:
     return isinstance(exc, RedisConnectionError | RedisTimeoutError)
+
+
+class _Found:
+    """A search's finds, offered to ``pages.read_search_answer`` as a ``SearchableLog``."""
+
+    def __init__(self, messages: list[StoredMessage], cut: bool) -> None:
+        self._messages = messages
+        self._cut = cut
+
+    def iter_search(self, user: str, text: str, scan: SearchScan, peer: str | None = None,
+                    since_ts: float | None = None, before_id: int | None = None,
+                    limit: int = 20) -> Iterator[StoredMessage]:
+        scan.cut = self._cut
+        return iter(self._messages[:limit])
 
 
 class _Fetched:

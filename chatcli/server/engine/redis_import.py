@@ -6,7 +6,8 @@ each user's cursor. Message ids and the store's epoch are kept as they are, so
 clients resume where they were (``listen`` and ``chat`` keep their cursors; nothing is
 replayed or skipped). The layout written is the one ``redis_lua.COMMIT`` writes.
 
-Contacts (``--presence contacts``) come across too. Not moved: client ids
+Contacts (``--presence contacts``), read positions with their receipt flags (the chat's inbox) and
+replies' ``reply_to`` come across too. Not moved: client ids
 (idempotency keys expire after a week anyway: a client resending across the move
 gets a new message instead of "duplicate").
 
@@ -35,6 +36,7 @@ from chatcli.server.engine.redis_lua import (
     inbox_key,
     meta_key,
     peer_key,
+    reads_key,
 )
 
 __all__ = ["MigrationReport", "migrate_to_redis"]
@@ -67,6 +69,7 @@ def migrate_to_redis(db: Path, url: str, progress: Callable[[int, int], None]) -
         users = _write_metas(source, target, epoch, seqs)
         accounts = _copy_accounts(source, target)
         _copy_contacts(source, target)
+        _copy_read_positions(source, target)
         target.set(NEWEST_KEY, repr(newest))
         target.set(IDS_KEY, top)
         target.set(EPOCH_KEY, epoch)  # last: a node refuses nothing until the store is whole
@@ -90,8 +93,10 @@ def _read_identity(source: sqlite3.Connection) -> tuple[str, int]:
     return str(epoch), int(total)
 
 
-def _rows(source: sqlite3.Connection) -> Iterator[tuple[int, str, str, str, float]]:
-    yield from source.execute("SELECT id, sender, recipient, text, ts FROM messages ORDER BY id")
+def _rows(source: sqlite3.Connection) -> Iterator[tuple[int, str, str, str, float, int | None]]:
+    columns = {row[1] for row in source.execute("PRAGMA table_info(messages)")}
+    reply_to = "reply_to" if "reply_to" in columns else "NULL"  # a file from before replies has none
+    yield from source.execute(f"SELECT id, sender, recipient, text, ts, {reply_to} FROM messages ORDER BY id")
 
 
 def _copy_messages(source: sqlite3.Connection, target: Any, total: int,
@@ -100,11 +105,14 @@ def _copy_messages(source: sqlite3.Connection, target: Any, total: int,
     seqs: dict[str, tuple[int, int]] = {}
     moved, newest, top, shown = 0, 0.0, 0, time.monotonic()
     pipe = target.pipeline(transaction=False)
-    for msg_id, sender, recipient, text, ts in _rows(source):
+    for msg_id, sender, recipient, text, ts, reply_to in _rows(source):
         seq = seqs.get(recipient, (0, 0))[0] + 1
         seqs[recipient] = (seq, msg_id)
         entry = f"{msg_id}-0"
-        pipe.xadd(inbox_key(recipient), {"s": seq, "f": sender, "t": text, "ts": repr(ts)}, id=entry)
+        fields: dict[str, Any] = {"f": sender, "t": text, "ts": repr(ts)}
+        if reply_to is not None:
+            fields["r"] = reply_to
+        pipe.xadd(inbox_key(recipient), {"s": seq, **fields}, id=entry)
         pipe.xadd(peer_key(recipient, sender), {"f": sender}, id=entry)  # ids only: the text is in the inbox
         moved, newest, top = moved + 1, max(newest, ts), msg_id
         if moved % CHUNK == 0:
@@ -140,6 +148,20 @@ def _copy_contacts(source: sqlite3.Connection, target: Any) -> None:
     pipe = target.pipeline(transaction=False)
     for count, (user, peer) in enumerate(rows, 1):
         pipe.sadd(contacts_key(user), peer)
+        if count % CHUNK == 0:
+            pipe.execute()
+    pipe.execute()
+
+
+def _copy_read_positions(source: sqlite3.Connection, target: Any) -> None:
+    """Each user's read position per conversation and its receipt flag, as ``MARK_READ`` keeps them."""
+    try:
+        rows = source.execute("SELECT user, peer, last_id, receipts FROM read_positions")
+    except sqlite3.OperationalError:  # a database from before read positions
+        return
+    pipe = target.pipeline(transaction=False)
+    for count, (user, peer, last_id, receipts) in enumerate(rows, 1):
+        pipe.hset(reads_key(user), peer, f"{int(last_id)}:{int(bool(receipts))}")
         if count % CHUNK == 0:
             pipe.execute()
     pipe.execute()

@@ -13,6 +13,10 @@ keys on one node:
 * ``{u:ID}:k:SENDER:CID`` a client message id already committed (idempotency), with a TTL
 * ``{u:ID}:c``            the users ID exchanged a message with, either way (``--presence contacts``)
 * ``{u:ID}:ch``           the Pub/Sub channel of ID's new messages (one per user, never a global one)
+* ``{u:ID}:r``            read positions (issue 12): PEER -> ``<id>:<1|0>``, how far ID has read the
+                          conversation with PEER and whether PEER may learn it (receipts)
+* ``{u:ID}:ev``           the Pub/Sub channel of live events for ID's sessions (typing, receipts, read
+                          positions): never stored, only passed on to the nodes ID is connected to
 
 Four keys are shared by the whole store: the epoch, the message id counter, the set
 of users with an inbox, and the presence sorted set (``redis_presence.py``).
@@ -31,16 +35,23 @@ __all__ = [
     "EPOCH_KEY",
     "IDEMPOTENCY_TTL_S",
     "IDS_KEY",
+    "LAST_IDS",
+    "MARK_READ",
     "NEWEST_KEY",
+    "UNREAD",
+    "UNREAD_COUNT_MAX",
     "USERS_KEY",
     "channel",
     "channel_user",
     "contacts_key",
+    "events_channel",
+    "events_user",
     "idempotency_key",
     "inbox_key",
     "meta_key",
     "peer_key",
     "published_records",
+    "reads_key",
 ]
 
 EPOCH_KEY: Final = "chatcli:epoch"
@@ -53,6 +64,8 @@ ACCOUNTS_KEY: Final = "chatcli:accounts"
 IDEMPOTENCY_TTL_S: Final = 7 * 24 * 3600
 
 _CHANNEL_SUFFIX: Final = "}:ch"
+_EVENTS_SUFFIX: Final = "}:ev"
+_EVENTS_SUFFIX_BYTES: Final = _EVENTS_SUFFIX.encode()
 
 
 def meta_key(user: str) -> str:
@@ -81,8 +94,21 @@ def channel(user: str) -> str:
 
 
 def channel_user(name: bytes) -> str:
-    """The user whose channel ``name`` is (``{u:ID}:ch``)."""
+    """The user whose channel ``name`` is (``{u:ID}:ch``, or ``{u:ID}:ev``: the suffixes have one length)."""
     return name[3:-len(_CHANNEL_SUFFIX)].decode()
+
+
+def reads_key(user: str) -> str:
+    return f"{{u:{user}}}:r"
+
+
+def events_channel(user: str) -> str:
+    return f"{{u:{user}{_EVENTS_SUFFIX}"
+
+
+def events_user(name: bytes) -> str | None:
+    """The user whose live-events channel ``name`` is, or None for another channel."""
+    return name[3:-len(_EVENTS_SUFFIX)].decode() if name.endswith(_EVENTS_SUFFIX_BYTES) else None
 
 
 #: A tick's messages, committed by one script call: each message atomically (the whole batch, in fact),
@@ -94,7 +120,8 @@ def channel_user(name: bytes) -> str:
 #: (history and unread counts need the ids; the text is read from the inbox: one copy per message), the
 #: idempotency key. Then one PUBLISH per recipient of the batch, on the recipient's channel, carrying its
 #: messages in order as records "id\nseq\nts\nsender\nBYTES\ntext" (user ids hold no newline; BYTES is
-#: the text's length): one Pub/Sub message per recipient and batch, not per message (``published_records``).
+#: the text's length; a reply's seq is "SEQ REPLY_ID", so that the format and its cost are unchanged for
+#: every other message): one Pub/Sub message per recipient and batch, not per message (``published_records``).
 #: Redis runs the whole cluster's commits on one core, and every string built or number formatted per
 #: message shows, so each recipient's keys are built once per batch, each id and sequence formatted once,
 #: and the answer is per batch, not per message. Numbers are formatted with '%d': Lua's own conversion
@@ -102,25 +129,39 @@ def channel_user(name: bytes) -> str:
 #: writes ids from 10^14 on as '1e+14'.
 #: The users' keys are derived here from the ids, as ``meta_key`` and friends do: a Redis Cluster would
 #: need the batch split per slot and the keys declared (and per-user ids), see docs/scaling.md.
-#: KEYS: epoch, ids, users, newest. ARGV: epoch, idempotency TTL, then per message sender, recipient,
-#: text, ts, client id ('' for none). Returns {last id before the batch, {position (from 0), original id}
-#: per duplicate, flattened, {recipient, inbox sequence before the batch} per recipient with a new message,
-#: flattened}: the new messages took the following ids in batch order, and each recipient's the following
-#: sequences (``Committed``). {-1} when the store's epoch is not ARGV[1] (wiped, e.g. FLUSHALL): nothing
-#: was written.
+#: Replies (issue 13): a message with a reply id is refused unless that id is in one of the two streams of
+#: its conversation (``{u:R}:p:S``, ``{u:S}:p:R``); a kept reply carries it as the inbox field ``r``. The
+#: reply ids come apart from the messages, as "POSITION ID ..." (positions in the batch from 0; '' for
+#: none, the rule), so that a batch without replies costs nothing more per message.
+#: KEYS: epoch, ids, users, newest. ARGV: epoch, idempotency TTL, the reply ids, then per message sender,
+#: recipient, text, ts, client id ('' for none). Returns {last id before the batch, {position (from 0),
+#: original id} per duplicate, flattened, {recipient, inbox sequence before the batch} per recipient with a
+#: new message, flattened, {position} per refused reply}: the new messages took the following ids in batch
+#: order, and each recipient's the following sequences. {-1} when the store's epoch is not ARGV[1] (wiped,
+#: e.g. FLUSHALL): nothing was written.
 COMMIT: Final = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 -- Counters are read once and written once per batch (not INCR/HINCRBY per message): fewer commands
 -- to run and to append to the AOF. The script is atomic, so nothing can interleave.
 local before = tonumber(redis.call('GET', KEYS[2]) or '0')
 local format = string.format
-local last_id, newest, last_ts, inboxes, order, duplicates = before, nil, nil, {}, {}, {}
-for i = 3, #ARGV, 5 do
+local last_id, newest, last_ts, inboxes, order, duplicates, refused = before, nil, nil, {}, {}, {}, {}
+local replies = {}
+for position, reply in string.gmatch(ARGV[3], '(%d+) (%d+)') do replies[4 + 5 * tonumber(position)] = reply end
+local function in_conversation(a, b, reply)  -- the message replied to lies between a and b, either way
+  local entry = reply .. '-0'
+  return #redis.call('XRANGE', '{u:' .. a .. '}:p:' .. b, entry, entry) > 0
+    or #redis.call('XRANGE', '{u:' .. b .. '}:p:' .. a, entry, entry) > 0
+end
+for i = 4, #ARGV, 5 do
   local sender, recipient, text, ts, cid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local reply = replies[i]
   local prior = false
   if cid ~= '' then prior = redis.call('GET', '{u:' .. recipient .. '}:k:' .. sender .. ':' .. cid) end
   if prior then
-    duplicates[#duplicates + 1] = (i - 3) / 5; duplicates[#duplicates + 1] = tonumber(prior)
+    duplicates[#duplicates + 1] = (i - 4) / 5; duplicates[#duplicates + 1] = tonumber(prior)
+  elseif reply and not in_conversation(recipient, sender, reply) then
+    refused[#refused + 1] = (i - 4) / 5
   else
     local inbox = inboxes[recipient]
     if inbox == nil then  -- the recipient's first message in the batch
@@ -137,7 +178,13 @@ for i = 3, #ARGV, 5 do
     inbox.seq = inbox.seq + 1
     local id, seq = format('%d', last_id), format('%d', inbox.seq)
     local entry = id .. '-0'
-    redis.call('XADD', inbox.key, entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
+    local head = seq
+    if not reply then
+      redis.call('XADD', inbox.key, entry, 's', seq, 'f', sender, 't', text, 'ts', ts)
+    else
+      redis.call('XADD', inbox.key, entry, 's', seq, 'f', sender, 't', text, 'ts', ts, 'r', reply)
+      head = seq .. ' ' .. reply
+    end
     local peer = inbox.peers[sender]
     if peer == nil then  -- contacts, both ways (--presence contacts): once per pair and batch
       peer = inbox.tag .. ':p:' .. sender
@@ -148,7 +195,7 @@ for i = 3, #ARGV, 5 do
     redis.call('XADD', peer, entry, 'f', sender)
     if cid ~= '' then redis.call('SET', inbox.tag .. ':k:' .. sender .. ':' .. cid, id, 'EX', ARGV[2]) end
     local records = inbox.records
-    records[#records + 1] = id .. '\\n' .. seq .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. format('%d', #text)
+    records[#records + 1] = id .. '\\n' .. head .. '\\n' .. ts .. '\\n' .. sender .. '\\n' .. format('%d', #text)
       .. '\\n' .. text
     if ts ~= last_ts then  -- one accept time per batch as a rule: parsed only when it changes
       last_ts = ts
@@ -167,7 +214,7 @@ end
 if newest ~= nil and tonumber(newest) > tonumber(redis.call('GET', KEYS[4]) or '0') then
   redis.call('SET', KEYS[4], newest)
 end
-return {before, duplicates, sequences}
+return {before, duplicates, sequences, refused}
 """
 
 #: Move users' cursors forward, never back: every move of a tick in one call (a node delivering to many
@@ -181,8 +228,74 @@ return 0
 """
 
 
-def published_records(payload: bytes) -> Iterator[tuple[int, int, float, str, str]]:
-    """The messages of one published payload, in order: (id, seq, ts, sender, text).
+# -- read positions and the inbox (issue 12) -------------------------------------------------------------
+
+#: Move one user's read positions up, never down, and never past the highest id given out (a client's
+#: id is not trusted beyond it). Only conversations that exist are kept: a peer the user never exchanged
+#: a message with (not in their contacts) keeps nothing (position 0), so the hash is bounded by the
+#: contacts, not by what a client makes up. One call per user and tick. KEYS: the user's read hash, the
+#: id counter, the user's contacts. ARGV: per conversation peer, id, receipt flag (1/0; latest wins).
+#: Returns the position now kept per conversation, as strings (ids compared as numbers, written as
+#: given: no float formatting).
+MARK_READ: Final = """
+local top = redis.call('GET', KEYS[2]) or '0'
+local out = {}
+for i = 1, #ARGV, 3 do
+  local peer, wanted = ARGV[i], ARGV[i + 1]
+  if redis.call('SISMEMBER', KEYS[3], peer) == 0 then
+    wanted = '0'
+  else
+    if tonumber(wanted) > tonumber(top) then wanted = top end
+    local now = string.match(redis.call('HGET', KEYS[1], peer) or '0:1', '^(%d+)')
+    if tonumber(now) > tonumber(wanted) then wanted = now end
+    redis.call('HSET', KEYS[1], peer, wanted .. ':' .. ARGV[i + 2])
+  end
+  out[#out + 1] = wanted
+end
+return out
+"""
+
+#: Unread messages counted per conversation at most this far from either end (see ``UNREAD``).
+UNREAD_COUNT_MAX: Final = 100
+
+#: One conversation's read position and unread count for the inbox, without reading its history: the
+#: messages PEER sent to the user are the stream ``{u:ID}:p:PEER`` (entry ids are message ids), so
+#: nothing read (position before the first entry) is XLEN, everything read (at or after the last) is 0,
+#: and otherwise the entries after the position are counted, ``UNREAD_COUNT_MAX`` at most; past that the
+#: entries up to it are counted (unread = XLEN minus them), and only when both sides hold more than
+#: ``UNREAD_COUNT_MAX`` is the answer that bound (a lower bound: "100 or more"). At most 2 x 100 entries
+#: read per conversation, whatever its length. KEYS: that stream, the user's read hash. ARGV: the peer,
+#: ``UNREAD_COUNT_MAX``. Returns {position, unread}.
+UNREAD: Final = """
+local position = string.match(redis.call('HGET', KEYS[2], ARGV[1]) or '0:1', '^(%d+)')
+local n = redis.call('XLEN', KEYS[1])
+if n == 0 then return {position, 0} end
+local function id_of(entries) return tonumber(string.match(entries[1][1], '^(%d+)')) end
+local pos = tonumber(position)
+if pos < id_of(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)) then return {position, n} end
+if pos >= id_of(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)) then return {position, 0} end
+local bound = tonumber(ARGV[2])
+local newer = #redis.call('XRANGE', KEYS[1], '(' .. position .. '-0', '+', 'COUNT', bound)
+if newer < bound then return {position, newer} end
+local older = #redis.call('XRANGE', KEYS[1], '-', position .. '-0', 'COUNT', bound)
+if older < bound then return {position, n - older} end
+return {position, bound}
+"""
+
+#: The id of each stream's newest entry ('' for an empty or missing stream): the inbox orders
+#: conversations by these without sending texts over the network. KEYS: the streams.
+LAST_IDS: Final = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  out[i] = newest[1] and newest[1][1] or ''
+end
+return out
+"""
+
+
+def published_records(payload: bytes) -> Iterator[tuple[int, int, float, str, int | None, str]]:
+    """The messages of one published payload, in order: (id, seq, ts, sender, reply_to, text).
 
     One regular expression match per record, and the time and sender (the same for most of a batch)
     converted only when they change: this runs for every message a node receives from another.
@@ -195,15 +308,16 @@ def published_records(payload: bytes) -> Iterator[tuple[int, int, float, str, st
         head = match(payload, position)
         if head is None:
             raise ValueError(f"not a published record at byte {position}")
-        msg_id, seq, ts_bytes, sender_bytes, size = head.groups()
+        msg_id, seq, reply_to, ts_bytes, sender_bytes, size = head.groups()
         if ts_bytes != last_ts:
             last_ts, ts = ts_bytes, float(ts_bytes)
         if sender_bytes != last_sender:
             last_sender, sender = sender_bytes, sender_bytes.decode()
         start = head.end()
         position = start + int(size)
-        yield int(msg_id), int(seq), ts, sender, payload[start:position].decode()
+        yield int(msg_id), int(seq), ts, sender, int(reply_to) if reply_to else None, payload[start:position].decode()
 
 
-#: A published record's head: "id\nseq\nts\nsender\nBYTES\n", the text's BYTES bytes follow.
-_RECORD_HEAD: Final = re.compile(rb"(\d+)\n(\d+)\n([^\n]+)\n([^\n]+)\n(\d+)\n")
+#: A published record's head: "id\nseq\nts\nsender\nBYTES\n" (a reply's seq: "SEQ REPLY_ID"), the text's
+#: BYTES bytes follow.
+_RECORD_HEAD: Final = re.compile(rb"(\d+)\n(\d+)(?: (\d+))?\n([^\n]+)\n([^\n]+)\n(\d+)\n")

@@ -61,6 +61,10 @@ class ClusterPresence:
     def is_online(self, user: str) -> bool:
         return user in self._online
 
+    def elsewhere(self, user: str) -> bool:
+        """Whether ``user`` has a receiving session on another node (live events are published for them)."""
+        return user in self._remote
+
     def online(self) -> Set[str]:
         return self._online
 

@@ -193,6 +193,9 @@ class SQLiteEngine:
         store = self.store
         self._submit(lambda: InboxPage(*store.conversations(user, limit)), done)
 
+    def pass_on(self, user: str, frame: str) -> None:
+        return None  # one process: the relay told every session there is
+
     async def prune(self, older_than_ts: float, limit: int) -> int:
         deleted = await self._runner.call(functools.partial(self.store.prune, older_than_ts, limit=limit))
         self._note(deleted)
