@@ -479,9 +479,9 @@ class SQLiteStore:
             self._checkpointer.committed()
         self._check_file()
         if self._last_id - self._indexed_upto > self.index_lag_max:
-            self._index_logged("index new messages", self._index_tail, INBOX_CHUNK_ROWS)
+            self._inbox_step()
         if self._last_id - self._search_upto > self.index_lag_max:
-            self._index_logged("index new texts for search", self._index_search_tail, SEARCH_CHUNK_ROWS)
+            self._search_step()
         return results
 
     def unindexed_rows(self) -> int:
@@ -490,11 +490,14 @@ class SQLiteStore:
 
     def index_some(self) -> bool:
         """One step of indexing the log's tail (the inbox first: backlog reads use it); whether more waits."""
-        if self._last_id > self._indexed_upto:
-            done = self._index_logged("index new messages", self._index_tail, INBOX_CHUNK_ROWS)
-        else:
-            done = self._index_logged("index new texts for search", self._index_search_tail, SEARCH_CHUNK_ROWS)
+        done = self._inbox_step() if self._last_id > self._indexed_upto else self._search_step()
         return done and self.unindexed_rows() > 0
+
+    def _inbox_step(self) -> bool:
+        return self._index_logged("index new messages", self._index_tail, INBOX_CHUNK_ROWS)
+
+    def _search_step(self) -> bool:
+        return self._index_logged("index new texts for search", self._index_search_tail, SEARCH_CHUNK_ROWS)
 
     def _index_logged(self, doing: str, index_tail: Callable[[int], None], rows: int) -> bool:
         """``index_tail(rows)`` in a transaction of its own; False if it failed. A failure (e.g. disk full) is
