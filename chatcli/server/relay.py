@@ -658,18 +658,22 @@ class Relay:
 
     def _acknowledge(self, batch: list[tuple[Session, str | None, str, str]], rows: list[NewMessage],
                      appended: Appended) -> None:
+        """Deliver the batch, then ack its senders: a delivery is queued (and written) before the acks of
+        its batch, so it never waits behind them; to the recipient, this is the latency that shows."""
         unusual = appended.duplicates or appended.offline or appended.bad_replies  # all empty as a rule
-        offline = Outcome.OFFLINE  # looked up once, not per message
-        for position, (msg_id, row, (session, client_id, _, _)) in enumerate(zip(appended.ids, rows, batch,
-                                                                                 strict=True)):
+        settled: list[tuple[StoredMessage, Outcome | None]] = []
+        for position, (msg_id, row) in enumerate(zip(appended.ids, rows, strict=True)):
             message = _tuple_new(StoredMessage, (msg_id, *row))  # as in commit: no Python-level constructor
             if unusual and position in appended.bad_replies:
-                self.refuse(session, client_id, p.Reason.BAD_REPLY)
+                settled.append((message, None))
                 continue
             outcome = self._settled(position, appended) if unusual else None
+            settled.append((message, self._dispatch(message) if outcome is None else outcome))
+        offline = Outcome.OFFLINE  # looked up once, not per message
+        for (message, outcome), (session, client_id, _, _) in zip(settled, batch, strict=True):
             if outcome is None:
-                outcome = self._dispatch(message)
-            if outcome is offline:
+                self.refuse(session, client_id, p.Reason.BAD_REPLY)
+            elif outcome is offline:
                 self.refuse(session, client_id, p.Reason.OFFLINE)
             else:
                 session.send_text(session.codec.ack(client_id, message, outcome))

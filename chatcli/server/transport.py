@@ -395,8 +395,8 @@ class Connection(asyncio.Protocol):
         self.ping_sent_at = 0.0
         if self.phase is not Phase.OPEN:
             data = self._receive_unless_open(data)
-            if not data:
-                self.schedule_flush()
+            if not data:  # a handshake's answer goes at once: in a burst of connections, each starts sooner
+                self.flush()
                 return
         ws = self.ws
         events = ws.receive_frames(data)
@@ -408,7 +408,8 @@ class Connection(asyncio.Protocol):
             self.held_frames.extend(events)
         if ws.state is not _OPEN and self.session_id:
             self._stop_receiving()
-        self.schedule_flush()
+        if ws.writes:  # websockets' own answers (a pong, a close); what the relay sends marks itself
+            self.schedule_flush()
 
     def _handle_frames(self, frames: list[Frame]) -> None:
         """Act on frames in order; once this connection is backlogged, hold the rest until it drains.
