@@ -78,6 +78,10 @@ def test_legacy_forms(frame: str, command: LegacyCommand) -> None:
         # template head and tail but no userid: read as quote-replaced JSON
         ("{'auth':'k','cmd':'send'}", LegacyCommand("send", "k", None, None)),
         ("{'auth':'k','cmd':'send','userid':'bob'}", LegacyCommand("send", "k", "bob", None)),
+        # the userid ends at its first "'," (a quote inside it stays), never at a later one
+        ("{'auth':'k','cmd':'send','userid':'o'b,x','msgtext':'hi'}", LegacyCommand("send", "k", "o'b,x", "hi")),
+        ("{'auth':'k','cmd':'send','userid':'bob','msgtext':'a', 'msgtext':'b'}",
+         LegacyCommand("send", "k", "bob", "a', 'msgtext':'b")),
     ],
 )
 def test_template_variants_read_like_the_template(frame: str, command: LegacyCommand) -> None:
