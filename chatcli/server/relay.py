@@ -33,7 +33,7 @@ import hmac
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Sequence, Set
 from typing import Protocol
 
 from websockets.frames import CloseCode  # an enum only: the relay stays transport-free
@@ -338,11 +338,11 @@ class Relay:
 
     # -- what the engine tells (EngineListener) -------------------------------------------
 
-    def message_committed_elsewhere(self, message: StoredMessage) -> None:
-        """A message another node committed: deliver it to this node's sessions of its recipient."""
-        recipients = self.sessions.get(message.recipient)
+    def messages_committed_elsewhere(self, user: str, messages: Sequence[StoredMessage]) -> None:
+        """Messages another node committed for ``user``: deliver them to this node's sessions of theirs."""
+        recipients = self.sessions.get(user)
         if recipients is not None:
-            self._delivered(message, recipients)
+            self._deliver_run(messages, recipients)
 
     def presence_changed(self, user: str, online: bool) -> None:
         """``user`` came or went on another node: tell this node's watchers."""
@@ -700,10 +700,30 @@ class Relay:
         try:
             self._deliver(message, recipients)
         except ChatcliError as exc:
-            log.error("cannot deliver stored message %d: %s", message.id, exc,
-                      extra={"event": "bad-stored-message", "msg_id": message.id})
+            _log_undeliverable(message, exc)
             return False
         return True
+
+    def _deliver_run(self, messages: Sequence[StoredMessage], recipients: list[Session]) -> None:
+        """``_delivered`` for each of one recipient's messages, in order, as one loop per session (the messages
+        another node committed come a run at a time: ~0.4 us a message less than a call chain each)."""
+        self.metrics.routed += len(messages)
+        for recipient in recipients:
+            replay = self.replays.get(recipient) if self.replays else None
+            upto = recipient.written_upto
+            for message in messages:
+                if replay is not None:
+                    self._hold(replay, message)
+                elif message.id > upto:  # else sent already (see _deliver)
+                    try:
+                        frame = recipient.codec.message(message)
+                    except ChatcliError as exc:
+                        _log_undeliverable(message, exc)
+                        continue
+                    recipient.send_text(frame)
+                    upto = message.id
+            if upto != recipient.written_upto:
+                recipient.written(upto)
 
     # -- delivering ----------------------------------------------------------------------
 
@@ -791,6 +811,11 @@ def _with_replies(rows: list[NewMessage], replies: dict[int, int]) -> list[NewMe
     """The batch's rows with each reply's ``reply_to`` set (positions in the batch)."""
     return [row._replace(reply_to=replies[position]) if position in replies else row
             for position, row in enumerate(rows)]
+
+
+def _log_undeliverable(message: StoredMessage, exc: ChatcliError) -> None:
+    log.error("cannot deliver stored message %d: %s", message.id, exc,
+              extra={"event": "bad-stored-message", "msg_id": message.id})
 
 
 def _log_storage_failure(what: str, exc: StorageError) -> None:

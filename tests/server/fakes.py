@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine, Set
+from collections.abc import Callable, Coroutine, Sequence, Set
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,8 +198,9 @@ class RecordingListener:
     presence: list[tuple[str, bool]] = field(default_factory=list)
     live: list[tuple[str, str]] = field(default_factory=list)
 
-    def message_committed_elsewhere(self, message: StoredMessage) -> None:
-        self.messages.append(message)
+    def messages_committed_elsewhere(self, user: str, messages: Sequence[StoredMessage]) -> None:
+        assert all(message.recipient == user for message in messages)
+        self.messages.extend(messages)
 
     def live_event(self, user: str, frame: str) -> None:
         self.live.append((user, frame))

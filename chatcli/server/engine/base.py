@@ -16,7 +16,7 @@ callbacks never raise into the engine.
 Delivery "wherever the recipient's sessions are": the relay delivers a committed
 message to this process's sessions itself. An engine whose messages can also be
 committed elsewhere (another node) hands them to the relay through the
-``EngineListener`` given to ``attach`` (``message_committed_elsewhere``), and
+``EngineListener`` given to ``attach`` (``messages_committed_elsewhere``), and
 presence changes the same way (``presence_changed``). Single-process engines
 never call the listener. An engine whose ``highest_id`` cannot be known without waiting
 (another node may have just given out a higher one) returns ``p.MAX_INT`` once it has
@@ -194,8 +194,9 @@ class Presence(Protocol):
 class EngineListener(Protocol):
     """How an engine hands the relay what happened elsewhere (implemented by ``Relay``)."""
 
-    def message_committed_elsewhere(self, message: StoredMessage) -> None:
-        """A message committed by another node, for this node's sessions of its recipient."""
+    def messages_committed_elsewhere(self, user: str, messages: Sequence[StoredMessage]) -> None:
+        """Messages committed by another node for ``user``, in order, for this node's sessions of theirs (a
+        run at a time, as they arrive together: the relay's work per message is then a loop step, not a call)."""
         ...
 
     def presence_changed(self, user: str, online: bool) -> None:

@@ -381,10 +381,10 @@ class RedisEngine:
     def _on_published(self, user: str, payload: bytes) -> Awaitable[None] | None:
         """Messages from ``user``'s channel: the next one is handed on, an older one dropped, a newer one
         means a gap: it and the rest are read from the stream."""
-        track = self._tracks.get(user)
-        if track is None or track.seq is None or self._listener is None:
+        track, listener = self._tracks.get(user), self._listener
+        if track is None or track.seq is None or listener is None:
             return None  # not subscribed any more, or the track's first read is still to come
-        deliver = self._listener.message_committed_elsewhere
+        run: list[StoredMessage] = []  # handed on together: the relay delivers a run in one loop
         seq, top = track.seq, track.top  # kept in locals, written back once: this runs for every message
         try:
             for msg_id, next_seq, ts, sender, reply_to, text in published_records(payload):
@@ -394,10 +394,12 @@ class RedisEngine:
                     return self._catch_up(user)
                 seq, top = next_seq, msg_id
                 # tuple.__new__: StoredMessage(...) is a Python-level constructor, ~0.2 us more per message
-                deliver(tuple.__new__(StoredMessage, (msg_id, sender, user, text, ts, None, reply_to)))
-        finally:
+                run.append(tuple.__new__(StoredMessage, (msg_id, sender, user, text, ts, None, reply_to)))
+        finally:  # what came before a gap or a bad record is handed on first, the gap's read after it
             track.seq, track.top = seq, top
             self._highest_id = max(self._highest_id, top)
+            if run:
+                listener.messages_committed_elsewhere(user, run)
         return None
 
     async def _catch_up(self, user: str, before: int | None = None) -> None:
@@ -408,12 +410,17 @@ class RedisEngine:
         end = "+" if before is None else f"({before}-0"
         while True:
             entries = await self._redis.xrange(inbox_key(user), f"({track.top}-0", end, count=REPLAY_PAGE)
-            for entry_id, fields in entries:
-                seq = int(fields[b"s"])
-                if seq > track.seq:
-                    self.gaps_filled += 1
-                    track.seq, track.top = seq, int(entry_id.split(b"-", 1)[0])
-                    self._hand_on(_stored(track.top, user, fields))
+            run: list[StoredMessage] = []
+            try:
+                for entry_id, fields in entries:
+                    seq = int(fields[b"s"])
+                    if seq > track.seq:
+                        self.gaps_filled += 1
+                        track.seq, track.top = seq, int(entry_id.split(b"-", 1)[0])
+                        run.append(_stored(track.top, user, fields))
+            finally:  # a page at a time (what came before an unreadable entry too)
+                if run and self._listener is not None:
+                    self._listener.messages_committed_elsewhere(user, run)
             if len(entries) < REPLAY_PAGE:
                 return
 
@@ -432,10 +439,6 @@ class RedisEngine:
         seq, newest = await pipe.execute()
         track.seq, track.top = int(seq or 0), int(newest[0][0].split(b"-", 1)[0]) if newest else 0
         track.ready.set()
-
-    def _hand_on(self, message: StoredMessage) -> None:
-        if self._listener is not None:
-            self._listener.message_committed_elsewhere(message)
 
     # -- subscriptions and presence ------------------------------------------------------------------
 
