@@ -17,12 +17,14 @@ and the median of the rounds' ratios (each round runs both trees back to back: t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import statistics
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,21 @@ def run(client: Any, sha: str, replies: bool, messages: int) -> float:
     return (cpu_seconds(client) - before) * 1e6 / messages
 
 
+@contextlib.contextmanager
+def redis_on_cpu0() -> Iterator[redis.Redis]:
+    """A redis-server of its own (no fsync: the scripts' CPU is measured, not the disk) pinned to CPU 0, and
+    a client to it; this process moves to CPU 1."""
+    with tempfile.TemporaryDirectory() as folder:
+        server = RedisServer(Path(folder), extra=["--appendfsync", "no"]).start()
+        try:
+            assert server.proc is not None
+            os.sched_setaffinity(server.proc.pid, {0})
+            os.sched_setaffinity(0, {1})
+            yield redis.Redis(unix_socket_path=str(server.socket_path))
+        finally:
+            server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, required=True, help="a tree with chatcli/ (git archive)")
@@ -76,29 +93,20 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=30_000, help="per tree and round")
     options = parser.parse_args()
     trees = {"baseline": options.baseline, "this tree": options.tree}
-    with tempfile.TemporaryDirectory() as folder:
-        server = RedisServer(Path(folder), extra=["--appendfsync", "no"]).start()
-        try:
-            assert server.proc is not None
-            os.sched_setaffinity(server.proc.pid, {0})
-            os.sched_setaffinity(0, {1})
-            client = redis.Redis(unix_socket_path=str(server.socket_path))
-            loaded = {name: (client.script_load(script), replies)
-                      for name, (script, replies) in ((n, commit_script(t)) for n, t in trees.items())}
-            figures: dict[str, list[float]] = {name: [] for name in trees}
-            for round_ in range(options.rounds):
-                order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
-                for name in order:
-                    sha, replies = loaded[name]
-                    figures[name].append(run(client, sha, replies, options.messages))
-            for name, values in figures.items():
-                print(f"{name:10} {statistics.median(values):6.2f} µs/msg  rounds: "
-                      + " ".join(f"{v:.2f}" for v in values))
-            ratios = [new / old for old, new in zip(figures["baseline"], figures["this tree"], strict=True)]
-            print(f"this tree / baseline, median of the rounds' ratios: {statistics.median(ratios):.3f}")
-        finally:
-            server.stop()
-
+    with redis_on_cpu0() as client:
+        loaded = {name: (client.script_load(script), replies)
+                  for name, (script, replies) in ((n, commit_script(t)) for n, t in trees.items())}
+        figures: dict[str, list[float]] = {name: [] for name in trees}
+        for round_ in range(options.rounds):
+            order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
+            for name in order:
+                sha, replies = loaded[name]
+                figures[name].append(run(client, sha, replies, options.messages))
+        for name, values in figures.items():
+            print(f"{name:10} {statistics.median(values):6.2f} µs/msg  rounds: "
+                  + " ".join(f"{v:.2f}" for v in values))
+        ratios = [new / old for old, new in zip(figures["baseline"], figures["this tree"], strict=True)]
+        print(f"this tree / baseline, median of the rounds' ratios: {statistics.median(ratios):.3f}")
 
 if __name__ == "__main__":
     main()

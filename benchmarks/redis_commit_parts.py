@@ -15,23 +15,19 @@ differences: each round runs every variant back to back).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import redis  # noqa: E402
-from redis_commit_ab import cpu_seconds  # noqa: E402  # benchmarks/ is the script's directory
+from redis_commit_ab import cpu_seconds, redis_on_cpu0  # noqa: E402  # benchmarks/ is the script's directory
 
 from chatcli.server.engine.base import NewMessage  # noqa: E402
 from chatcli.server.engine.redis_engine import _commit_args, _pack, _Packed  # noqa: E402
 from chatcli.server.engine.redis_lua import COMMIT  # noqa: E402
-from tests.support.redis_server import RedisServer  # noqa: E402
 
 BATCH, PAIRS, PAIRS_PER_BATCH = 600, 50, 20
 INBOX_XADD = "      redis.call('XADD', inbox.key, entry, 's', seq, 'f', sender, 't', text, 'ts', ts)\n"
@@ -96,26 +92,17 @@ def main() -> None:
     options = parser.parse_args()
     calls = batches(options.batches)
     scripts = variants()
-    with tempfile.TemporaryDirectory() as folder:
-        server = RedisServer(Path(folder), extra=["--appendfsync", "no"]).start()
-        try:
-            assert server.proc is not None
-            os.sched_setaffinity(server.proc.pid, {0})
-            os.sched_setaffinity(0, {1})
-            client = redis.Redis(unix_socket_path=str(server.socket_path))
-            shas = {name: client.script_load(script) for name, script in scripts.items()}
-            figures: dict[str, list[float]] = {name: [] for name in scripts}
-            for round_ in range(options.rounds):
-                for name in (list(scripts) if round_ % 2 == 0 else list(reversed(scripts))):
-                    figures[name].append(run(client, shas[name], calls))
-            whole = figures["whole script"]
-            for name, values in figures.items():
-                saved = statistics.median(w - v for w, v in zip(whole, values, strict=True))
-                print(f"{name:30} {statistics.median(values):5.2f} µs/msg  (cut saves {saved:5.2f})  rounds: "
-                      + " ".join(f"{v:.2f}" for v in values))
-        finally:
-            server.stop()
-
+    with redis_on_cpu0() as client:
+        shas = {name: client.script_load(script) for name, script in scripts.items()}
+        figures: dict[str, list[float]] = {name: [] for name in scripts}
+        for round_ in range(options.rounds):
+            for name in (list(scripts) if round_ % 2 == 0 else list(reversed(scripts))):
+                figures[name].append(run(client, shas[name], calls))
+        whole = figures["whole script"]
+        for name, values in figures.items():
+            saved = statistics.median(w - v for w, v in zip(whole, values, strict=True))
+            print(f"{name:30} {statistics.median(values):5.2f} µs/msg  (cut saves {saved:5.2f})  rounds: "
+                  + " ".join(f"{v:.2f}" for v in values))
 
 if __name__ == "__main__":
     main()
