@@ -199,18 +199,25 @@ class SlowReader(RecordingSession):
             self.waiting.pop(0)()
 
 
-def test_messages_from_another_node_wait_behind_the_backlog_being_sent(tmp_path: Path) -> None:
+def bob_behind_a_backlog(tmp_path: Path) -> tuple[Ticks, Engine, Relay, RecordingSession, SlowReader, list[str]]:
+    """Alice has sent bob 3,000 messages (more than one page); bob connects and reads slowly: the first page
+    goes out, the next waits for him to read."""
     ticks = Ticks()
     engine = make_engine("sqlite", tmp_path)
     relay = relay_on(engine, ticks)
     alice = RecordingSession("alice")
     relay.open_session(alice, receive=False)
-    backlog = [f"old {i}" for i in range(3000)]  # more than one page
+    backlog = [f"old {i}" for i in range(3000)]
     for i, text in enumerate(backlog):
         relay.submit(alice, f"o{i}", "bob", text)
     ticks.end()
     bob = SlowReader("bob")
-    relay.open_session(bob)  # the first page goes out; the next waits for bob to read
+    relay.open_session(bob)
+    return ticks, engine, relay, alice, bob, backlog
+
+
+def test_messages_from_another_node_wait_behind_the_backlog_being_sent(tmp_path: Path) -> None:
+    ticks, engine, relay, _, bob, backlog = bob_behind_a_backlog(tmp_path)
     first_page = bob.texts()
     relay.messages_committed_elsewhere("bob", [StoredMessage(5001 + i, "carol", "bob", f"live {i}", 1000.0, None)
                                                for i in range(2)])
@@ -223,17 +230,7 @@ def test_messages_from_another_node_wait_behind_the_backlog_being_sent(tmp_path:
 
 
 def test_live_messages_held_during_a_slow_replay_are_bounded_yet_all_arrive_in_order(tmp_path: Path) -> None:
-    ticks = Ticks()
-    engine = make_engine("sqlite", tmp_path)
-    relay = relay_on(engine, ticks)
-    alice = RecordingSession("alice")
-    relay.open_session(alice, receive=False)
-    backlog = [f"old {i}" for i in range(3000)]  # more than one page
-    for i, text in enumerate(backlog):
-        relay.submit(alice, f"o{i}", "bob", text)
-    ticks.end()
-    bob = SlowReader("bob")
-    relay.open_session(bob)  # the first page goes out; the next waits for bob to read
+    ticks, engine, relay, alice, bob, backlog = bob_behind_a_backlog(tmp_path)
     live = [f"live {i} " + "x" * 20_000 for i in range(5)]  # 100,000 characters: past what is held
     for i, text in enumerate(live):
         relay.submit(alice, f"l{i}", "bob", text)
