@@ -31,19 +31,20 @@ from chatcli.server.engine.redis_lua import COMMIT  # noqa: E402
 
 BATCH, PAIRS, PAIRS_PER_BATCH = 600, 50, 20
 INBOX_XADD = "      redis.call('XADD', inbox.key, entry, 's', seq, 'f', sender, 't', text, 'ts', ts)\n"
-CONVERSATION_XADD = "    redis.call('XADD', peer, entry, 'f', sender)\n"
+#: The conversation streams: one entry per pair and batch (its run of ids), and the pair's count.
+CONVERSATION_RUNS = COMMIT[COMMIT.index("  for _, run in ipairs(inbox.runs) do"):COMMIT.index("  redis.call('PUBLISH'")]
 PUBLISH = "  redis.call('PUBLISH', inbox.tag .. ':ch', table.concat(inbox.records))\n"
 
 
 def variants() -> dict[str, str]:
     """The script, and copies of it without one part each (every cut checked to apply)."""
     cuts = {
-        "no conversation XADD": [(CONVERSATION_XADD, "")],
+        "no conversation runs": [(CONVERSATION_RUNS, "")],
         "inbox entry: 2 fields (f, t)": [
             (INBOX_XADD, "      redis.call('XADD', inbox.key, entry, 'f', sender, 't', text)\n")],
         "no inbox XADD": [(INBOX_XADD, "")],
         "no PUBLISH": [(PUBLISH, "")],
-        "no XADD at all": [(INBOX_XADD, ""), (CONVERSATION_XADD, "")],
+        "no XADD at all": [(INBOX_XADD, ""), (CONVERSATION_RUNS, "")],
     }
     scripts = {"whole script": COMMIT}
     for name, replacements in cuts.items():

@@ -352,6 +352,22 @@ def test_a_reply_in_the_same_batch_as_its_message_and_a_retry_beside_it(engine: 
         assert again.duplicates == {0} and again.ids[0] == first
 
 
+def test_a_reply_may_name_a_message_earlier_in_its_own_batch(engine: Engine) -> None:
+    if Capability.REPLIES not in engine.capabilities:
+        return
+    for user in ("alice", "bob", "carol"):
+        engine.presence.joined(user)
+    append(engine, msg("alice", "bob", "before"))
+    question = known_highest(engine) + 1  # the id the batch's first message takes
+    batch = append(engine, msg("alice", "bob", "q"), reply("bob", "alice", "a", question),
+                   reply("carol", "alice", "not hers", question), reply("alice", "bob", "not yet", question + 4))
+    assert batch.ids[0] == question and batch.bad_replies == frozenset({2, 3})
+    if stores(engine):
+        answer = history(engine, "alice", "bob")
+        assert isinstance(answer, p.History)
+        assert [(m.text, m.reply_to) for m in answer.messages] == [("before", None), ("q", None), ("a", question)]
+
+
 def search(engine: Engine, user: str, text: str, **fields: Any) -> p.Search | StorageError:
     answer = outcome(lambda done: engine.read_search(user, p.SearchRequest("s1", text, **fields), done))
     if isinstance(answer, StorageError):

@@ -4,6 +4,7 @@ module (each test has its own user names); the unread and search bounds in proce
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from tests.client.test_repl import Terminal
 from tests.server.fakes import make_engine
 from tests.support.processes import RunningServer, kill_leftovers, start_server_process, wait_until
 from tests.support.redis_server import RedisServer, redis_cli, shared_redis
-from tests.support.wsclients import native, recv_frame, send_native
+from tests.support.wsclients import native, next_of, recv_frame, send_native
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,6 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningSer
     finally:
         kill_leftovers(node.proc for node in started)
         redis.stop()
-
-
-def next_of(ws: Any, kind: type, timeout: float = 5) -> Any:
-    """The next frame of ``kind``, skipping the others (presence, messages, events it is not about)."""
-    while True:
-        frame = recv_frame(ws, timeout, events=True)
-        if isinstance(frame, kind):
-            return frame
 
 
 def online_on(node: RunningServer, user: str, asker: str) -> bool:
@@ -144,25 +137,63 @@ def test_unread_counts_are_exact_within_their_bound(tmp_path: Path) -> None:
     engine = make_engine("redis", tmp_path)
     try:
         count = 2 * UNREAD_COUNT_MAX + 50
-        engine.append([NewMessage("bob", "alice", f"m{n}", 1000.0) for n in range(count)], {}, lambda _: None)
+        for n in range(count):  # one message a commit: a run of one id each in the conversation stream
+            engine.append([NewMessage("bob", "alice", f"m{n}", 1000.0)], {}, lambda _: None)
+        # carol's come in one commit: one run of them all
+        engine.append([NewMessage("carol", "alice", f"c{n}", 1000.0) for n in range(count)], {}, lambda _: None)
+        bob_ids = range(1, count + 1)
+        carol_ids = range(count + 1, 2 * count + 1)
 
-        def unread_after(position: int) -> int:
-            engine.mark_read({("alice", "bob"): (position, True)}, lambda _: None)
+        def unread_after(peer: str, position: int) -> int:
+            engine.mark_read({("alice", peer): (position, True)}, lambda _: None)
             pages: list[InboxPage] = []
             engine.read_inbox("alice", 10, pages.append)
-            (conversation,) = pages[0].conversations
-            assert conversation.read == position and conversation.last.text == f"m{count - 1}"
+            (conversation,) = [c for c in pages[0].conversations if c.peer == peer]
+            assert conversation.read == position and conversation.last.text[1:] == str(count - 1)
             return conversation.unread
 
-        # Exact when nothing or everything is read, or either side of the position is within the bound;
-        # past it on both sides, the bound (a lower bound: "100 or more").
-        assert [unread_after(n) for n in (0, 50, UNREAD_COUNT_MAX + 20, count - 30, count)] == [
+        # Exact when nothing or everything is read, or either side of the position is within the bound (in
+        # runs); past it on both sides, the bound (a lower bound: "100 or more").
+        positions = (0, 50, UNREAD_COUNT_MAX + 20, count - 30, count)
+        assert [unread_after("bob", bob_ids[n - 1] if n else 0) for n in positions] == [
             count, count - 50, UNREAD_COUNT_MAX, 30, 0]
+        # A run is counted id by id: carol's one run is exact at every position, and her conversation starts
+        # after bob's (a position before it: all of hers).
+        assert [unread_after("carol", carol_ids[n - 1] if n else 0) for n in positions] == [
+            count, count - 50, count - UNREAD_COUNT_MAX - 20, 30, 0]
         # A conversation that does not exist keeps no position: the read hash grows with contacts only.
         kept: list[Any] = []
         engine.mark_read({("alice", "nobody"): (5, True)}, kept.append)
         assert kept == [{("alice", "nobody"): 0}]
         assert redis_cli(shared_redis(), "HEXISTS", "{u:alice}:r", "nobody") == "0"
+    finally:
+        engine.close()
+
+
+def test_retention_deletes_a_conversation_run_once_all_of_it_is_pruned(tmp_path: Path) -> None:
+    engine = make_engine("redis", tmp_path)
+    try:
+        engine.presence.joined("alice")
+        engine.append([NewMessage("bob", "alice", "old", 10.0), NewMessage("bob", "alice", "new", 20.0)], {},
+                      lambda _: None)  # one commit: one run of two ids
+        engine.append([], {"alice": 2}, lambda _: None)  # acknowledged: only then prunable
+        asyncio.run(engine.settle())
+
+        def conversation() -> tuple[list[str], list[tuple[str, int]]]:
+            answers: list[Any] = []
+            engine.read_history("alice", p.HistoryRequest("h", "bob"), answers.append)
+            engine.read_inbox("alice", 10, answers.append)
+            history = p.parse_server_frame(answers[0])
+            assert isinstance(history, p.History)
+            return [m.text for m in history.messages], [(c.peer, c.unread) for c in answers[1].conversations]
+
+        assert asyncio.run(engine.prune(15.0, 100)) == 1
+        assert conversation() == (["new"], [("bob", 1)])  # the run stays for "new"; counted without "old"
+        assert redis_cli(shared_redis(), "XLEN", "{u:alice}:p:bob") == "1"
+        assert asyncio.run(engine.prune(25.0, 100)) == 1
+        assert conversation() == ([], [])
+        assert redis_cli(shared_redis(), "XLEN", "{u:alice}:p:bob") == "0"
+        assert redis_cli(shared_redis(), "HINCRBY", "{u:alice}:n", "bob", "0") == "0"  # the count, as a number
     finally:
         engine.close()
 

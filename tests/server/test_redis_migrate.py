@@ -10,7 +10,7 @@ import pytest
 from chatcli import protocol as p
 from tests.support.processes import Chatcli, StartServer, kill_leftovers, start_server_process
 from tests.support.redis_server import RedisServer
-from tests.support.wsclients import native, recv_frame, send_native
+from tests.support.wsclients import native, next_of, recv_frame, send_native
 
 
 @pytest.fixture
@@ -73,6 +73,23 @@ def test_accounts_messages_cursors_and_history_move_and_clients_resume(
             assert recv_frame(session) == p.Who("w", ("alice", me))
         resent = send_native(bob, "alice", "after the move")
         assert resent.accepted and resent.msg_id is not None and resent.msg_id > stored[-1].msg_id  # type: ignore[operator]
+        # The moved conversation (an entry a message) goes on in runs (an entry a commit): counts, history and
+        # replies see both.
+        for i in range(2):  # sent together: most often one commit
+            _alice.send(p.encode(p.Send(f"l{i}", "bob", f"later {i}")))
+        assert [next_of(_alice, p.Ack).accepted for _ in range(2)] == [True, True]
+        assert [next_of(bob, p.Message).text for _ in range(2)] == ["later 0", "later 1"]
+        bob.send(p.encode(p.InboxRequest("i")))
+        assert [(c.peer, c.unread) for c in next_of(bob, p.Inbox).conversations] == [("alice", 5)]
+        bob.send(p.encode(p.MarkRead("alice", stored[1].msg_id)))  # type: ignore[arg-type]
+        bob.send(p.encode(p.InboxRequest("i")))
+        inbox = next_of(bob, p.Inbox)
+        assert [(c.peer, c.unread) for c in inbox.conversations] == [("alice", 3)]  # for bob 2, later 0 and 1
+        bob.send(p.encode(p.Send("b2", "alice", "re: the first", reply_to=stored[0].msg_id)))
+        assert next_of(bob, p.Ack).accepted
+        bob.send(p.encode(p.HistoryRequest("h", "alice")))
+        assert [m.text for m in next_of(bob, p.History).messages] == [
+            "for bob 0", "for bob 1", "for bob 2", "after the move", "later 0", "later 1", "re: the first"]
     finally:
         kill_leftovers([node.proc])
 

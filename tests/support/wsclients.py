@@ -132,3 +132,11 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def next_of(ws: Any, kind: type, timeout: float = 5) -> Any:
+    """The next frame of ``kind``, skipping the others (presence, messages, events it is not about)."""
+    while True:
+        frame = recv_frame(ws, timeout, events=True)
+        if isinstance(frame, kind):
+            return frame

@@ -78,12 +78,14 @@ from chatcli.server.engine.redis_lua import (
     LAST_IDS,
     MARK_READ,
     NEWEST_KEY,
+    PRUNE_RUNS,
     UNREAD,
     UNREAD_COUNT_MAX,
     USERS_KEY,
     channel,
     channel_user,
     contacts_key,
+    counts_key,
     events_channel,
     events_user,
     inbox_key,
@@ -91,6 +93,7 @@ from chatcli.server.engine.redis_lua import (
     peer_key,
     published_records,
     reads_key,
+    run_ids,
 )
 from chatcli.server.engine.redis_presence import (
     PRESENCE_CHANNEL,
@@ -669,15 +672,18 @@ class RedisEngine:
         self._read(self._history(user, request), done)
 
     async def _history(self, user: str, request: p.HistoryRequest) -> str:
-        """The conversation's ids from its two streams (``{u:ID}:p:PEER`` both ways), the newest ``limit``
-        of them, then those messages from the two inboxes, which hold the texts (one copy per message)."""
+        """The conversation's ids from its two streams (``{u:ID}:p:PEER`` both ways, runs of ids), the newest
+        ``limit`` of them, then those messages from the two inboxes, which hold the texts (one copy per message)."""
         newest = f"({request.before}-0" if request.before is not None else "+"
         pipe = self._redis.pipeline(transaction=False)
         pipe.xrevrange(peer_key(user, request.peer), newest, "-", count=request.limit)
         pipe.xrevrange(peer_key(request.peer, user), newest, "-", count=request.limit)
         received, sent = await pipe.execute()
-        chosen = sorted([(_entry_number(entry_id), user) for entry_id, _ in received]
-                        + [(_entry_number(entry_id), request.peer) for entry_id, _ in sent], reverse=True)
+        # Each run read has at least one id within the bound (its first), so ``limit`` runs each way suffice.
+        before = request.before if request.before is not None else _NO_BOUND
+        chosen = sorted([(msg_id, recipient) for runs, recipient in ((received, user), (sent, request.peer))
+                         for entry_id, fields in runs for msg_id in run_ids(entry_id, fields) if msg_id < before],
+                        reverse=True)
         del chosen[request.limit:]
         messages = []
         if chosen:
@@ -750,16 +756,19 @@ class RedisEngine:
         return read_search_answer(_Found(found, cut), user, request)
 
     async def _search_page(self, stream: Stream, upto: int, count: int) -> list[Any]:
-        """Up to ``count`` entries of ``stream`` from ``upto`` down, with their texts: a conversation stream
-        that keeps ids only has them read from its recipient's inbox (an entry pruned meanwhile: no text)."""
+        """At least ``count`` messages of ``stream`` from ``upto`` down (fewer: the stream ends), with their
+        texts: a conversation stream keeps runs of ids, whose texts are read from the recipient's inbox (a
+        message pruned meanwhile: no text). A run read has at least one id within the bound, its first."""
         entries = list(await self._redis.xrevrange(stream.key, f"{upto}-0", "-", count=count))
         if not entries or b"t" in entries[0][1]:
             return entries
+        ids = [f"{msg_id}-0" for entry_id, fields in entries for msg_id in reversed(run_ids(entry_id, fields))
+               if msg_id <= upto]
         pipe = self._redis.pipeline(transaction=False)
-        for entry_id, _ in entries:
+        for entry_id in ids:
             pipe.xrange(inbox_key(stream.recipient), entry_id, entry_id)
-        return [(entry_id, found[0][1] if found else {}) for (entry_id, _), found in
-                zip(entries, await pipe.execute(), strict=True)]
+        return [(entry_id.encode(), found[0][1] if found else {}) for entry_id, found in
+                zip(ids, await pipe.execute(), strict=True)]
 
     # -- read positions, the inbox and live events (issue 12) ---------------------------------------------
 
@@ -796,7 +805,7 @@ class RedisEngine:
         """The newest message id in each stream (0 for an empty one), no texts read over the network."""
         calls: list[_Call] = [("last_ids", keys[at:at + LAST_IDS_KEYS], [])
                               for at in range(0, len(keys), LAST_IDS_KEYS)]
-        return [_entry_number(entry) for answer in _checked(await self._run_scripts(calls)) for entry in answer]
+        return [int(newest or 0) for answer in _checked(await self._run_scripts(calls)) for newest in answer]
 
     async def _contacts(self, user: str) -> list[str]:
         peers: dict[str, None] = {}  # SSCAN may name one twice
@@ -814,7 +823,8 @@ class RedisEngine:
             pipe.hget(reads_key(peer), user)
             pipe.xrange(inbox_key(user if received else peer), f"{last}-0", f"{last}-0")  # the recipient's
         counts, answers = await asyncio.gather(
-            self._run_scripts([("unread", [peer_key(user, peer), reads_key(user)], [peer, UNREAD_COUNT_MAX])
+            self._run_scripts([("unread", [peer_key(user, peer), reads_key(user), counts_key(user)],
+                                [peer, UNREAD_COUNT_MAX])
                                for _, peer, _ in latest]),
             pipe.execute())
         summaries = []
@@ -849,11 +859,13 @@ class RedisEngine:
         old = [(entry_id, fields[b"f"].decode()) for entry_id, fields in entries
                if float(fields[b"ts"]) < older_than_ts]
         if old:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xdel(inbox_key(user), *(entry_id for entry_id, _ in old))
+            by_sender: dict[str, list[int]] = {}
             for entry_id, sender in old:
-                pipe.xdel(peer_key(user, sender), entry_id)
-            await pipe.execute()
+                by_sender.setdefault(sender, []).append(_entry_number(entry_id))
+            await self._redis.xdel(inbox_key(user), *(entry_id for entry_id, _ in old))
+            _checked(await self._run_scripts([
+                ("prune_runs", [peer_key(user, sender), counts_key(user), inbox_key(user)], [sender, *ids])
+                for sender, ids in by_sender.items()]))
         return len(old)
 
     async def settle(self) -> None:
@@ -910,7 +922,10 @@ class RedisEngine:
         await self._redis.aclose()
 
 
-_SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR, "read": MARK_READ, "unread": UNREAD, "last_ids": LAST_IDS}
+_SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR, "read": MARK_READ, "unread": UNREAD, "last_ids": LAST_IDS,
+                   "prune_runs": PRUNE_RUNS}
+#: Above every message id: history without ``before``.
+_NO_BOUND: Final = 2 ** 63
 _PRESENCE_CHANNEL_BYTES: Final = PRESENCE_CHANNEL.encode()
 
 

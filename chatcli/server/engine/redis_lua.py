@@ -9,7 +9,12 @@ keys on one node:
                           (highest id acknowledged); the newest id is the inbox's last entry
 * ``{u:ID}:in``           inbox stream: every message to ID, entry id ``<message id>-0``
 * ``{u:ID}:p:PEER``       the ids of the messages PEER sent to ID (history reads two of these and
-                          the texts from the inboxes: entry id = message id, one field ``f``)
+                          the texts from the inboxes): one entry per commit batch, a run of ids
+                          (``run_ids``): entry id = its first message id, field ``f`` PEER, field
+                          ``n`` the run's further ids, space-separated (none: a run of one, as every
+                          entry written before runs is)
+* ``{u:ID}:n``            hash PEER -> how many messages ``{u:ID}:p:PEER`` holds (unread counts; a
+                          stream without a count holds one message an entry: its length)
 * ``{u:ID}:k:SENDER:CID`` a client message id already committed (idempotency), with a TTL
 * ``{u:ID}:c``            the users ID exchanged a message with, either way (``--presence contacts``)
 * ``{u:ID}:ch``           the Pub/Sub channel of ID's new messages (one per user, never a global one)
@@ -38,12 +43,14 @@ __all__ = [
     "LAST_IDS",
     "MARK_READ",
     "NEWEST_KEY",
+    "PRUNE_RUNS",
     "UNREAD",
     "UNREAD_COUNT_MAX",
     "USERS_KEY",
     "channel",
     "channel_user",
     "contacts_key",
+    "counts_key",
     "events_channel",
     "events_user",
     "idempotency_key",
@@ -52,6 +59,7 @@ __all__ = [
     "peer_key",
     "published_records",
     "reads_key",
+    "run_ids",
 ]
 
 EPOCH_KEY: Final = "chatcli:epoch"
@@ -79,6 +87,10 @@ def inbox_key(user: str) -> str:
 def peer_key(user: str, peer: str) -> str:
     """The messages ``peer`` sent to ``user``."""
     return f"{{u:{user}}}:p:{peer}"
+
+
+def counts_key(user: str) -> str:
+    return f"{{u:{user}}}:n"
 
 
 def contacts_key(user: str) -> str:
@@ -116,9 +128,11 @@ def events_user(name: bytes) -> str | None:
 #: separate script calls in one pipeline, a batch of a few hundred messages arrived in many reads and cost
 #: an fsync per read (measured: ~130 ms per 660-message batch against a few ms).
 #: Per message: the original's id for a repeated client id; else the epoch if the inbox is new, the next
-#: id and inbox sequence, XADD to the inbox and an id-only entry to the conversation stream ``:p:SENDER``
-#: (history and unread counts need the ids; the text is read from the inbox: one copy per message), the
-#: idempotency key. Then one PUBLISH per recipient of the batch, on the recipient's channel, carrying its
+#: id and inbox sequence, XADD to the inbox, the idempotency key. Per recipient and sender of the batch,
+#: one entry of the conversation stream ``:p:SENDER`` holding the run of their ids (history and unread
+#: counts need the ids; the text is read from the inbox: one copy per message), and its count: an entry
+#: per message cost Redis 1.4 us a message, a quarter of the script (``benchmarks/redis_commit_parts.py``).
+#: Then one PUBLISH per recipient of the batch, on the recipient's channel, carrying its
 #: messages in order as records "\xffid\xffseq\xffts\xffsender\xfftext" (byte 0xFF is never in UTF-8, so
 #: nothing in a record holds it and the node splits the payload in one call: ~0.4 us a message less than
 #: a length-prefixed text read record by record; a reply's seq is "SEQ REPLY_ID", so that the format and
@@ -132,7 +146,8 @@ def events_user(name: bytes) -> str | None:
 #: The users' keys are derived here from the ids, as ``meta_key`` and friends do: a Redis Cluster would
 #: need the batch split per slot and the keys declared (and per-user ids), see docs/scaling.md.
 #: Replies (issue 13): a message with a reply id is refused unless that id is in one of the two streams of
-#: its conversation (``{u:R}:p:S``, ``{u:S}:p:R``); a kept reply carries it as the inbox field ``r``. The
+#: its conversation (``{u:R}:p:S``, ``{u:S}:p:R``), or went to that conversation earlier in the batch (its
+#: run is written at the end); a kept reply carries it as the inbox field ``r``. The
 #: reply ids come apart from the messages, as "POSITION ID ..." (positions in the batch from 0; '' for
 #: none, the rule), so that a batch without replies costs nothing more per message.
 #: KEYS: epoch, ids, users, newest. ARGV: epoch, idempotency TTL, the reply ids, then per message sender,
@@ -150,10 +165,22 @@ local format = string.format
 local last_id, newest, last_ts, inboxes, order, duplicates, refused = before, nil, nil, {}, {}, {}, {}
 local replies = {}
 for position, reply in string.gmatch(ARGV[3], '(%d+) (%d+)') do replies[4 + 5 * tonumber(position)] = reply end
+-- Replies only: which conversation each message of this batch went to (its run is written at the end).
+local batch_pairs = (ARGV[3] ~= '') and {} or nil
+local function in_stream(key, reply)  -- the run of the stream ``key`` that holds ``reply``, if any
+  local entry = redis.call('XREVRANGE', key, reply .. '-0', '-', 'COUNT', 1)[1]
+  if entry == nil then return false end
+  if string.match(entry[1], '^(%d+)') == reply then return true end
+  local fields = entry[2]
+  for k = 1, #fields, 2 do
+    if fields[k] == 'n' then return string.find(' ' .. fields[k + 1] .. ' ', ' ' .. reply .. ' ', 1, true) ~= nil end
+  end
+  return false
+end
 local function in_conversation(a, b, reply)  -- the message replied to lies between a and b, either way
-  local entry = reply .. '-0'
-  return #redis.call('XRANGE', '{u:' .. a .. '}:p:' .. b, entry, entry) > 0
-    or #redis.call('XRANGE', '{u:' .. b .. '}:p:' .. a, entry, entry) > 0
+  local pair = batch_pairs[reply]
+  if pair then return pair == a .. '\255' .. b or pair == b .. '\255' .. a end
+  return in_stream('{u:' .. a .. '}:p:' .. b, reply) or in_stream('{u:' .. b .. '}:p:' .. a, reply)
 end
 for i = 4, #ARGV, 5 do
   local sender, recipient, text, ts, cid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -173,7 +200,7 @@ for i = 4, #ARGV, 5 do
         redis.call('HSET', tag .. ':m', 'e', ARGV[1])
         redis.call('SADD', KEYS[3], recipient)
       end
-      inbox = {tag = tag, key = tag .. ':in', first = seq, seq = seq, records = {}, peers = {}}
+      inbox = {tag = tag, key = tag .. ':in', first = seq, seq = seq, records = {}, peers = {}, runs = {}}
       inboxes[recipient] = inbox; order[#order + 1] = recipient
     end
     last_id = last_id + 1
@@ -187,14 +214,15 @@ for i = 4, #ARGV, 5 do
       redis.call('XADD', inbox.key, entry, 's', seq, 'f', sender, 't', text, 'ts', ts, 'r', reply)
       head = seq .. ' ' .. reply
     end
-    local peer = inbox.peers[sender]
-    if peer == nil then  -- contacts, both ways (--presence contacts): once per pair and batch
-      peer = inbox.tag .. ':p:' .. sender
-      inbox.peers[sender] = peer
+    local run = inbox.peers[sender]
+    if run == nil then  -- contacts, both ways (--presence contacts): once per pair and batch
+      run = {sender = sender}
+      inbox.peers[sender] = run; inbox.runs[#inbox.runs + 1] = run
       redis.call('SADD', inbox.tag .. ':c', sender)
       redis.call('SADD', '{u:' .. sender .. '}:c', recipient)
     end
-    redis.call('XADD', peer, entry, 'f', sender)
+    run[#run + 1] = id
+    if batch_pairs then batch_pairs[id] = recipient .. '\255' .. sender end
     if cid ~= '' then redis.call('SET', inbox.tag .. ':k:' .. sender .. ':' .. cid, id, 'EX', ARGV[2]) end
     local records = inbox.records
     records[#records + 1] = '\\255' .. id .. '\\255' .. head .. '\\255' .. ts .. '\\255' .. sender .. '\\255' .. text
@@ -209,6 +237,16 @@ if last_id ~= before then redis.call('SET', KEYS[2], format('%d', last_id)) end
 for _, recipient in ipairs(order) do
   local inbox = inboxes[recipient]
   redis.call('HSET', inbox.tag .. ':m', 's', format('%d', inbox.seq))
+  for _, run in ipairs(inbox.runs) do  -- one conversation entry per pair and batch: its first id, then 'n' the rest
+    local key, sender = inbox.tag .. ':p:' .. run.sender, run.sender
+    local total = redis.call('HGET', inbox.tag .. ':n', sender) or redis.call('XLEN', key)  -- older: one id an entry
+    redis.call('HSET', inbox.tag .. ':n', sender, format('%d', tonumber(total) + #run))
+    if #run == 1 then
+      redis.call('XADD', key, run[1] .. '-0', 'f', sender)
+    else
+      redis.call('XADD', key, run[1] .. '-0', 'f', sender, 'n', table.concat(run, ' ', 2))
+    end
+  end
   redis.call('PUBLISH', inbox.tag .. ':ch', table.concat(inbox.records))
   sequences[#sequences + 1] = recipient; sequences[#sequences + 1] = inbox.first
 end
@@ -260,39 +298,106 @@ return out
 UNREAD_COUNT_MAX: Final = 100
 
 #: One conversation's read position and unread count for the inbox, without reading its history: the
-#: messages PEER sent to the user are the stream ``{u:ID}:p:PEER`` (entry ids are message ids), so
-#: nothing read (position before the first entry) is XLEN, everything read (at or after the last) is 0,
-#: and otherwise the entries after the position are counted, ``UNREAD_COUNT_MAX`` at most; past that the
-#: entries up to it are counted (unread = XLEN minus them), and only when both sides hold more than
-#: ``UNREAD_COUNT_MAX`` is the answer that bound (a lower bound: "100 or more"). At most 2 x 100 entries
-#: read per conversation, whatever its length. KEYS: that stream, the user's read hash. ARGV: the peer,
-#: ``UNREAD_COUNT_MAX``. Returns {position, unread}.
+#: messages PEER sent to the user are the stream ``{u:ID}:p:PEER``, runs of ids (``run_ids``), and their
+#: number is kept in ``{u:ID}:n`` (a stream from before runs: its length). Nothing read (a position before
+#: the first run) is that number, everything read (at or after the last id) is 0; otherwise the ids after
+#: the position are counted, reading ``UNREAD_COUNT_MAX`` runs at most; past that the ids up to it are
+#: counted (unread = the number minus them), and only when both sides hold more than ``UNREAD_COUNT_MAX``
+#: runs is the answer that bound (a lower bound: "100 or more"). At most 2 x 100 entries read per
+#: conversation, whatever its length. KEYS: that stream, the user's read hash, the user's counts. ARGV:
+#: the peer, ``UNREAD_COUNT_MAX``. Returns {position, unread}.
 UNREAD: Final = """
 local position = string.match(redis.call('HGET', KEYS[2], ARGV[1]) or '0:1', '^(%d+)')
-local n = redis.call('XLEN', KEYS[1])
-if n == 0 then return {position, 0} end
-local function id_of(entries) return tonumber(string.match(entries[1][1], '^(%d+)')) end
 local pos = tonumber(position)
-if pos < id_of(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)) then return {position, n} end
-if pos >= id_of(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)) then return {position, 0} end
+local function ids_of(entry)  -- a run's ids, as numbers
+  local ids = {tonumber(string.match(entry[1], '^(%d+)'))}
+  local fields = entry[2]
+  for k = 1, #fields, 2 do
+    if fields[k] == 'n' then for id in string.gmatch(fields[k + 1], '%d+') do ids[#ids + 1] = tonumber(id) end end
+  end
+  return ids
+end
+local function count_above(ids)  -- how many of a run's ids are after the position
+  local n = 0
+  for _, id in ipairs(ids) do if id > pos then n = n + 1 end end
+  return n
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last == nil then return {position, 0} end
+local last_ids = ids_of(last)
+if pos >= last_ids[#last_ids] then return {position, 0} end
+local total = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or redis.call('XLEN', KEYS[1]))
+local holding = redis.call('XREVRANGE', KEYS[1], position .. '-0', '-', 'COUNT', 1)[1]
+if holding == nil then return {position, total} end
 local bound = tonumber(ARGV[2])
-local newer = #redis.call('XRANGE', KEYS[1], '(' .. position .. '-0', '+', 'COUNT', bound)
-if newer < bound then return {position, newer} end
-local older = #redis.call('XRANGE', KEYS[1], '-', position .. '-0', 'COUNT', bound)
-if older < bound then return {position, n - older} end
+local newer = redis.call('XRANGE', KEYS[1], '(' .. position .. '-0', '+', 'COUNT', bound)
+local above = count_above(ids_of(holding))
+if #newer < bound then
+  for _, entry in ipairs(newer) do above = above + #ids_of(entry) end
+  return {position, above}
+end
+local older = redis.call('XRANGE', KEYS[1], '-', position .. '-0', 'COUNT', bound)
+if #older < bound then
+  local upto = -above
+  for _, entry in ipairs(older) do upto = upto + #ids_of(entry) end
+  return {position, total - upto}
+end
 return {position, bound}
 """
 
-#: The id of each stream's newest entry ('' for an empty or missing stream): the inbox orders
-#: conversations by these without sending texts over the network. KEYS: the streams.
+#: The newest message id of each stream ('' for an empty or missing stream): an inbox's last entry id, a
+#: conversation stream's last run's last id. The inbox orders conversations by these without sending texts
+#: over the network. KEYS: the streams.
 LAST_IDS: Final = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-  out[i] = newest[1] and newest[1][1] or ''
+  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)[1]
+  if newest == nil then
+    out[i] = ''
+  else
+    out[i] = string.match(newest[1], '^(%d+)')
+    local fields = newest[2]
+    for k = 1, #fields, 2 do
+      if fields[k] == 'n' then out[i] = string.match(fields[k + 1], '(%d+)$') end
+    end
+  end
 end
 return out
 """
+
+#: Delete what retention pruned from one conversation stream: each run whose ids are all gone (pruned now, or
+#: by an earlier pass: no longer in the inbox; a run partly pruned stays, and its pruned ids are found nowhere
+#: in the inbox, as history and search expect), and take the ids pruned now off its count. KEYS: the stream,
+#: the recipient's counts, the recipient's inbox (pruned already). ARGV: the sender, then the ids pruned,
+#: ascending.
+PRUNE_RUNS: Final = """
+local pruned = {}
+for i = 2, #ARGV do pruned[ARGV[i]] = true end
+local function gone(id)
+  return pruned[id] or #redis.call('XRANGE', KEYS[3], id .. '-0', id .. '-0') == 0
+end
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', ARGV[#ARGV] .. '-0')) do
+  local whole = gone(string.match(entry[1], '^(%d+)'))
+  local fields = entry[2]
+  for k = 1, #fields, 2 do
+    if whole and fields[k] == 'n' then
+      for id in string.gmatch(fields[k + 1], '%d+') do
+        if not gone(id) then whole = false; break end
+      end
+    end
+  end
+  if whole then redis.call('XDEL', KEYS[1], entry[1]) end
+end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[1], 1 - #ARGV) end
+return 0
+"""
+
+
+def run_ids(entry_id: bytes, fields: dict[bytes, bytes]) -> list[int]:
+    """The message ids of one conversation-stream entry, ascending: its own, then field ``n``'s."""
+    first = int(entry_id[:-2])  # every entry id is "<message id>-0"
+    more = fields.get(b"n")
+    return [first, *map(int, more.split())] if more else [first]
 
 
 def published_records(payload: bytes) -> Iterator[tuple[int, int, float, str, int | None, str]]:
