@@ -15,7 +15,7 @@ from chatcli import protocol as p
 from chatcli.errors import StorageError
 from chatcli.server.engine import redis_search
 from chatcli.server.engine.base import InboxPage, NewMessage
-from chatcli.server.engine.redis_lua import UNREAD_COUNT_MAX
+from chatcli.server.engine.redis_lua import RUN_MAX, UNREAD_COUNT_MAX
 from tests.client.test_repl import Terminal
 from tests.server.fakes import make_engine
 from tests.support.processes import RunningServer, kill_leftovers, start_server_process, wait_until
@@ -232,6 +232,33 @@ def test_a_search_merges_every_conversation_newest_first_and_says_more_when_its_
         assert search_texts(engine, "alice", "needle") == (["needle, the oldest"], False)
         monkeypatch.setattr(redis_search, "SCAN_MAX_ENTRIES", 100)
         assert search_texts(engine, "alice", "needle") == ([], True)  # cut short: the client may page on
+    finally:
+        engine.close()
+
+
+def test_a_burst_to_one_peer_is_kept_in_bounded_runs_and_read_page_by_page(tmp_path: Path) -> None:
+    engine = make_engine("redis", tmp_path)
+    try:
+        count = 3 * RUN_MAX + 5  # one commit: more than one run's worth from bob to alice
+        engine.append([NewMessage("bob", "alice", f"{'needle ' if n % 3 == 0 else ''}m{n}", 1000.0)
+                       for n in range(count)], {}, lambda _: None)
+        assert redis_cli(shared_redis(), "XLEN", "{u:alice}:p:bob") == str(-(-count // RUN_MAX))
+
+        def history(before: int | None) -> list[int]:
+            answers: list[Any] = []
+            engine.read_history("alice", p.HistoryRequest("h", "bob", limit=7, before=before), answers.append)
+            frame = p.parse_server_frame(answers[0])
+            assert isinstance(frame, p.History)
+            return [m.id for m in frame.messages]
+
+        pages, before = [], None  # paging back across the runs' edges loses and repeats nothing
+        while page := history(before):
+            pages.append(page)
+            before = page[0]
+        assert [msg_id for page in reversed(pages) for msg_id in page] == list(range(1, count + 1))
+        assert all(len(page) == 7 for page in pages[:-1])  # full pages but the oldest
+        found, more = search_texts(engine, "alice", "needle", limit=count)
+        assert found == [f"needle m{n}" for n in reversed(range(0, count, 3))] and not more
     finally:
         engine.close()
 

@@ -756,14 +756,15 @@ class RedisEngine:
         return read_search_answer(_Found(found, cut), user, request)
 
     async def _search_page(self, stream: Stream, upto: int, count: int) -> list[Any]:
-        """At least ``count`` messages of ``stream`` from ``upto`` down (fewer: the stream ends), with their
-        texts: a conversation stream keeps runs of ids, whose texts are read from the recipient's inbox (a
-        message pruned meanwhile: no text). A run read has at least one id within the bound, its first."""
+        """Up to ``count`` messages of ``stream`` from ``upto`` down (fewer: the stream ends), with their texts:
+        a conversation stream keeps runs of ids, whose texts are read from the recipient's inbox (a message
+        pruned meanwhile: no text). ``count`` runs hold ``count`` ids within the bound at least (their first);
+        the next page reads a run cut here again, from below the last id taken."""
         entries = list(await self._redis.xrevrange(stream.key, f"{upto}-0", "-", count=count))
         if not entries or b"t" in entries[0][1]:
             return entries
         ids = [f"{msg_id}-0" for entry_id, fields in entries for msg_id in reversed(run_ids(entry_id, fields))
-               if msg_id <= upto]
+               if msg_id <= upto][:count]
         pipe = self._redis.pipeline(transaction=False)
         for entry_id in ids:
             pipe.xrange(inbox_key(stream.recipient), entry_id, entry_id)

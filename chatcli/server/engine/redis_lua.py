@@ -44,6 +44,7 @@ __all__ = [
     "MARK_READ",
     "NEWEST_KEY",
     "PRUNE_RUNS",
+    "RUN_MAX",
     "UNREAD",
     "UNREAD_COUNT_MAX",
     "USERS_KEY",
@@ -156,6 +157,9 @@ def events_user(name: bytes) -> str | None:
 #: new message, flattened, {position} per refused reply}: the new messages took the following ids in batch
 #: order, and each recipient's the following sequences. {-1} when the store's epoch is not ARGV[1] (wiped,
 #: e.g. FLUSHALL): nothing was written.
+#: Ids in one conversation-stream entry at most: what a read of an entry costs stays small (a sender's burst
+#: to one recipient can put thousands of messages in one batch); a seed load's batch has 5-15 per pair.
+RUN_MAX: Final = 32
 COMMIT: Final = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 -- Counters are read once and written once per batch (not INCR/HINCRBY per message): fewer commands
@@ -165,6 +169,18 @@ local format = string.format
 local last_id, newest, last_ts, inboxes, order, duplicates, refused = before, nil, nil, {}, {}, {}, {}
 local replies = {}
 for position, reply in string.gmatch(ARGV[3], '(%d+) (%d+)') do replies[4 + 5 * tonumber(position)] = reply end
+-- One conversation entry per pair and batch (up to RUN_MAX ids): its first id, then 'n' the others; and the count.
+local RUN_MAX = {run_max}
+local function write_run(tag, run)
+  local key, sender = tag .. ':p:' .. run.sender, run.sender
+  local total = redis.call('HGET', tag .. ':n', sender) or redis.call('XLEN', key)  -- older: one id an entry
+  redis.call('HSET', tag .. ':n', sender, format('%d', tonumber(total) + #run))
+  if #run == 1 then
+    redis.call('XADD', key, run[1] .. '-0', 'f', sender)
+  else
+    redis.call('XADD', key, run[1] .. '-0', 'f', sender, 'n', table.concat(run, ' ', 2))
+  end
+end
 -- Replies only: which conversation each message of this batch went to (its run is written at the end).
 local batch_pairs = (ARGV[3] ~= '') and {} or nil
 local function in_stream(key, reply)  -- the run of the stream ``key`` that holds ``reply``, if any
@@ -179,7 +195,7 @@ local function in_stream(key, reply)  -- the run of the stream ``key`` that hold
 end
 local function in_conversation(a, b, reply)  -- the message replied to lies between a and b, either way
   local pair = batch_pairs[reply]
-  if pair then return pair == a .. '\255' .. b or pair == b .. '\255' .. a end
+  if pair then return pair == a .. '\\255' .. b or pair == b .. '\\255' .. a end
   return in_stream('{u:' .. a .. '}:p:' .. b, reply) or in_stream('{u:' .. b .. '}:p:' .. a, reply)
 end
 for i = 4, #ARGV, 5 do
@@ -222,7 +238,12 @@ for i = 4, #ARGV, 5 do
       redis.call('SADD', '{u:' .. sender .. '}:c', recipient)
     end
     run[#run + 1] = id
-    if batch_pairs then batch_pairs[id] = recipient .. '\255' .. sender end
+    if #run == RUN_MAX then  -- a full run is written now; the pair's next id starts another
+      write_run(inbox.tag, run)
+      local fresh = {sender = sender}
+      inbox.peers[sender] = fresh; inbox.runs[#inbox.runs + 1] = fresh
+    end
+    if batch_pairs then batch_pairs[id] = recipient .. '\\255' .. sender end
     if cid ~= '' then redis.call('SET', inbox.tag .. ':k:' .. sender .. ':' .. cid, id, 'EX', ARGV[2]) end
     local records = inbox.records
     records[#records + 1] = '\\255' .. id .. '\\255' .. head .. '\\255' .. ts .. '\\255' .. sender .. '\\255' .. text
@@ -237,15 +258,8 @@ if last_id ~= before then redis.call('SET', KEYS[2], format('%d', last_id)) end
 for _, recipient in ipairs(order) do
   local inbox = inboxes[recipient]
   redis.call('HSET', inbox.tag .. ':m', 's', format('%d', inbox.seq))
-  for _, run in ipairs(inbox.runs) do  -- one conversation entry per pair and batch: its first id, then 'n' the rest
-    local key, sender = inbox.tag .. ':p:' .. run.sender, run.sender
-    local total = redis.call('HGET', inbox.tag .. ':n', sender) or redis.call('XLEN', key)  -- older: one id an entry
-    redis.call('HSET', inbox.tag .. ':n', sender, format('%d', tonumber(total) + #run))
-    if #run == 1 then
-      redis.call('XADD', key, run[1] .. '-0', 'f', sender)
-    else
-      redis.call('XADD', key, run[1] .. '-0', 'f', sender, 'n', table.concat(run, ' ', 2))
-    end
+  for _, run in ipairs(inbox.runs) do
+    if #run > 0 and #run < RUN_MAX then write_run(inbox.tag, run) end  -- (a full one is written already)
   end
   redis.call('PUBLISH', inbox.tag .. ':ch', table.concat(inbox.records))
   sequences[#sequences + 1] = recipient; sequences[#sequences + 1] = inbox.first
@@ -254,7 +268,7 @@ if newest ~= nil and tonumber(newest) > tonumber(redis.call('GET', KEYS[4]) or '
   redis.call('SET', KEYS[4], newest)
 end
 return {before, duplicates, sequences, refused}
-"""
+""".replace("{run_max}", str(RUN_MAX))
 
 #: Move users' cursors forward, never back: every move of a tick in one call (a node delivering to many
 #: users moves many cursors per tick; one call each cost Redis a command, and the node packing, per user).
@@ -376,7 +390,9 @@ for i = 2, #ARGV do pruned[ARGV[i]] = true end
 local function gone(id)
   return pruned[id] or #redis.call('XRANGE', KEYS[3], id .. '-0', id .. '-0') == 0
 end
-for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', ARGV[#ARGV] .. '-0')) do
+-- Bounded: the runs that hold pruned ids, and a few left partly pruned by a pass before (at most one per
+-- conversation, as a rule: retention prunes the oldest first); more are deleted by the next pass.
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', ARGV[#ARGV] .. '-0', 'COUNT', #ARGV + 16)) do
   local whole = gone(string.match(entry[1], '^(%d+)'))
   local fields = entry[2]
   for k = 1, #fields, 2 do
