@@ -13,8 +13,8 @@ keys on one node:
                           (``run_ids``): entry id = its first message id, field ``f`` PEER, field
                           ``n`` the run's further ids, space-separated (none: a run of one, as every
                           entry written before runs is)
-* ``{u:ID}:n``            hash PEER -> how many messages ``{u:ID}:p:PEER`` holds (unread counts; a
-                          stream without a count holds one message an entry: its length)
+* ``{u:ID}:n``            hash PEER -> the ids of ``{u:ID}:p:PEER``'s runs beyond their first: its
+                          messages are its length plus that (unread counts)
 * ``{u:ID}:k:SENDER:CID`` a client message id already committed (idempotency), with a TTL
 * ``{u:ID}:c``            the users ID exchanged a message with, either way (``--presence contacts``)
 * ``{u:ID}:ch``           the Pub/Sub channel of ID's new messages (one per user, never a global one)
@@ -169,16 +169,16 @@ local format = string.format
 local last_id, newest, last_ts, inboxes, order, duplicates, refused = before, nil, nil, {}, {}, {}, {}
 local replies = {}
 for position, reply in string.gmatch(ARGV[3], '(%d+) (%d+)') do replies[4 + 5 * tonumber(position)] = reply end
--- One conversation entry per pair and batch (up to RUN_MAX ids): its first id, then 'n' the others; and the count.
+-- One conversation entry per pair and batch (up to RUN_MAX ids): its first id, then 'n' the others; the ids
+-- beyond entries' firsts are counted in {u:ID}:n (the stream's messages: its length plus that).
 local RUN_MAX = {run_max}
 local function write_run(tag, run)
   local key, sender = tag .. ':p:' .. run.sender, run.sender
-  local total = redis.call('HGET', tag .. ':n', sender) or redis.call('XLEN', key)  -- older: one id an entry
-  redis.call('HSET', tag .. ':n', sender, format('%d', tonumber(total) + #run))
   if #run == 1 then
     redis.call('XADD', key, run[1] .. '-0', 'f', sender)
   else
     redis.call('XADD', key, run[1] .. '-0', 'f', sender, 'n', table.concat(run, ' ', 2))
+    redis.call('HINCRBY', tag .. ':n', sender, #run - 1)
   end
 end
 -- Replies only: which conversation each message of this batch went to (its run is written at the end).
@@ -312,10 +312,10 @@ return out
 UNREAD_COUNT_MAX: Final = 100
 
 #: One conversation's read position and unread count for the inbox, without reading its history: the
-#: messages PEER sent to the user are the stream ``{u:ID}:p:PEER``, runs of ids (``run_ids``), and their
-#: number is kept in ``{u:ID}:n`` (a stream from before runs: its length). Nothing read (a position before
-#: the first run) is that number, everything read (at or after the last id) is 0; otherwise the ids after
-#: the position are counted, reading ``UNREAD_COUNT_MAX`` runs at most; past that the ids up to it are
+#: messages PEER sent to the user are the stream ``{u:ID}:p:PEER``, runs of ids (``run_ids``); their number
+#: is the stream's length plus the ids beyond each run's first, kept in ``{u:ID}:n``. Nothing read (a
+#: position before the first run) is that number, everything read (at or after the last id) is 0; otherwise
+#: the ids after the position are counted, reading ``UNREAD_COUNT_MAX`` runs at most; past that the ids up to it are
 #: counted (unread = the number minus them), and only when both sides hold more than ``UNREAD_COUNT_MAX``
 #: runs is the answer that bound (a lower bound: "100 or more"). At most 2 x 100 entries read per
 #: conversation, whatever its length. KEYS: that stream, the user's read hash, the user's counts. ARGV:
@@ -340,7 +340,7 @@ local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if last == nil then return {position, 0} end
 local last_ids = ids_of(last)
 if pos >= last_ids[#last_ids] then return {position, 0} end
-local total = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or redis.call('XLEN', KEYS[1]))
+local total = redis.call('XLEN', KEYS[1]) + tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
 local holding = redis.call('XREVRANGE', KEYS[1], position .. '-0', '-', 'COUNT', 1)[1]
 if holding == nil then return {position, total} end
 local bound = tonumber(ARGV[2])
@@ -379,32 +379,38 @@ end
 return out
 """
 
-#: Delete what retention pruned from one conversation stream: each run whose ids are all gone (pruned now, or
-#: by an earlier pass: no longer in the inbox; a run partly pruned stays, and its pruned ids are found nowhere
-#: in the inbox, as history and search expect), and take the ids pruned now off its count. KEYS: the stream,
-#: the recipient's counts, the recipient's inbox (pruned already). ARGV: the sender, then the ids pruned,
-#: ascending.
+#: Take what retention pruned off one conversation stream: each run whose ids are all gone (pruned now, or by
+#: an earlier pass: no longer in the inbox) is deleted, and the stream's count (its length plus
+#: ``{u:ID}:n``) drops by the ids pruned now, whether their run goes or stays (a run partly pruned stays until
+#: the rest of it goes; history and search pass over its pruned ids, which have no text in the inbox).
+#: KEYS: the stream, the recipient's counts, the recipient's inbox (pruned already). ARGV: the sender, then
+#: the ids pruned, ascending.
 PRUNE_RUNS: Final = """
 local pruned = {}
 for i = 2, #ARGV do pruned[ARGV[i]] = true end
-local function gone(id)
-  return pruned[id] or #redis.call('XRANGE', KEYS[3], id .. '-0', id .. '-0') == 0
-end
--- Bounded: the runs that hold pruned ids, and a few left partly pruned by a pass before (at most one per
--- conversation, as a rule: retention prunes the oldest first); more are deleted by the next pass.
+local extra = 0  -- the change to {u:ID}:n
+-- Bounded: the runs that hold pruned ids, and a few left partly pruned by a pass before (retention prunes the
+-- oldest first: one such run per conversation, as a rule); more go at the next pass.
 for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', ARGV[#ARGV] .. '-0', 'COUNT', #ARGV + 16)) do
-  local whole = gone(string.match(entry[1], '^(%d+)'))
+  local ids = {string.match(entry[1], '^(%d+)')}
   local fields = entry[2]
   for k = 1, #fields, 2 do
-    if whole and fields[k] == 'n' then
-      for id in string.gmatch(fields[k + 1], '%d+') do
-        if not gone(id) then whole = false; break end
-      end
+    if fields[k] == 'n' then for id in string.gmatch(fields[k + 1], '%d+') do ids[#ids + 1] = id end end
+  end
+  local now, whole = 0, true
+  for _, id in ipairs(ids) do
+    if pruned[id] then now = now + 1 elseif whole and #redis.call('XRANGE', KEYS[3], id .. '-0', id .. '-0') > 0 then
+      whole = false
     end
   end
-  if whole then redis.call('XDEL', KEYS[1], entry[1]) end
+  if whole then  -- the entry goes: the length counts one of the ids pruned now
+    redis.call('XDEL', KEYS[1], entry[1])
+    extra = extra - (now - 1)
+  else
+    extra = extra - now
+  end
 end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[1], 1 - #ARGV) end
+if extra ~= 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], extra) end
 return 0
 """
 
