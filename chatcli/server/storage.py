@@ -288,9 +288,12 @@ READ_MIGRATIONS: Final[tuple[Migration, ...]] = (
         "CREATE INDEX inbox_by_sender ON inbox (recipient, sender, id)",
     ),
 )
+#: Kept only for a conversation that exists (the peer is one of the user's contacts): the table is bounded by
+#: the contacts, not by the peer names a client makes up (a position for anyone else stays 0), as on Redis.
 _MARK_READ: Final = (
-    "INSERT INTO read_positions (user, peer, last_id, receipts) VALUES (?, ?, ?, ?) ON CONFLICT (user, peer) "
-    "DO UPDATE SET last_id = max(last_id, excluded.last_id), receipts = excluded.receipts"
+    "INSERT INTO read_positions (user, peer, last_id, receipts) "
+    "SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM contacts WHERE user = ?1 AND peer = ?2) "
+    "ON CONFLICT (user, peer) DO UPDATE SET last_id = max(last_id, excluded.last_id), receipts = excluded.receipts"
 )
 #: Contacts the inbox looks at, at most: each costs two index lookups.
 INBOX_CONTACTS_MAX: Final = 10_000
@@ -855,8 +858,9 @@ class SQLiteStore:
     # -- read positions and the inbox (issue 12) ----------------------------
 
     def mark_read(self, user: str, peer: str, msg_id: int, receipt: bool = True) -> int:
-        """Move ``user``'s read position with ``peer`` up to ``msg_id`` (never down); the position now kept.
-        ``receipt``: whether ``peer`` may learn it (the inbox's ``peer_read``)."""
+        """Move ``user``'s read position with ``peer`` up to ``msg_id`` (never down); the position now kept (0,
+        and nothing kept, for a peer ``user`` never exchanged a message with). ``receipt``: whether ``peer`` may
+        learn it (the inbox's ``peer_read``)."""
         return self.mark_read_many({(user, peer): (msg_id, receipt)})[(user, peer)]
 
     def mark_read_many(self, marks: Mapping[tuple[str, str], tuple[int, bool]]) -> dict[tuple[str, str], int]:

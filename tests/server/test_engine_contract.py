@@ -293,6 +293,8 @@ def test_read_positions_move_up_only_and_count_the_peers_messages_beyond(engine:
         assert all(isinstance(result, StorageError) for result in (marked, lowered, page))
         return
     assert (marked, lowered) == ({("alice", "bob"): 1, ("bob", "alice"): 2}, {("alice", "bob"): 1})  # never down
+    # A conversation that does not exist keeps no position: what is kept grows with contacts, not with names.
+    assert outcome(lambda done: engine.mark_read({("alice", "nobody"): (3, True)}, done)) == {("alice", "nobody"): 0}
     assert not page.more
     # The most recent conversation first; unread counts only the peer's messages above the position.
     assert [(c.peer, c.unread, c.read, c.last.id, c.last.sender) for c in page.conversations] == [
