@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -88,6 +89,9 @@ class ClientSession:
         self._ws = ws
         self.hello = hello
         self.timeout = timeout
+        #: Frames of a batch that a reader of ``frames()`` stopped in the middle of: the next reader gets them
+        #: first (``ask`` takes its ack, and the answer that came in the same read must not be lost).
+        self._unread: deque[ServerFrame] = deque()
 
     @staticmethod
     def new_id() -> str:
@@ -231,10 +235,12 @@ class ClientSession:
         raise ConnectError(f"the server closed the session before its {what}")  # pragma: no cover
 
     async def frames(self) -> AsyncIterator[ServerFrame]:
-        """Every frame the server sends, minus types from newer servers; ``ConnectError`` at close."""
+        """Every frame the server sends, minus types from newer servers; ``ConnectError`` at close. A reader
+        that stops (``break``, ``return``) leaves the frames after the one it stopped at to the next reader."""
         async for batch in self.frame_batches():
-            for frame in batch:
-                yield frame
+            self._unread.extend(batch)
+            while self._unread:
+                yield self._unread.popleft()
 
     async def frame_batches(self) -> AsyncIterator[list[ServerFrame]]:
         """The frames in batches of what arrived together: the next one, and every one already waiting.
@@ -242,6 +248,9 @@ class ClientSession:
         Lets a reader flush its output and acknowledge once per batch instead of once per message,
         without ever holding a message back while nothing more has arrived.
         """
+        if self._unread:  # left by a reader of frames()
+            left, self._unread = list(self._unread), deque()
+            yield left
         ws = self._ws
         try:
             while True:

@@ -17,7 +17,7 @@ from chatcli.client.reconnect import Backoff, MessageCursor, ResumePoint
 from chatcli.client.session import open_session, user_url
 from chatcli.client.settings import ClientSettings
 from chatcli.errors import ConnectError, LocalProtocolError, RefusedError, UsageError
-from chatcli.protocol import Ack, Feature, Hello, Message
+from chatcli.protocol import Ack, Feature, Hello, Message, Send
 from tests.support.processes import RunningServer
 from tests.support.samples import NASTY_TEXTS
 
@@ -133,6 +133,30 @@ def test_a_stopped_server_is_a_connect_error(server: RunningServer) -> None:
 
     with pytest.raises(ConnectError, match="connection refused"):
         asyncio.run(scenario())
+
+
+def test_a_frame_read_with_the_one_a_reader_waited_for_goes_to_the_next_reader(server: RunningServer) -> None:
+    """What ``ask`` does: wait for the ack of its question, then read on for the answer. When the answer
+    arrived in the same read as the ack (a slow client, a quick peer), it must not be lost with the batch."""
+    settings = ClientSettings(url=server.ws_url, timeout=5)
+
+    async def scenario() -> None:
+        async with open_session(settings, "asker") as asker, open_session(settings, "oracle") as oracle:
+            await asker.send_frame(Send(id="q1", to="oracle", text="deploy?"))
+            question = await anext(f async for f in oracle.frames() if isinstance(f, Message))
+            await oracle.send("asker", "yes")
+            queued = asker._ws.recv_messages.frames  # wait until the ack and the answer are both read
+            async with asyncio.timeout(5):
+                while len(queued) < 2:
+                    await asyncio.sleep(0.005)
+            async for frame in asker.frames():
+                if isinstance(frame, Ack):
+                    break  # the answer came in the same batch, behind it
+            async with asyncio.timeout(5):
+                answer = await anext(aiter(asker.frames()))
+            assert isinstance(answer, Message) and answer.text == "yes" and answer.id > question.id
+
+    asyncio.run(scenario())
 
 
 def test_a_resent_client_id_is_answered_as_duplicate_and_counts_as_sent(server: RunningServer) -> None:
