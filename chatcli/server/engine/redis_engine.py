@@ -680,10 +680,10 @@ class RedisEngine:
         pipe.xrevrange(peer_key(request.peer, user), newest, "-", count=request.limit)
         received, sent = await pipe.execute()
         # Each run read has at least one id within the bound (its first), so ``limit`` runs each way suffice.
-        before = request.before if request.before is not None else _NO_BOUND
+        before = request.before
         chosen = sorted([(msg_id, recipient) for runs, recipient in ((received, user), (sent, request.peer))
-                         for entry_id, fields in runs for msg_id in run_ids(entry_id, fields) if msg_id < before],
-                        reverse=True)
+                         for entry_id, fields in runs for msg_id in run_ids(entry_id, fields)
+                         if before is None or msg_id < before], reverse=True)
         del chosen[request.limit:]
         messages = []
         if chosen:
@@ -925,8 +925,6 @@ class RedisEngine:
 
 _SCRIPTS: Final = {"commit": COMMIT, "cursor": CURSOR, "read": MARK_READ, "unread": UNREAD, "last_ids": LAST_IDS,
                    "prune_runs": PRUNE_RUNS}
-#: Above every message id: history without ``before``.
-_NO_BOUND: Final = 2 ** 63
 _PRESENCE_CHANNEL_BYTES: Final = PRESENCE_CHANNEL.encode()
 
 
