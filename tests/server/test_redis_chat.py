@@ -5,6 +5,9 @@ module (each test has its own user names); the unread and search bounds in proce
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,6 +264,53 @@ def test_a_burst_to_one_peer_is_kept_in_bounded_runs_and_read_page_by_page(tmp_p
         assert found == [f"needle m{n}" for n in reversed(range(0, count, 3))] and not more
     finally:
         engine.close()
+
+
+def test_history_unread_counts_and_search_agree_with_sqlite_over_random_batches(tmp_path: Path) -> None:
+    """Runs are cut by batch, pair and RUN_MAX: whatever the cut, the Redis engine answers as the SQLite one
+    (which keeps one row per message) for every page, read position and search."""
+    rng = random.Random(18)
+    users = ["u0", "u1", "u2"]
+    engines = [make_engine("redis", tmp_path), make_engine("sqlite", tmp_path)]
+    try:
+        per_pair = []  # how many messages each pair has in each batch: its runs there
+        for number in range(30):
+            batch = [NewMessage(*rng.sample(users, 2), f"batch{number} word{rng.randrange(5)}", 1000.0 + number)
+                     for _ in range(rng.randint(1, 250))]
+            per_pair += collections.Counter((m.sender, m.recipient) for m in batch).values()
+            for engine in engines:
+                engine.append(batch, {}, lambda _: None)
+        assert min(per_pair) == 1 and max(per_pair) > RUN_MAX  # runs of one, and runs cut at RUN_MAX
+        top = engines[1].highest_id()
+
+        def both(read: str, *args: Any) -> list[Any]:
+            """What ``read`` (an engine method taking ``done`` last) answers on each engine."""
+            return [_answer_of(getattr(engine, read), *args) for engine in engines]
+
+        for me, peer in itertools.permutations(users, 2):
+            for before in [None, *rng.sample(range(1, top + 2), 8)]:
+                limit = rng.choice([1, 7, 32, 50])
+                redis_page, sqlite_page = both("read_history", me, p.HistoryRequest("h", peer, limit, before))
+                assert redis_page == sqlite_page, (me, peer, before, limit)
+            for position in rng.sample(range(top + 1), 6):
+                for engine in engines:
+                    engine.mark_read({(me, peer): (position, True)}, lambda _: None)
+                redis_inbox, sqlite_inbox = both("read_inbox", me, 10)
+                assert [(c.peer, c.unread, c.read) for c in redis_inbox.conversations] == [
+                    (c.peer, c.unread, c.read) for c in sqlite_inbox.conversations], (me, peer, position)
+            words = f"word{rng.randrange(5)} batch{rng.randrange(30)}"
+            redis_found, sqlite_found = both("read_search", me, p.SearchRequest("s", words, peer=peer, limit=20))
+            assert redis_found == sqlite_found, (me, peer, words)
+    finally:
+        for engine in engines:
+            engine.close()
+
+
+def _answer_of(read: Any, *args: Any) -> Any:
+    got: list[Any] = []
+    read(*args, got.append)
+    assert len(got) == 1 and not isinstance(got[0], StorageError), got
+    return got[0]
 
 
 def test_a_read_that_fails_unexpectedly_is_answered_as_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
