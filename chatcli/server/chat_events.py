@@ -16,7 +16,7 @@ at most once per ``TYPING_INTERVAL_S`` per session, and never stored.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from chatcli import protocol as p
@@ -65,6 +65,12 @@ class ChatEvents:
         self.reads_waiting: dict[tuple[str, str], _Mark] = {}
         self.reads_committing = False
         self.reads_scheduled = False
+        #: Inbox reads held until the read positions their user asked for before them are kept, so that an
+        #: inbox asked right after a ``read`` shows it: those waiting for the batch being committed, those
+        #: waiting for the next one (their user's reads are in ``reads_waiting``), and whose are committing.
+        self.inbox_after_batch: list[Callable[[], None]] = []
+        self.inbox_after_next: list[Callable[[], None]] = []
+        self.users_committing: set[str] = set()
 
     def features(self) -> tuple[str, ...]:
         """What hellos announce for these: ``reads`` with an engine that keeps them; ``receipts`` and
@@ -138,12 +144,18 @@ class ChatEvents:
             return
         batch, self.reads_waiting = self.reads_waiting, {}
         self.reads_committing = True
+        self.users_committing = {user for user, _ in batch}
+        self.inbox_after_batch, self.inbox_after_next = self.inbox_after_next, []
         marks = {key: (mark.msg_id, mark.receipt) for key, mark in batch.items()}
         self.relay.engine.mark_read(marks, lambda kept: self._reads_kept(batch, kept))
 
     def _reads_kept(self, batch: dict[tuple[str, str], _Mark], kept: dict[tuple[str, str], int] | StorageError
                     ) -> None:
         self.reads_committing = False
+        self.users_committing = set()
+        held, self.inbox_after_batch = self.inbox_after_batch, []
+        for read in held:  # kept (or failed, and said so): the inbox may be read now
+            read()
         if isinstance(kept, StorageError):
             log.error("could not keep %d read position(s): %s", len(batch), kept, extra={"event": "storage-error"})
             error = p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
@@ -192,7 +204,17 @@ class ChatEvents:
                 {"id": request.id})))
             return
         self.inbox_waiting.add(session)
-        engine.read_inbox(session.user, request.limit, lambda page: self._answer_inbox(session, request, page))
+        user = session.user
+
+        def read() -> None:
+            engine.read_inbox(user, request.limit, lambda page: self._answer_inbox(session, request, page))
+
+        if any(reader == user for reader, _ in self.reads_waiting):
+            self.inbox_after_next.append(read)
+        elif user in self.users_committing:
+            self.inbox_after_batch.append(read)
+        else:
+            read()
 
     def _answer_inbox(self, session: Session, request: p.InboxRequest, page: InboxPage | StorageError) -> None:
         if session not in self.inbox_waiting:  # closed meanwhile

@@ -130,6 +130,31 @@ def test_the_inbox_answers_with_counts_or_says_it_is_unavailable(engine: Engine)
     assert line.preview == "é" * p.PREVIEW_MAX_CHARS
 
 
+def test_an_inbox_asked_right_after_a_read_shows_it(engine: Engine) -> None:
+    """A client that marks a conversation read and asks for its inbox in the same breath (one read of the
+    socket, one tick) sees its read, though reads are kept a tick's worth at a time."""
+    if Capability.READS not in engine.capabilities:
+        return
+    ticks = Ticks()
+    relay = relay_on(engine, ticks)
+    alice, bob = RecordingSession("alice"), RecordingSession("bob")
+    for session in (alice, bob):
+        relay.open_session(session)
+    for n in range(3):
+        relay.submit(bob, f"b{n}", "alice", f"hi {n}")
+    ticks.end()
+    alice.sent.clear()
+    _send(relay, alice, p.MarkRead("bob", 2))
+    _send(relay, alice, p.InboxRequest("i1"))
+    ticks.end()
+    _send(relay, alice, p.MarkRead("bob", 3))  # and again: each inbox shows the reads asked before it
+    _send(relay, alice, p.InboxRequest("i2"))
+    ticks.end()
+    inboxes = _of(alice, p.Inbox)
+    assert [(i.id, [(c.peer, c.read, c.unread) for c in i.conversations]) for i in inboxes] == [  # type: ignore[attr-defined]
+        ("i1", [("bob", 2, 1)]), ("i2", [("bob", 3, 0)])]
+
+
 def test_read_typing_and_inbox_draw_on_the_rate_limit(engine: Engine) -> None:
     ticks = Ticks()
     relay = relay_on(engine, ticks, rate=1, burst=1)
