@@ -66,11 +66,12 @@ class ChatEvents:
         self.reads_committing = False
         self.reads_scheduled = False
         #: Inbox reads held until the read positions their user asked for before them are kept, so that an
-        #: inbox asked right after a ``read`` shows it: those waiting for the batch being committed, those
-        #: waiting for the next one (their user's reads are in ``reads_waiting``), and whose are committing.
+        #: inbox asked right after a ``read`` shows it: those waiting for the batch being committed, and those
+        #: waiting for the next one; the users with reads in either.
         self.inbox_after_batch: list[Callable[[], None]] = []
         self.inbox_after_next: list[Callable[[], None]] = []
         self.users_committing: set[str] = set()
+        self.users_waiting: set[str] = set()
 
     def features(self) -> tuple[str, ...]:
         """What hellos announce for these: ``reads`` with an engine that keeps them; ``receipts`` and
@@ -132,6 +133,7 @@ class ChatEvents:
             self._marked(_Mark(position, frame.receipt, session), frame.peer, position)
             return
         key = (session.user, frame.peer)
+        self.users_waiting.add(session.user)
         earlier = self.reads_waiting.get(key)
         self.reads_waiting[key] = _Mark(max(position, earlier.msg_id if earlier else 0), frame.receipt, session)
         if not (self.reads_scheduled or self.reads_committing):
@@ -144,7 +146,7 @@ class ChatEvents:
             return
         batch, self.reads_waiting = self.reads_waiting, {}
         self.reads_committing = True
-        self.users_committing = {user for user, _ in batch}
+        self.users_committing, self.users_waiting = self.users_waiting, set()
         self.inbox_after_batch, self.inbox_after_next = self.inbox_after_next, []
         marks = {key: (mark.msg_id, mark.receipt) for key, mark in batch.items()}
         self.relay.engine.mark_read(marks, lambda kept: self._reads_kept(batch, kept))
@@ -209,7 +211,7 @@ class ChatEvents:
         def read() -> None:
             engine.read_inbox(user, request.limit, lambda page: self._answer_inbox(session, request, page))
 
-        if any(reader == user for reader, _ in self.reads_waiting):
+        if user in self.users_waiting:
             self.inbox_after_next.append(read)
         elif user in self.users_committing:
             self.inbox_after_batch.append(read)
