@@ -86,6 +86,7 @@ from chatcli.server.engine.redis_lua import (
     channel_user,
     contacts_key,
     counts_key,
+    entry_number,
     events_channel,
     events_user,
     inbox_key,
@@ -419,7 +420,7 @@ class RedisEngine:
                     seq = int(fields[b"s"])
                     if seq > track.seq:
                         self.gaps_filled += 1
-                        track.seq, track.top = seq, int(entry_id.split(b"-", 1)[0])
+                        track.seq, track.top = seq, entry_number(entry_id)
                         run.append(_stored(track.top, user, fields))
             finally:  # a page at a time (what came before an unreadable entry too)
                 if run and self._listener is not None:
@@ -440,7 +441,7 @@ class RedisEngine:
         pipe.hget(meta_key(user), "s")
         pipe.xrevrange(inbox_key(user), "+", "-", count=1)
         seq, newest = await pipe.execute()
-        track.seq, track.top = int(seq or 0), int(newest[0][0].split(b"-", 1)[0]) if newest else 0
+        track.seq, track.top = int(seq or 0), entry_number(newest[0][0]) if newest else 0
         track.ready.set()
 
     # -- subscriptions and presence ------------------------------------------------------------------
@@ -655,8 +656,8 @@ class RedisEngine:
             entries = await self._since(user, entries, since_ts)
             if not entries:
                 return BacklogPage([], start, True)
-            start = max(start, int(entries[0][0].split(b"-", 1)[0]) - 1)
-        messages = [_stored(int(entry_id.split(b"-", 1)[0]), user, fields) for entry_id, fields in entries]
+            start = max(start, entry_number(entries[0][0]) - 1)
+        messages = [_stored(entry_number(entry_id), user, fields) for entry_id, fields in entries]
         return read_backlog_page(_Fetched(messages), user, encode, start, None)
 
     async def _since(self, user: str, entries: list[Any], since_ts: float) -> list[Any]:
@@ -862,7 +863,7 @@ class RedisEngine:
         if old:
             by_sender: dict[str, list[int]] = {}
             for entry_id, sender in old:
-                by_sender.setdefault(sender, []).append(_entry_number(entry_id))
+                by_sender.setdefault(sender, []).append(entry_number(entry_id))
             await self._redis.xdel(inbox_key(user), *(entry_id for entry_id, _ in old))
             _checked(await self._run_scripts([
                 ("prune_runs", [peer_key(user, sender), counts_key(user), inbox_key(user)], [sender, *ids])
@@ -1013,11 +1014,6 @@ def _checked(answers: list[Any]) -> list[Any]:
     if failed is not None:
         raise failed
     return answers
-
-
-def _entry_number(entry_id: bytes) -> int:
-    """The message id of a stream entry id (``ID-0``); 0 for none (b'')."""
-    return int(entry_id.split(b"-", 1)[0] or 0)
 
 
 def _receipted(value: bytes | None) -> int | None:

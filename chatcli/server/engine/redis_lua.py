@@ -52,6 +52,7 @@ __all__ = [
     "channel_user",
     "contacts_key",
     "counts_key",
+    "entry_number",
     "events_channel",
     "events_user",
     "idempotency_key",
@@ -308,6 +309,19 @@ end
 return out
 """
 
+#: Lua shared by the scripts that read conversation runs: a run entry's message ids, as strings, ascending
+#: (its own id, then field ``n``'s; ``run_ids`` below is the same in Python).
+_RUN_IDS: Final = """
+local function run_ids(entry)
+  local ids = {string.match(entry[1], '^(%d+)')}
+  local fields = entry[2]
+  for k = 1, #fields, 2 do
+    if fields[k] == 'n' then for id in string.gmatch(fields[k + 1], '%d+') do ids[#ids + 1] = id end end
+  end
+  return ids
+end
+"""
+
 #: Unread messages counted per conversation at most this far from either end (see ``UNREAD``).
 UNREAD_COUNT_MAX: Final = 100
 
@@ -320,40 +334,32 @@ UNREAD_COUNT_MAX: Final = 100
 #: runs is the answer that bound (a lower bound: "100 or more"). At most 2 x 100 entries read per
 #: conversation, whatever its length. KEYS: that stream, the user's read hash, the user's counts. ARGV:
 #: the peer, ``UNREAD_COUNT_MAX``. Returns {position, unread}.
-UNREAD: Final = """
+UNREAD: Final = _RUN_IDS + """
 local position = string.match(redis.call('HGET', KEYS[2], ARGV[1]) or '0:1', '^(%d+)')
 local pos = tonumber(position)
-local function ids_of(entry)  -- a run's ids, as numbers
-  local ids = {tonumber(string.match(entry[1], '^(%d+)'))}
-  local fields = entry[2]
-  for k = 1, #fields, 2 do
-    if fields[k] == 'n' then for id in string.gmatch(fields[k + 1], '%d+') do ids[#ids + 1] = tonumber(id) end end
-  end
-  return ids
-end
 local function count_above(ids)  -- how many of a run's ids are after the position
   local n = 0
-  for _, id in ipairs(ids) do if id > pos then n = n + 1 end end
+  for _, id in ipairs(ids) do if tonumber(id) > pos then n = n + 1 end end
   return n
 end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 if last == nil then return {position, 0} end
-local last_ids = ids_of(last)
-if pos >= last_ids[#last_ids] then return {position, 0} end
+local last_ids = run_ids(last)
+if pos >= tonumber(last_ids[#last_ids]) then return {position, 0} end
 local total = redis.call('XLEN', KEYS[1]) + tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
 local holding = redis.call('XREVRANGE', KEYS[1], position .. '-0', '-', 'COUNT', 1)[1]
 if holding == nil then return {position, total} end
 local bound = tonumber(ARGV[2])
 local newer = redis.call('XRANGE', KEYS[1], '(' .. position .. '-0', '+', 'COUNT', bound)
-local above = count_above(ids_of(holding))
+local above = count_above(run_ids(holding))
 if #newer < bound then
-  for _, entry in ipairs(newer) do above = above + #ids_of(entry) end
+  for _, entry in ipairs(newer) do above = above + #run_ids(entry) end
   return {position, above}
 end
 local older = redis.call('XRANGE', KEYS[1], '-', position .. '-0', 'COUNT', bound)
 if #older < bound then
   local upto = -above
-  for _, entry in ipairs(older) do upto = upto + #ids_of(entry) end
+  for _, entry in ipairs(older) do upto = upto + #run_ids(entry) end
   return {position, total - upto}
 end
 return {position, bound}
@@ -385,20 +391,15 @@ return out
 #: the rest of it goes; history and search pass over its pruned ids, which have no text in the inbox).
 #: KEYS: the stream, the recipient's counts, the recipient's inbox (pruned already). ARGV: the sender, then
 #: the ids pruned, ascending.
-PRUNE_RUNS: Final = """
+PRUNE_RUNS: Final = _RUN_IDS + """
 local pruned = {}
 for i = 2, #ARGV do pruned[ARGV[i]] = true end
 local extra = 0  -- the change to {u:ID}:n
 -- Bounded: the runs that hold pruned ids, and a few left partly pruned by a pass before (retention prunes the
 -- oldest first: one such run per conversation, as a rule); more go at the next pass.
 for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', ARGV[#ARGV] .. '-0', 'COUNT', #ARGV + 16)) do
-  local ids = {string.match(entry[1], '^(%d+)')}
-  local fields = entry[2]
-  for k = 1, #fields, 2 do
-    if fields[k] == 'n' then for id in string.gmatch(fields[k + 1], '%d+') do ids[#ids + 1] = id end end
-  end
   local now, whole = 0, true
-  for _, id in ipairs(ids) do
+  for _, id in ipairs(run_ids(entry)) do
     if pruned[id] then now = now + 1 elseif whole and #redis.call('XRANGE', KEYS[3], id .. '-0', id .. '-0') > 0 then
       whole = false
     end
@@ -415,9 +416,14 @@ return 0
 """
 
 
+def entry_number(entry_id: bytes) -> int:
+    """The message id of an entry id: every entry of the inboxes and conversation streams is ``<id>-0``."""
+    return int(entry_id[:-2])
+
+
 def run_ids(entry_id: bytes, fields: dict[bytes, bytes]) -> list[int]:
     """The message ids of one conversation-stream entry, ascending: its own, then field ``n``'s."""
-    first = int(entry_id[:-2])  # every entry id is "<message id>-0"
+    first = entry_number(entry_id)
     more = fields.get(b"n")
     return [first, *map(int, more.split())] if more else [first]
 

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, NamedTuple
 
 from chatcli.server.engine.base import StoredMessage
+from chatcli.server.engine.redis_lua import entry_number
 
 __all__ = ["PAGE_BYTES", "PAGE_MAX", "PAGE_MIN", "SCAN_MAX_BYTES", "SCAN_MAX_ENTRIES", "Stream", "matches",
            "query_words", "scan_streams", "text_words"]
@@ -114,13 +115,13 @@ async def scan_streams(streams: list[Stream], heads: list[int], words: frozenset
             if len(page) < count:
                 ended.add(at)
             if page:
-                heapq.heappush(heap, (-_entry_number(page[0][0]), at))
+                heapq.heappush(heap, (-entry_number(page[0][0]), at))
             continue
         floor = -heap[0][0] if heap else 0  # no other stream holds a message newer than this
         recipient = streams[at].recipient
         while page:  # this stream's entries down to the floor, without a heap operation each
             entry_id, fields = page[0]
-            msg_id = _entry_number(entry_id)
+            msg_id = entry_number(entry_id)
             if msg_id < floor:
                 break
             page.popleft()
@@ -139,8 +140,3 @@ async def scan_streams(streams: list[Stream], heads: list[int], words: frozenset
         elif at not in ended and msg_id > 1:
             heapq.heappush(heap, (-(msg_id - 1), at))
     return found, False
-
-
-def _entry_number(entry_id: bytes) -> int:
-    """The message id of an entry id: every entry of these streams is ``<id>-0``."""
-    return int(entry_id[:-2])
