@@ -70,6 +70,9 @@ class _Window:
         self.in_order: deque[_Outgoing] = deque()
         self.by_id: dict[str, _Outgoing] = {}
         self.refused: list[_Outgoing] = []
+        self.last_sent_line = 0
+        self.accepted = 0
+        self.acked_at = 0.0  # when the last ack came: a paced stream is still progressing
         self.changed = asyncio.Event()
 
     @property
@@ -84,10 +87,14 @@ class _Window:
         return [o for o in self.in_order if o.ack is None]
 
     def overdue_in(self, timeout: float) -> float | None:
-        """Seconds until the oldest unacknowledged message is ``timeout`` old (None: nothing is waiting)."""
+        """Seconds until the oldest unacknowledged message has waited ``timeout`` (None: nothing is waiting).
+
+        Its wait starts when it was sent, or when the last ack came if that was later: a server pacing
+        the stream to its ``--rate`` acks a full window slowly, but keeps acking.
+        """
         for outgoing in self.in_order:  # acknowledged ones wait only for those before them
             if outgoing.ack is None:
-                return outgoing.sent_at + timeout - time.monotonic()
+                return max(outgoing.sent_at, self.acked_at) + timeout - time.monotonic()
         return None
 
     def acknowledged(self, ack: Ack) -> None:
@@ -95,7 +102,10 @@ class _Window:
         if outgoing is None:
             return  # not ours, or a second answer to a resend
         outgoing.ack = ack
-        if not ack.accepted:
+        self.acked_at = time.monotonic()
+        if ack.accepted:
+            self.accepted += 1
+        else:
             self.refused.append(outgoing)
         in_order = self.in_order
         while in_order and in_order[0].ack is not None:
@@ -150,7 +160,7 @@ async def send_messages(settings: ClientSettings, me: str, peer: str, texts: Tex
     finally:
         source.close()
     if pending.refused:
-        raise _refused_lines(pending.refused, peer, by_line=by_line)
+        raise _refused_lines(pending, peer, by_line=by_line)
 
 
 class _Lines:
@@ -238,6 +248,7 @@ async def _send_all(session: ClientSession, peer: str, source: _Lines, pending: 
                      for number, text in lines]
             for outgoing in batch:  # all in the window first: a drop mid-batch resends the rest
                 pending.add(outgoing)
+            pending.last_sent_line = batch[-1].line
             for outgoing in batch:
                 await send(outgoing)
         while pending.by_id:  # the rest of the acks, refused or not
@@ -271,8 +282,10 @@ async def _take_acks(session: ClientSession, pending: _Window) -> None:
             pending.acknowledged(frame)
 
 
-def _refused_lines(refused: list[_Outgoing], peer: str, *, by_line: bool) -> RefusedError:
-    """One error for every refused message; with ``--lines``, by input line number."""
+def _refused_lines(pending: _Window, peer: str, *, by_line: bool) -> RefusedError:
+    """One error for every refused message; with ``--lines``, by input line number, and what became of
+    the others (lines in flight after the first refusal were sent, and may have been accepted)."""
+    refused = pending.refused
     first = refused[0].ack
     assert first is not None
     if not by_line:
@@ -280,9 +293,11 @@ def _refused_lines(refused: list[_Outgoing], peer: str, *, by_line: bool) -> Ref
     lines = sorted(refused, key=lambda o: o.line)
     shown = ", ".join(f"line {o.line}: {o.ack.reason if o.ack else 'refused'}" for o in lines[:20])
     more = f" and {len(lines) - 20} more" if len(lines) > 20 else ""
-    return RefusedError(f"{len(lines)} message(s) to {peer} refused ({shown}{more}); the lines before "
-                        "them were accepted, the lines after the first refusal were not sent",
-                        first.reason or "refused")
+    last, accepted = pending.last_sent_line, pending.accepted
+    others = ("no other line was accepted" if not accepted else
+              f"the other {accepted} line(s) up to line {last} were accepted")
+    return RefusedError(f"{len(lines)} message(s) to {peer} refused ({shown}{more}); {others}; nothing after "
+                        f"line {last} was sent", first.reason or "refused")
 
 
 #: Why a server cannot say what is unread (``Feature.READS`` missing).

@@ -40,6 +40,8 @@ class Metrics:
     refusals: Counter[str] = field(default_factory=Counter)  # by reason
     errors: Counter[str] = field(default_factory=Counter)  # by code
     closed: Counter[str] = field(default_factory=Counter)  # sessions closed by the server, by why
+    rate_waits: int = 0  # a connection stopped reading: its user had no request left (--rate/--burst)
+    rate_wait_seconds: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
     ack_latency: Histogram = field(default_factory=Histogram)
@@ -90,6 +92,12 @@ def render_prometheus(metrics: Metrics, gauges: Mapping[str, Mapping[str, float]
                    [_line("chatcli_errors_total", v, {"code": k}) for k, v in sorted(m.errors.items())])
     out += _family("chatcli_sessions_closed_total", "counter", "Sessions the server closed, by why.",
                    [_line("chatcli_sessions_closed_total", v, {"why": k}) for k, v in sorted(m.closed.items())])
+    out += _family("chatcli_rate_limit_waits_total", "counter",
+                   "Times a connection stopped reading until its user's bucket refilled (--rate, --burst).",
+                   [_line("chatcli_rate_limit_waits_total", m.rate_waits)])
+    out += _family("chatcli_rate_limit_wait_seconds_total", "counter",
+                   "Seconds connections spent not read for their user's rate limit.",
+                   [_line("chatcli_rate_limit_wait_seconds_total", m.rate_wait_seconds)])
     out += _family("chatcli_bytes_received_total", "counter", "Bytes read from WebSocket connections.",
                    [_line("chatcli_bytes_received_total", m.bytes_in)])
     out += _family("chatcli_bytes_sent_total", "counter", "Bytes written to WebSocket connections.",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence, Set
@@ -46,13 +47,16 @@ from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.engine.base import Appended, BacklogPage, Capability, Engine, NewMessage, StoredMessage
 from chatcli.server.metrics import Metrics
 
-__all__ = ["CLOSE_STORAGE_FAILED", "HELD_CHARS", "HELD_LIMIT", "HISTORY_QUEUE", "MAX_WATCHED_USERS", "SEARCH_BURST",
-           "SEARCH_RATE", "Outcome", "Relay", "Session", "UserQuota"]
+__all__ = ["CLOSE_STORAGE_FAILED", "HELD_CHARS", "HELD_LIMIT", "HISTORY_QUEUE", "MAX_WATCHED_USERS", "PACING_QUANTUM",
+           "SEARCH_BURST", "SEARCH_RATE", "Outcome", "Relay", "Session", "UserQuota"]
 
 log = logging.getLogger("chatcli.server")
 
 #: History requests a session may have waiting behind the one being answered.
 HISTORY_QUEUE = 8
+#: A user at their rate limit is read again once their bucket holds this many seconds' worth of requests.
+PACING_QUANTUM = 0.01
+
 #: Live messages held for a session still receiving its backlog; beyond this they are read back from storage.
 HELD_LIMIT = 100
 #: ... and at most this many characters of text (256 KiB of UTF-8 at most), so a few large messages cannot
@@ -291,6 +295,29 @@ class Relay:
         for user in [u for u in self.idle_quotas if self.quotas[u].tokens_at(now, rate) >= burst]:
             del self.quotas[user]
             self.idle_quotas.discard(user)
+
+    def allowance(self, user: str) -> float:
+        """Requests ``user`` may make now (refilled if the bucket looks dry); infinite without a quota.
+
+        A connection checks it before acting on a frame: over the limit it stops reading and waits
+        ``token_wait`` (the transport's pacing), so a faster stream is slowed, in order, not refused.
+        """
+        quota = self.quotas.get(user)
+        if quota is None:
+            return math.inf  # no open session: take_token refuses, as it always did
+        if quota.tokens < 1.0:
+            now = self.monotonic()
+            quota.tokens = min(float(self.config.burst), quota.tokens_at(now, self.config.rate))
+            quota.refilled_at = now
+        return quota.tokens
+
+    def token_wait(self, user: str) -> float:
+        """Seconds a paced connection of ``user``'s waits: until the bucket holds PACING_QUANTUM's worth of
+        requests (at least one), so that a user held at the limit costs ~100 wake-ups a second, not one
+        a request (and never a timer shorter than the loop's clock can tell)."""
+        rate = self.config.rate
+        wanted = min(float(self.config.burst), max(1.0, rate * PACING_QUANTUM))
+        return max(PACING_QUANTUM / 10, (wanted - self.allowance(user)) / rate)
 
     def take_token(self, user: str) -> bool:
         """Charge one request to ``user``'s bucket; False (charge nothing) when it is empty."""

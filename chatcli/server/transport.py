@@ -298,8 +298,8 @@ class WebSocketServer:
         now = self.loop.time()
         interval, timeout = self.config.ping_interval, self.config.ping_timeout
         for connection in list(self.connections):
-            if not connection.session_id or connection.ws.state is not _OPEN:
-                continue
+            if not connection.session_id or connection.ws.state is not _OPEN or connection.token_timer is not None:
+                continue  # (unread for the user's rate limit: a pong would wait unread too)
             if connection.ping_sent_at:
                 if now - connection.ping_sent_at > timeout:
                     connection.drop("dead-peer", f"no pong within {timeout:g} s")
@@ -324,7 +324,7 @@ class Connection(asyncio.Protocol):
     __slots__ = ("authenticated", "codec", "confirmed_upto", "dirty", "drain_waiters", "fragment_is_text",
                  "fragments", "frame_budget", "frame_budget_at", "head_bytes", "head_tail", "held_frames", "last_seen",
                  "open_timer", "peer", "peer_address", "phase", "ping_sent_at", "queued_bytes", "server",
-                 "session_id", "transport", "user", "writing_paused", "written_upto", "ws")
+                 "session_id", "token_timer", "transport", "user", "writing_paused", "written_upto", "ws")
 
     def __init__(self, server: WebSocketServer) -> None:
         # The connection: its server, its socket and peer (set once connected), websockets' state for it.
@@ -353,6 +353,7 @@ class Connection(asyncio.Protocol):
         self.queued_bytes = 0  # bytes queued in ws this tick, not yet written
         self.writing_paused = False
         self.held_frames: list[Frame] | None = None
+        self.token_timer: asyncio.TimerHandle | None = None  # frames held for the user's rate limit
         self.drain_waiters: list[Callable[[], None]] | None = None
         # Reading: a message arriving in fragments, and the frame limit, refilled once per read rather
         # than once per frame (messages and requests draw on the user's bucket in the relay).
@@ -412,35 +413,67 @@ class Connection(asyncio.Protocol):
             self.schedule_flush()
 
     def _handle_frames(self, frames: list[Frame]) -> None:
-        """Act on frames in order; once this connection is backlogged, hold the rest until it drains.
+        """Act on frames in order; hold the rest, reading paused, while this connection is backlogged
+        or its user has no request left in their bucket.
 
         A peer that pipelines requests without reading their answers (history pages of up to
-        hundreds of KB each) then costs at most one read of held frames, not an answer per frame.
+        hundreds of KB each) then costs at most one read of held frames, not an answer per frame. A
+        user sending faster than ``--rate`` is paced the same way: their frames wait, in order, until
+        the bucket refills, so a script's stream is slowed down, never cut by refusals.
         """
+        relay = self.server.relay
+        allowance = relay.allowance(self.user)  # counted down here; the relay charges the real bucket
         for position, frame in enumerate(frames):
             if self.phase is not Phase.OPEN:
                 return  # failed or dropped while handling an earlier frame of this read: act on nothing more
             if self.queued_bytes > HIGH_WATER_BYTES or self.writing_paused:
-                self.held_frames = frames[position:]
-                if self.transport is not None:
-                    self.transport.pause_reading()
+                self._hold(frames[position:])
                 return
+            if allowance < 1.0:
+                allowance = relay.allowance(self.user)
+                if allowance < 1.0:
+                    self._hold(frames[position:])
+                    self._wait_for_tokens(relay.token_wait(self.user))
+                    return
+            allowance -= 1.0
             self._on_frame(frame)
+
+    def _hold(self, frames: list[Frame]) -> None:
+        self.held_frames = frames
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _wait_for_tokens(self, seconds: float) -> None:
+        if self.token_timer is None:
+            metrics = self.server.metrics
+            metrics.rate_waits += 1
+            metrics.rate_wait_seconds += seconds
+            self.token_timer = self.server.loop.call_later(seconds, self._tokens_refilled)
+
+    def _tokens_refilled(self) -> None:
+        self.token_timer = None
+        if not self.writing_paused:  # else resume_writing acts on the held frames
+            self._release_held()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if self.token_timer is None:  # else the timer acts on the held frames once the bucket refilled
+            self._release_held()
+        waiters, self.drain_waiters = self.drain_waiters, None
+        for callback in waiters or ():
+            callback()
+
+    def _release_held(self) -> None:
+        """Act on the held frames (some may be held again), and read on once none are left."""
         held, self.held_frames = self.held_frames, None
         if held:
             self._handle_frames(held)
             self.schedule_flush()
         if self.held_frames is None and self.transport is not None and self.phase is not Phase.REFUSED:
             self.transport.resume_reading()
-        waiters, self.drain_waiters = self.drain_waiters, None
-        for callback in waiters or ():
-            callback()
 
     def when_drained(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once this connection's outgoing buffer is at or below the low-water mark.
@@ -482,6 +515,9 @@ class Connection(asyncio.Protocol):
         if self.open_timer is not None:
             self.open_timer.cancel()
             self.open_timer = None
+        if self.token_timer is not None:
+            self.token_timer.cancel()
+            self.token_timer = None
         if self.session_id:
             server.relay.close_session(self)
             code = self._close_code()

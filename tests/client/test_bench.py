@@ -50,12 +50,20 @@ def test_procs_spread_the_pairs_and_merge_their_counts(start_server: StartServer
 
 
 def test_refused_messages_are_counted_and_exit_5(start_server: StartServer, chatcli: Chatcli) -> None:
-    """A real refusal: the server's per-user rate limit lets the burst through and refuses the rest."""
-    server = start_server("--ephemeral", "--rate", "1", "--burst", "5")
+    """A real refusal: the server takes texts of 40 bytes at most, the bench sends 64."""
+    server = start_server("--ephemeral", "--max-text-bytes", "40")
     status, result = run_bench(chatcli, server, "--pairs", "1", "--messages", "30", "--window", "4")
     assert status == 5, result
-    assert result["refused"] >= 20 and result["acked"] + result["refused"] == result["sent"] == 30
-    assert result["delivered"] == result["acked"] and result["lost"] == 0 and not result["ok"]
+    assert (result["refused"], result["acked"], result["sent"]) == (30, 0, 30)
+    assert result["delivered"] == 0 and result["lost"] == 0 and not result["ok"]
+
+
+def test_a_pair_over_the_rate_limit_is_paced_not_refused(start_server: StartServer, chatcli: Chatcli) -> None:
+    server = start_server("--ephemeral", "--rate", "20", "--burst", "5")
+    status, result = run_bench(chatcli, server, "--pairs", "1", "--messages", "30", "--window", "4")
+    assert status == 0, result
+    assert (result["refused"], result["delivered"], result["lost"]) == (0, 30, 0)
+    assert result["seconds"] >= 25 / 20 * 0.95  # 30 from a bucket of 5 refilled at 20 a second
 
 
 def test_duplicated_messages_are_counted_and_exit_1(start_server: StartServer, chatcli: Chatcli) -> None:

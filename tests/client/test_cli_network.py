@@ -7,13 +7,16 @@ are made on the fly with trustme (``tests/support/credentials.py``).
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from chatcli import protocol as p
 from tests.support.credentials import TlsServer, add_user, start_tls_server
-from tests.support.processes import Chatcli, RunningServer, StartServer
-from tests.support.wsclients import legacy, native
+from tests.support.processes import Chatcli, RunningServer, StartServer, wait_until
+from tests.support.wsclients import legacy, native, recv_frame
 
 
 @pytest.fixture
@@ -137,20 +140,46 @@ def test_tokens_over_tls(chatcli: Chatcli, tls: TlsServer, tmp_path: Path) -> No
 # -- limits and who --------------------------------------------------------------------------
 
 
-def test_send_exits_5_when_rate_limited(chatcli: Chatcli, start_server: StartServer) -> None:
-    server = start_server("--rate", "1", "--burst", "1")
-    sender = chatcli("send", "alice", "bob", "--lines", "--json", "--url", server.ws_url, stdin="one\n\ntwo\nthree\n")
+def test_send_lines_exits_5_on_a_refusal_naming_the_lines(chatcli: Chatcli, start_server: StartServer) -> None:
+    server = start_server("--ephemeral")  # stores nothing: a message to someone offline is refused
+    bob, _ = native(server.ws_url, "bob")
+    sender = chatcli("send", "alice", "bob", "--lines", "--json", "--url", server.ws_url, stdin=subprocess.PIPE)
+    assert sender.proc.stdin is not None
+    sender.proc.stdin.write("one\n\n")
+    sender.proc.stdin.flush()
+    assert isinstance(message := recv_frame(bob), p.Message) and message.text == "one"
+    bob.close()
+    wait_until(lambda: any('"disconnect"' in line and '"bob"' in line for line in server.log), what="bob to go")
+    sender.proc.stdin.write("two\nthree\n")
+    sender.proc.stdin.close()
     assert sender.wait() == 5
-    # All three were in flight at once: each gets its ack, in input order, and stderr names the
-    # refused lines by number (the empty line 2 counts).
-    assert [json.loads(line)["status"] for line in sender.out] == ["stored", "refused", "refused"]
-    assert "line 3: rate-limited, line 4: rate-limited" in sender.err[-1]
-    # --window 1 waits for each ack: nothing is sent after the first refusal (carol has her own bucket).
+    # Both were in flight at once: each gets its ack, in input order, and stderr names the refused
+    # lines by number (the empty line 2 counts) and says what became of the others.
+    assert [json.loads(line)["status"] for line in sender.out] == ["delivered", "refused", "refused"]
+    assert sender.err[-1].endswith("2 message(s) to bob refused (line 3: offline, line 4: offline); the other "
+                                   "1 line(s) up to line 4 were accepted; nothing after line 4 was sent")
+    # --window 1 waits for each ack: nothing is sent after the first refusal.
     stop_and_wait = chatcli("send", "carol", "bob", "--lines", "--json", "--window", "1", "--url", server.ws_url,
                             stdin="one\ntwo\nthree\n")
     assert stop_and_wait.wait() == 5
-    assert [json.loads(line)["status"] for line in stop_and_wait.out] == ["stored", "refused"]
-    assert "line 2: rate-limited" in stop_and_wait.err[-1]
+    assert [json.loads(line)["status"] for line in stop_and_wait.out] == ["refused"]
+    assert stop_and_wait.err[-1].endswith("(line 1: offline); no other line was accepted; nothing after line 1 "
+                                          "was sent")
+
+
+def test_send_lines_is_paced_by_the_rate_limit_not_refused(chatcli: Chatcli, start_server: StartServer) -> None:
+    # 15 lines in flight at once against 10 a second after a burst of 1: the last ack comes ~1.4 s
+    # after it was sent, past --timeout 1, but the acks keep coming, so the stream is not given up.
+    server = start_server("--rate", "10", "--burst", "1")
+    started = time.monotonic()
+    sender = chatcli("send", "alice", "bob", "--lines", "--json", "--timeout", "1", "--url", server.ws_url,
+                     stdin="".join(f"line {i}\n" for i in range(1, 16)))
+    assert sender.wait() == 0, sender.err
+    assert [json.loads(line)["status"] for line in sender.out] == ["stored"] * 15
+    assert time.monotonic() - started >= 14 / 10 * 0.95
+    history = chatcli("history", "bob", "alice", "--json", "--url", server.ws_url)
+    assert history.wait() == 0
+    assert [json.loads(line)["text"] for line in history.out] == [f"line {i}" for i in range(1, 16)]
 
 
 def test_who_lists_the_users_online(chatcli: Chatcli, server: RunningServer) -> None:

@@ -6,6 +6,7 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -115,22 +116,25 @@ def test_certfile_without_keyfile_is_a_usage_error(start_server: StartServer, tm
 # -- limits -------------------------------------------------------------------------------
 
 
-def test_rate_limit_refuses_with_a_reason_and_recovers(start_server: StartServer) -> None:
-    server = start_server("--rate", "2", "--burst", "3")
+def test_rate_limit_paces_both_protocols_in_order(start_server: StartServer) -> None:
+    server = start_server("--rate", "4", "--burst", "3")
     alice, _ = native(server.ws_url, "alice")
     bob, _ = native(server.ws_url, "bob")
-    acks = [send_native(alice, "bob", f"m{i}") for i in range(5)]
-    assert [a.status for a in acks[:3]] == [p.Status.DELIVERED] * 3
-    assert {a.reason for a in acks[3:]} == {p.Reason.RATE_LIMITED}
-    carol = legacy(server.ws_url, "carol")
-    for _ in range(3):
-        carol.send(encode_legacy_send("bob", "burst"))
-        assert carol.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
-    carol.send(encode_legacy_send("bob", "one too many"))
-    assert carol.recv(timeout=5) == p.LEGACY_SEND_ERROR
-    wait_until(lambda: send_native(alice, "bob", "later").accepted, timeout=5, what="the bucket to refill")
-    assert metric(server, "chatcli_messages_refused_total", '{reason="rate-limited"}') >= 3
-    assert len(messages_until_quiet(bob)) >= 4
+    started = time.monotonic()
+    for i in range(6):  # pipelined: 3 go at once, the rest wait for the bucket, none is refused
+        alice.send(p.encode(p.Send(f"m{i}", "bob", f"native {i}")))
+    acks = [recv_frame(alice) for _ in range(6)]
+    assert [(a.id, a.status) for a in acks if isinstance(a, p.Ack)] == [(f"m{i}", p.Status.DELIVERED) for i in range(6)]
+    assert time.monotonic() - started >= 3 / 4 * 0.95  # 6 from a bucket of 3 refilled at 4 a second
+    carol = legacy(server.ws_url, "carol")  # a seed app over its limit is paced too, never sent send:error
+    for i in range(5):
+        carol.send(encode_legacy_send("bob", f"seed {i}"))
+    assert [carol.recv(timeout=5) for _ in range(5)] == [p.LEGACY_SEND_SUCCESS] * 5
+    received = [(m.sender, m.text) for m in messages_until_quiet(bob)]
+    assert [text for sender, text in received if sender == "alice"] == [f"native {i}" for i in range(6)]
+    assert [text for sender, text in received if sender == "carol"] == [f"seed {i}" for i in range(5)]
+    assert metric(server, "chatcli_messages_refused_total", '{reason="rate-limited"}') == 0
+    assert metric(server, "chatcli_rate_limit_waits_total") >= 2
 
 
 def messages_until_quiet(ws, quiet: float = 0.3) -> list[p.Message]:  # type: ignore[no-untyped-def]
