@@ -445,7 +445,10 @@ class Relay:
 
     def _rate_limited(self, session: Session, frame: p.ClientFrame) -> None:
         """A request over the user's rate limit: an error naming it; a ``received`` is just dropped
-        (a later one advances the cursor as far); so are ``read`` and ``typing``."""
+        (a later one advances the cursor as far); so are ``read`` and ``typing``.
+
+        The WebSocket transport paces users instead (it acts on a frame only while ``allowance`` is at
+        least one), so its sessions never get here: this is the relay's own bound, whoever feeds it."""
         self.metrics.error(p.ErrorCode.RATE_LIMITED)
         if isinstance(frame, p.Received | p.MarkRead | p.Typing):
             return
