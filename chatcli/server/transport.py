@@ -687,6 +687,9 @@ class Connection(asyncio.Protocol):
         codec = codec_for(ws.subprotocol)
         verdict = admit(request.path, request.headers, legacy=codec is LEGACY, peer_address=self.peer_address,
                         state=server)
+        # websockets' parser keeps the request in its generator's frame for the connection's whole life:
+        # its headers were a quarter of an idle connection's memory (~1.5 of 6 KB), a bearer token with them.
+        request.headers.clear()
         if isinstance(verdict, Refused):
             if verdict.auth_failure:
                 self._count_auth_failure()
