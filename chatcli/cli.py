@@ -314,7 +314,8 @@ def listen(
         count=count, duration=duration, sender=sender, reconnect=not no_reconnect,
         start=parse_since(since) if since is not None else None,
         cursor_file=CursorFile(cursor_file) if cursor_file is not None else None, flush=env.flush,
-        mark_read=mark_read, receipts=settings.receipts, hooks=hooks)
+        mark_read=mark_read, receipts=settings.receipts, hooks=hooks,
+        reader_gone=env.reader_gone if hooks is None else None)  # hooks keep running, whoever reads stdout
     asyncio.run(listen(settings, me, options, on_message, env.notice))
 
 

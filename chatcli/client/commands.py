@@ -438,6 +438,13 @@ class ListenOptions:
     receipts: bool = True
     #: ``listen --exec``: messages go to these hooks, and the cursor moves only past handled ones.
     hooks: HookRunner | None = None
+    #: Whether nobody reads what ``on_message`` prints any more (stdout a pipe whose reader exited),
+    #: checked every READER_CHECK_S while listening; None never checks.
+    reader_gone: Callable[[], bool] | None = None
+
+
+#: How often an idle ``listen`` checks that its stdout still has a reader.
+READER_CHECK_S = 0.5
 
 
 async def listen(settings: ClientSettings, me: str, options: ListenOptions,
@@ -464,7 +471,8 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
         _stop_on_sigterm()  # so that running hooks are killed, not left behind
     try:
         async with asyncio.timeout(options.duration):
-            await _listen_forever(settings, me, options, cursor, start, take, notice, progress)
+            await _unless_reader_gone(_listen_forever(settings, me, options, cursor, start, take, notice, progress),
+                                      options.reader_gone)
             if options.hooks is not None:  # --count reached: the hooks of those messages finish first
                 await options.hooks.drain()
     except TimeoutError:
@@ -480,6 +488,26 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
     finally:
         if options.hooks is not None:
             options.hooks.stop()
+
+
+async def _unless_reader_gone(listening: Coroutine[Any, Any, None], reader_gone: Callable[[], bool] | None) -> None:
+    """Run ``listening``; raise ``BrokenPipeError`` once nobody reads what it prints, so that an idle
+    ``listen | head -1`` ends when ``head`` does, not at its next message's write."""
+    if reader_gone is None:
+        await listening
+        return
+    task = asyncio.ensure_future(listening)
+    try:
+        while not reader_gone():
+            done, _ = await asyncio.wait((task,), timeout=READER_CHECK_S)
+            if done:
+                return task.result()  # count reached, or the error that ended it
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    raise BrokenPipeError("nobody reads the output any more")
 
 
 async def _listen_forever(settings: ClientSettings, me: str, options: ListenOptions, cursor: MessageCursor,

@@ -8,6 +8,7 @@ whether they are terminals, without a pty. ``from_process()`` is the real one.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from typing import TextIO
 
@@ -63,6 +64,24 @@ class Environment:
         except BrokenPipeError:
             point_at_devnull(self.stdout)
             raise
+
+    def reader_gone(self) -> bool:
+        """Whether stdout is a pipe that nobody reads any more (``| head -1`` has exited): then stdout is
+        pointed at /dev/null, as after a failed write. False for a terminal, a file, or no descriptor."""
+        try:
+            descriptor = self.stdout.fileno()
+            if not stat.S_ISFIFO(os.fstat(descriptor).st_mode):
+                return False
+        except (OSError, ValueError):  # io.UnsupportedOperation is both
+            return False
+        import select  # only for a listen into a pipe
+
+        poller = select.poll()
+        poller.register(descriptor, 0)  # no events asked: a pipe's closed reader is reported all the same
+        if not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+            return False
+        point_at_devnull(self.stdout)
+        return True
 
     def notice(self, text: str) -> None:
         """A line from chatcli itself on stderr: ``chatcli: text``."""

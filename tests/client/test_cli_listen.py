@@ -76,6 +76,21 @@ def test_reader_closing_early_ends_listen_quietly_with_0(server: RunningServer, 
     assert "Traceback" not in err and "Broken pipe" not in err, err
 
 
+def test_an_idle_listen_ends_when_its_reader_does(server: RunningServer, tmp_home: object) -> None:
+    # One message, then silence: listen learns that head has exited without a next message to write.
+    script = (f"{sys.executable} -m chatcli listen bob --url {server.ws_url} | head -1; "
+              'echo "listen exited with ${PIPESTATUS[0]}" >&2')
+    pipeline = subprocess.Popen(["/bin/bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+    wait_until(lambda: any('"connect"' in line and '"bob"' in line for line in server.log), what="bob's listen")
+    alice, _ = native(server.ws_url, "alice")
+    assert send_native(alice, "bob", "the only one").status == "delivered"
+    out, err = pipeline.communicate(timeout=10)
+    assert json.loads(out)["text"] == "the only one"
+    assert "listen exited with 0" in err
+    assert "Traceback" not in err and "Broken pipe" not in err, err
+
+
 def test_listen_survives_a_server_restart(chatcli: Chatcli, start_server: StartServer) -> None:
     first = start_server()
     bob = listening(chatcli, first, "bob", "--count", "2")

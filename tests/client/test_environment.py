@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from chatcli.cli import run
@@ -63,3 +64,15 @@ def test_a_reader_gone_away_is_a_quiet_success(tmp_home: Path, server: RunningSe
     env = environment(stdout=GoneReader())
     assert run(["history", "bob", "alice", "--json", "--url", server.ws_url], env) == ExitStatus.SUCCESS
     assert errors(env) == ""
+
+
+def test_a_pipe_whose_reader_exited_is_told_apart_and_silenced() -> None:
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as pipe:
+        env = Environment(io.StringIO(), pipe, io.StringIO())
+        assert not env.reader_gone()  # someone still reads it
+        os.close(read_end)
+        assert env.reader_gone()
+        env.write_line("to nobody")  # stdout now goes to /dev/null: no BrokenPipeError, here or at exit
+        assert os.path.samefile(f"/proc/self/fd/{pipe.fileno()}", os.devnull)
+    assert not environment().reader_gone()  # no descriptor: nothing to tell
