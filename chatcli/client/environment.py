@@ -54,16 +54,14 @@ class Environment:
             if flush:
                 self.stdout.flush()
         except BrokenPipeError:
-            point_at_devnull(self.stdout)
-            raise
+            raise _reader_gone(self.stdout) from None
 
     def flush(self) -> None:
         """Flush stdout (see ``write_line``)."""
         try:
             self.stdout.flush()
         except BrokenPipeError:
-            point_at_devnull(self.stdout)
-            raise
+            raise _reader_gone(self.stdout) from None
 
     def reader_gone(self) -> bool:
         """Whether stdout is a pipe that nobody reads any more (``| head -1`` has exited): then stdout is
@@ -86,6 +84,16 @@ class Environment:
     def notice(self, text: str) -> None:
         """A line from chatcli itself on stderr: ``chatcli: text``."""
         print(f"chatcli: {text}", file=self.stderr, flush=True)
+
+
+def _reader_gone(stdout: TextIO) -> BrokenPipeError:
+    """The error for a write nobody reads, with stdout pointed at /dev/null.
+
+    Without an errno: Click's ``main`` turns an ``EPIPE`` into exit 1 before chatcli sees it, and a
+    reader that leaves early (``history | head -1``) is a success here.
+    """
+    point_at_devnull(stdout)
+    return BrokenPipeError("the reader of stdout went away")
 
 
 def point_at_devnull(stream: TextIO) -> None:
