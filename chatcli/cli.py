@@ -724,13 +724,15 @@ def user_remove(name: Annotated[str, typer.Argument(help="The user id.")], db: D
 
 
 @user_app.command("list")
-def user_list(db: DbOption = None, redis: RedisOption = None) -> None:
+def user_list(ctx: typer.Context, db: DbOption = None, redis: RedisOption = None) -> None:
     """List accounts: name and creation time, one per line."""
     from chatcli.protocol import format_ts
 
+    env = _environment(ctx)
     with _accounts(db, redis) as accounts:
         for account in accounts.list():
-            print(f"{account.name}\t{format_ts(account.created_ts)}")
+            env.write_line(f"{account.name}\t{format_ts(account.created_ts)}", flush=False)
+    env.flush()
 
 
 @app.command("migrate-to-redis")

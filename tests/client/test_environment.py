@@ -78,3 +78,14 @@ def test_a_pipe_whose_reader_exited_is_told_apart_and_silenced() -> None:
         env.write_line("to nobody")  # stdout now goes to /dev/null: no BrokenPipeError, here or at exit
         assert os.path.samefile(f"/proc/self/fd/{pipe.fileno()}", os.devnull)
     assert not environment().reader_gone()  # no descriptor: nothing to tell
+
+
+def test_user_list_into_a_closed_pipe_is_a_quiet_success(tmp_path: Path) -> None:
+    db = str(tmp_path / "accounts.db")
+    assert run(["user", "add", "alice", "--db", db], environment()) == ExitStatus.SUCCESS
+    env = environment(stdout=GoneReader())
+    assert run(["user", "list", "--db", db], env) == ExitStatus.SUCCESS
+    assert errors(env) == ""
+    listed = environment()
+    assert run(["user", "list", "--db", db], listed) == ExitStatus.SUCCESS
+    assert output(listed).startswith("alice\t")
