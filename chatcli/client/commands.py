@@ -476,6 +476,8 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
             if options.hooks is not None:  # --count reached: the hooks of those messages finish first
                 await options.hooks.drain()
     except TimeoutError:
+        if cursor.sessions == 0:  # not "nothing came": nothing could have come
+            raise ConnectError(f"could not connect to {settings.url} in {options.duration:g} s") from None
         if options.count is not None:
             raise TimedOutError(f"received {received} of {options.count} messages "
                                 f"in {options.duration:g} s") from None

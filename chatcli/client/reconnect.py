@@ -89,9 +89,11 @@ class MessageCursor:
         #: The epoch of the server's store that ``last_id`` belongs to (None: an older server).
         self.epoch: str | None = None
         self.resumable = False
+        self.sessions = 0  # opened so far: none means the server was never reached
 
     def on_hello(self, hello: Hello) -> bool:
         """Adopt the server's store; True when it says our resume point was from another store (a reset)."""
+        self.sessions += 1
         self.resumable = Feature.RESUME in hello.features
         self.epoch = hello.epoch
         if not self.resumable:

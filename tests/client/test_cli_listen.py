@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -133,3 +134,14 @@ def test_ctrl_c_exits_130_without_a_traceback(chatcli: Chatcli, server: RunningS
     bob.proc.send_signal(signal.SIGINT)
     assert bob.wait() == 130
     assert not any("Traceback" in line for line in bob.err), bob.err
+
+
+def test_listen_that_never_reached_the_server_exits_3_at_its_timeout(chatcli: Chatcli) -> None:
+    # From cron, "nothing came" must not hide "the server was down the whole time".
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listen = chatcli("listen", "bob", "--timeout", "1", "--url", f"ws://127.0.0.1:{port}")
+    assert listen.wait() == 3
+    assert listen.out == []
+    assert f"could not connect to ws://127.0.0.1:{port} in 1 s" in listen.err[-1]
