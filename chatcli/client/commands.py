@@ -384,6 +384,7 @@ async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: 
     epoch: str | None = None
     backoff = Backoff()
     resendable = True  # until a server that stores nothing (and so cannot tell a resend) was sent the question
+    reached = False
     try:
         async with asyncio.timeout(wait):
             while True:
@@ -391,7 +392,7 @@ async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: 
                 try:
                     async with open_session(settings, me, resume) as session:
                         backoff.reset()
-                        epoch = session.hello.epoch
+                        epoch, reached = session.hello.epoch, True
                         if not any_message and not session.offers(Feature.REPLIES):  # no answer could ever match
                             _require(session, Feature.REPLIES, settings.url, "replies (ask --any still works)")
                         if asked is None:
@@ -407,6 +408,8 @@ async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: 
                     notice(f"{exc}; reconnecting in {delay:.1f} s")
                     await asyncio.sleep(delay)
     except TimeoutError:
+        if not reached:  # the server was down the whole time: say that, not "no answer"
+            raise ConnectError(f"could not connect to {settings.url} in {wait:g} s") from None
         if asked is None:
             raise TimedOutError(f"could not ask {peer} within {wait:g} s") from None
         raise TimedOutError(f"no answer from {peer} within {wait:g} s") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,6 +186,15 @@ def test_ask_unanswered_times_out_with_6(chatcli: Chatcli, shared: RunningServer
     asking = chatcli("ask", _user("asker"), _user("nobody"), "anyone?", "--timeout", "1", "--url", shared.ws_url)
     assert asking.wait() == 6
     assert "no answer from" in asking.err[-1] and asking.out == []
+
+
+def test_ask_with_the_server_down_all_along_exits_3_not_6(chatcli: Chatcli) -> None:
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    asking = chatcli("ask", "asker", "nobody", "anyone?", "--timeout", "1", "--url", f"ws://127.0.0.1:{port}")
+    assert asking.wait() == 3
+    assert f"could not connect to ws://127.0.0.1:{port} in 1 s" in asking.err[-1] and asking.out == []
 
 
 @pytest.mark.parametrize(("answer", "status", "printed"), [("Yes!", 0, []), ("approve", 0, []), ("n", 7, []),
