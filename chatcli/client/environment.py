@@ -7,10 +7,11 @@ whether they are terminals, without a pty. ``from_process()`` is the real one.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import sys
-from typing import TextIO
+from typing import TextIO, cast
 
 __all__ = ["Environment", "point_at_devnull"]
 
@@ -34,7 +35,8 @@ class Environment:
     @classmethod
     def from_process(cls) -> Environment:
         """This process's ``sys.stdin``, ``sys.stdout`` and ``sys.stderr``, and ``$NO_COLOR``."""
-        return cls(sys.stdin, sys.stdout, sys.stderr, stdin_isatty=_isatty(sys.stdin),
+        stdout = sys.stdout if sys.stdout is not None else cast(TextIO, _ClosedStdout())  # None: started with >&-
+        return cls(sys.stdin, stdout, sys.stderr, stdin_isatty=_isatty(sys.stdin),
                    stdout_isatty=_isatty(sys.stdout), stderr_isatty=_isatty(sys.stderr),
                    no_color=bool(os.environ.get("NO_COLOR")))
 
@@ -84,6 +86,15 @@ class Environment:
     def notice(self, text: str) -> None:
         """A line from chatcli itself on stderr: ``chatcli: text``."""
         print(f"chatcli: {text}", file=self.stderr, flush=True)
+
+
+class _ClosedStdout(io.TextIOBase):
+    """The stdout of a process started with it closed: writing says so instead of failing on ``None``."""
+
+    def write(self, text: str) -> int:
+        from chatcli.errors import ClientError
+
+        raise ClientError("cannot write the output: stdout is closed")
 
 
 def _reader_gone(stdout: TextIO) -> BrokenPipeError:
