@@ -36,7 +36,8 @@ class Environment:
     def from_process(cls) -> Environment:
         """This process's ``sys.stdin``, ``sys.stdout`` and ``sys.stderr``, and ``$NO_COLOR``."""
         stdout = sys.stdout if sys.stdout is not None else cast(TextIO, _ClosedStdout())  # None: started with >&-
-        return cls(sys.stdin, stdout, sys.stderr, stdin_isatty=_isatty(sys.stdin),
+        stdin = sys.stdin if sys.stdin is not None else io.StringIO()  # started with <&-: nothing to read
+        return cls(stdin, stdout, sys.stderr, stdin_isatty=_isatty(sys.stdin),
                    stdout_isatty=_isatty(sys.stdout), stderr_isatty=_isatty(sys.stderr),
                    no_color=bool(os.environ.get("NO_COLOR")))
 

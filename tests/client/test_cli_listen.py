@@ -147,10 +147,14 @@ def test_listen_that_never_reached_the_server_exits_3_at_its_timeout(chatcli: Ch
     assert f"could not connect to ws://127.0.0.1:{port} in 1 s" in listen.err[-1]
 
 
-def test_a_closed_stdout_is_named_not_a_python_error(server: RunningServer, tmp_home: object) -> None:
+def test_a_closed_stdin_or_stdout_is_named_not_a_python_error(server: RunningServer, tmp_home: object) -> None:
     alice, _ = native(server.ws_url, "alice")
     send_native(alice, "bob", "something to print")
     command = f"{sys.executable} -m chatcli history bob alice --url {server.ws_url} >&-"  # started with no stdout
     history = subprocess.run(["/bin/bash", "-c", command], capture_output=True, text=True, timeout=30)
     assert history.returncode == 1
     assert history.stderr.strip() == "chatcli: cannot write the output: stdout is closed"
+    for options, complaint in (("", "the message is empty"), ("--lines", "stdin held no non-empty line to send")):
+        command = f"{sys.executable} -m chatcli send alice bob {options} --url {server.ws_url} <&-"  # no stdin
+        send = subprocess.run(["/bin/bash", "-c", command], capture_output=True, text=True, timeout=30)
+        assert (send.returncode, send.stderr.strip()) == (2, f"chatcli: {complaint}")
