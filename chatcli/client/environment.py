@@ -37,7 +37,9 @@ class Environment:
         """This process's ``sys.stdin``, ``sys.stdout`` and ``sys.stderr``, and ``$NO_COLOR``."""
         stdout = sys.stdout if sys.stdout is not None else cast(TextIO, _ClosedStdout())  # None: started with >&-
         stdin = sys.stdin if sys.stdin is not None else io.StringIO()  # started with <&-: nothing to read
-        return cls(stdin, stdout, sys.stderr, stdin_isatty=_isatty(sys.stdin),
+        # Started with 2>&-: notices go nowhere (print(file=None) would put them among stdout's JSON lines).
+        stderr = sys.stderr if sys.stderr is not None else open(os.devnull, "w")  # noqa: SIM115 - for the process
+        return cls(stdin, stdout, stderr, stdin_isatty=_isatty(sys.stdin),
                    stdout_isatty=_isatty(sys.stdout), stderr_isatty=_isatty(sys.stderr),
                    no_color=bool(os.environ.get("NO_COLOR")))
 

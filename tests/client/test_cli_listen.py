@@ -147,7 +147,7 @@ def test_listen_that_never_reached_the_server_exits_3_at_its_timeout(chatcli: Ch
     assert f"could not connect to ws://127.0.0.1:{port} in 1 s" in listen.err[-1]
 
 
-def test_a_closed_stdin_or_stdout_is_named_not_a_python_error(server: RunningServer, tmp_home: object) -> None:
+def test_closed_standard_streams_are_named_or_left_alone(server: RunningServer, tmp_home: object) -> None:
     alice, _ = native(server.ws_url, "alice")
     send_native(alice, "bob", "something to print")
     command = f"{sys.executable} -m chatcli history bob alice --url {server.ws_url} >&-"  # started with no stdout
@@ -158,3 +158,7 @@ def test_a_closed_stdin_or_stdout_is_named_not_a_python_error(server: RunningSer
         command = f"{sys.executable} -m chatcli send alice bob {options} --url {server.ws_url} <&-"  # no stdin
         send = subprocess.run(["/bin/bash", "-c", command], capture_output=True, text=True, timeout=30)
         assert (send.returncode, send.stderr.strip()) == (2, f"chatcli: {complaint}")
+    command = f"{sys.executable} -m chatcli listen bob --timeout 1 --url {server.ws_url} 2>&-"  # no stderr
+    listen = subprocess.run(["/bin/bash", "-c", command], capture_output=True, text=True, timeout=30)
+    assert listen.returncode == 0
+    assert [json.loads(line)["text"] for line in listen.stdout.splitlines()] == ["something to print"]  # no notices
