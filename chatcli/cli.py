@@ -106,7 +106,9 @@ def serve(
     rate: Annotated[float, typer.Option(help="Requests per second one user may make, sustained, over all "
                                         "their sessions (send, who, history, watch, received).")] = 5000.0,
     burst: Annotated[int, typer.Option(help="Requests one user may make at once above --rate.")] = 10000,
-    max_connections: Annotated[int, typer.Option(help="Open connections at most; more are refused (503).")] = 20000,
+    max_connections: Annotated[int | None, typer.Option(
+        help="Open connections at most; more are refused (503) [default: 20000, or fewer if the "
+        "file-descriptor limit has room for fewer].", show_default=False)] = None,
     max_sessions_per_user: Annotated[int, typer.Option(
         help="Open sessions per user at most, send-only ones included (429).")] = 16,
     presence: Annotated[Presence | None, typer.Option(
@@ -146,12 +148,18 @@ def serve(
                                 fsync=fsync, redis_url=redis, redis_durability=redis_durability,
                                 retention_s=retention_s, require_auth=require_auth,
                                 certfile=certfile, keyfile=keyfile, rate=rate, burst=burst,
-                                max_connections=max_connections, max_sessions_per_user=max_sessions_per_user,
+                                **_max_connections(max_connections), max_sessions_per_user=max_sessions_per_user,
                                 presence=presence.value if presence is not None else None,
                                 max_buffer_bytes=max_buffer, ping_interval=ping_interval, ping_timeout=ping_timeout,
                                 max_http_connections=max_http_connections, http_timeout=http_timeout,
                                 http_idle_timeout=http_idle_timeout)
     run(config, log_level=log_level.value, log_format=log_format.value)
+
+
+def _max_connections(given: int | None) -> dict[str, object]:
+    """Pass on a --max-connections only if given: start-up lowers the default to fit the descriptors quietly,
+    and warns when it has to lower one the operator asked for."""
+    return {} if given is None else {"max_connections": given, "max_connections_given": True}
 
 
 # ---------------------------------------------------------------------------

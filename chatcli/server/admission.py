@@ -114,8 +114,9 @@ def _duplicate_header(headers: Headers) -> Refused | None:
 def _check_capacity(user: str, state: AdmissionState) -> Refused | None:
     config = state.config
     if state.connection_count > config.max_connections:
+        plural = "" if config.max_connections == 1 else "s"
         return Refused(HTTPStatus.SERVICE_UNAVAILABLE,
-                       f"server full: {config.max_connections} connections; try again later\n")
+                       f"server full: {config.max_connections} connection{plural}; try again later\n")
     if state.sessions_of(user) >= config.max_sessions_per_user:
         return Refused(HTTPStatus.TOO_MANY_REQUESTS,
                        f"too many sessions for {user}: at most {config.max_sessions_per_user}\n")

@@ -11,7 +11,10 @@ from chatcli.errors import UsageError
 from chatcli.protocol import DEFAULT_AUTH_KEY, DEFAULT_MAX_TEXT_BYTES, FRAME_OVERHEAD_BYTES
 from chatcli.server.engine.options import Fsync, RedisDurability
 
-__all__ = ["PRESENCE_MODES", "PresenceMode", "ServerConfig"]
+#: --max-connections when not given (or fewer, when the file-descriptor limit leaves less room).
+DEFAULT_MAX_CONNECTIONS: Final = 20000
+
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "PRESENCE_MODES", "PresenceMode", "ServerConfig"]
 
 #: Whose presence a user sees (``who``, ``watch``): everyone's, only their contacts', or nobody's.
 PresenceMode: TypeAlias = Literal["all", "contacts", "off"]
@@ -41,7 +44,10 @@ class ServerConfig:
     #: history, watch, received), and the burst above it.
     rate: float = 5000.0
     burst: int = 10000
-    max_connections: int = 20000
+    #: Connections admitted at most; start-up lowers it to what the file-descriptor limit holds.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: --max-connections was given: lowering it is then worth a warning, not only a line of information.
+    max_connections_given: bool = False
     #: Open sessions per user, receiving or not.
     max_sessions_per_user: int = 16
     #: None: "contacts" for sessions that proved a token (accounts on), "all" for the others (without

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 #: Descriptors kept free beyond those open at start-up and the HTTP port's: SQLite's journal, WAL and
 #: temporary files, the accounts database, a TLS handshake or an accept in flight.
-__all__ = ["FD_RESERVE", "FdLimit", "connection_capacity", "open_fd_count", "raise_fd_limit"]
+__all__ = ["FD_RESERVE", "FdLimit", "connection_capacity", "fit_connections", "open_fd_count", "raise_fd_limit"]
 
 FD_RESERVE = 32
 
@@ -62,3 +62,15 @@ def open_fd_count() -> int | None:
 def connection_capacity(limit: int, open_now: int, http_connections: int) -> int:
     """WebSocket connections that fit under ``limit`` beside those open now, the HTTP port's and the reserve."""
     return max(0, limit - open_now - http_connections - FD_RESERVE)
+
+
+def fit_connections(requested: int, capacity: int, refusing: int) -> int:
+    """The most WebSocket connections to admit: ``requested``, or fewer when ``capacity`` has no room for it
+    plus the ``refusing`` connections still read to be told "server full" (503).
+
+    Without this, connections past the descriptors fail at accept, and the peer sees its socket closed with
+    no answer. When the room is short, an eighth of it at most is kept for those polite refusals.
+    """
+    if requested + refusing <= capacity:
+        return requested
+    return max(1, min(requested, capacity - min(refusing, capacity // 8)))

@@ -12,6 +12,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -25,12 +26,12 @@ from chatcli.server.engine.base import Capability, Engine
 from chatcli.server.engine.memory import MemoryEngine
 from chatcli.server.engine.redis_setup import redact
 from chatcli.server.engine.sqlite import SQLiteEngine
-from chatcli.server.fdlimit import FdLimit, connection_capacity, open_fd_count, raise_fd_limit
+from chatcli.server.fdlimit import FdLimit, connection_capacity, fit_connections, open_fd_count, raise_fd_limit
 from chatcli.server.http_api import Handler, HttpServer, Response, json_response, text_response
 from chatcli.server.metrics import Metrics, render_prometheus
 from chatcli.server.relay import Relay
 from chatcli.server.storage_thread import StorageThread
-from chatcli.server.transport import WebSocketServer
+from chatcli.server.transport import HANDSHAKE_SLACK, WebSocketServer
 
 __all__ = ["JsonFormatter", "configure_logging", "open_engine", "run", "serve"]
 
@@ -100,6 +101,7 @@ async def serve(config: ServerConfig) -> None:
     tls = _tls_context(config)
     storage = StorageThread(loop)
     engine = await open_engine(config, storage)
+    config, room = _fit_to_fd_limit(config, fd_limit)
     relay = Relay(config, metrics, engine, schedule=loop.call_soon)
     ws_server = WebSocketServer(config, relay, metrics, engine.accounts)
     started = time.monotonic()
@@ -125,7 +127,7 @@ async def serve(config: ServerConfig) -> None:
     log.info("listening on %s://%s:%d (HTTP on port %d), chatcli %s", scheme, config.host, ws_port, http_port,
              __version__, extra={"event": "listening", "ws_port": ws_port, "http_port": http_port,
                                  "host": config.host, "version": __version__, "tls": bool(tls)})
-    _log_fd_capacity(config, fd_limit)
+    _log_fd_capacity(config, room)
     _log_auth_mode(ws_server)
 
     if config.redis_url is not None:
@@ -175,28 +177,57 @@ def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
 
 #: Descriptors assumed open at start-up where the platform cannot count them (stdio, listeners, database).
 _ASSUMED_OPEN_FDS = 16
+#: The two listening sockets, opened after the descriptors are counted.
+_LISTENERS = 2
 
 
-def _log_fd_capacity(config: ServerConfig, fd_limit: FdLimit) -> None:
-    """Log how many connections the file-descriptor limit leaves room for; warn when that is below
-    --max-connections, which would otherwise fail silently at accept time."""
+@dataclass(frozen=True, slots=True)
+class ConnectionRoom:
+    """What the file-descriptor limit leaves room for, measured before listening and logged after."""
+
+    fd_limit: FdLimit
+    open_now: int
+    #: WebSocket connections that fit beside the HTTP port's and the reserve (None: no limit to check).
+    capacity: int | None
+    #: --max-connections as asked for (the config then holds what is admitted).
+    requested: int
+
+
+def _fit_to_fd_limit(config: ServerConfig, fd_limit: FdLimit) -> tuple[ServerConfig, ConnectionRoom]:
+    """Lower --max-connections to what the descriptors hold, so that the connections past it are answered
+    503 "server full" instead of failing at accept with no answer at all."""
     if fd_limit.after is None:
+        return config, ConnectionRoom(fd_limit, 0, None, config.max_connections)
+    open_now = (open_fd_count() or _ASSUMED_OPEN_FDS) + _LISTENERS
+    capacity = connection_capacity(fd_limit.after, open_now, config.max_http_connections)
+    admitted = fit_connections(config.max_connections, capacity, HANDSHAKE_SLACK)
+    room = ConnectionRoom(fd_limit, open_now, capacity, config.max_connections)
+    return replace(config, max_connections=admitted), room
+
+
+def _log_fd_capacity(config: ServerConfig, room: ConnectionRoom) -> None:
+    """Log how many connections the file-descriptor limit leaves room for, and what that lowered
+    --max-connections to: a warning when the operator asked for more or the room is under half the
+    request, information when it only trims the default."""
+    fd_limit = room.fd_limit
+    if fd_limit.after is None or room.capacity is None:
         log.info("file descriptors: no per-process limit to check", extra={"event": "capacity", "fd_limit": None})
         return
-    open_now = open_fd_count() or _ASSUMED_OPEN_FDS
-    capacity = connection_capacity(fd_limit.after, open_now, config.max_http_connections)
     raised = f" (raised from {fd_limit.before})" if fd_limit.raised else ""
-    fields = {"fd_limit": fd_limit.after, "fd_limit_before": fd_limit.before, "fds_open": open_now,
-              "ws_capacity": capacity, "max_connections": config.max_connections,
-              "max_http_connections": config.max_http_connections}
-    log.info("file descriptors: limit %d%s, %d open: room for %d WebSocket connections beside %d HTTP ones",
-             fd_limit.after, raised, open_now, capacity, config.max_http_connections,
-             extra={"event": "capacity", **fields})
-    if capacity < config.max_connections:
-        log.warning("the file-descriptor limit (%d) leaves room for only %d WebSocket connections, below "
-                    "--max-connections %d: connections beyond it will fail. Raise the hard limit (ulimit -Hn, "
-                    "systemd LimitNOFILE=) or lower --max-connections / --max-http-connections",
-                    fd_limit.after, capacity, config.max_connections, extra={"event": "capacity-low", **fields})
+    fields = {"fd_limit": fd_limit.after, "fd_limit_before": fd_limit.before, "fds_open": room.open_now,
+              "ws_capacity": room.capacity, "max_connections": config.max_connections,
+              "max_connections_requested": room.requested, "max_http_connections": config.max_http_connections}
+    lowered = config.max_connections < room.requested
+    admits = f": admitting at most {config.max_connections} (--max-connections {room.requested} does not fit)"
+    log.info("file descriptors: limit %d%s, %d open: room for %d WebSocket connections beside %d HTTP ones%s",
+             fd_limit.after, raised, room.open_now, room.capacity, config.max_http_connections,
+             admits if lowered else "", extra={"event": "capacity", **fields})
+    if lowered and (config.max_connections_given or config.max_connections < room.requested // 2):
+        log.warning("the file-descriptor limit (%d) leaves room for only %d WebSocket connections: "
+                    "--max-connections %d lowered to %d (more are answered 503). Raise the hard limit "
+                    "(ulimit -Hn, systemd LimitNOFILE=) or lower --max-connections / --max-http-connections",
+                    fd_limit.after, room.capacity, room.requested, config.max_connections,
+                    extra={"event": "capacity-low", **fields})
 
 
 def _log_auth_mode(ws_server: WebSocketServer) -> None:

@@ -18,7 +18,7 @@ from chatcli.server.http_api import MAX_REQUESTS_PER_CONNECTION
 from chatcli.server.limitlog import LimitLog
 from tests.support.credentials import issue_certificate
 from tests.support.processes import RunningServer, StartServer
-from tests.support.wsclients import legacy
+from tests.support.wsclients import RawClient, legacy
 
 GET_ROOT = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
@@ -234,8 +234,8 @@ def _fd_limit(soft: int, hard: int) -> Callable[[], None]:
 
 def test_an_http_flood_under_a_low_fd_limit_leaves_websocket_sessions_room(start_server: StartServer) -> None:
     """The reported failure: idle HTTP connections used up a low fd limit and new WebSocket clients failed."""
-    server = start_server("--max-http-connections", "8", "--http-timeout", "60", preexec_fn=_fd_limit(64, 64))
-    flood = [open_http(server) for _ in range(60)]  # more than the whole limit; none sends anything
+    server = start_server("--max-http-connections", "8", "--http-timeout", "60", preexec_fn=_fd_limit(96, 96))
+    flood = [open_http(server) for _ in range(100)]  # more than the whole limit; none sends anything
     answers = [read_until_closed(sock) for sock in flood[8:]]
     assert all(answer.startswith(b"HTTP/1.1 503 ") for answer in answers)
     sessions = [legacy(server.ws_url, f"user{i}") for i in range(5)]
@@ -254,9 +254,49 @@ def test_start_up_raises_the_soft_fd_limit_and_reports_the_capacity(start_server
 
 
 def test_a_low_fd_limit_is_a_warning_at_start_up(start_server: StartServer) -> None:
-    server = start_server("--max-connections", "20000", preexec_fn=_fd_limit(256, 256))
+    server = start_server("--max-connections", "20000", "--max-http-connections", "16",
+                          preexec_fn=_fd_limit(256, 256))
     assert server.wait_log('"event": "capacity-low"')
     [capacity] = events(server, "capacity")
-    assert capacity["fd_limit"] == 256
+    assert capacity["fd_limit"] == 256 and capacity["max_connections_requested"] == 20000
+    admitted = capacity["max_connections"]
+    assert isinstance(admitted, int) and 100 < admitted < 256 - 16
     [warning] = events(server, "capacity-low")
-    assert warning["level"] == "warning" and "below --max-connections 20000" in warning["message"]  # type: ignore[operator]
+    assert warning["level"] == "warning"
+    assert f"--max-connections 20000 lowered to {admitted}" in warning["message"]  # type: ignore[operator]
+
+
+def test_connections_past_the_fd_limit_are_told_the_server_is_full(start_server: StartServer) -> None:
+    """With the default --max-connections above what the descriptors hold, the connections past the room get
+    the 503 that --max-connections promises; they used to be accepted and dropped without an answer."""
+    server = start_server("--max-http-connections", "8", preexec_fn=_fd_limit(128, 128))
+    assert server.wait_log('"event": "capacity"')
+    [capacity] = events(server, "capacity")
+    admitted = capacity["max_connections"]
+    assert isinstance(admitted, int) and 30 < admitted < 128 - 8
+    assert f"admitting at most {admitted} (--max-connections 20000 does not fit)" in capacity["message"]  # type: ignore[operator]
+    sessions = [legacy(server.ws_url, f"user{i}") for i in range(admitted)]
+    refused = [RawClient(server.ws_port, f"/late{i}") for i in range(4)]
+    assert [raw.status for raw in refused] == [503] * 4
+    assert f"server full: {admitted} connections" in refused[0].response_body()
+    sessions[0].close()
+    assert_eventually_admitted(server)
+
+
+def assert_eventually_admitted(server: RunningServer) -> None:
+    """Once a session is gone the server has room again (it notices the close asynchronously)."""
+    for _ in range(200):
+        raw = RawClient(server.ws_port, "/late")
+        raw.sock.close()
+        if raw.status == 101:
+            return
+    raise AssertionError("no room came back after a session closed")
+
+
+def test_a_high_enough_fd_limit_trims_the_default_quietly(start_server: StartServer) -> None:
+    server = start_server(preexec_fn=_fd_limit(11000, 11000))
+    assert server.wait_log('"event": "capacity"')
+    [capacity] = events(server, "capacity")
+    assert capacity["max_connections_requested"] == 20000
+    assert 10000 < capacity["max_connections"] < 11000 - 256  # type: ignore[operator]
+    assert capacity["level"] == "info" and not events(server, "capacity-low")
