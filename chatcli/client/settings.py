@@ -149,7 +149,10 @@ def _first_or_none(*candidates: str | None) -> str | None:
 
 
 def check_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket: "Invalid IPv6 URL"
+        raise UsageError(f"invalid server URL {url!r}: {exc}") from None
     if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.netloc.endswith(":"):
         raise UsageError(f"invalid server URL {url!r}: expected ws://HOST:PORT or wss://HOST:PORT")
     if parts.query or parts.fragment:

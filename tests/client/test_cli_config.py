@@ -55,6 +55,7 @@ def test_profile_choice_and_key_file(tmp_home: Path) -> None:
     ("[profiles.a\n", {}, "not valid TOML"),
     ('[profiles.a]\nurll = "x"\n', {"profile": "a"}, "unknown keys"),
     ("", {"url": "http://x:1"}, "invalid server URL"),
+    ("", {"url": "ws://[::1:6060"}, "invalid server URL 'ws://\\[::1:6060': Invalid IPv6 URL"),
     ("", {"timeout": 0}, "positive number"),
     ("", {"auth_key": "k", "auth_key_file": Path("/k")}, "not both"),
     ("", {"auth_key_file": Path("/nonexistent/key")}, "cannot read the auth key file"),
