@@ -682,7 +682,11 @@ RedisOption = Annotated[str | None, typer.Option(
     help="The cluster's Redis (redis://, rediss://, unix://) instead of a database file.")]
 
 
-def _accounts(db: Path | None, redis: str | None = None) -> AccountStore | RedisAccountStore:
+def _accounts(db: Path | None, redis: str | None = None, *,
+              create: bool = False) -> AccountStore | RedisAccountStore:
+    """The accounts in Redis or in the database file; only ``user add`` may create the file (and its folder),
+    so that a mistyped --db is an error rather than a new empty database."""
+    from chatcli.errors import AccountError
     from chatcli.paths import default_db_path
     from chatcli.server.accounts import AccountStore
 
@@ -693,6 +697,9 @@ def _accounts(db: Path | None, redis: str | None = None) -> AccountStore | Redis
 
         return RedisAccountStore(redis)
     path = db or default_db_path()
+    if not create and not path.exists():
+        raise AccountError(f"no database at {path}: `chatcli serve` creates it when it first starts, "
+                           f"or `chatcli user add` with the same --db")
     path.parent.mkdir(parents=True, exist_ok=True)
     return AccountStore(path)
 
@@ -707,7 +714,7 @@ def _print_token(name: str, token: str) -> None:
 def user_add(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None,
              redis: RedisOption = None) -> None:
     """Create an account and print its token (once)."""
-    with _accounts(db, redis) as accounts:
+    with _accounts(db, redis, create=True) as accounts:
         _print_token(name, accounts.add(name))
 
 

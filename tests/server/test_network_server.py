@@ -72,11 +72,17 @@ def test_require_auth_without_accounts_refuses_everyone(start_server: StartServe
 
 
 def test_user_commands_list_remove_and_errors(tmp_path: Path) -> None:
-    db = str(tmp_path / "accounts.db")
+    db = str(tmp_path / "accounts" / "accounts.db")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "chatcli", "user", *args, "--db", db], capture_output=True,
                               text=True)
+
+    # Before any account: a mistyped --db is an error, and no empty database (or folder) appears there.
+    for command in (("list",), ("remove", "alice"), ("rotate", "alice")):
+        missing = run(*command)
+        assert missing.returncode == 1 and f"no database at {db}" in missing.stderr
+    assert not (tmp_path / "accounts").exists()
 
     token = run("add", "alice")
     assert token.returncode == 0 and len(token.stdout.strip()) >= 40 and "only once" in token.stderr
