@@ -47,7 +47,7 @@ PROTOCOLS: Final = (NATIVE, LEGACY)
 RESULT_KEYS: Final = (
     "url", "protocol", "pairs", "messages_per_pair", "window", "size", "procs",
     "sent", "acked", "refused", "unanswered", "delivered", "lost", "duplicated", "out_of_order", "unexpected",
-    "connections_lost", "timed_out", "ok", "exit_status",
+    "connections_lost", "lost_because", "timed_out", "ok", "exit_status",
     "seconds", "msgs_per_s", "latency_ms",
 )
 
@@ -190,6 +190,7 @@ class Counts:
     out_of_order: int = 0  # first arrivals with a lower sequence number than one already seen in that pair
     unexpected: int = 0  # frames that are not a message of this run: garbled, other senders, refused ones arriving
     connections_lost: int = 0
+    lost_because: str = ""  # why the first lost session closed, e.g. "the server closed it with 1009 (…)"
     timed_out: bool = False
     first_ns: int = 0  # when the clock started (time.monotonic_ns)
     last_ns: int = 0  # the last delivery, or the last ack when nothing was delivered
@@ -198,6 +199,7 @@ class Counts:
         for name in ("sent", "acked", "refused", "delivered", "lost", "duplicated", "out_of_order", "unexpected",
                      "connections_lost"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.lost_because = self.lost_because or other.lost_because
         self.timed_out = self.timed_out or other.timed_out
         self.first_ns = min(self.first_ns, other.first_ns) if self.first_ns else other.first_ns
         self.last_ns = max(self.last_ns, other.last_ns)
@@ -231,6 +233,7 @@ def result(options: BenchOptions, counts: Counts, histogram: Histogram) -> dict[
         "unanswered": counts.sent - counts.acked - counts.refused, "delivered": counts.delivered,
         "lost": counts.lost, "duplicated": counts.duplicated, "out_of_order": counts.out_of_order,
         "unexpected": counts.unexpected, "connections_lost": counts.connections_lost,
+        "lost_because": counts.lost_because or None,
         "timed_out": counts.timed_out, "ok": status == ExitStatus.SUCCESS, "exit_status": int(status),
         "seconds": round(seconds, 3), "msgs_per_s": round(counts.delivered / seconds),
         "latency_ms": histogram.summary_ms(),
@@ -254,7 +257,8 @@ def summary_text(res: dict[str, Any]) -> str:
                  f"unanswered {res['unanswered']:,}  lost {res['lost']:,}  duplicated {res['duplicated']:,}  "
                  f"out of order {res['out_of_order']:,}  unexpected {res['unexpected']:,}")
     if res["connections_lost"]:
-        lines.append(f"{res['connections_lost']} session(s) lost before the end")
+        why = f"; the first: {res['lost_because']}" if res["lost_because"] else ""
+        lines.append(f"{res['connections_lost']} session(s) lost before the end{why}")
     if res["timed_out"]:
         lines.append("timed out waiting for acks")
     lines.append("OK: every message arrived once, in order" if res["ok"]
@@ -281,6 +285,7 @@ class _Session(asyncio.Protocol):
         #: Set before the handshake: the first frames may come in the same read as the handshake's answer.
         self.on_frames = on_frames
         self.closed = False
+        self.why_closed = ""  # set when the connection is gone: the server's close code and reason, if any
         self._partial: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -333,6 +338,9 @@ class _Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        close = self.ws.close_rcvd
+        self.why_closed = (f"the server closed it with {close}" if close is not None
+                           else f"the connection dropped ({exc})" if exc else "the connection dropped")
         if not self.opened.done():
             self.opened.set_exception(ConnectError(f"the server closed the connection during the handshake"
                                                    f"{': ' + str(exc) if exc else ''}"))
@@ -620,6 +628,8 @@ class Worker:
     def _tally(self) -> None:
         c = self.counts
         c.connections_lost = self.sessions_lost
+        c.lost_because = next((session.why_closed for pair in self.pairs for session in (pair.receiver, pair.sender)
+                               if session is not None and session.why_closed), "")
         for pair in self.pairs:
             c.lost += sum(1 for ack, n in zip(pair.acks, pair.seen, strict=True) if ack == _ACCEPTED and not n)
         if not c.last_ns:

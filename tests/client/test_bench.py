@@ -98,6 +98,16 @@ def test_a_server_killed_mid_run_exits_3_with_consistent_counts(start_server: St
     assert result["sent"] == result["acked"] + result["refused"] + result["unanswered"]
     assert 500 <= result["sent"] < 20_000_000 and result["delivered"] <= result["sent"]
     assert 0 <= result["lost"] <= result["acked"]
+    assert result["lost_because"].startswith("the connection dropped")  # SIGKILL: no close frame
+
+
+def test_messages_too_large_for_the_server_say_why_the_sessions_closed(start_server: StartServer,
+                                                                        chatcli: Chatcli) -> None:
+    server = start_server("--ephemeral", "--max-text-bytes", "1000")
+    proc = chatcli("bench", "--url", server.ws_url, "--pairs", "2", "--messages", "5", "--size", "20000")
+    assert proc.wait(timeout=15) == 3, proc.err
+    assert any(line.startswith("2 session(s) lost before the end; the first: the server closed it with 1009 "
+                               "(message too big)") for line in proc.out), proc.out
 
 
 def test_no_server_exits_3(chatcli: Chatcli) -> None:
