@@ -297,8 +297,7 @@ def _status(view: StatusView) -> Text:
         state = f"reconnecting in {max(0, round(view.retry_in))} s"
     line = Text()
     line.append(f"● {state}", style=_STATE_STYLES[view.state])
-    line.append(f"  {view.url}  ", style="dim")
-    line.append(f"{view.me} → {view.peer or 'inbox'}", style="bold")
+    line.append(f"  {view.me} → {view.peer or 'inbox'}", style="bold")
     if view.peer is None:
         pass
     elif view.peer_hidden:
@@ -316,6 +315,9 @@ def _status(view: StatusView) -> Text:
         line.append(f"  [{total} unread: {hotlist}{more}]", style="bold yellow")
     if view.pending:
         line.append(f"  {len(view.pending)} pending", style="yellow")
+    # The URL last: a narrow terminal cuts the line's end, and the unread counts matter more.
+    line.append(f"  {view.url}", style="dim")
+    if view.pending:
         for text in view.pending[-3:]:
             first_line = safe_text(text).split("\n", 1)[0]
             line.append(f"\n  … {first_line[:70]}", style="yellow")

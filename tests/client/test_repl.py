@@ -98,7 +98,7 @@ def test_chat_sends_receives_and_shows_delivery(terminal: Callable[..., Terminal
     bob, _ = native(server.ws_url, "bob")
     chat = terminal("alice", "bob", "--url", server.ws_url)
     chat.wait_for("connected")
-    chat.wait_for(f"{server.ws_url}  alice → bob")  # the status line
+    chat.wait_for("alice → bob")  # the status line (its order is checked in test_status_line_names_…)
     chat.type("hello bob\r")
     message = recv_frame(bob)
     assert isinstance(message, Message) and (message.sender, message.text) == ("alice", "hello bob")
@@ -317,14 +317,14 @@ def test_safe_text_replaces_every_control_but_newline_and_tab() -> None:
 def test_status_line_names_state_server_and_direction() -> None:
     connected = ConnectionState.CONNECTED
     view = render.StatusView(ConnectionState.RECONNECTING, "ws://h:1", "alice", "bob", retry_in=2.6, pending=("hi",))
-    assert render.status_text(view) == "● reconnecting in 3 s  ws://h:1  alice → bob  1 pending\n  … hi"
+    assert render.status_text(view) == "● reconnecting in 3 s  alice → bob  1 pending  ws://h:1\n  … hi"
     assert render.status_text(render.StatusView(connected, "ws://h:1", "alice", "bob")) == \
-        "● connected  ws://h:1  alice → bob"
+        "● connected  alice → bob  ws://h:1"
     assert render.status_text(render.StatusView(connected, "ws://h:1", "alice", "bob", peer_online=True)) == \
-        "● connected  ws://h:1  alice → bob  bob online"
+        "● connected  alice → bob  bob online  ws://h:1"
     assert render.status_text(render.StatusView(connected, "ws://h:1", "alice", "bob", peer_online=False,
                                                 peer_hidden=True)) == \
-        "● connected  ws://h:1  alice → bob  bob's presence hidden until you exchange a message"
+        "● connected  alice → bob  bob's presence hidden until you exchange a message  ws://h:1"
 
 
 def test_every_connection_state_has_a_status_line_style() -> None:

@@ -52,10 +52,10 @@ def test_the_status_line_names_the_conversation_typing_and_the_hotlist() -> None
     connected = ConnectionState.CONNECTED
     view = StatusView(connected, "ws://h:1", "alice", "bob", peer_online=True, peer_typing=True,
                       unread=(("carol", 2), ("dave", 1)))
-    assert render.status_text(view) == ("● connected  ws://h:1  alice → bob  bob online  bob is typing…"
-                                        "  [3 unread: carol 2, dave 1]")
+    assert render.status_text(view) == ("● connected  alice → bob  bob online  bob is typing…"
+                                        "  [3 unread: carol 2, dave 1]  ws://h:1")
     inbox = StatusView(connected, "ws://h:1", "alice", None)
-    assert render.status_text(inbox) == "● connected  ws://h:1  alice → inbox"
+    assert render.status_text(inbox) == "● connected  alice → inbox  ws://h:1"
     many = tuple((f"u{n}", 1) for n in range(7))
     assert render.status_text(StatusView(connected, "u", "a", None, unread=many)).endswith(
-        "[7 unread: u0 1, u1 1, u2 1, u3 1, u4 1, …]")
+        "[7 unread: u0 1, u1 1, u2 1, u3 1, u4 1, …]  u")
