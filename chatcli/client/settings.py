@@ -195,11 +195,12 @@ def _read_secret_file(path: Path, what: str) -> str:
 def _load_profile(requested: str | None, path: Path) -> tuple[str | None, dict[str, Any]]:
     """The chosen profile's name and values; ``(None, {})`` when there is none to use."""
     document = _read_config(path) if path.is_file() else {}
+    _check_top_level(path, document)
     profiles = document.get("profiles", {})
     if not isinstance(profiles, dict):
         raise UsageError(f"{path}: 'profiles' must be a table of [profiles.NAME] sections")
     default = document.get("default_profile")
-    name = requested or (default if isinstance(default, str) else None)
+    name = requested or default
     if name is None:
         return ("default", _check_profile(path, "default", profiles["default"])) if "default" in profiles \
             else (None, {})
@@ -207,6 +208,19 @@ def _load_profile(requested: str | None, path: Path) -> tuple[str | None, dict[s
         known = ", ".join(sorted(profiles)) or "none"
         raise UsageError(f"no profile {name!r} in {path} (profiles: {known})")
     return name, _check_profile(path, name, profiles[name])
+
+
+def _check_top_level(path: Path, document: dict[str, Any]) -> None:
+    """Only ``default_profile`` and ``[profiles.NAME]`` belong at the top: a setting written there would
+    otherwise be ignored without a word."""
+    unknown = set(document) - {"default_profile", "profiles"}
+    if unknown:
+        settings = sorted(unknown & _PROFILE_KEYS)
+        hint = f"; settings such as {settings[0]!r} go in a [profiles.NAME] section" if settings else ""
+        raise UsageError(f"{path}: unknown top-level keys {sorted(unknown)}{hint}")
+    default = document.get("default_profile")
+    if default is not None and not isinstance(default, str):
+        raise UsageError(f"{path}: default_profile must be a profile's name in quotes, not {default!r}")
 
 
 def _read_config(path: Path) -> dict[str, Any]:

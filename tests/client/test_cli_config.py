@@ -53,6 +53,8 @@ def test_profile_choice_and_key_file(tmp_home: Path) -> None:
 @pytest.mark.parametrize("config, flags, message", [
     ('[profiles.a]\nurl = "ws://a:1"\n', {"profile": "b"}, "no profile 'b'"),
     ("[profiles.a\n", {}, "not valid TOML"),
+    ('timeout = 5\n', {}, "unknown top-level keys \\['timeout'\\]; settings such as 'timeout' go in a \\[profiles"),
+    ('default_profile = 7\n[profiles.a]\nurl = "ws://a:1"\n', {}, "default_profile must be a profile's name"),
     ('[profiles.a]\nurll = "x"\n', {"profile": "a"}, "unknown keys"),
     ("", {"url": "http://x:1"}, "invalid server URL"),
     ("", {"url": "ws://[::1:6060"}, "invalid server URL 'ws://\\[::1:6060': Invalid IPv6 URL"),
