@@ -81,6 +81,18 @@ def _non_empty(text: str) -> str:
     text = text[:-1] if text.endswith("\r") else text
     if not text:
         raise UsageError("the message is empty")
+    return _valid_utf8(text)
+
+
+def _valid_utf8(text: str) -> str:
+    """Bytes that are not UTF-8 reach us from argv or stdin as lone surrogates (Python's surrogateescape):
+    name the byte, rather than let the protocol's check speak of surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise UsageError(f"the message is not valid UTF-8 text: {what} at character {exc.start + 1}") from None
     return text
 
 

@@ -143,6 +143,13 @@ def test_an_empty_stdin_is_refused_before_connecting(chatcli: Chatcli) -> None:
     assert sender.wait() == 2 and "empty" in sender.err[-1]
 
 
+def test_a_message_that_is_not_utf8_is_refused_before_connecting(chatcli: Chatcli) -> None:
+    """A stray 0xff byte (here in argv, as os.fsencode passes it) is named as such, not as a "lone surrogate"."""
+    sender = chatcli("send", "alice", "bob", "caf\udce9", "--url", "ws://127.0.0.1:1")  # Latin-1 café
+    assert sender.wait() == 2
+    assert sender.err[-1] == "chatcli: the message is not valid UTF-8 text: byte 0xe9 at character 4"
+
+
 # -- frames (RFC 6455, section 5.7's examples) ---------------------------------------------------
 
 
