@@ -218,7 +218,8 @@ def _log_fd_capacity(config: ServerConfig, room: ConnectionRoom) -> None:
               "ws_capacity": room.capacity, "max_connections": config.max_connections,
               "max_connections_requested": room.requested, "max_http_connections": config.max_http_connections}
     lowered = config.max_connections < room.requested
-    admits = f": admitting at most {config.max_connections} (--max-connections {room.requested} does not fit)"
+    which = "" if config.max_connections_given else "the default "
+    admits = f": admitting at most {config.max_connections} ({which}--max-connections {room.requested} does not fit)"
     log.info("file descriptors: limit %d%s, %d open: room for %d WebSocket connections beside %d HTTP ones%s",
              fd_limit.after, raised, room.open_now, room.capacity, config.max_http_connections,
              admits if lowered else "", extra={"event": "capacity", **fields})
