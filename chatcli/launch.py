@@ -117,7 +117,8 @@ def send_command(env: Environment, me: str, peer: str, text: str | None, *, line
     from chatcli.client.inputs import read_texts
 
     texts = read_texts(text, lines=lines, stdin=env.stdin, stdin_isatty=env.stdin_isatty)
-    asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines, reply_to=reply_to))
+    asyncio.run(send_messages(settings, me, peer, texts, on_ack, window=window, by_line=lines, reply_to=reply_to,
+                              on_interrupt=env.notice))
 
 
 def exit_status_of(call: Callable[[], int], env: Environment) -> int:

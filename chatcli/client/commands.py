@@ -112,6 +112,19 @@ class _Window:
             self.on_ack(in_order.popleft().ack)  # type: ignore[arg-type]
         self.changed.set()
 
+    def progress(self) -> str:
+        """Where a stream that ended early stands, by input line: what a script needs to resume it."""
+        waiting = [o.line for o in self.in_order if o.ack is None]
+        if not self.last_sent_line:
+            return "no line was sent"
+        if not waiting:
+            return f"every line up to line {self.last_sent_line} was accepted; nothing after it was sent"
+        accepted = (f"every line before line {waiting[0]} was accepted" if self.accepted
+                    else "no line was accepted")
+        span = f"line {waiting[0]}" if len(waiting) == 1 else f"lines {waiting[0]}-{waiting[-1]}"
+        return (f"{accepted}; {span} sent but not acknowledged (the server may have stored them); "
+                f"nothing after line {self.last_sent_line} was sent")
+
     def wait_for_change(self) -> Coroutine[Any, Any, Literal[True]]:
         """Something to await until the next ack. The event is cleared now, synchronously, right after
         the caller checked the window: clearing it when the waiting task starts would lose an ack that
@@ -122,7 +135,8 @@ class _Window:
 
 async def send_messages(settings: ClientSettings, me: str, peer: str, texts: TextBatches,
                         on_ack: Callable[[Ack], None], *, window: int = DEFAULT_WINDOW, by_line: bool = False,
-                        new_id: Callable[[], str] = ClientSession.new_id, reply_to: int | None = None) -> None:
+                        new_id: Callable[[], str] = ClientSession.new_id, reply_to: int | None = None,
+                        on_interrupt: Callable[[str], None] | None = None) -> None:
     """Send each text in order, up to ``window`` unacknowledged at once; return once every one was
     accepted. ``on_ack`` gets the acks in input order.
 
@@ -133,34 +147,49 @@ async def send_messages(settings: ClientSettings, me: str, peer: str, texts: Tex
     once, answering a repeat as a ``duplicate``. A server that stores nothing cannot tell a
     repeat, so a drop there ends with ``ConnectError``. With ``reply_to``, every message replies to
     that message id; a server without the ``replies`` feature is refused before anything is sent (it
-    would drop the reference silently).
+    would drop the reference silently). With ``by_line``, a stream that ends early (timed out, server
+    lost, or interrupted: then ``on_interrupt`` gets it) says how far it got, by input line.
     """
     check_user_id(peer)
     pending = _Window(window, on_ack)
     source = _Lines(texts)
-    backoff = Backoff()
-    can_retry = False  # set once a session to a storing server was open
-    lost_at: float | None = None
     try:
-        while True:
-            try:
-                async with open_session(settings, me, ResumePoint.live_only()) as session:
-                    backoff.reset()
-                    lost_at = None
-                    can_retry = session.offers(Feature.STORE)
-                    if reply_to is not None:
-                        _require(session, Feature.REPLIES, settings.url, "replies")
-                    await _send_all(session, peer, source, pending, new_id, settings.timeout, reply_to)
-                    break
-            except ConnectError as exc:
-                if not can_retry:
-                    raise
-                lost_at = time.monotonic() if lost_at is None else lost_at
-                await _wait_to_resend(exc, lost_at, backoff, settings.timeout, len(pending.by_id))
+        await _send_stream(settings, me, peer, source, pending, new_id, reply_to)
+    except asyncio.CancelledError:
+        if by_line and on_interrupt is not None:
+            on_interrupt(f"interrupted: {pending.progress()}")
+        raise
+    except (TimedOutError, ConnectError) as exc:
+        if by_line:
+            exc.args = (f"{exc}; {pending.progress()}",)
+        raise
     finally:
         source.close()
     if pending.refused:
         raise _refused_lines(pending, peer, by_line=by_line)
+
+
+async def _send_stream(settings: ClientSettings, me: str, peer: str, source: _Lines, pending: _Window,
+                       new_id: Callable[[], str], reply_to: int | None) -> None:
+    """Sessions, one after another while a storing server can be reached again, until the stream is sent."""
+    backoff = Backoff()
+    can_retry = False  # set once a session to a storing server was open
+    lost_at: float | None = None
+    while True:
+        try:
+            async with open_session(settings, me, ResumePoint.live_only()) as session:
+                backoff.reset()
+                lost_at = None
+                can_retry = session.offers(Feature.STORE)
+                if reply_to is not None:
+                    _require(session, Feature.REPLIES, settings.url, "replies")
+                await _send_all(session, peer, source, pending, new_id, settings.timeout, reply_to)
+                return
+        except ConnectError as exc:
+            if not can_retry:
+                raise
+            lost_at = time.monotonic() if lost_at is None else lost_at
+            await _wait_to_resend(exc, lost_at, backoff, settings.timeout, len(pending.by_id))
 
 
 class _Lines:

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
+    import asyncio
+
     from chatcli.client.commands import TextBatches
 from chatcli.client.reconnect import ResumePoint
 from chatcli.errors import LocalProtocolError, UsageError
@@ -137,13 +139,45 @@ def _has_fd(stream: TextIO) -> bool:
 
 
 async def _fd_chunks(stdin: TextIO) -> AsyncIterator[bytes]:
-    """Raw reads of stdin's descriptor until end of file (then one empty chunk)."""
+    """Raw reads of stdin's descriptor until end of file (then one empty chunk).
+
+    A pipe is read when the event loop says it is readable, never by a thread blocked in ``read``: such
+    a thread would keep a Ctrl-C'd (or SIGINT'd) ``send --lines`` alive until its input wrote again, as
+    ``asyncio.run`` waits for its threads. What the loop cannot watch (a regular file, /dev/null) never
+    blocks for long, so it is read in a worker thread.
+    """
     import asyncio  # here: a one-message send runs without asyncio
 
     loop, fd = asyncio.get_running_loop(), stdin.fileno()
-    while chunk := await loop.run_in_executor(None, os.read, fd, READ_BYTES):
+    watchable = _can_watch(loop, fd)
+    while chunk := await (_read_when_readable(loop, fd) if watchable
+                          else loop.run_in_executor(None, os.read, fd, READ_BYTES)):
         yield chunk
     yield b""
+
+
+def _can_watch(loop: asyncio.AbstractEventLoop, fd: int) -> bool:
+    try:
+        loop.add_reader(fd, lambda: None)
+    except (OSError, ValueError):  # epoll refuses regular files and some devices
+        return False
+    loop.remove_reader(fd)
+    return True
+
+
+async def _read_when_readable(loop: asyncio.AbstractEventLoop, fd: int) -> bytes:
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():  # level-triggered: it may fire again before the reader is removed
+            readable.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    return os.read(fd, READ_BYTES)  # readable: returns at once with what is there (b"" at the end)
 
 
 async def _text_chunks(stdin: TextIO) -> AsyncIterator[bytes]:

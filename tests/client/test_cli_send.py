@@ -138,8 +138,22 @@ def test_unacknowledged_message_exits_6(chatcli: Chatcli, server: RunningServer)
         assert sender.wait() == 6
     finally:
         server.proc.send_signal(signal.SIGCONT)
-    assert "no acknowledgement" in sender.err[-1]
+    assert sender.err[-1].startswith("chatcli: no acknowledgement")
+    # What a script needs to resume the stream:
+    assert sender.err[-1].endswith("; every line before line 2 was accepted; line 2 sent but not acknowledged "
+                                   "(the server may have stored them); nothing after line 2 was sent")
     assert texts(bob, 1)[0] == "acked"
+
+
+def test_an_interrupted_line_stream_says_how_far_it_got(chatcli: Chatcli, server: RunningServer) -> None:
+    sender = chatcli("send", "alice", "bob", "--lines", "--json", "--url", server.ws_url, stdin=subprocess.PIPE)
+    assert sender.proc.stdin is not None
+    sender.proc.stdin.write("one\ntwo\n")
+    sender.proc.stdin.flush()
+    sender.wait_stdout_lines(2)  # both acknowledged (stored: bob is offline)
+    sender.proc.send_signal(signal.SIGINT)
+    assert sender.wait() == 130
+    assert sender.err[-1] == "chatcli: interrupted: every line up to line 2 was accepted; nothing after it was sent"
 
 
 def test_default_key_is_the_seed_key(chatcli: Chatcli, start_server: StartServer) -> None:
