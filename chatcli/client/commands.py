@@ -414,6 +414,15 @@ async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: 
     backoff = Backoff()
     resendable = True  # until a server that stores nothing (and so cannot tell a resend) was sent the question
     reached = False
+    not_replies = 0  # PEER's messages after the question that do not reply to it
+
+    def not_a_reply(message: Message) -> None:
+        nonlocal not_replies
+        not_replies += 1
+        if not_replies == 1:  # once: why ask goes on waiting
+            notice(f"{peer} wrote a message that is not a reply to the question; still waiting for a reply "
+                   f"(/reply in the chat, or send --reply-to {asked.msg_id if asked else '?'}; "
+                   f"ask --any takes any message)")
     try:
         async with asyncio.timeout(wait):
             while True:
@@ -429,7 +438,7 @@ async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: 
                             asked = await session.send_and_wait(question)
                             if not asked.accepted:
                                 raise refusal(asked, peer)
-                        return await _answer(session, peer, asked.msg_id or 0, any_message)
+                        return await _answer(session, peer, asked.msg_id or 0, any_message, not_a_reply)
                 except ConnectError as exc:
                     if isinstance(exc, CertificateError) or (asked is None and not resendable):
                         raise  # a resend could ask twice: the server would not recognise it
@@ -441,14 +450,17 @@ async def ask(settings: ClientSettings, me: str, peer: str, text: str, *, wait: 
             raise ConnectError(f"could not connect to {settings.url} in {wait:g} s") from None
         if asked is None:
             raise TimedOutError(f"could not ask {peer} within {wait:g} s") from None
-        raise TimedOutError(f"no answer from {peer} within {wait:g} s") from None
+        others = f" ({not_replies} message(s) from {peer} did not reply to the question)" if not_replies else ""
+        raise TimedOutError(f"no answer from {peer} within {wait:g} s{others}") from None
 
 
-async def _answer(session: ClientSession, peer: str, question: int, any_message: bool) -> Message:
+async def _answer(session: ClientSession, peer: str, question: int, any_message: bool,
+                  not_a_reply: Callable[[Message], None]) -> Message:
     async for frame in session.frames():
-        if (isinstance(frame, Message) and frame.sender == peer and frame.id > question
-                and (any_message or frame.reply_to == question)):
-            return frame
+        if isinstance(frame, Message) and frame.sender == peer and frame.id > question:
+            if any_message or frame.reply_to == question:
+                return frame
+            not_a_reply(frame)
     raise ConnectError("the server closed the session")  # pragma: no cover - frames() ends by raising
 
 

@@ -165,11 +165,25 @@ def test_ask_is_answered_by_a_reply_and_not_by_another_message(chatcli: Chatcli,
     asking = chatcli("ask", me, peer, "Deploy 4.2?", "--url", shared.ws_url, "--json")
     question = _question_for(oracle)
     assert question.text == "Deploy 4.2?" and question.sender == me
-    send_native(oracle, me, "unrelated chatter")  # not a reply: ask keeps waiting
+    send_native(oracle, me, "unrelated chatter")  # not a reply: ask keeps waiting, and says why
+    asking.wait_stderr(f"{peer} wrote a message that is not a reply to the question; still waiting for a reply "
+                       f"(/reply in the chat, or send --reply-to {question.id}; ask --any takes any message)")
     _send_reply(oracle, me, "go ahead", question.id)
     assert asking.wait() == 0, asking.err
     answer = json.loads(asking.out[0])
     assert (answer["text"], answer["reply_to"], answer["from"]) == ("go ahead", question.id, peer)
+
+
+def test_ask_timing_out_counts_the_messages_that_did_not_reply(chatcli: Chatcli, shared: RunningServer) -> None:
+    me, peer = _user("asker"), _user("oracle")
+    oracle, _ = native(shared.ws_url, peer)
+    asking = chatcli("ask", me, peer, "Deploy 4.3?", "--timeout", "3", "--url", shared.ws_url)
+    _question_for(oracle)
+    send_native(oracle, me, "yes")  # answered, but not as a reply
+    send_native(oracle, me, "I said yes")
+    assert asking.wait() == 6
+    assert asking.err[-1] == (f"chatcli: no answer from {peer} within 3 s (2 message(s) from {peer} did not reply "
+                              "to the question)")
 
 
 def test_ask_any_is_answered_by_a_seed_apps_plain_message(chatcli: Chatcli, shared: RunningServer) -> None:
