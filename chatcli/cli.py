@@ -331,13 +331,21 @@ def _ignore(message: Message) -> None:
     return None
 
 
+#: ``history --limit`` at most: the messages are held in memory to print oldest first.
+HISTORY_LIMIT_MAX = 100_000
+
+
 @app.command()
 def history(
     ctx: typer.Context,
     me: MeArgument,
     peer: PeerArgument,
     limit: Annotated[int, typer.Option(
-        "--limit", min=1, max=1000, help="How many of the latest messages to show.")] = 50,
+        "--limit", min=1, max=HISTORY_LIMIT_MAX, help="How many of the latest messages to show.")] = 50,
+    before: Annotated[int | None, typer.Option(
+        "--before", min=1, show_default=False,
+        help="Only messages older than message ID (an id from --json): page back through a conversation.")
+    ] = None,
     json_output: Annotated[bool, typer.Option(
         "--json", help="One JSON line per message, the schema of listen.")] = False,
     mark_read: MarkReadOption = False,
@@ -364,11 +372,12 @@ def history(
 
         from chatcli.client.commands import fetch_history
 
-        messages = asyncio.run(fetch_history(settings, me, peer, limit, mark_read=mark_read, notice=env.notice))
+        messages = asyncio.run(fetch_history(settings, me, peer, limit, before=before, mark_read=mark_read,
+                                             notice=env.notice))
     else:
         from chatcli.client import oneshot  # a blocking socket: no asyncio or websockets to start
 
-        messages = oneshot.fetch_history(settings, me, peer, limit)
+        messages = oneshot.fetch_history(settings, me, peer, limit, before)
     for message in messages:
         env.write_line(render.message_json(message) if json_output
                        else render.history_ansi(message, colour=env.colour))

@@ -333,9 +333,10 @@ def _refused_lines(pending: _Window, peer: str, *, by_line: bool) -> RefusedErro
 NO_READS = "keeps no read positions (serve --ephemeral, or a server older than read positions)"
 
 
-async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int, *, mark_read: bool = False,
-                        notice: Notice | None = None) -> tuple[Message, ...]:
-    """``chatcli history``: the last ``limit`` messages between ``me`` and ``peer``, oldest first.
+async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int, *, before: int | None = None,
+                        mark_read: bool = False, notice: Notice | None = None) -> tuple[Message, ...]:
+    """``chatcli history``: the last ``limit`` messages between ``me`` and ``peer`` (before message
+    ``before``), oldest first.
 
     Reading history marks nothing read, unless ``mark_read``: then ME's read position with PEER moves to
     the newest message shown (with a receipt to PEER unless the settings opt out of receipts).
@@ -345,7 +346,7 @@ async def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int
         if not session.offers(Feature.HISTORY):
             raise RefusedError(f"{settings.url} keeps no history: it stores no messages (serve --ephemeral)",
                                ErrorCode.UNAVAILABLE)
-        messages = await session.history(peer, limit)
+        messages = await session.history(peer, limit, before)
         if mark_read and messages:
             if session.offers(Feature.READS):
                 await session.mark_read(peer, messages[-1].id, receipt=settings.receipts)

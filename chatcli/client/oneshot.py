@@ -33,6 +33,7 @@ from chatcli.client.settings import ClientSettings
 from chatcli.client.wire import Closed, HandshakeRefused, InvalidResponse, WebSocket
 from chatcli.errors import ConnectError, RefusedError, RemoteProtocolError, TimedOutError, UnknownFrameType
 from chatcli.protocol import (
+    HISTORY_MAX_LIMIT,
     SUBPROTOCOL,
     Ack,
     Error,
@@ -156,11 +157,13 @@ def _send_and_wait(ws: WebSocket, hello: Hello, frame: Send, settings: ClientSet
     return reply
 
 
-def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int) -> tuple[Message, ...]:
-    """``chatcli history``: the last ``limit`` messages between ``me`` and ``peer``, oldest first.
+def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int,
+                  before: int | None = None) -> tuple[Message, ...]:
+    """``chatcli history``: the last ``limit`` messages between ``me`` and ``peer`` (before message
+    ``before``), oldest first.
 
-    A server caps each answer in bytes and says ``more`` when it cut one short: ask again for
-    what comes before the oldest message so far, until ``limit`` or no more.
+    Each answer holds at most HISTORY_MAX_LIMIT messages and the server caps it in bytes: ask again for
+    what comes before the oldest message so far, until ``limit`` or the conversation's start.
     """
     check_user_id(peer)
     with _session(settings, me) as (ws, hello):
@@ -168,15 +171,16 @@ def fetch_history(settings: ClientSettings, me: str, peer: str, limit: int) -> t
             raise RefusedError(f"{settings.url} keeps no history: it stores no messages (serve --ephemeral)",
                                ErrorCode.UNAVAILABLE)
         messages: tuple[Message, ...] = ()
-        before: int | None = None
-        while True:
-            request = HistoryRequest(id=new_client_id(), peer=peer, limit=limit - len(messages), before=before)
+        while len(messages) < limit:
+            asked = min(limit - len(messages), HISTORY_MAX_LIMIT)
+            request = HistoryRequest(id=new_client_id(), peer=peer, limit=asked, before=before)
             reply = _ask(ws, settings, request, _history_answer_to(request.id), "history", error_refuses=True)
             assert isinstance(reply, History)
             messages = reply.messages + messages
-            if not reply.more or not reply.messages or len(messages) >= limit:
-                return messages
-            before = reply.messages[0].id
+            before = reply.older_than(asked)
+            if before is None:
+                break
+        return messages
 
 
 def _history_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:

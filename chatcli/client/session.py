@@ -53,6 +53,7 @@ from chatcli.errors import (
     UsageError,
 )
 from chatcli.protocol import (
+    HISTORY_MAX_LIMIT,
     SUBPROTOCOL,
     Ack,
     ClientFrame,
@@ -138,20 +139,22 @@ class ClientSession:
         return request.id
 
     async def history(self, peer: str, limit: int, before: int | None = None) -> tuple[Message, ...]:
-        """The last ``limit`` messages between us and ``peer``, oldest first.
+        """The last ``limit`` messages between us and ``peer`` (before message ``before``), oldest first.
 
-        A server caps each answer in bytes and says ``more`` when it cut one short: ask again
-        for what comes before the oldest message so far, until ``limit`` or no more.
+        Each answer holds at most HISTORY_MAX_LIMIT messages and the server caps it in bytes: ask
+        again for what comes before the oldest message so far, until ``limit`` or the start.
         """
         messages: tuple[Message, ...] = ()
-        while True:
-            request_id = await self.request_history(peer, limit - len(messages), before)
+        while len(messages) < limit:
+            asked = min(limit - len(messages), HISTORY_MAX_LIMIT)
+            request_id = await self.request_history(peer, asked, before)
             reply = await self._answer(_history_answer_to(request_id), "history")
             assert isinstance(reply, History)
             messages = reply.messages + messages
-            if not reply.more or not reply.messages or len(messages) >= limit:
-                return messages
-            before = reply.messages[0].id
+            before = reply.older_than(asked)
+            if before is None:
+                break
+        return messages
 
     async def request_search(self, text: str, limit: int, peer: str | None = None, since: str | None = None,
                              before: int | None = None) -> str:

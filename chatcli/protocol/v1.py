@@ -423,6 +423,16 @@ class History:
             out["more"] = True
         return out
 
+    def older_than(self, asked: int) -> int | None:
+        """The ``before`` of the next page back, or None if this answer reached the conversation's start.
+
+        Older messages may exist when the server cut the answer short (``more``) or when it holds all
+        ``asked`` messages; an answer with fewer, not cut, holds everything there was.
+        """
+        if self.messages and (self.more or len(self.messages) >= asked):
+            return self.messages[0].id
+        return None
+
 
 def _messages_of(obj: dict[str, Any], frame_type: str) -> tuple[Message, ...]:
     """The ``messages`` list of a ``history`` or ``search`` answer, as checked frames."""

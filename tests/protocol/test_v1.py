@@ -251,6 +251,14 @@ def test_history_more_is_false_unless_the_server_says_true() -> None:
     assert isinstance(cut, History) and cut.more is True
 
 
+def test_a_history_answer_says_where_the_next_page_back_starts() -> None:
+    page = (MESSAGE, REPLY)  # ids 7 and 9
+    assert History(id="h", peer="bob", messages=page).older_than(2) == 7  # full: older ones may exist
+    assert History(id="h", peer="bob", messages=page, more=True).older_than(5) == 7  # cut short by the server
+    assert History(id="h", peer="bob", messages=page).older_than(5) is None  # fewer than asked: the start
+    assert History(id="h", peer="bob", messages=(), more=True).older_than(5) is None  # nothing to page from
+
+
 def test_unknown_fields_inside_history_messages_are_ignored() -> None:
     obj = json.loads(encode(History(id="h", peer="bob", messages=(MESSAGE,))))
     obj["messages"][0]["edited"] = True

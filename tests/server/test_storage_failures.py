@@ -273,6 +273,22 @@ def test_history_cut_by_the_byte_cap_says_more_and_the_cli_pages_on(chatcli: Cha
     assert [json.loads(line)["text"][-1] for line in run.out] == ["0", "1", "2", "3"]
 
 
+def test_history_beyond_one_answer_and_before_an_id(chatcli: Chatcli, server: RunningServer) -> None:
+    """--limit above the protocol's 1,000 a request pages back; --before starts a page at an older message;
+    both the one-shot path and the asyncio one (--mark-read) page the same way."""
+    store_legacy(server, "pager", [f"m{i}" for i in range(1205)])
+    for extra in ([], ["--mark-read"]):
+        run = chatcli("history", "pager", "alice", "--json", "--limit", "1204", *extra, "--url", server.ws_url)
+        assert run.wait() == 0, run.err
+        texts = [json.loads(line)["text"] for line in run.out]
+        assert texts == [f"m{i}" for i in range(1, 1205)]
+        ids = [json.loads(line)["id"] for line in run.out]
+        older = chatcli("history", "pager", "alice", "--json", "--limit", "5", "--before", str(ids[0]), *extra,
+                        "--url", server.ws_url)
+        assert older.wait() == 0, older.err
+        assert [json.loads(line)["text"] for line in older.out] == ["m0"]  # the only one left before it
+
+
 def test_pipelined_history_requests_are_answered_one_at_a_time_and_bounded(server: RunningServer) -> None:
     alice, _ = native(server.ws_url, "alice", headers={p.RECEIVE_HEADER: "none"})
     send_native(alice, "bob", "hello")
