@@ -192,8 +192,8 @@ def test_history_on_an_ephemeral_server_exits_5(chatcli: Chatcli, start_server: 
     run = chatcli("history", "alice", "bob", "--url", server.ws_url)
     assert run.wait() == 5
     assert "keeps no history" in run.err[-1]
-    for bad in ("0", "1001", "many"):
-        assert chatcli("history", "alice", "bob", "--limit", bad, "--url", server.ws_url).wait() == 2
+    for bad in (["--limit", "0"], ["--limit", "100001"], ["--limit", "many"], ["--before", "0"]):
+        assert chatcli("history", "alice", "bob", *bad, "--url", server.ws_url).wait() == 2
 
 
 def test_history_and_listen_sessions_leave_messages_for_the_listener(chatcli: Chatcli,
