@@ -695,7 +695,7 @@ def _accounts(db: Path | None, redis: str | None = None, *,
               create: bool = False) -> AccountStore | RedisAccountStore:
     """The accounts in Redis or in the database file; only ``user add`` may create the file (and its folder),
     so that a mistyped --db is an error rather than a new empty database."""
-    from chatcli.errors import AccountError
+    from chatcli.errors import StorageError
     from chatcli.paths import default_db_path
     from chatcli.server.accounts import AccountStore
 
@@ -707,7 +707,7 @@ def _accounts(db: Path | None, redis: str | None = None, *,
         return RedisAccountStore(redis)
     path = db or default_db_path()
     if not create and not path.exists():
-        raise AccountError(f"no database at {path}: `chatcli serve` creates it when it first starts, "
+        raise StorageError(f"no database at {path}: `chatcli serve` creates it when it first starts, "
                            f"or `chatcli user add` with the same --db")
     path.parent.mkdir(parents=True, exist_ok=True)
     return AccountStore(path)

@@ -8,7 +8,7 @@
     │       └── InvalidUserId         a user id outside the documented charset/length
     ├── StorageError                  the server's database is unusable (not a chatcli db, newer schema, I/O)
     │   └── EngineUnavailable         the shared store (Redis) is out of reach for now; sends are refused at once
-    ├── AccountError                  an accounts operation failed (name taken, unknown name)
+    ├── AccountError               9  ``user add`` of a taken name, ``user remove``/``rotate`` of an unknown one
     └── ClientError                   what a client command can end with; each has an exit status
         ├── UsageError                2  bad arguments or input (empty message, no TEXT on a terminal)
         ├── ConnectError              3  cannot reach the server, or it went away
@@ -45,6 +45,7 @@ class ExitStatus(IntEnum):
     TIMEOUT = 6
     ANSWERED_NO = 7
     ANSWER_UNCLEAR = 8
+    ACCOUNT = 9
     INTERRUPTED = 130
 
 
@@ -96,7 +97,11 @@ class EngineUnavailable(StorageError):
 
 
 class AccountError(ChatcliError):
-    """An accounts operation failed: the name is taken, or there is no such account."""
+    """An accounts operation found the wrong state: the name is taken, or there is no such account.
+
+    A status of its own, so that a provisioning script can tell "already there" (or "already gone")
+    from a failure.
+    """
 
 
 class ClientError(ChatcliError):
@@ -158,4 +163,6 @@ def exit_status_for(exc: BaseException) -> ExitStatus:
         return exc.exit_status
     if isinstance(exc, LocalProtocolError):
         return ExitStatus.USAGE
+    if isinstance(exc, AccountError):
+        return ExitStatus.ACCOUNT
     return ExitStatus.ERROR

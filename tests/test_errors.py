@@ -46,7 +46,7 @@ from chatcli.errors import (
         (InvalidUserId("invalid user id"), 1),
         (ProtocolError("protocol"), 1),
         (StorageError("not a chatcli database"), 1),
-        (AccountError("name taken"), 1),
+        (AccountError("name taken"), 9),  # `user add` of a taken name: a script can tell it apart
         (ChatcliError("chatcli"), 1),
         (ValueError("a bug"), 1),
         (OSError("disk"), 1),

@@ -86,11 +86,14 @@ def test_user_commands_list_remove_and_errors(tmp_path: Path) -> None:
 
     token = run("add", "alice")
     assert token.returncode == 0 and len(token.stdout.strip()) >= 40 and "only once" in token.stderr
-    assert run("add", "alice").returncode == 1
+    taken = run("add", "alice")  # a provisioning script tells "already there" from a failure
+    assert taken.returncode == 9 and "already exists" in taken.stderr and taken.stdout == ""
     assert run("add", "bad id").returncode == 2
     assert run("list").stdout.startswith("alice\t")
     assert run("remove", "alice").returncode == 0
-    assert run("remove", "alice").returncode == 1
+    gone = run("remove", "alice")
+    assert gone.returncode == 9 and "no account named 'alice'" in gone.stderr
+    assert run("rotate", "alice").returncode == 9
     assert run("list").stdout == ""
     assert token.stdout.strip().encode() not in Path(db).read_bytes()
 
