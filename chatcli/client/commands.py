@@ -153,11 +153,15 @@ async def send_messages(settings: ClientSettings, me: str, peer: str, texts: Tex
     check_user_id(peer)
     pending = _Window(window, on_ack)
     source = _Lines(texts)
+    if by_line:
+        _stop_on_sigterm()  # a supervisor's SIGTERM gets the same account of how far the stream got
     try:
         await _send_stream(settings, me, peer, source, pending, new_id, reply_to)
     except asyncio.CancelledError:
         if by_line and on_interrupt is not None:
-            on_interrupt(f"interrupted: {pending.progress()}")
+            on_interrupt(f"{'terminated' if _terminated else 'interrupted'}: {pending.progress()}")
+        if _terminated:  # an interruption, as Ctrl-C
+            raise KeyboardInterrupt from None
         raise
     except (TimedOutError, ConnectError) as exc:
         if by_line:

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from chatcli.protocol import DEFAULT_AUTH_KEY
 from tests.support.processes import Chatcli, ChatcliProcess, RunningServer, StartServer
 
@@ -145,15 +147,18 @@ def test_unacknowledged_message_exits_6(chatcli: Chatcli, server: RunningServer)
     assert texts(bob, 1)[0] == "acked"
 
 
-def test_an_interrupted_line_stream_says_how_far_it_got(chatcli: Chatcli, server: RunningServer) -> None:
+@pytest.mark.parametrize(("sig", "word"), [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
+def test_an_interrupted_line_stream_says_how_far_it_got(chatcli: Chatcli, server: RunningServer,
+                                                        sig: signal.Signals, word: str) -> None:
+    # Ctrl-C, or a supervisor's SIGTERM (systemd, `timeout`, a CI job cancelled): either way, what to resume.
     sender = chatcli("send", "alice", "bob", "--lines", "--json", "--url", server.ws_url, stdin=subprocess.PIPE)
     assert sender.proc.stdin is not None
     sender.proc.stdin.write("one\ntwo\n")
     sender.proc.stdin.flush()
     sender.wait_stdout_lines(2)  # both acknowledged (stored: bob is offline)
-    sender.proc.send_signal(signal.SIGINT)
+    sender.proc.send_signal(sig)
     assert sender.wait() == 130
-    assert sender.err[-1] == "chatcli: interrupted: every line up to line 2 was accepted; nothing after it was sent"
+    assert sender.err[-1] == f"chatcli: {word}: every line up to line 2 was accepted; nothing after it was sent"
 
 
 def test_default_key_is_the_seed_key(chatcli: Chatcli, start_server: StartServer) -> None:
