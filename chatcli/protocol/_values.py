@@ -39,6 +39,7 @@ __all__ = [
     "check_text",
     "check_user_id",
     "format_ts",
+    "is_unicode",
     "is_valid_epoch",
     "is_valid_user_id",
     "parse_ts",
@@ -178,6 +179,16 @@ def parse_user_path(target: str) -> tuple[str, dict[str, str]]:
 # ---------------------------------------------------------------------------
 # Texts and timestamps
 # ---------------------------------------------------------------------------
+
+
+def is_unicode(text: str) -> bool:
+    """False for strings with lone surrogates (JSON ``\\ud800`` escapes), which are not Unicode text: they
+    cannot be stored, encoded or sent on."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def text_size(text: str) -> int:

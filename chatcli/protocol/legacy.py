@@ -15,7 +15,7 @@ import re
 from typing import Any, Final, NamedTuple
 
 from chatcli.errors import RemoteProtocolError
-from chatcli.protocol._values import ErrorCode
+from chatcli.protocol._values import ErrorCode, is_unicode
 
 __all__ = [
     "LEGACY_CONNECTED",
@@ -97,6 +97,11 @@ def _legacy_from_object(obj: dict[str, Any]) -> LegacyCommand:
     cmd, auth, userid, msgtext = (obj.get(key) for key in ("cmd", "auth", "userid", "msgtext"))
     if not isinstance(cmd, str) or not all(v is None or isinstance(v, str) for v in (auth, userid, msgtext)):
         raise RemoteProtocolError("seed frame fields must be strings", ErrorCode.BAD_FRAME)
+    # Only JSON's escapes can make a lone surrogate (the frame itself arrived as UTF-8): such a "text"
+    # could be neither stored nor delivered, so it is refused here, before anything acts on it.
+    if not all(v is None or is_unicode(v) for v in (cmd, auth, userid, msgtext)):
+        raise RemoteProtocolError("seed frame fields must be valid Unicode (no lone surrogates such as \\ud800)",
+                                  ErrorCode.BAD_FRAME)
     return LegacyCommand(cmd, auth, userid, msgtext)
 
 

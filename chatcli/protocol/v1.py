@@ -30,6 +30,7 @@ from chatcli.protocol._values import (
     ErrorCode,
     Status,
     check_user_id,
+    is_unicode,
     is_valid_epoch,
     is_valid_user_id,
     parse_ts,
@@ -95,15 +96,6 @@ _REFUSED: Final = Status.REFUSED.value
 _ACCEPTED: Final = _STATUSES - {_REFUSED}
 
 _F = TypeVar("_F")
-
-
-def _is_unicode(text: str) -> bool:
-    """False for strings with lone surrogates (JSON ``\\ud800`` escapes), which are not Unicode text."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _require_str(name: str, value: object, *, allow_empty: bool = False) -> str:
@@ -205,7 +197,7 @@ class Send:
             raise LocalProtocolError(f"id must be at most {CLIENT_ID_MAX_LEN} printable characters")
         check_user_id(self.to)
         _require_str("text", self.text, allow_empty=True)
-        if not _is_unicode(self.text):
+        if not is_unicode(self.text):
             raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
         if self.reply_to is not None:
             _require_int("reply_to", self.reply_to)
@@ -292,7 +284,7 @@ class Message:
         check_user_id(self.sender)
         check_user_id(self.to)
         _require_str("text", self.text)
-        if not _is_unicode(self.text):
+        if not is_unicode(self.text):
             raise LocalProtocolError("text must be valid Unicode (no lone surrogates)")
         _require_str("ts", self.ts)
         if self.reply_to is not None:
@@ -705,7 +697,7 @@ class Conversation:
         check_user_id(self.last_from)
         _require_str("last_ts", self.last_ts)
         _require_str("preview", self.preview, allow_empty=True)
-        if len(self.preview) > PREVIEW_MAX_CHARS or not _is_unicode(self.preview):
+        if len(self.preview) > PREVIEW_MAX_CHARS or not is_unicode(self.preview):
             raise LocalProtocolError(f"preview must be at most {PREVIEW_MAX_CHARS} characters of Unicode text")
 
     @classmethod
@@ -784,7 +776,7 @@ class SearchRequest:
     def __post_init__(self) -> None:
         _require_str("id", self.id)
         _require_str("text", self.text)
-        if len(self.text) > SEARCH_TEXT_MAX_LEN or not self.text.strip() or not _is_unicode(self.text):
+        if len(self.text) > SEARCH_TEXT_MAX_LEN or not self.text.strip() or not is_unicode(self.text):
             raise LocalProtocolError(f"text must hold a word and at most {SEARCH_TEXT_MAX_LEN} characters")
         _require_int("limit", self.limit)
         if not 1 <= self.limit <= SEARCH_MAX_LIMIT:
@@ -897,7 +889,7 @@ def read_client_frame(data: str | bytes) -> ClientFrame | SendFields:
         # json.loads builds exact str, so type() is isinstance here; ASCII text is always valid Unicode.
         if (type(client_id) is str and client_id and len(client_id) <= CLIENT_ID_MAX_LEN
                 and client_id.isprintable() and is_valid_user_id(to) and type(text) is str
-                and (text.isascii() or _is_unicode(text))):
+                and (text.isascii() or is_unicode(text))):
             return client_id, to, text  # type: ignore[return-value]  # to: checked by is_valid_user_id
     parser = _CLIENT_PARSERS.get(obj["type"])
     if parser is None:
@@ -929,7 +921,7 @@ def encode_message(msg_id: int, sender: str, to: str, text: str, ts: str, reply_
     """``encode(Message(msg_id, sender, to, text, ts, reply_to))`` byte for byte, from a template, with the same
     checks (a value ``Message`` would refuse raises ``LocalProtocolError`` as before)."""
     if (type(msg_id) is not int or not 0 <= msg_id <= MAX_INT or not is_valid_user_id(sender)
-            or not is_valid_user_id(to) or type(text) is not str or not (text.isascii() or _is_unicode(text))
+            or not is_valid_user_id(to) or type(text) is not str or not (text.isascii() or is_unicode(text))
             or type(ts) is not str or reply_to is not None):
         return encode(Message(msg_id, sender, to, text, ts, reply_to))
     # Valid user ids are [A-Za-z0-9._@-]: nothing JSON escapes, so they go in as they are.

@@ -126,6 +126,25 @@ def test_legacy_non_string_fields(frame: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "frame",
+    ['{"cmd":"send","auth":"k","userid":"bob","msgtext":"a\\ud800b"}',  # JSON
+     "{'cmd':'send','auth':'k','userid':'bob','msgtext':'\\udfff'}",  # quote-replaced
+     '{"cmd":"send\\ud83d","userid":"bob","msgtext":"hi"}', '{"cmd":"send","auth":"\\udc80"}',
+     '{"cmd":"send","userid":"b\\ud800","msgtext":"hi"}'],
+)
+def test_legacy_lone_surrogates_are_refused(frame: str) -> None:
+    # Text that cannot be encoded as UTF-8 could be neither stored nor delivered (it once crashed the commit).
+    with pytest.raises(RemoteProtocolError, match="valid Unicode") as info:
+        parse_legacy_frame(frame)
+    assert info.value.code == "bad-frame"
+
+
+def test_legacy_json_escapes_of_real_characters_are_kept() -> None:
+    frame = '{"cmd":"send","auth":"k","userid":"bob","msgtext":"\\ud83d\\ude00 \\u00e9"}'  # a pair: one emoji
+    assert parse_legacy_frame(frame) == LegacyCommand("send", "k", "bob", "\U0001f600 \u00e9")
+
+
+@pytest.mark.parametrize(
     ("cmd", "ack"),
     [
         ("send", "send:error"),

@@ -66,6 +66,28 @@ def test_legacy_json_and_quote_replaced_forms(server: RunningServer) -> None:
     assert decode_legacy_message(bob.recv(timeout=5)) == ("alice", "reordered")
 
 
+@pytest.mark.parametrize("storage", [(), ("--ephemeral",)], ids=["sqlite", "ephemeral"])
+@pytest.mark.parametrize("recipient", ["native", "seed"])
+def test_a_lone_surrogate_in_a_seed_frame_is_refused_and_harms_nothing(start_server, storage: tuple[str, ...],  # type: ignore[no-untyped-def]
+                                                                       recipient: str) -> None:
+    # JSON's "\ud800" is no character: it once failed the commit (a traceback and a degraded /healthz with
+    # SQLite; with --ephemeral an ack for a message never delivered, or the acks of the whole batch lost).
+    server = start_server(*storage)
+    bob = native(server.ws_url, "bob")[0] if recipient == "native" else legacy(server.ws_url, "bob")
+    evil, carol = legacy(server.ws_url, "evil"), legacy(server.ws_url, "carol")
+    evil.send(json.dumps({"cmd": "send", "auth": p.DEFAULT_AUTH_KEY, "userid": "bob", "msgtext": "a\ud800b"}))
+    carol.send(encode_legacy_send("bob", "right after"))
+    assert evil.recv(timeout=5) == p.LEGACY_SEND_ERROR
+    assert carol.recv(timeout=5) == p.LEGACY_SEND_SUCCESS
+    if recipient == "native":
+        assert recv_frame(bob).text == "right after"  # type: ignore[union-attr]
+    else:
+        assert decode_legacy_message(bob.recv(timeout=5)) == ("carol", "right after")
+    status, _, health = http_get(server, "/healthz")
+    assert status == 200 and json.loads(health)["status"] == "ok"
+    assert not any("Traceback" in line or "ERROR" in line for line in server.log)
+
+
 def test_ephemeral_server_refuses_offline_recipient_with_send_error(start_server) -> None:  # type: ignore[no-untyped-def]
     server = start_server("--ephemeral")
     alice = legacy(server.ws_url, "alice")
