@@ -110,6 +110,18 @@ def test_a_retried_client_id_is_answered_with_the_original(engine: Engine) -> No
         assert list(again.ids) == [2, 3] and not again.duplicates
 
 
+def test_a_batch_that_cannot_be_stored_is_still_answered_and_the_next_one_committed(engine: Engine) -> None:
+    # The protocol refuses lone surrogates; this one bypasses it, as any bug in a commit would. A batch left
+    # unanswered once wedged a Redis node: its senders, and every later batch, waited for ever.
+    engine.presence.joined("bob")
+    broken = outcome(lambda done: engine.append([msg("alice", "bob", "a\ud800b")], {}, done))
+    assert isinstance(broken, StorageError) or (isinstance(broken, Appended) and not stores(engine))
+    after = append(engine, msg("carol", "bob", "after"))
+    assert len(after.ids) == 1 and not after.offline
+    if stores(engine):
+        assert backlog(engine, "bob", after=0).frames == [(after.ids[0], "carol:after")]
+
+
 # -- backlog and cursors ----------------------------------------------------------------------------
 
 

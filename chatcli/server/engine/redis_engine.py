@@ -269,6 +269,16 @@ class RedisEngine:
 
     async def _commit(self, batch: list[NewMessage], cursors: dict[str, int],
                       done: Callable[[Appended | StorageError], None]) -> None:
+        """Commit, then answer ``done`` whatever happened: a batch left unanswered would have its senders
+        wait for acks for ever, and the relay's later batches behind it."""
+        try:
+            outcome = await self._committed(batch, cursors)
+        except Exception as exc:  # a bug, not Redis: refuse this batch, keep the node serving
+            log.exception("redis engine: a commit failed", extra={"event": "redis-error"})
+            outcome = StorageError(f"internal error: {exc}")
+        done(outcome)
+
+    async def _committed(self, batch: list[NewMessage], cursors: dict[str, int]) -> Appended | StorageError:
         calls: list[_Call] = []
         if batch:
             calls.append(("commit", [EPOCH_KEY, IDS_KEY, USERS_KEY, NEWEST_KEY], _commit_args(self.epoch, batch)))
@@ -278,16 +288,14 @@ class RedisEngine:
         try:
             results = await self._run_scripts(calls)
         except RedisError as exc:
-            done(self._went_down(exc))
-            return
+            return self._went_down(exc)
         self.roundtrip.observe(time.monotonic() - started)
         if batch:
             self.batch_sizes.observe(len(batch))
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:
-            done(StorageError(f"Redis refused the commit: {failed}"))
-            return
-        done(await self._settle_commit(batch, results[0]) if batch else Appended([], frozenset()))
+            return StorageError(f"Redis refused the commit: {failed}")
+        return await self._settle_commit(batch, results[0]) if batch else Appended([], frozenset())
 
     async def _settle_commit(self, batch: list[NewMessage], answer: list[Any]) -> Appended | StorageError:
         """What the relay acks: each message's id (``redis_lua.COMMIT`` answers per batch: the new messages
