@@ -142,6 +142,10 @@ def serve(
         retention_s = parse_duration(retention) if retention is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--retention") from None
+    if retention is not None and retention.strip().replace(".", "", 1).isdigit():
+        # A bare number would be seconds: `--retention 30` meant as days deletes undelivered messages.
+        raise typer.BadParameter(f"give {retention.strip()!r} a unit, e.g. {retention.strip()}d (days), h, m or s",
+                                 param_hint="--retention")
     config = ServerConfig.build(host=host, ws_port=ws_port, http_port=http_port, auth_key=auth_key,
                                 max_text_bytes=max_text_bytes,
                                 db_path=None if ephemeral or redis else db or default_db_path(),
@@ -730,18 +734,26 @@ def user_add(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOp
 @user_app.command("rotate")
 def user_rotate(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None,
                 redis: RedisOption = None) -> None:
-    """Replace an account's token; the old one stops working at once. Prints the new token (once)."""
+    """Replace an account's token and print the new one (once); new sessions need it at once, open ones stay."""
     with _accounts(db, redis) as accounts:
         _print_token(name, accounts.rotate(name))
 
 
 @user_app.command("remove")
 def user_remove(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None,
-                redis: RedisOption = None) -> None:
+                redis: RedisOption = None,
+                allow_last: Annotated[bool, typer.Option(
+                    "--allow-last", help="Remove the last account too, turning per-user tokens off "
+                                         "(unless the server runs with --require-auth).")] = False) -> None:
     """Delete an account; its sessions can no longer connect."""
-    from chatcli.errors import AccountError
+    from chatcli.errors import AccountError, UsageError
 
     with _accounts(db, redis) as accounts:
+        if not allow_last and [account.name for account in accounts.list()] == [name]:
+            # Without accounts a server goes back to the shared key: anyone could connect as anyone.
+            raise UsageError(f"{name} is the last account: without accounts the server accepts the shared key "
+                             f"again, from anyone, as any user (unless it runs with --require-auth). Add "
+                             f"another account first, or pass --allow-last")
         if not accounts.remove(name):
             raise AccountError(f"no account named {name!r}")
     print(f"chatcli: removed {name}", file=sys.stderr)

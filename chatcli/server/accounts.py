@@ -90,7 +90,7 @@ class AccountStore:
         return token
 
     def rotate(self, name: str) -> str:
-        """Give ``name`` a new token; the old one stops working at once."""
+        """Give ``name`` a new token; the old one opens no new session from now on."""
         check_user_id(name)
         token, salt, token_hash = _new_secret()
         changed = self._write("UPDATE accounts SET salt = ?, token_hash = ? WHERE name = ?", (salt, token_hash, name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, TypeAlias
@@ -19,6 +20,9 @@ __all__ = ["DEFAULT_MAX_CONNECTIONS", "PRESENCE_MODES", "PresenceMode", "ServerC
 #: Whose presence a user sees (``who``, ``watch``): everyone's, only their contacts', or nobody's.
 PresenceMode: TypeAlias = Literal["all", "contacts", "off"]
 PRESENCE_MODES: Final[tuple[PresenceMode, ...]] = ("all", "contacts", "off")
+
+#: Settings whose option is not named after them.
+_FLAGS: Final = {"max_buffer_bytes": "max-buffer"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +92,10 @@ class ServerConfig:
                              "stores none: use --presence all or off")
         for name in ("rate", "burst", "max_connections", "max_sessions_per_user", "max_buffer_bytes",
                      "ping_interval", "ping_timeout", "max_http_connections", "http_timeout", "http_idle_timeout"):
-            if getattr(config, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+            value = getattr(config, name)
+            if not math.isfinite(value) or value <= 0:  # nan would compare false to everything: never time out
+                flag = _FLAGS.get(name, name.replace("_", "-"))
+                raise UsageError(f"--{flag} must be a positive number, not {value}")
         if config.max_text_bytes < 1:
             raise UsageError("--max-text-bytes must be at least 1")
         for name in ("ws_port", "http_port"):

@@ -280,9 +280,20 @@ PRUNE_EVERY_S = 3600.0
 PRUNE_STEP = 2000
 
 
+def _days(seconds: float) -> str:
+    """A retention period as an operator reads it: ``30 days``, ``12 hours``, ``90 seconds``."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} seconds"
+
+
 async def _prune_forever(engine: Engine, retention_s: float) -> None:
     """Delete messages past the retention period at start-up, then hourly, in small steps (each step one
     short transaction, so commits get their turn in between)."""
+    log.info("retention: messages older than %s are deleted, at start-up and then hourly", _days(retention_s),
+             extra={"event": "retention", "seconds": retention_s})
     while True:
         cutoff, deleted = time.time() - retention_s, 0
         while True:

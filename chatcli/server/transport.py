@@ -228,6 +228,17 @@ def _logged_storage_error(doing: str) -> Iterator[None]:
         raise
 
 
+def _log_auth_change(required: bool) -> None:
+    """`chatcli user add` or `user remove` on a running server changed who may connect: say so."""
+    if required:
+        log.info("authentication: accounts were added: per-user tokens are now required",
+                 extra={"event": "auth-mode", "mode": "tokens"})
+    else:
+        log.warning("authentication: the last account was removed: tokens are no longer required and the "
+                    "shared key lets anyone connect as any user (--require-auth keeps tokens required)",
+                    extra={"event": "auth-mode", "mode": "shared-key"})
+
+
 class WebSocketServer:
     """State shared by all connections: config, routing, the write-coalescing queue."""
 
@@ -247,6 +258,7 @@ class WebSocketServer:
         self.all_closed = asyncio.Event()  # set once closing and the last connection is gone
         self.auth_throttle = AuthThrottle()
         self.refusal_log = LimitLog("handshake-refused")
+        self.tokens_required: bool | None = None  # the last answer of accounts_on, to log a change
 
     def protocol_factory(self) -> Connection:
         return Connection(self)
@@ -291,7 +303,11 @@ class WebSocketServer:
         if self.accounts is None:
             return False
         with _logged_storage_error("read the accounts"):
-            return self.config.require_auth or self.accounts.any_accounts()
+            required = self.config.require_auth or self.accounts.any_accounts()
+        if self.tokens_required is not None and required != self.tokens_required:
+            _log_auth_change(required)
+        self.tokens_required = required
+        return required
 
     def heartbeat(self) -> None:
         """Ping sessions that have been silent for ping_interval; drop those whose pong is ping_timeout late."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -207,6 +209,7 @@ def test_retention_prunes_old_messages_and_health_reports_size(start_server: Sta
     with sqlite3.connect(tmp_path / "chatcli.db") as db:  # age the message by a day
         db.execute("UPDATE messages SET ts = ts - 86400")
     second = start_server("--retention", "12h")
+    assert second.wait_log("retention: messages older than 12 hours are deleted")  # what the operator set
     assert second.wait_log('"event": "pruned"')
     bob, _ = native(second.ws_url, "bob")
     assert nothing_more(bob)
@@ -228,6 +231,20 @@ def test_unusable_db_path_is_a_clear_error(start_server: StartServer, tmp_path: 
     (tmp_path / "not-a-db").write_text("this is not sqlite" * 100)
     with pytest.raises(RuntimeError, match="cannot open the message store"):
         start_server("--db", str(tmp_path / "not-a-db"))
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("--retention", "30"), "give '30' a unit, e.g. 30d (days)"),  # not 30 seconds of undelivered messages
+    (("--ping-timeout", "nan"), "--ping-timeout must be a positive number, not nan"),  # nan: never timed out
+    (("--http-timeout", "inf"), "--http-timeout must be a positive number, not inf"),
+    (("--max-buffer", "0"), "--max-buffer must be a positive number, not 0"),  # the option's own name
+])
+def test_server_settings_that_cannot_mean_what_they_say_are_usage_errors(tmp_path: Path, args: tuple[str, ...],
+                                                                         says: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "chatcli", "serve", "--db", str(tmp_path / "x.db"), *args],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and says in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.db").exists()
 
 
 def test_db_and_ephemeral_together_is_a_usage_error(start_server: StartServer) -> None:

@@ -64,6 +64,14 @@ def test_accounts_added_while_running_turn_tokens_on(server: RunningServer, tmp_
     with pytest.raises(InvalidStatus):
         native(server.ws_url, "alice")
     native(server.ws_url, "alice", key=token)[0].close()
+    assert server.wait_log("per-user tokens are now required")
+    # Removing the last account takes --allow-last, and the server says loudly what it means.
+    removed = subprocess.run([sys.executable, "-m", "chatcli", "user", "remove", "alice", "--allow-last", "--db",
+                              str(tmp_path / "chatcli.db")], capture_output=True, text=True)
+    assert removed.returncode == 0
+    native(server.ws_url, "mallory")[0].close()
+    assert server.wait_log("the last account was removed")
+    assert any('"level": "warning"' in line for line in server.log if "the last account was removed" in line)
 
 
 def test_require_auth_without_accounts_refuses_everyone(start_server: StartServer) -> None:
@@ -90,7 +98,10 @@ def test_user_commands_list_remove_and_errors(tmp_path: Path) -> None:
     assert taken.returncode == 9 and "already exists" in taken.stderr and taken.stdout == ""
     assert run("add", "bad id").returncode == 2
     assert run("list").stdout.startswith("alice\t")
-    assert run("remove", "alice").returncode == 0
+    last = run("remove", "alice")  # the last account: tokens would silently turn off on a running server
+    assert last.returncode == 2 and "alice is the last account" in last.stderr and "--allow-last" in last.stderr
+    assert run("list").stdout.startswith("alice\t")
+    assert run("remove", "alice", "--allow-last").returncode == 0
     gone = run("remove", "alice")
     assert gone.returncode == 9 and "no account named 'alice'" in gone.stderr
     assert run("rotate", "alice").returncode == 9
