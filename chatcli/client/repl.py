@@ -62,6 +62,7 @@ from chatcli.errors import (
 )
 from chatcli.paths import state_dir
 from chatcli.protocol import (
+    MAX_INT,
     USER_ID_RULE,
     Ack,
     Conversation,
@@ -372,6 +373,9 @@ class ChatClient:
             await session.send_frame(Send(id=client_id, to=to, text=text, reply_to=reply_to))
         except RefusedError as exc:  # refused before sending, e.g. too large for this server
             self._resolve(client_id, render.Outcome(Status.REFUSED, exc.reason))
+        except LocalProtocolError as exc:  # a frame no server would take: pending, it would stop every session
+            self.notice(str(exc))
+            self._resolve(client_id, render.Outcome(Status.REFUSED, "bad-frame"))
         except ConnectError:
             pass  # still pending: the next session sends it
 
@@ -561,6 +565,9 @@ class ChatClient:
         target: int | None
         if first.isascii() and first.isdigit():
             target, text = int(first), rest.strip()
+            if not 0 < target <= MAX_INT:
+                self.notice(f"no message #{first}: /reply ID takes a message id shown in the chat")
+                return None
         else:  # the last message shown of the conversation on screen
             shown = [msg_id for msg_id, m in self._recent.items() if self._conversation_of(m) == self.peer]
             target, text = max(shown, default=None), args.strip()

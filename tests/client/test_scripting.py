@@ -388,6 +388,14 @@ def test_chat_replies_with_quotes_and_searches_the_conversation(shared: RunningS
         assert _question_for(bob).reply_to == question
         chat.type("/reply 999999999 nope\r")
         chat.wait_for("refused (bad-reply)")
+        # An id beyond any message id is no message: said at once, nothing left pending (it once stopped
+        # every later session of the chat, under a status line that said "connected").
+        chat.type("/reply 99999999999999999999 hi\r")
+        chat.wait_for("no message #99999999999999999999")
+        chat.type("still here\r")
+        assert _question_for(bob).text == "still here"
+        chat.wait_for("✓ delivered", count=3)
+        assert "pending" not in chat.screen.splitlines()[-1]
         chat.type("/search deploy\r")
         chat.wait_for(f"1 message(s) with {peer} matching 'deploy'")
         chat.wait_for(f"{peer} → {me}: deploy 4.2 now?")
@@ -395,7 +403,7 @@ def test_chat_replies_with_quotes_and_searches_the_conversation(shared: RunningS
         chat.type(f"/open {other}\r")  # another conversation, then back: its history shows the quotes again
         chat.wait_for(f"conversation with {other}", after=mark)
         chat.type(f"/open {peer}\r")
-        chat.wait_for(f"the last 4 message(s) with {peer}", after=mark)
+        chat.wait_for(f"the last 5 message(s) with {peer}", after=mark)
         chat.wait_for(f"↪ {peer}: deploy 4.2 now?…", after=mark, count=2)
         chat.wait_for(f"↪ {me}: yes,  go", after=mark)
         chat.type("/help\r")
