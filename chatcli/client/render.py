@@ -66,10 +66,21 @@ def message_json(message: Message) -> str:
 
 
 def _json_string(text: str) -> str:
-    """``json.dumps(text, ensure_ascii=False)``: as it is when nothing in it needs escaping."""
+    """``_dumps(text)``: as it is when nothing in it needs escaping."""
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
         return f'"{text}"'
-    return json.dumps(text, ensure_ascii=False)
+    return _dumps(text)
+
+
+# What json.dumps(ensure_ascii=False) leaves raw but a terminal acts on (DEL, C1 controls such as CSI
+# U+009B, bidi overrides) or a JavaScript reader splits lines on (U+2028/9): escaped too, so that printing
+# a line is safe. Any such character is inside a string: keys and numbers are ASCII.
+_JSON_UNSAFE: Final = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _dumps(value: object) -> str:
+    """JSON without ASCII escapes for text, but with every control character escaped."""
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
 
 
 def ack_json(ack: Ack, to: str) -> str:
@@ -80,7 +91,7 @@ def ack_json(ack: Ack, to: str) -> str:
     """
     fields = ack.to_dict()
     del fields["type"]
-    return json.dumps({**fields, "duplicate": ack.duplicate, "to": to}, ensure_ascii=False)
+    return _dumps({**fields, "duplicate": ack.duplicate, "to": to})
 
 
 def users_json(users: tuple[str, ...]) -> str:
@@ -91,7 +102,7 @@ def users_json(users: tuple[str, ...]) -> str:
 def conversation_json(conversation: Conversation) -> str:
     """An ``inbox --json`` line, a stable schema: ``{"peer", "unread", "read", "last_id", "last_from",
     "last_ts", "preview", "peer_read"}`` (``peer_read`` null when the peer sends no receipts)."""
-    return json.dumps({**conversation.to_dict(), "peer_read": conversation.peer_read}, ensure_ascii=False)
+    return _dumps({**conversation.to_dict(), "peer_read": conversation.peer_read})
 
 
 def unread_json(total: int) -> str:

@@ -17,7 +17,7 @@ from chatcli.client.reconnect import Backoff, MessageCursor, ResumePoint
 from chatcli.client.session import open_session, user_url
 from chatcli.client.settings import ClientSettings
 from chatcli.errors import ConnectError, LocalProtocolError, RefusedError, UsageError
-from chatcli.protocol import Ack, Feature, Hello, Message, Send
+from chatcli.protocol import Ack, Conversation, Feature, Hello, Message, Send
 from tests.support.processes import RunningServer
 from tests.support.samples import NASTY_TEXTS
 
@@ -188,10 +188,26 @@ def test_since_values() -> None:
             parse_since(bad)
 
 
-@pytest.mark.parametrize("text", [*NASTY_TEXTS, "\x7f", "\u2028", "tab\there", "é" * 3, "x" * 5000])
-def test_a_listen_line_is_what_json_dumps_writes(text: str) -> None:
+TERMINAL_CONTROLS = "\x7f\x9b\x9d\u2028\u2029\u202e\u2066"  # DEL, CSI, OSC, JS line breaks, bidi overrides
+
+
+@pytest.mark.parametrize("text", [*NASTY_TEXTS, "\x7f", "\u2028", "tab\there", "é" * 3, "x" * 5000,
+                                  "\x9b31mred", f"mixed {TERMINAL_CONTROLS} é"])
+def test_a_listen_line_is_json_with_every_control_escaped(text: str) -> None:
     for reply_to in (None, 3):
         message = Message(7, "al.ice@example", "bob-1", text, "2026-01-01T00:00:00.000Z", reply_to)
-        assert render.message_json(message) == json.dumps(
-            {"id": 7, "from": "al.ice@example", "to": "bob-1", "text": text, "ts": "2026-01-01T00:00:00.000Z",
-             "reply_to": reply_to}, ensure_ascii=False)
+        line = render.message_json(message)
+        fields = {"id": 7, "from": "al.ice@example", "to": "bob-1", "text": text, "ts": "2026-01-01T00:00:00.000Z",
+                  "reply_to": reply_to}
+        assert json.loads(line) == fields
+        # Printing the line is safe: C0 (json's own escapes) and C1 controls, DEL, bidi overrides all escaped.
+        assert not any(c < " " or c in TERMINAL_CONTROLS for c in line)
+        if not any(c in TERMINAL_CONTROLS for c in text):
+            assert line == json.dumps(fields, ensure_ascii=False)  # otherwise the same bytes as json.dumps
+
+
+def test_inbox_and_ack_lines_escape_terminal_controls_too() -> None:
+    preview = f"look {TERMINAL_CONTROLS}"
+    conversation = Conversation("bob", 1, 0, 5, "bob", "2026-01-01T00:00:00.000Z", preview)
+    line = render.conversation_json(conversation)
+    assert json.loads(line)["preview"] == preview and not any(c in TERMINAL_CONTROLS for c in line)
