@@ -37,6 +37,7 @@ after the last one.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 from collections import OrderedDict
@@ -794,8 +795,13 @@ def _recall() -> Recall:
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
     directory = state_dir()
+    path = directory / RECALL_FILE
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        # Every message typed is in it: readable by its owner only, as shells keep their history.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
     except OSError:
         return InMemoryHistory()  # a read-only home should not stop the chat
-    return FileHistory(str(directory / RECALL_FILE))
+    return FileHistory(str(path))

@@ -108,7 +108,9 @@ def test_chat_sends_receives_and_shows_delivery(terminal: Callable[..., Terminal
     chat.type("\x04")  # Ctrl-D
     assert chat.proc.wait(timeout=10) == 0
     assert chat.is_restored()
-    assert "hello bob" in (tmp_home / "xdg_state_home" / "chatcli" / "history").read_text()
+    recall = tmp_home / "xdg_state_home" / "chatcli" / "history"
+    assert "hello bob" in recall.read_text()
+    assert recall.stat().st_mode & 0o777 == 0o600  # every message typed: for its owner's eyes, as shells keep theirs
 
 
 def test_alt_enter_adds_a_newline_and_enter_sends_both_lines(terminal: Callable[..., Terminal],
