@@ -40,7 +40,7 @@ import asyncio
 import os
 import shutil
 import subprocess
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -63,6 +63,7 @@ from chatcli.errors import (
 )
 from chatcli.paths import state_dir
 from chatcli.protocol import (
+    HISTORY_MAX_LIMIT,
     MAX_INT,
     USER_ID_RULE,
     Ack,
@@ -102,6 +103,11 @@ HELP: Final = (
 #: Messages of a conversation shown when it opens. In this module "history" is always the
 #: conversation kept by the server; the lines typed at the prompt are the "recall".
 HISTORY_LINES: Final = 20
+#: More are shown when more are unread, up to this many (older pages asked for as needed): beyond it,
+#: a notice points at `chatcli history`.
+UNREAD_SHOWN_MAX: Final = 500
+#: Messages for other conversations kept per peer, to show when it opens, from a server that keeps no history.
+KEPT_PER_PEER: Final = 1000
 #: The recall's file in the state directory; its name predates the distinction and is kept, so
 #: existing users keep what they typed.
 RECALL_FILE: Final = "history"
@@ -160,6 +166,12 @@ class ChatClient:
         self._history_shown = False  # the conversation on screen opened with its history (once, not per reconnect)
         self._history_request: str | None = None  # while waiting for the answer…
         self._held: list[Message] = []  # …incoming messages wait here
+        self._history_pages: tuple[Message, ...] = ()  # the pages so far, when the unread go back further
+        self._history_asked = HISTORY_LINES  # the size of the page asked for
+        self._history_floor: int | None = None  # the oldest message shown: older ones arriving are not shown
+        #: Messages for other conversations, from a server without history: shown when their conversation opens.
+        self._kept: dict[str, deque[Message]] = {}
+        self._server_keeps_history = True  # as the last session said
         # Unread: the server's count and newest id per peer (inbox), plus ids that arrived since.
         self._inbox_base: dict[str, tuple[int, int]] = {}
         self._live_unread: dict[str, set[int]] = {}
@@ -244,6 +256,7 @@ class ChatClient:
             self.notice(store_changed(resumed))
         self._held, self._history_request, self._inbox_request = [], None, None
         self._set_state(ConnectionState.CONNECTED)
+        self._server_keeps_history = session.offers(Feature.HISTORY)
         if first:
             self._say_what_is_missing(session)
         if session.offers(Feature.READS):
@@ -284,8 +297,15 @@ class ChatClient:
         self.reply_next = None  # it named a message of the conversation left
         self.known_peers.add(peer)
         self._history_ids.clear()
-        self._history_shown = False
+        self._history_shown, self._history_floor = False, None
         self.notice(f"conversation with {peer}" + (f" ({n} unread)" if (n := self.unread(peer)) else ""))
+        kept = self._kept.pop(peer, ())
+        if kept and not self._server_keeps_history:  # else its history shows them
+            self.notice(f"{len(kept)} message(s) that came while it was closed")
+            for message in kept:
+                self._history_ids.add(message.id)
+                self._show_message(message)
+            self._live_unread.pop(peer, None)
         self.on_change()
         if self._session is not None:
             with suppress(ConnectError):  # the next session enters it
@@ -298,6 +318,7 @@ class ChatClient:
         if session.offers(Feature.PRESENCE):
             await session.watch((self.peer,))  # answered at once with a Presence, then one per change
         if session.offers(Feature.HISTORY) and not self._history_shown:
+            self._history_pages, self._history_asked = (), HISTORY_LINES
             self._history_request = await session.request_history(self.peer, HISTORY_LINES)
 
     async def show_inbox(self) -> None:
@@ -415,7 +436,7 @@ class ChatClient:
             self.peer_online, self.peer_hidden = frame.online, frame.hidden
             self.on_change()
         elif isinstance(frame, History) and frame.id == self._history_request:
-            await self._show_history(session, frame.messages)
+            await self._take_history(session, frame)
         elif isinstance(frame, Inbox) and frame.id == self._inbox_request:
             self._take_inbox(frame)
         elif isinstance(frame, Search) and frame.id == self._search_request:
@@ -437,11 +458,27 @@ class ChatClient:
             elif self._search_request is not None and frame.details.get("id") == self._search_request:
                 self._search_request = None
             elif self._history_request is not None:  # the only other request that can fail without an ack
-                await self._show_history(session, ())
+                await self._show_history(session, self._history_pages)
+
+    async def _take_history(self, session: ClientSession, page: History) -> None:
+        """A page of the conversation, newest first: shown once it reaches back to the first unread message
+        (every unread one is shown, in order), or UNREAD_SHOWN_MAX of them."""
+        messages = self._history_pages = page.messages + self._history_pages
+        read_upto, before = self._read_upto.get(page.peer), page.older_than(self._history_asked)
+        all_unread = read_upto is not None and bool(messages) and messages[0].id > read_upto
+        if all_unread and before is not None and len(messages) < UNREAD_SHOWN_MAX:
+            self._history_asked = min(HISTORY_MAX_LIMIT, UNREAD_SHOWN_MAX - len(messages))
+            self._history_request = await session.request_history(page.peer, self._history_asked, before=before)
+            return
+        await self._show_history(session, messages)
+        if all_unread and before is not None:
+            self.notice(f"earlier unread messages are not shown: chatcli history {self.me} {page.peer} "
+                        f"--before {messages[0].id} has them")
 
     async def _show_history(self, session: ClientSession, messages: tuple[Message, ...]) -> None:
-        self._history_request, self._history_shown = None, True
+        self._history_request, self._history_shown, self._history_pages = None, True, ()
         peer = self.peer
+        self._history_floor = messages[0].id if messages else None
         if messages and peer is not None:
             self.notice(f"the last {len(messages)} message(s) with {peer}")
             read_upto = self._read_upto.get(peer)
@@ -470,11 +507,14 @@ class ChatClient:
         self.known_peers.add(peer)
         self._typing_until.pop(message.sender, None)
         if peer == self.peer:
-            if message.id not in self._history_ids:
+            older = self._history_floor is not None and message.id < self._history_floor  # said in a notice
+            if message.id not in self._history_ids and not older:
                 self._show_message(message)
             await self._mark_read(session, peer, message.id)
         elif message.sender != self.me:  # ours from another session is not unread
             self._live_unread.setdefault(peer, set()).add(message.id)
+            if not self._server_keeps_history:
+                self._kept.setdefault(peer, deque(maxlen=KEPT_PER_PEER)).append(message)
             self._alert(message)
         self.on_change()
         await session.acknowledge(message.id)

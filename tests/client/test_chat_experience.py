@@ -282,3 +282,48 @@ def test_a_reconnect_does_not_show_the_conversation_again(terminal: Callable[...
     assert chat.screen.count("message(s) with bob") == 1 and chat.screen.count("before the restart") == 1
     chat.type("/quit\r")
     assert chat.proc.wait(timeout=10) == 0
+
+
+def test_every_unread_message_is_shown_in_order_when_more_than_a_screenful_came(
+        terminal: Callable[..., Terminal], shared: RunningServer) -> None:
+    sender, _ = native(shared.ws_url, "hank7", headers=NO_BACKLOG)
+    for n in range(1, 26):  # more than the 20 a conversation opens with
+        send_native(sender, "ivy7", f"hb {n:02d}.")
+    chat = terminal("ivy7", "hank7", "--url", shared.ws_url)
+    chat.wait_for("the last 25 message(s) with hank7")
+    chat.wait_for("hank7: hb 25.")
+    screen = chat.screen
+    shown = [screen.index(f"hank7: hb {n:02d}.") for n in range(1, 26)]
+    assert shown == sorted(shown) and screen.index("unread:") < shown[0]  # all, once, in order
+    assert all(screen.count(f"hb {n:02d}.") == 1 for n in range(1, 26))
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
+
+
+def test_without_server_history_messages_of_another_conversation_show_when_it_opens(
+        terminal: Callable[..., Terminal], start_server: StartServer) -> None:
+    server = start_server("--ephemeral")
+    chat = terminal("alice8", "bob8", "--url", server.ws_url)
+    chat.wait_for("connected")
+    carol, _ = native(server.ws_url, "carol8")
+    assert send_native(carol, "alice8", "eph carol 1").status == "delivered"
+    chat.wait_for("[1 unread: carol8 1]")
+    assert send_native(carol, "alice8", "eph carol 2").status == "delivered"
+
+    def counted_both() -> bool:  # /inbox lists the counts (the status line redraws only what changed)
+        if "carol8: 2 unread" in chat.screen:
+            return True
+        chat.type("/inbox\r")
+        return False
+
+    wait_until(counted_both, what="both messages counted")
+    chat.type("/next\r")
+    chat.wait_for("2 message(s) that came while it was closed")
+    chat.wait_for("carol8: eph carol 2")
+    assert chat.screen.index("carol8: eph carol 1") < chat.screen.index("carol8: eph carol 2")
+    chat.type("/open bob8\r")
+    chat.wait_for("conversation with bob8")
+    chat.type("/inbox\r")
+    chat.wait_for("no unread messages")  # read now: the count is gone
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
