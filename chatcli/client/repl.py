@@ -745,10 +745,14 @@ def chat(settings: ClientSettings, me: str, peer: str | None, env: Environment, 
     if input is None and not env.stdin_isatty:
         raise UsageError("chat needs a terminal; in scripts use 'chatcli send' and 'chatcli listen'")
     interrupted, client = asyncio.run(_chat(settings, me, peer, env, input, output))
+    for to, text in client.pending.values():  # on stderr, so that nothing typed is lost without a trace
+        env.notice(f"not acknowledged, to {to}: {text}")
     if client.fatal_error is not None:
         raise client.fatal_error
     if interrupted:
         raise KeyboardInterrupt
+    if client.pending:
+        raise ConnectError(f"{len(client.pending)} message(s) not acknowledged: the server may not have them")
 
 
 async def _chat(settings: ClientSettings, me: str, peer: str | None, env: Environment, input: Input | None,
@@ -774,16 +778,29 @@ async def _chat(settings: ClientSettings, me: str, peer: str | None, env: Enviro
 
 async def _read_loop(prompt: PromptSession[str], client: ChatClient) -> bool:
     """Read lines until the user leaves; True when that was Ctrl-C."""
+    warned = False  # leaving with messages not acknowledged takes a second Ctrl-D or /quit
+
+    def may_leave() -> bool:
+        nonlocal warned
+        if not client.pending or warned:
+            return True
+        warned = True
+        client.notice(f"{len(client.pending)} message(s) not acknowledged by the server yet: Ctrl-D or /quit "
+                      f"again leaves without them (they are printed on leaving)")
+        return False
+
     while True:
         try:
             line = await prompt.prompt_async()
         except EOFError:
-            return False
+            if may_leave():
+                return False
+            continue
         except KeyboardInterrupt:
             return True
         if line.startswith("/") and not line.startswith("//") and line.strip() != "/":
             try:
-                if await run_command(client, line.strip()):
+                if await run_command(client, line.strip()) and may_leave():
                     return False
             except LocalProtocolError as exc:
                 client.notice(str(exc))

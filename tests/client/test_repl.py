@@ -167,6 +167,24 @@ def test_typed_while_disconnected_waits_then_goes_out_on_reconnect(
     assert "Traceback" not in chat.screen
 
 
+def test_leaving_with_messages_not_acknowledged_asks_twice_and_prints_them(
+        terminal: Callable[..., Terminal], start_server: StartServer) -> None:
+    server = start_server()
+    chat = terminal("alice", "bob", "--url", server.ws_url)
+    chat.wait_for("connected")
+    server.stop()
+    chat.wait_for("reconnecting in")
+    chat.type("typed while the server is gone\r")
+    chat.wait_for("1 pending")
+    chat.type("\x04")  # Ctrl-D: a warning, not a silent loss
+    chat.wait_for("1 message(s) not acknowledged by the server yet: Ctrl-D or /quit again leaves without them")
+    assert chat.proc.poll() is None
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 3  # as a send that could not reach the server
+    chat.wait_for("chatcli: not acknowledged, to bob: typed while the server is gone")
+    assert chat.is_restored() and "Traceback" not in chat.screen
+
+
 def test_chat_warns_and_shows_everything_when_the_server_comes_back_with_another_store(
         terminal: Callable[..., Terminal], start_server: StartServer, tmp_path: Path) -> None:
     first = start_server("--db", str(tmp_path / "old.db"))
