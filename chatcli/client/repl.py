@@ -44,7 +44,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from chatcli.client import render
 from chatcli.client.environment import Environment
@@ -63,6 +63,7 @@ from chatcli.errors import (
 )
 from chatcli.paths import state_dir
 from chatcli.protocol import (
+    DEFAULT_MAX_TEXT_BYTES,
     HISTORY_MAX_LIMIT,
     MAX_INT,
     USER_ID_RULE,
@@ -83,6 +84,7 @@ from chatcli.protocol import (
     Status,
     check_user_id,
     is_valid_user_id,
+    text_size,
 )
 
 __all__ = ["COMMANDS", "HELP", "HISTORY_LINES", "TYPING_SEND_INTERVAL_S", "TYPING_SHOWN_S", "ChatClient", "Command",
@@ -90,10 +92,13 @@ __all__ = ["COMMANDS", "HELP", "HISTORY_LINES", "TYPING_SEND_INTERVAL_S", "TYPIN
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
+    from prompt_toolkit.buffer import Buffer
     from prompt_toolkit.completion import Completer
+    from prompt_toolkit.document import Document
     from prompt_toolkit.history import History as Recall
     from prompt_toolkit.input import Input
     from prompt_toolkit.output import Output
+    from prompt_toolkit.validation import Validator
 
 HELP: Final = (
     "Enter sends · Alt+Enter (or Esc, Enter) adds a newline · Ctrl-X Ctrl-E edits in $VISUAL/$EDITOR · "
@@ -172,6 +177,7 @@ class ChatClient:
         #: Messages for other conversations, from a server without history: shown when their conversation opens.
         self._kept: dict[str, deque[Message]] = {}
         self._server_keeps_history = True  # as the last session said
+        self.max_text_bytes = DEFAULT_MAX_TEXT_BYTES  # the server's, as its hello said: checked before sending
         # Unread: the server's count and newest id per peer (inbox), plus ids that arrived since.
         self._inbox_base: dict[str, tuple[int, int]] = {}
         self._live_unread: dict[str, set[int]] = {}
@@ -257,6 +263,7 @@ class ChatClient:
         self._held, self._history_request, self._inbox_request = [], None, None
         self._set_state(ConnectionState.CONNECTED)
         self._server_keeps_history = session.offers(Feature.HISTORY)
+        self.max_text_bytes = session.hello.max_text_bytes
         if first:
             self._say_what_is_missing(session)
         if session.offers(Feature.READS):
@@ -819,18 +826,82 @@ def _prompt_session(client: ChatClient, input: Input | None, output: Output | No
     def _newline(event: object) -> None:
         event.current_buffer.insert_text("\n")  # type: ignore[attr-defined]
 
+    @bindings.add("c-x", "c-e")
+    def _edit(event: Any) -> None:
+        event.app.create_background_task(_edit_in_editor(event.current_buffer, client))
+
     def toolbar() -> ANSI:
         return ANSI(render.status_ansi(client.view(), colour=client.colour))
 
     return PromptSession(f"{client.me}> ", history=_recall(), bottom_toolbar=toolbar, key_bindings=bindings,
                          multiline=False, input=input, output=output, erase_when_done=False,
-                         completer=_completer(client), complete_while_typing=False, enable_open_in_editor=True)
+                         completer=_completer(client), complete_while_typing=False,
+                         validator=_size_limit(client), validate_while_typing=False)
+
+
+def _size_limit(client: ChatClient) -> Validator:
+    """A message over the server's size limit is not accepted: the draft stays, to be cut, and is not
+    printed whole only to be refused."""
+    from prompt_toolkit.validation import ValidationError, Validator
+
+    class SizeLimit(Validator):
+        def validate(self, document: Document) -> None:
+            size, limit = text_size(document.text), client.max_text_bytes
+            if size > limit:
+                raise ValidationError(len(document.text), f"{size:,} bytes: this server takes messages of at "
+                                                           f"most {limit:,} bytes; nothing sent")
+
+    return SizeLimit()
+
+
+#: Tried in order after $VISUAL and $EDITOR, as prompt_toolkit does.
+_EDITORS: Final = ("/usr/bin/editor", "/usr/bin/nano", "/usr/bin/pico", "/usr/bin/vi", "/usr/bin/emacs")
+
+
+async def _edit_in_editor(buffer: Buffer, client: ChatClient) -> None:
+    """Ctrl-X Ctrl-E: the draft in $VISUAL or $EDITOR; saved, it is sent, as a shell runs an edited command.
+    Ours rather than prompt_toolkit's, which printed a traceback and lost the draft for a file not in UTF-8."""
+    import tempfile
+
+    from prompt_toolkit.application import run_in_terminal
+    from prompt_toolkit.document import Document
+
+    fd, name = tempfile.mkstemp(prefix="chatcli-", suffix=".txt")  # 0600: the draft is nobody else's
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(buffer.text)
+        if not await run_in_terminal(lambda: _run_editor(name), in_executor=True):
+            return  # the editor failed (vim's :cq): nothing sent, the draft kept
+        with open(name, "rb") as file:
+            raw = file.read()
+    finally:
+        os.unlink(name)
+    try:
+        text = raw.decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError as exc:
+        client.notice(f"the editor saved text that is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+                      f"{exc.start}): nothing sent, the draft is kept")
+        return
+    buffer.document = Document(text, len(text))
+    buffer.validate_and_handle()
+
+
+def _run_editor(path: str) -> bool:
+    """Run the user's editor on ``path``; True if it exited 0."""
+    import shlex
+
+    for editor in (os.environ.get("VISUAL"), os.environ.get("EDITOR"), *_EDITORS):
+        if editor:
+            try:
+                return subprocess.call([*shlex.split(editor), path]) == 0
+            except OSError:  # not there: the next one
+                continue
+    return False
 
 
 def _completer(client: ChatClient) -> Completer:
     """Tab completes command names after ``/``, and known peers after ``/open``."""
     from prompt_toolkit.completion import Completer, Completion
-    from prompt_toolkit.document import Document
 
     class ChatCompleter(Completer):
         def get_completions(self, document: Document, complete_event: object) -> Iterable[Completion]:

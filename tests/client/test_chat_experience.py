@@ -250,6 +250,30 @@ def test_editor_round_trip(terminal: Callable[..., Terminal], shared: RunningSer
     assert chat.proc.wait(timeout=10) == 0
 
 
+def test_an_editor_text_that_cannot_be_sent_keeps_the_draft(terminal: Callable[..., Terminal],
+                                                             start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server("--max-text-bytes", "1000")
+    judy, _ = native(server.ws_url, "judy9")
+    not_utf8 = _script(tmp_path / "latin1", "printf 'caf\\351' > \"$1\"\n")  # Latin-1, not UTF-8
+    chat = terminal("ivan9", "judy9", "--url", server.ws_url, env={"VISUAL": str(not_utf8)})
+    chat.wait_for("judy9 online")
+    chat.type("my draft")
+    chat.type("\x18\x05")
+    chat.wait_for("the editor saved text that is not UTF-8 (byte 0xe9 at offset 3): nothing sent, the draft is kept")
+    assert "Traceback" not in chat.screen and "Unhandled exception" not in chat.screen
+    chat.type(" to judy\r")  # the draft was kept: it goes out whole
+    message = recv_frame(judy)
+    assert isinstance(message, Message) and message.text == "my draft to judy"
+    mark = len(chat.screen)
+    chat.type("x" * 1500 + "\r")  # over this server's 1,000 bytes: not accepted, not printed, the draft kept
+    chat.wait_for("1,500 bytes: this server takes messages of at most 1,000 bytes; nothing sent", after=mark)
+    chat.type("\x08" * 600 + "\r")  # cut to 900: accepted
+    message = recv_frame(judy)
+    assert isinstance(message, Message) and message.text == "x" * 900
+    chat.type("/quit\r")
+    assert chat.proc.wait(timeout=10) == 0
+
+
 def test_seed_apps_get_none_of_it(terminal: Callable[..., Terminal], shared: RunningServer) -> None:
     app = legacy(shared.ws_url, "kim8")
     chat = terminal("lee8", "kim8", "--url", shared.ws_url)
