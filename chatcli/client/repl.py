@@ -227,6 +227,7 @@ class ChatClient:
         self.state, self.retry_at = state, retry_at
         if state is not ConnectionState.CONNECTED:
             self.peer_online, self.peer_hidden = None, False  # nobody tells us while we are away
+            self._typing_until.clear()
         self.on_change()
 
     def notice(self, text: str) -> None:
@@ -441,6 +442,8 @@ class ChatClient:
             self._resolve(frame.id, render.Outcome(frame.status, frame.reason, frame.ts), frame.msg_id)
         elif isinstance(frame, Presence) and frame.user == self.peer:
             self.peer_online, self.peer_hidden = frame.online, frame.hidden
+            if not frame.online:  # gone: whatever they were typing will not come
+                self._typing_until.pop(frame.user, None)
             self.on_change()
         elif isinstance(frame, History) and frame.id == self._history_request:
             await self._take_history(session, frame)

@@ -48,6 +48,24 @@ def test_typing_shows_until_the_message_or_a_pause(server: RunningServer, monkey
     asyncio.run(scenario())
 
 
+def test_typing_ends_when_the_peer_leaves(server: RunningServer, tmp_home: object) -> None:
+    settings = ClientSettings(url=server.ws_url)
+
+    async def scenario() -> None:
+        client = ChatClient(settings, "tom", "uma", colour=False, show=lambda line: None)
+        running = asyncio.create_task(client.run())
+        await _until(lambda: client.state is ConnectionState.CONNECTED and client.peer_online is not None)
+        async with open_session(settings, "uma") as uma:
+            await _until(lambda: client.peer_online)
+            await uma.typing("tom")
+            await _until(lambda: client.view().peer_typing)
+        await _until(lambda: client.peer_online is False, timeout=2)  # their chat closed mid-sentence
+        assert not client.view().peer_typing  # at once, not after TYPING_SHOWN_S
+        running.cancel()
+
+    asyncio.run(scenario())
+
+
 def test_the_status_line_names_the_conversation_typing_and_the_hotlist() -> None:
     connected = ConnectionState.CONNECTED
     view = StatusView(connected, "ws://h:1", "alice", "bob", peer_online=True, peer_typing=True,
