@@ -213,9 +213,10 @@ class Outcome:
     ts: str | None = None
 
 
-def own_message_ansi(me: str, text: str, outcome: Outcome, *, colour: bool) -> str:
-    """Our message once the server answered: ``HH:MM me: text  ✓ delivered`` or ``✗ refused (offline)``."""
-    line = _chat_line(_clock(outcome.ts), me, "white", text)
+def own_message_ansi(me: str, text: str, outcome: Outcome, *, colour: bool, to: str | None = None) -> str:
+    """Our message once the server answered: ``HH:MM me: text  ✓ delivered`` or ``✗ refused (offline)``;
+    ``me → to:`` when it went to another conversation than the one on screen."""
+    line = _chat_line(_clock(outcome.ts), me if to is None else f"{me} → {to}", "white", text)
     if outcome.status == Status.REFUSED:
         line.append(f"  ✗ refused ({safe_text(outcome.reason or 'no reason')})", style="bold red")
     else:

@@ -583,7 +583,8 @@ class ChatClient:
         reply_to = self._replying.pop(client_id, None)
         if reply_to is not None:
             self._show_quote(reply_to)
-        self.show(render.own_message_ansi(self.me, text, outcome, colour=self.colour))
+        self.show(render.own_message_ansi(self.me, text, outcome, colour=self.colour,
+                                          to=None if to == self.peer else to))
         if msg_id is not None and outcome.status != Status.REFUSED:
             self._own[msg_id] = (to, text, outcome.ts)
             if len(self._own) > OWN_REMEMBERED:
@@ -839,7 +840,8 @@ def _prompt_session(client: ChatClient, input: Input | None, output: Output | No
     return PromptSession(f"{client.me}> ", history=_recall(), bottom_toolbar=toolbar, key_bindings=bindings,
                          multiline=False, input=input, output=output, erase_when_done=False,
                          completer=_completer(client), complete_while_typing=False,
-                         validator=_size_limit(client), validate_while_typing=False)
+                         validator=_size_limit(client), validate_while_typing=False,
+                         enable_suspend=True)  # Ctrl-Z suspends, as in a shell, rather than typing ^Z
 
 
 def _size_limit(client: ChatClient) -> Validator:

@@ -185,6 +185,37 @@ def test_leaving_with_messages_not_acknowledged_asks_twice_and_prints_them(
     assert chat.is_restored() and "Traceback" not in chat.screen
 
 
+def test_an_answer_for_another_conversation_names_its_recipient(
+        terminal: Callable[..., Terminal], start_server: StartServer) -> None:
+    first = start_server()
+    chat = terminal("alice", "bob", "--url", first.ws_url)
+    chat.wait_for("connected")
+    first.stop()
+    chat.wait_for("reconnecting in")
+    chat.type("for bob, typed offline\r")
+    chat.wait_for("1 pending")
+    chat.type("/open carol\r")
+    chat.wait_for("conversation with carol")
+    start_server("--ws-port", str(first.ws_port))
+    chat.wait_for("alice → bob: for bob, typed offline  ✓ stored", timeout=20)  # on carol's screen: says to whom
+    chat.type("\x03")
+    assert chat.proc.wait(timeout=10) == 130
+
+
+def test_ctrl_z_suspends_the_chat_as_a_shell_would(terminal: Callable[..., Terminal], server: RunningServer) -> None:
+    bob, _ = native(server.ws_url, "bob")
+    chat = terminal("alice", "bob", "--url", server.ws_url)
+    chat.wait_for("bob online")
+    # Ctrl-Z: the chat sends its process group SIGTSTP (a shell's job control then stops it). This one
+    # leads its own session with no shell, so the kernel discards the signal: the chat carries on.
+    chat.type("\x1a")
+    chat.type("back again\r")
+    message = recv_frame(bob)
+    assert isinstance(message, Message) and message.text == "back again"  # no ^Z typed into it
+    chat.type("\x04")
+    assert chat.proc.wait(timeout=10) == 0
+
+
 def test_chat_warns_and_shows_everything_when_the_server_comes_back_with_another_store(
         terminal: Callable[..., Terminal], start_server: StartServer, tmp_path: Path) -> None:
     first = start_server("--db", str(tmp_path / "old.db"))
