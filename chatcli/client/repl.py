@@ -639,8 +639,8 @@ class ChatClient:
         """``/search TEXT``: the open conversation's messages matching TEXT, newest first."""
         session, text = self._session, text.strip()
         if not text or self.peer is None:
-            self.notice("/search TEXT: give the words to find" if text or self.peer is not None
-                        else "no conversation open: /open PEER first")
+            self.notice("no conversation open: /open PEER first" if self.peer is None
+                        else "/search TEXT: give the words to find")
         elif session is None:
             self.notice("not connected: search once the chat is connected again")
         elif not session.offers(Feature.SEARCH):

@@ -77,3 +77,15 @@ def test_the_status_line_names_the_conversation_typing_and_the_hotlist() -> None
     many = tuple((f"u{n}", 1) for n in range(7))
     assert render.status_text(StatusView(connected, "u", "a", None, unread=many)).endswith(
         "[7 unread: u0 1, u1 1, u2 1, u3 1, u4 1, …]  u")
+
+
+def test_search_says_what_is_missing() -> None:
+    shown: list[str] = []
+    on_inbox = ChatClient(ClientSettings(url="ws://127.0.0.1:9"), "tom", None, colour=False, show=shown.append)
+    asyncio.run(on_inbox.search_command("lunch"))  # words, but no conversation to search
+    asyncio.run(on_inbox.search_command(""))
+    in_conversation = ChatClient(ClientSettings(url="ws://127.0.0.1:9"), "tom", "uma", colour=False,
+                                 show=shown.append)
+    asyncio.run(in_conversation.search_command("  "))
+    assert shown == ["-- no conversation open: /open PEER first", "-- no conversation open: /open PEER first",
+                     "-- /search TEXT: give the words to find"]
