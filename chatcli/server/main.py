@@ -71,7 +71,7 @@ def configure_logging(level: str, fmt: str) -> None:
 
 
 def run(config: ServerConfig, *, log_level: str = "info", log_format: str = "text") -> None:
-    """Run the server until SIGINT or SIGTERM; return normally (exit 0) after a graceful shutdown."""
+    """Run the server until SIGINT, SIGTERM or SIGHUP; return normally (exit 0) after a graceful shutdown."""
     configure_logging(log_level, log_format)
     _tune_gc()
     try:
@@ -93,7 +93,8 @@ def _tune_gc() -> None:
 async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: a server started from a terminal that closes (an ssh session dropped) stops as politely.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
 
     fd_limit = raise_fd_limit()

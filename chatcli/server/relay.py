@@ -45,6 +45,7 @@ from chatcli.server.chat_events import ChatEvents
 from chatcli.server.codecs import Codec, Outcome
 from chatcli.server.config import PresenceMode, ServerConfig
 from chatcli.server.engine.base import Appended, BacklogPage, Capability, Engine, NewMessage, StoredMessage
+from chatcli.server.limitlog import LimitLog
 from chatcli.server.metrics import Metrics
 
 __all__ = ["CLOSE_STORAGE_FAILED", "HELD_CHARS", "HELD_LIMIT", "HISTORY_QUEUE", "MAX_WATCHED_USERS", "PACING_QUANTUM",
@@ -594,7 +595,7 @@ class Relay:
 
     def _answer_history(self, session: Session, what: str, answer: str | StorageError) -> None:
         if isinstance(answer, StorageError):
-            _log_storage_failure(f"could not read {what} for {session.user}", answer)
+            _log_storage_failure("read", f"could not read {what} for {session.user}", answer)
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
                                                f"{what} is unavailable right now: the server's storage failed")))
         else:
@@ -673,7 +674,7 @@ class Relay:
         """Acknowledge and deliver a committed batch, in order; then send on what gathered meanwhile."""
         self.committing = False
         if isinstance(appended, StorageError):
-            _log_storage_failure(f"could not store {len(batch)} message(s)", appended)
+            _log_storage_failure("store", f"could not store {len(batch)} message(s)", appended)
             reason = p.Reason.UNAVAILABLE if isinstance(appended, EngineUnavailable) else p.Reason.STORAGE_FAILED
             for session, client_id, _, _ in batch:
                 self.refuse(session, client_id, reason)
@@ -811,7 +812,7 @@ class Relay:
         if replay is None:  # closed meanwhile
             return
         if isinstance(page, StorageError):
-            _log_storage_failure(f"could not read stored messages for {session.user}", page)
+            _log_storage_failure("read", f"could not read stored messages for {session.user}", page)
             del self.replays[session]
             session.close(CLOSE_STORAGE_FAILED, "cannot read your stored messages: storage failed; try again later")
             return
@@ -848,6 +849,11 @@ def _log_undeliverable(message: StoredMessage, exc: ChatcliError) -> None:
               extra={"event": "bad-stored-message", "msg_id": message.id})
 
 
-def _log_storage_failure(what: str, exc: StorageError) -> None:
-    """The operator's line; the engine reports the failure in /healthz itself."""
-    log.error("%s: %s", what, exc, extra={"event": "storage-error"})
+#: Storage failures come in floods (every batch while Redis or the disk is away): one line per kind per 10 s.
+_STORAGE_FAILURES = LimitLog("storage-error")
+
+
+def _log_storage_failure(operation: str, what: str, exc: StorageError) -> None:
+    """The operator's line, at most one per ``operation`` ("store", "read") per interval, counting the
+    others; the engine reports the failure in /healthz itself."""
+    _STORAGE_FAILURES.bit(operation, logging.ERROR, f"{what}: {exc}")

@@ -212,6 +212,9 @@ def test_redis_down_refuses_sends_at_once_then_recovers_and_lost_nothing_acked(
     assert time.monotonic() - started < 2
     run = chatcli("send", "alice", "bob", "a script's message", "--url", one.ws_url)
     assert run.wait() == 5 and "unavailable" in run.err[-1], run.err
+    for i in range(20):  # a flood of refusals is one line in the log, not one per batch
+        assert send_native(alice, "bob", f"refused {i}").status == p.Status.REFUSED
+    assert sum("could not store" in line for line in one.log) == 1
     status, body = health(one)
     assert status == 503 and body["storage"]["redis"]["state"] == "down"  # type: ignore[index]
     redis.start()  # the same AOF

@@ -314,7 +314,7 @@ def test_one_log_line_per_connect_and_disconnect(server: RunningServer) -> None:
     assert not any("not logged" in line for line in server.log)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_closes_sessions_with_1001_and_exits_0(server: RunningServer, sig: int) -> None:
     alice, _ = native(server.ws_url, "alice")
     bob = legacy(server.ws_url, "bob")
