@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 from websockets.frames import CloseCode
 
@@ -163,12 +164,34 @@ async def _every(seconds: float, callback: Callable[[], None]) -> None:
         callback()
 
 
+#: Where ``serve`` finds the passphrase of an encrypted TLS key.
+KEY_PASSPHRASE_ENV: Final = "CHATCLI_TLS_KEY_PASSPHRASE"
+
+
+class _EncryptedKey(Exception):
+    """The key needs a passphrase and none was given."""
+
+
+def _key_passphrase() -> str:
+    passphrase = os.environ.get(KEY_PASSPHRASE_ENV)
+    if passphrase is None:
+        raise _EncryptedKey
+    return passphrase
+
+
 def _tls_context(config: ServerConfig) -> ssl.SSLContext | None:
     if config.certfile is None or config.keyfile is None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(config.certfile, config.keyfile)
+        # A passphrase comes from the environment, never from a prompt: OpenSSL's own prompt asked twice on
+        # the terminal, and failed with EINVAL under a service manager.
+        context.load_cert_chain(config.certfile, config.keyfile, password=_key_passphrase)
+    except _EncryptedKey:
+        log.error("the TLS key %s is encrypted: give its passphrase in %s, or decrypt it "
+                  "(openssl pkey -in KEY -out PLAIN.pem)", config.keyfile, KEY_PASSPHRASE_ENV,
+                  extra={"event": "tls-error"})
+        raise SystemExit(1) from None
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load the TLS certificate %s / key %s: %s", config.certfile, config.keyfile, exc,
                   extra={"event": "tls-error"})

@@ -128,6 +128,25 @@ def test_tls_end_to_end(start_server: StartServer, tmp_path: Path) -> None:
         assert json.loads(r.read())["status"] == "ok"
 
 
+def test_an_encrypted_key_takes_its_passphrase_from_the_environment(start_server: StartServer,
+                                                                     tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    certificate = issue_certificate(tmp_path)
+    key = serialization.load_pem_private_key(certificate.keyfile.read_bytes(), password=None)
+    certificate.keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                      serialization.PrivateFormat.PKCS8,
+                                                      serialization.BestAvailableEncryption(b"s3cret")))
+    # Without it: one clear line, no prompt on the terminal (stdin is not even read).
+    with pytest.raises(RuntimeError, match="is encrypted: give its passphrase in CHATCLI_TLS_KEY_PASSPHRASE"):
+        start_server(*certificate.server_args())
+    server = start_server(*certificate.server_args(), env={"CHATCLI_TLS_KEY_PASSPHRASE": "s3cret"})
+    context = ssl.create_default_context()
+    certificate.ca.configure_trust(context)
+    bob, _ = native(f"wss://127.0.0.1:{server.ws_port}", "bob", ssl=context)
+    bob.close()
+
+
 def test_certfile_without_keyfile_is_a_usage_error(start_server: StartServer, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="go together"):
         start_server("--certfile", str(tmp_path / "cert.pem"))
