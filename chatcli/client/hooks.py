@@ -165,7 +165,10 @@ class HookRunner:
             if self._last_of_sender.get(message.sender) is asyncio.current_task():
                 del self._last_of_sender[message.sender]
         if store == self._store:
-            self._finished(message.id)
+            try:
+                self._finished(message.id)
+            except ClientError as exc:  # the cursor file could not be written: stop, as listen does without hooks
+                self._fatal = self._fatal or exc
 
     def _finished(self, msg_id: int) -> None:
         """Mark ``msg_id`` handled; report the highest id with every message up to it handled."""
@@ -184,7 +187,8 @@ class HookRunner:
             attempt += 1
             failure = await self._run(message, attempt)
             if failure is None:
-                self.on_success(message)
+                with contextlib.suppress(BrokenPipeError):  # nobody reads stdout (`| head -1`): hooks go on
+                    self.on_success(message)
                 return
             self.failures += 1
             if options.max_attempts is not None and attempt >= options.max_attempts:

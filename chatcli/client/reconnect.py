@@ -7,6 +7,7 @@ nor skips, and ``CursorFile`` keeps that cursor between runs of ``listen --curso
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Callable
@@ -142,9 +143,12 @@ class CursorFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock: int | None = None  # the descriptor holding the lock, for the life of the process
 
     def load(self) -> SavedCursor | None:
-        """The saved cursor; ``None`` when the file does not exist yet."""
+        """The saved cursor; ``None`` when the file does not exist yet. Claims the file first: two listens
+        sharing one (a cron job started twice) would both handle every message."""
+        self._claim()
         try:
             text = self.path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
@@ -162,10 +166,31 @@ class CursorFile:
                              "delete it to start from the server's cursor")
         return SavedCursor(int(last_id), epoch or None)
 
+    def _claim(self) -> None:
+        """Hold an exclusive lock on ``.NAME.lock`` beside the file (the file itself is replaced at each save)."""
+        import fcntl
+
+        if self._lock is not None:
+            return
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return  # a folder we cannot write in: load and save say why
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            raise UsageError(f"the cursor file {str(self.path)!r} is in use by another chatcli listen: one "
+                             "cursor file per listener (or every message is handled twice)") from None
+        self._lock = descriptor
+
     def save(self, msg_id: int, epoch: str | None) -> None:
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             temporary.write_text(f"{msg_id} {epoch}\n" if epoch else f"{msg_id}\n", encoding="ascii")
             os.replace(temporary, self.path)
         except OSError as exc:
+            with contextlib.suppress(OSError):  # a full disk would otherwise keep an empty file per attempt
+                temporary.unlink()
             raise ClientError(f"cannot write the cursor file {str(self.path)!r}: {exc.strerror or exc}") from None

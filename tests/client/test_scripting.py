@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -414,3 +416,50 @@ def test_chat_replies_with_quotes_and_searches_the_conversation(shared: RunningS
         assert "Traceback" not in chat.screen
     finally:
         chat.close()
+
+
+def test_hooks_keep_moving_the_cursor_when_the_reader_of_stdout_leaves(shared: RunningServer, tmp_path: Path,
+                                                                       tmp_home: Path) -> None:
+    me = _user("piped")
+    ids = _send_all(shared, _user("boss"), me, ["o1", "o2", "o3"])
+    cursor, ran = tmp_path / "cursor", tmp_path / "ran"
+    listen = (f"{sys.executable} -m chatcli listen {me} --url {shared.ws_url} --count 3 --cursor-file {cursor} "
+              f"--exec 'echo $CHATCLI_ID >> {ran}'")
+    result = subprocess.run(["sh", "-c", f"{listen} | head -1"], capture_output=True, text=True, timeout=60)
+    assert result.stdout.count("\n") == 1 and "o1" in result.stdout
+    assert "Traceback" not in result.stderr and "exception" not in result.stderr, result.stderr
+    assert ran.read_text().split() == [str(i) for i in ids]
+    assert cursor.read_text().split()[0] == str(ids[-1])  # the next run repeats nothing
+
+
+def test_a_cursor_file_that_cannot_be_written_stops_hooks_with_a_clear_error(shared: RunningServer,
+                                                                             tmp_path: Path, tmp_home: Path) -> None:
+    import resource
+
+    me = _user("fullfs")
+    _send_all(shared, _user("boss"), me, ["h1", "h2"])
+    cursor = tmp_path / "cursors" / "cursor"
+    cursor.parent.mkdir()
+
+    def no_file_growth() -> None:  # as on a full disk: every write fails (EFBIG; Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    result = subprocess.run([sys.executable, "-m", "chatcli", "listen", me, "--url", shared.ws_url, "--count", "2",
+                             "--cursor-file", str(cursor), "--exec", "true"],
+                            capture_output=True, text=True, timeout=60, preexec_fn=no_file_growth)
+    assert result.returncode == 1, result.stderr
+    assert "cannot write the cursor file" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert [p.name for p in cursor.parent.iterdir() if p.name.endswith(".tmp")] == []  # nothing left behind
+
+
+def test_two_listens_cannot_share_a_cursor_file(chatcli: Chatcli, shared: RunningServer, tmp_path: Path) -> None:
+    me, cursor = _user("cron"), tmp_path / "cursor"
+    first = chatcli("listen", me, "--url", shared.ws_url, "--cursor-file", str(cursor), "--exec", "true")
+    first.wait_stderr("listening as")
+    second = chatcli("listen", me, "--url", shared.ws_url, "--cursor-file", str(cursor), "--exec", "true")
+    assert second.wait() == 2  # or every message would run its hook twice
+    assert "is in use by another chatcli listen" in second.err[-1]
+    first.proc.terminate()
+    first.wait()
+    third = chatcli("listen", me, "--url", shared.ws_url, "--cursor-file", str(cursor), "--timeout", "0.5")
+    assert third.wait() == 0  # the lock went with the process
