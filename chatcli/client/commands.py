@@ -28,7 +28,7 @@ from chatcli.client.reconnect import Backoff, CursorFile, MessageCursor, ResumeP
 from chatcli.client.session import ClientSession, open_session, refusal
 from chatcli.client.settings import ClientSettings
 from chatcli.errors import CertificateError, ConnectError, RefusedError, TimedOutError
-from chatcli.protocol import INBOX_MAX_LIMIT, Ack, ErrorCode, Feature, Inbox, Message, Send, check_user_id
+from chatcli.protocol import INBOX_MAX_LIMIT, Ack, ErrorCode, Feature, Inbox, Message, Send, Status, check_user_id
 
 if TYPE_CHECKING:
     from chatcli.client.hooks import HookRunner
@@ -265,7 +265,10 @@ async def _send_all(session: ClientSession, peer: str, source: _Lines, pending: 
 
     async def send(outgoing: _Outgoing) -> None:
         outgoing.sent_at = time.monotonic()
-        await session.send_frame(outgoing.frame)
+        try:
+            await session.send_frame(outgoing.frame)
+        except RefusedError as exc:  # refused here (too large for this server): reported as the server's are
+            pending.acknowledged(Ack(outgoing.frame.id, Status.REFUSED, reason=exc.reason))
 
     try:
         for outgoing in pending.unacknowledged():

@@ -167,6 +167,22 @@ def test_send_lines_exits_5_on_a_refusal_naming_the_lines(chatcli: Chatcli, star
                                           "was sent")
 
 
+def test_send_lines_names_a_line_too_large_for_the_server_and_prints_every_ack(chatcli: Chatcli,
+                                                                             start_server: StartServer) -> None:
+    server = start_server("--max-text-bytes", "1000")
+    lines = [f"short {i}" for i in range(300)] + ["x" * 2000] + [f"after {i}" for i in range(300)]
+    sender = chatcli("send", "alice", "bob", "--lines", "--json", "--window", "1", "--url", server.ws_url,
+                     stdin="\n".join(lines) + "\n")
+    assert sender.wait() == 5
+    # Refused before sending (the hello gave the limit), but reported as a refusal by the server is:
+    # by line number, with every ack before it printed and what became of the rest.
+    statuses = [json.loads(line)["status"] for line in sender.out]
+    assert statuses == ["stored"] * 300 + ["refused"]
+    assert json.loads(sender.out[-1])["reason"] == "too-large"
+    assert sender.err[-1].endswith("1 message(s) to bob refused (line 301: too-large); the other 300 line(s) up "
+                                   "to line 301 were accepted; nothing after line 301 was sent")
+
+
 def test_send_lines_is_paced_by_the_rate_limit_not_refused(chatcli: Chatcli, start_server: StartServer) -> None:
     # 15 lines in flight at once against 10 a second after a burst of 1: the last ack comes ~1.4 s
     # after it was sent, past --timeout 1, but the acks keep coming, so the stream is not given up.
