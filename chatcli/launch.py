@@ -137,6 +137,13 @@ def exit_status_of(call: Callable[[], int], env: Environment) -> int:
 
 def main() -> None:
     """Console entry point: run the command on argv and exit with its status."""
+    try:
+        _run_argv()
+    except KeyboardInterrupt:  # Ctrl-C while the command is still loading: an interruption all the same
+        sys.exit(ExitStatus.INTERRUPTED)
+
+
+def _run_argv() -> None:
     plain = None if completing() else parse_plain_send(sys.argv[1:])
     if plain is None:
         from chatcli.cli import run

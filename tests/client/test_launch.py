@@ -53,3 +53,16 @@ def test_the_whole_app_answers_the_rest(args: list[str]) -> None:
 def test_the_whole_app_answers_shell_completion(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("_CHATCLI_COMPLETE", "bash_complete")
     assert app_for(["listen"]) is app
+
+
+def test_ctrl_c_while_a_command_is_still_loading_exits_130_without_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from chatcli import launch
+
+    def loading() -> None:  # where a Ctrl-C in the first tens of milliseconds lands: an import
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "_run_argv", loading)
+    with pytest.raises(SystemExit) as exited:
+        launch.main()
+    assert exited.value.code == 130 and capsys.readouterr().err == ""
