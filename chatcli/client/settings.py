@@ -171,9 +171,15 @@ def _first_str(*candidates: object) -> str:
     raise AssertionError("no default given")  # pragma: no cover
 
 
+#: The longest timeout: about 115 days. Beyond it (inf included) clocks and socket timeouts overflow.
+MAX_TIMEOUT_S: Final = 10_000_000
+
+
 def _check_timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise UsageError(f"timeout must be a positive number of seconds, not {value!r}")
+    # not (0 < value <= MAX) rather than value <= 0: nan compares false to everything and would pass.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_TIMEOUT_S:
+        raise UsageError(f"timeout must be a positive number of seconds, at most {MAX_TIMEOUT_S:,}, "
+                         f"not {value!r}")
     return float(value)
 
 
@@ -231,6 +237,9 @@ def _read_config(path: Path) -> dict[str, Any]:
             return tomllib.load(file)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 (a Latin-1 editor's file, say)
+        raise UsageError(f"{path}: not valid TOML: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start})") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
 

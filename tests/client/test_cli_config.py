@@ -15,7 +15,7 @@ from tests.support.processes import Chatcli, StartServer
 def write_config(home: Path, text: str) -> Path:
     path = home / "xdg_config_home" / "chatcli" / "config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_bytes(text.encode("latin-1" if "\xe9" in text else "utf-8"))  # é: a file in Latin-1, not UTF-8
     return path
 
 
@@ -59,6 +59,11 @@ def test_profile_choice_and_key_file(tmp_home: Path) -> None:
     ("", {"url": "http://x:1"}, "invalid server URL"),
     ("", {"url": "ws://[::1:6060"}, "invalid server URL 'ws://\\[::1:6060': Invalid IPv6 URL"),
     ("", {"timeout": 0}, "positive number"),
+    ("", {"timeout": float("nan")}, "positive number of seconds, at most 10,000,000, not nan"),  # never times out
+    ("", {"timeout": float("inf")}, "not inf"),  # overflowed clocks, exit 1
+    ("", {"timeout": 1e10}, "at most 10,000,000"),
+    ('[profiles.a]\ntimeout = nan\n', {"profile": "a"}, "not nan"),
+    ('[profiles.a]\nurl = "ws://caf\xe9:1"\n', {}, "not valid TOML: not UTF-8 \\(byte 0xe9 at offset 28\\)"),
     ("", {"auth_key": "k", "auth_key_file": Path("/k")}, "not both"),
     ("", {"auth_key_file": Path("/nonexistent/key")}, "cannot read the auth key file"),
 ])
