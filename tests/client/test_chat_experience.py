@@ -270,6 +270,7 @@ def test_an_editor_text_that_cannot_be_sent_keeps_the_draft(terminal: Callable[.
     chat.type("\x08" * 600 + "\r")  # cut to 900: accepted
     message = recv_frame(judy)
     assert isinstance(message, Message) and message.text == "x" * 900
+    chat.wait_for("✓ delivered", count=2)  # acknowledged: /quit leaves at once
     chat.type("/quit\r")
     assert chat.proc.wait(timeout=10) == 0
 
@@ -285,6 +286,7 @@ def test_seed_apps_get_none_of_it(terminal: Callable[..., Terminal], shared: Run
     chat.type("\r")
     # The app's next frame is lee8's message: no typing, receipt or read frame came before it.
     assert decode_legacy_message(str(app.recv(timeout=5))) == ("lee8", "hi kim")
+    chat.wait_for("✓ delivered")  # acknowledged: /quit leaves at once
     chat.type("/quit\r")
     assert chat.proc.wait(timeout=10) == 0
 

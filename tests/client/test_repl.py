@@ -212,6 +212,7 @@ def test_ctrl_z_suspends_the_chat_as_a_shell_would(terminal: Callable[..., Termi
     chat.type("back again\r")
     message = recv_frame(bob)
     assert isinstance(message, Message) and message.text == "back again"  # no ^Z typed into it
+    chat.wait_for("✓ delivered")  # else Ctrl-D would first warn of a message not acknowledged
     chat.type("\x04")
     assert chat.proc.wait(timeout=10) == 0
 
