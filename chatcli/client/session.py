@@ -18,6 +18,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Final
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
@@ -288,6 +289,10 @@ def _search_answer_to(request_id: str) -> Callable[[ServerFrame], bool]:
     return lambda frame: isinstance(frame, Search) and frame.id == request_id
 
 
+#: How long a session that ran out of time waits for the server's close frame.
+CLOSE_TIMEOUT_WHEN_LATE_S: Final = 0.1
+
+
 @asynccontextmanager
 async def open_session(settings: ClientSettings, user: str,
                        resume: ResumePoint | None = None) -> AsyncIterator[ClientSession]:
@@ -302,6 +307,11 @@ async def open_session(settings: ClientSettings, user: str,
             raise ConnectError(f"{settings.url} does not speak {SUBPROTOCOL} (is it an old seed server?)")
         hello = await _read_hello(ws, settings)
         yield ClientSession(ws, hello, settings.timeout)
+    except (TimeoutError, TimedOutError, asyncio.CancelledError):
+        # Out of time (or Ctrl-C): the server may be hung, and --timeout bounds the whole run, so the close
+        # handshake gets a moment, not the second a healthy leave may take.
+        ws.close_timeout = CLOSE_TIMEOUT_WHEN_LATE_S
+        raise
     finally:
         await ws.close()
 
