@@ -144,6 +144,10 @@ def main() -> None:
 
 
 def _run_argv() -> None:
+    if completing():
+        # Typer renders each candidate's help with Rich, which wraps it at the terminal's width: fish
+        # then took the wrapped part for a candidate of its own. One line each, however long.
+        os.environ["COLUMNS"] = "10000"
     plain = None if completing() else parse_plain_send(sys.argv[1:])
     if plain is None:
         from chatcli.cli import run

@@ -57,6 +57,18 @@ def test_scripting_commands_and_options_complete() -> None:
     assert {"--peer", "--since", "--limit", "--json"} <= set(complete_bash("chatcli search alice --"))
 
 
+def test_fish_gets_one_line_per_candidate_however_long_its_help(tmp_path: Path) -> None:
+    # What completions/chatcli.fish runs: each line is a candidate, its help after a tab.
+    script = Path(sys.executable).parent / "chatcli"  # the console script the shell runs
+    run = subprocess.run([str(script)], capture_output=True, text=True, timeout=30, check=True,
+                         env={**os.environ, "_CHATCLI_COMPLETE": "complete_fish", "COLUMNS": "80",
+                              "_TYPER_COMPLETE_FISH_ACTION": "get-args",
+                              "_TYPER_COMPLETE_ARGS": "chatcli send alice bob --auth-key"})
+    lines = run.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["--auth-key", "--auth-key-file"], lines
+    assert "prefer CHATCLI_AUTH_KEY or --auth-key-file." in lines[0]
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_bash_script_completes_in_bash(tmp_path: Path) -> None:
     bindir = tmp_path / "bin"
