@@ -6,8 +6,11 @@ stored: for a random 256-bit secret a slow password hash adds nothing but
 latency, and the salt keeps equal tokens from having equal hashes.
 
 Every call reads the file, so ``chatcli user rotate`` in another process
-takes effect on the running server's next ``verify``. The SQLite engine
-(``engine/sqlite.py``) serves them to the relay as its ``Accounts``.
+takes effect on the running server's next ``verify``. Every change also bumps
+one counter (``generation``) in the same transaction: a running server polls
+it to learn cheaply that some token changed, and then closes the sessions that
+a rotated or removed token opened. The SQLite engine (``engine/sqlite.py``)
+serves them to the relay as its ``Accounts``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -39,12 +43,19 @@ ACCOUNT_MIGRATIONS: Final[tuple[Migration, ...]] = (
             created_ts REAL NOT NULL
         ) WITHOUT ROWID""",
     ),
+    # v2: a change counter, bumped with every add, rotate and remove, polled by running servers.
+    (
+        "CREATE TABLE account_generation (id INTEGER PRIMARY KEY CHECK (id = 0), generation INTEGER NOT NULL)",
+        "INSERT INTO account_generation (id, generation) VALUES (0, 0)",
+    ),
 )
 
 TOKEN_BYTES: Final = 32
 SALT_BYTES: Final = 16
 # Hashed for unknown names too, so a miss takes as long as a wrong token.
 _DUMMY_SALT: Final = bytes(SALT_BYTES)
+#: Names per lookup in ``current_token_ids``: well under SQLite's oldest limit of 999 parameters.
+_NAMES_PER_QUERY: Final = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +124,38 @@ class AccountStore:
 
     def verify(self, name: str, token: str) -> bool:
         """Whether ``token`` is ``name``'s current token; False for unknown or invalid names."""
+        return self.verified_token_id(name, token) is not None
+
+    def verified_token_id(self, name: str, token: str) -> bytes | None:
+        """The id of ``name``'s current token if ``token`` is it, else None (unknown or invalid names too).
+
+        A token's id is its stored hash: it tells a user's successive tokens apart without revealing them.
+        """
         if not isinstance(token, str):
-            return False
+            return None
         row = None
         if is_valid_user_id(name):
             row = self._read("SELECT salt, token_hash FROM accounts WHERE name = ?", (name,)).fetchone()
         salt, expected = row if row is not None else (_DUMMY_SALT, b"")
         # compare_digest with b"" is False; computing the hash anyway keeps the timing of a miss.
-        return hmac.compare_digest(_token_hash(salt, token), expected) and row is not None
+        matches = hmac.compare_digest(_token_hash(salt, token), expected) and row is not None
+        return bytes(expected) if matches else None
+
+    def current_token_ids(self, names: Iterable[str]) -> dict[str, bytes]:
+        """The id of each named user's current token; names without an account are left out."""
+        wanted = list(names)
+        found: dict[str, bytes] = {}
+        for start in range(0, len(wanted), _NAMES_PER_QUERY):
+            chunk = wanted[start:start + _NAMES_PER_QUERY]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._read(f"SELECT name, token_hash FROM accounts WHERE name IN ({marks})", tuple(chunk))
+            found.update((name, bytes(token_hash)) for name, token_hash in rows)
+        return found
+
+    def generation(self) -> int:
+        """A counter that grows with every add, rotate and remove, in any process: one cheap read."""
+        row = self._read("SELECT generation FROM account_generation WHERE id = 0", ()).fetchone()
+        return int(row[0]) if row is not None else 0
 
     def close(self) -> None:
         self._conn.close()
@@ -132,7 +167,10 @@ class AccountStore:
             raise StorageError(f"cannot read accounts: {exc}") from exc
 
     def _write(self, sql: str, params: tuple[object, ...]) -> int:
-        """Run one change in its own transaction; the number of rows it changed."""
+        """Run one change in its own transaction, with the generation bump that makes running servers
+        look; the number of rows it changed."""
         with write_transaction(self._conn, "change accounts"):
             changed: int = self._conn.execute(sql, params).rowcount
+            if changed:
+                self._conn.execute("UPDATE account_generation SET generation = generation + 1 WHERE id = 0")
         return changed

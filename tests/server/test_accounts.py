@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from chatcli.errors import AccountError, LocalProtocolError
-from chatcli.server.accounts import ACCOUNTS_COMPONENT, AccountStore
-from chatcli.server.storage import NewMessage, SQLiteStore, open_database, schema_version
+from chatcli.server.accounts import ACCOUNT_MIGRATIONS, ACCOUNTS_COMPONENT, AccountStore, _token_hash
+from chatcli.server.engine.options import Fsync
+from chatcli.server.storage import NewMessage, SQLiteStore, open_component, open_database, schema_version
 
 
 @pytest.fixture
@@ -108,6 +109,64 @@ def test_accounts_and_messages_share_one_file(db_path: Path) -> None:
         assert accounts.verify("alice", token)
     conn = open_database(db_path)
     try:
-        assert schema_version(conn, ACCOUNTS_COMPONENT) == 1
+        assert schema_version(conn, ACCOUNTS_COMPONENT) == len(ACCOUNT_MIGRATIONS)
+    finally:
+        conn.close()
+
+
+def test_the_generation_grows_with_each_change_only(db_path: Path) -> None:
+    with AccountStore(db_path) as server_side, AccountStore(db_path) as cli_side:
+        seen = [server_side.generation()]
+        cli_side.add("alice")
+        cli_side.rotate("alice")
+        cli_side.remove("alice")
+        seen.append(server_side.generation())
+        # What changed nothing leaves it alone: a server would look up its users for nothing.
+        with pytest.raises(AccountError):
+            cli_side.rotate("alice")
+        assert cli_side.remove("alice") is False
+        seen.append(server_side.generation())
+    assert seen == [0, 3, 3]
+
+
+def test_token_ids_tell_the_current_token_from_a_rotated_one(accounts: AccountStore) -> None:
+    old = accounts.add("alice")
+    bob = accounts.add("bob")
+    proved = accounts.verified_token_id("alice", old)
+    assert proved is not None and proved != accounts.verified_token_id("bob", bob)
+    assert accounts.verified_token_id("alice", bob) is None and accounts.verified_token_id("nobody", old) is None
+    assert accounts.current_token_ids(["alice", "bob", "nobody"]) == {
+        "alice": proved, "bob": accounts.verified_token_id("bob", bob)}
+
+    new = accounts.rotate("alice")
+    assert accounts.verified_token_id("alice", old) is None
+    assert accounts.current_token_ids(["alice"]) == {"alice": accounts.verified_token_id("alice", new)} != {
+        "alice": proved}
+    accounts.remove("alice")
+    assert accounts.current_token_ids(["alice"]) == {}
+
+
+def test_token_ids_of_more_users_than_one_query_takes(accounts: AccountStore) -> None:
+    names = [f"user{i}" for i in range(1200)]
+    for name in names[::100]:
+        accounts.add(name)
+    assert sorted(accounts.current_token_ids(names)) == sorted(names[::100])
+
+
+def test_a_database_from_before_the_generation_still_opens(db_path: Path) -> None:
+    # Accounts as the first release wrote them: schema v1, no generation table.
+    conn = open_component(db_path, Fsync.full, ACCOUNTS_COMPONENT, ACCOUNT_MIGRATIONS[:1])
+    salt = bytes(range(16))
+    with conn:
+        conn.execute("INSERT INTO accounts VALUES ('alice', ?, ?, 1.0)", (salt, _token_hash(salt, "old-token")))
+    conn.close()
+
+    with AccountStore(db_path) as accounts:
+        assert accounts.verify("alice", "old-token") and accounts.generation() == 0
+        accounts.rotate("alice")
+        assert accounts.generation() == 1 and not accounts.verify("alice", "old-token")
+    conn = open_database(db_path)
+    try:
+        assert schema_version(conn, ACCOUNTS_COMPONENT) == len(ACCOUNT_MIGRATIONS)
     finally:
         conn.close()

@@ -246,6 +246,27 @@ def test_accounts_exist_only_where_announced(engine: Engine, tmp_path: Path) -> 
     assert not accounts.verify("alice", token + "x") and not accounts.verify("nobody", token)
 
 
+def test_accounts_say_when_a_token_changed_and_which_it_is(engine: Engine, tmp_path: Path) -> None:
+    accounts = engine.accounts
+    if accounts is None:
+        return
+    with account_admin(engine, tmp_path) as admin:  # `chatcli user add|rotate|remove` from another process
+        before = accounts.generation()
+        old, bob = admin.add("alice"), admin.add("bob")
+        proved = accounts.verified_token_id("alice", old)
+        assert proved is not None and accounts.verified_token_id("alice", old + "x") is None
+        assert accounts.current_token_ids(["alice", "bob", "nobody"]) == {
+            "alice": proved, "bob": accounts.verified_token_id("bob", bob)}
+        added = accounts.generation()
+        new = admin.rotate("alice")
+        rotated = accounts.generation()
+        assert accounts.current_token_ids(["alice"]) == {"alice": accounts.verified_token_id("alice", new)}
+        assert accounts.current_token_ids(["alice"]) != {"alice": proved}
+        admin.remove("alice")
+        assert accounts.current_token_ids(["alice", "bob"]).keys() == {"bob"}
+        assert len({before, added, rotated, accounts.generation()}) == 4
+
+
 def test_a_single_process_engine_never_calls_its_listener(engine: Engine) -> None:
     listener = RecordingListener()
     engine.attach(listener)

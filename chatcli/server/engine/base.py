@@ -30,7 +30,7 @@ instead of testing which engine it has.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, NamedTuple, Protocol
 
 from chatcli import protocol as p
@@ -161,10 +161,28 @@ Encoder = Callable[[StoredMessage], str]
 
 class Accounts(Protocol):
     """Per-user tokens (``chatcli user add``). Read per handshake, so a change made by another process
-    takes effect at once."""
+    takes effect at once; ``generation`` tells a running server that open sessions may need closing.
+
+    A token's id is what the store keeps of it (its salted hash): equal ids, same token. Every method
+    raises StorageError when the accounts cannot be read.
+    """
 
     def verify(self, name: str, token: str) -> bool:
-        """Whether ``token`` is ``name``'s current token; raises StorageError when unreadable."""
+        """Whether ``token`` is ``name``'s current token."""
+        ...
+
+    def verified_token_id(self, name: str, token: str) -> bytes | None:
+        """The id of ``name``'s current token if ``token`` is it, else None: what a session proved."""
+        ...
+
+    def current_token_ids(self, names: Iterable[str]) -> dict[str, bytes]:
+        """The id of each named user's current token, in as few reads as the store allows; names without
+        an account are left out."""
+        ...
+
+    def generation(self) -> int:
+        """A number that changes whenever an account is added, rotated or removed, by any process (it may
+        change at other times too): one cheap read, polled by the server."""
         ...
 
     def any_accounts(self) -> bool:

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from typing import Final
 
 __all__ = [
+    "ACCOUNTS_GENERATION_KEY",
     "ACCOUNTS_KEY",
     "COMMIT",
     "CURSOR",
@@ -70,6 +71,8 @@ USERS_KEY: Final = "chatcli:users"
 #: The newest accept time committed (per batch): a node continues from it.
 NEWEST_KEY: Final = "chatcli:newest_ts"
 ACCOUNTS_KEY: Final = "chatcli:accounts"
+#: Bumped with every change of ACCOUNTS_KEY, in the same MULTI: nodes poll it for rotated or removed tokens.
+ACCOUNTS_GENERATION_KEY: Final = "chatcli:accounts:generation"
 #: How long a client message id is remembered: a client retries within minutes, not days.
 IDEMPOTENCY_TTL_S: Final = 7 * 24 * 3600
 
