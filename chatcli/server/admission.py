@@ -35,13 +35,19 @@ class Admitted:
     """A handshake that passed every check, with the session's parameters."""
 
     user: str
-    #: The session proved its user with a per-user token (accounts on).
-    authenticated: bool
+    #: The id of the per-user token the session proved its user with (accounts on); None without accounts.
+    #: The server closes the session once that is no longer the user's token (rotated, or account removed).
+    token_id: bytes | None
     after: int | None = None
     since_ts: float | None = None
     #: The store the client's ``after`` belongs to (Chatcli-Epoch), if it said.
     epoch: str | None = None
     receive: bool = True
+
+    @property
+    def authenticated(self) -> bool:
+        """The session proved its user with a per-user token."""
+        return self.token_id is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +69,9 @@ class AdmissionState(Protocol):
 
     def accounts_on(self) -> bool: ...
 
-    def verify_token(self, user: str, token: str) -> bool:
-        """Raises StorageError when the accounts cannot be read."""
+    def verify_token(self, user: str, token: str) -> bytes | None:
+        """The id of ``user``'s token if ``token`` is it, else None; raises StorageError when the accounts
+        cannot be read."""
         ...
 
     def sessions_of(self, user: str) -> int: ...
@@ -90,18 +97,18 @@ def admit(path: str, headers: Headers, *, legacy: bool, peer_address: str,
     if refusal is not None:
         return refusal
     try:
-        authenticated = _check_credentials(user, legacy, headers, query, state)
+        token_id = _check_credentials(user, legacy, headers, query, state)
     except StorageError:
         return Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the server cannot check credentials right now\n")
-    if isinstance(authenticated, Refused):
-        return authenticated
+    if isinstance(token_id, Refused):
+        return token_id
     if legacy:
-        return Admitted(user, authenticated)
+        return Admitted(user, token_id)
     resume = _resume_point(headers)
     if isinstance(resume, Refused):
         return resume
     receive = headers.get(p.RECEIVE_HEADER, "all").lower() != "none"
-    return Admitted(user, authenticated, *resume, receive=receive)
+    return Admitted(user, token_id, *resume, receive=receive)
 
 
 def _duplicate_header(headers: Headers) -> Refused | None:
@@ -140,8 +147,9 @@ def _bearer(headers: Headers) -> str | None:
 
 
 def _check_credentials(user: str, legacy: bool, headers: Headers, query: Mapping[str, str],
-                       state: AdmissionState) -> bool | Refused:
-    """Whether the session proved its user with a token, or why it is refused.
+                       state: AdmissionState) -> bytes | Refused | None:
+    """The id of the token the session proved its user with (None: no token, as without accounts), or
+    why it is refused.
 
     With accounts, every session proves its user with a token (header, or ``?token=`` for seed
     apps). Without accounts, native sessions prove the shared key at the handshake and seed
@@ -153,17 +161,18 @@ def _check_credentials(user: str, legacy: bool, headers: Headers, query: Mapping
             return Refused(HTTPStatus.UNAUTHORIZED,
                            f"authentication required: send 'Authorization: Bearer <token>' or add "
                            f"?{p.TOKEN_QUERY_PARAM}=<token> to the URL\n")
-        if not state.verify_token(user, offered):
+        token_id = state.verify_token(user, offered)
+        if token_id is None:
             return Refused(HTTPStatus.FORBIDDEN, f"authentication refused: wrong token for {user}\n",
                            auth_failure=True)
-        return True
+        return token_id
     if legacy:
-        return False
+        return None
     if offered is None:
         return Refused(HTTPStatus.UNAUTHORIZED, "missing credentials: send the header 'Authorization: Bearer <key>'\n")
     if not hmac.compare_digest(offered.encode("utf-8", "surrogatepass"), state.config.auth_key.encode()):
         return Refused(HTTPStatus.FORBIDDEN, "authentication refused: wrong key\n", auth_failure=True)
-    return False
+    return None
 
 
 def _resume_point(headers: Headers) -> Refused | tuple[int | None, float | None, str | None]:

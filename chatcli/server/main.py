@@ -32,7 +32,7 @@ from chatcli.server.http_api import Handler, HttpServer, Response, json_response
 from chatcli.server.metrics import Metrics, render_prometheus
 from chatcli.server.relay import Relay
 from chatcli.server.storage_thread import StorageThread
-from chatcli.server.transport import HANDSHAKE_SLACK, WebSocketServer
+from chatcli.server.transport import HANDSHAKE_SLACK, TOKEN_CHECK_INTERVAL_S, WebSocketServer
 
 __all__ = ["JsonFormatter", "configure_logging", "open_engine", "run", "serve"]
 
@@ -141,6 +141,9 @@ async def serve(config: ServerConfig) -> None:
     pruning = (asyncio.create_task(_prune_forever(engine, config.retention_s))
                if Capability.STORE in engine.capabilities and config.retention_s else None)
     heartbeat = asyncio.create_task(_every(config.ping_interval / 2, ws_server.heartbeat))
+    # Apart from the heartbeat, whose period follows --ping-interval (10 s by default): a rotated token's
+    # sessions must close within seconds. Without token sessions open a check costs nothing.
+    token_checks = asyncio.create_task(_every(TOKEN_CHECK_INTERVAL_S, ws_server.check_tokens))
 
     await stop.wait()
     log.info("shutting down: closing %d sessions", len(ws_server.connections), extra={"event": "shutdown"})
@@ -148,6 +151,7 @@ async def serve(config: ServerConfig) -> None:
     http_listener.close()
     http_server.close_all()
     heartbeat.cancel()
+    token_checks.cancel()
     if pruning is not None:
         pruning.cancel()
     await _close_sessions(ws_server, config.close_timeout)

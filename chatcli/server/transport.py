@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from chatcli.server.relay import Relay
 
 __all__ = ["HANDSHAKE_SLACK", "HIGH_WATER_BYTES", "LOW_WATER_BYTES", "MAX_FRAGMENTS", "MAX_REQUEST_HEAD_BYTES",
-           "SERVER_NAME", "Connection", "Phase", "RelayServerProtocol", "WebSocketServer"]
+           "SERVER_NAME", "TOKEN_CHECK_INTERVAL_S", "Connection", "Phase", "RelayServerProtocol", "WebSocketServer"]
 
 log = logging.getLogger("chatcli.server")
 # websockets logs every open and close at INFO; we write our own single line per connection.
@@ -82,6 +82,14 @@ MAX_FRAGMENTS: Final = 1024
 HIGH_WATER_BYTES: Final = 256 * 1024
 LOW_WATER_BYTES: Final = 64 * 1024
 _HEAD_END: Final = b"\r\n\r\n"
+#: How often the accounts' generation is read, while token sessions are open: a rotated or removed token's
+#: sessions close within about this long.
+TOKEN_CHECK_INTERVAL_S: Final = 1.0
+#: After the accounts could not be read, token checks wait this long: a Redis out of reach would otherwise
+#: hold the event loop for its whole timeout every second.
+TOKEN_CHECK_RETRY_S: Final = 10.0
+#: The close reason of a session whose token was rotated or whose account was removed.
+TOKEN_REVOKED_REASON: Final = "token revoked"
 
 
 class Phase(enum.Enum):
@@ -259,6 +267,13 @@ class WebSocketServer:
         self.auth_throttle = AuthThrottle()
         self.refusal_log = LimitLog("handshake-refused")
         self.tokens_required: bool | None = None  # the last answer of accounts_on, to log a change
+        # Per user with token sessions open, the id of the token they proved: one entry shared by all of
+        # the user's sessions (an idle connection pays nothing for it). A handshake that proves another id
+        # closes the sessions of the old one; check_tokens closes those of a rotated or removed token.
+        self.token_ids: dict[str, bytes] = {}
+        self.accounts_generation: int | None = None  # as last read by check_tokens; None: check everyone
+        self.token_checks_resume_at = 0.0  # loop time: after a failed read, checks pause until then
+        self.token_check_log = LimitLog("storage-error")
 
     def protocol_factory(self) -> Connection:
         return Connection(self)
@@ -286,10 +301,10 @@ class WebSocketServer:
     def connection_count(self) -> int:
         return len(self.connections)
 
-    def verify_token(self, user: str, token: str) -> bool:
+    def verify_token(self, user: str, token: str) -> bytes | None:
         assert self.accounts is not None
         with _logged_storage_error("check a token"):
-            return self.accounts.verify(user, token)
+            return self.accounts.verified_token_id(user, token)
 
     def sessions_of(self, user: str) -> int:
         return self.relay.sessions_of(user)
@@ -324,6 +339,64 @@ class WebSocketServer:
                 connection.ws.send_ping(b"chatcli")
                 connection.schedule_flush()
         self.relay.forget_refilled_quotas()  # periodic, like the pings; keeps the per-user table bounded
+
+    # -- revoked tokens --------------------------------------------------------------------------
+
+    def token_proved(self, user: str, token_id: bytes) -> None:
+        """A handshake proved ``user``'s current token: sessions that proved an earlier one are revoked now."""
+        known = self.token_ids.get(user)
+        if known == token_id:
+            return  # the same token as the user's other sessions: they share the entry
+        if known is not None:
+            self.revoke_tokens({user})
+        self.token_ids[user] = token_id
+
+    def check_tokens(self) -> None:
+        """Close the sessions whose token was rotated or removed since they proved it. Called every
+        TOKEN_CHECK_INTERVAL_S: one read of the generation while token sessions are open (none otherwise),
+        and when it changed, one batched lookup of their users' current tokens."""
+        if self.accounts is None or not self.token_ids:
+            self.accounts_generation = None  # the next token session's user is checked on the first look
+            return
+        if self.loop.time() < self.token_checks_resume_at:
+            return
+        current = self._current_token_ids_if_changed(self.accounts)
+        if current is not None:
+            revoked = {user for user, token_id in self.token_ids.items() if current.get(user) != token_id}
+            if revoked:
+                self.revoke_tokens(revoked)
+
+    def _current_token_ids_if_changed(self, accounts: Accounts) -> dict[str, bytes] | None:
+        """The current token ids of the users with token sessions if the accounts changed since the last
+        look; None if they did not, or could not be read (then checks pause for TOKEN_CHECK_RETRY_S)."""
+        try:
+            generation = accounts.generation()  # first: a change after it is seen at the next look
+            if generation == self.accounts_generation:
+                return None
+            current = accounts.current_token_ids(self.token_ids)
+        except StorageError as exc:
+            self.token_checks_resume_at = self.loop.time() + TOKEN_CHECK_RETRY_S
+            self.token_check_log.bit("token-check", logging.ERROR, f"cannot check for revoked tokens: {exc}")
+            return None
+        self.accounts_generation = generation
+        return current
+
+    def revoke_tokens(self, users: set[str]) -> None:
+        """Close the token sessions of ``users`` (1008, "token revoked"): one pass over the connections."""
+        closed = dict.fromkeys(users, 0)
+        for connection in list(self.connections):
+            if connection.user in closed and connection.authenticated and connection.phase is Phase.OPEN:
+                connection.drop("token-revoked", TOKEN_REVOKED_REASON)
+                closed[connection.user] += 1
+        for user, count in closed.items():
+            self.token_ids.pop(user, None)
+            log.info("the token of %s was rotated or removed: closed %d session(s) that proved it", user, count,
+                     extra={"event": "token-revoked", "user": user, "sessions": count})
+
+    def forget_token(self, user: str) -> None:
+        """``user``'s last session closed: nothing of theirs is left to check."""
+        if not self.relay.sessions_of(user):
+            self.token_ids.pop(user, None)
 
     def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down") -> None:
         self.closing = True
@@ -536,6 +609,8 @@ class Connection(asyncio.Protocol):
             self.token_timer = None
         if self.session_id:
             server.relay.close_session(self)
+            if self.authenticated:
+                server.forget_token(self.user)
             code = self._close_code()
             protocol = self.codec.name
             log.info("disconnect user=%s protocol=%s peer=%s session=%s code=%s", self.user, protocol, self.peer,
@@ -711,6 +786,8 @@ class Connection(asyncio.Protocol):
                 self._count_auth_failure()
             self._refuse(ws.reject(verdict.status, verdict.reason))
             return
+        if verdict.token_id is not None:
+            server.token_proved(verdict.user, verdict.token_id)
         ws.send_response(response)
         self.user, self.authenticated, self.codec = verdict.user, verdict.authenticated, codec
         self.phase = Phase.OPEN

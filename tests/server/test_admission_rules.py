@@ -32,8 +32,9 @@ class State:
             raise StorageError("database disk image is malformed")
         return self.tokens is not None
 
-    def verify_token(self, user: str, token: str) -> bool:
-        return self.tokens is not None and self.tokens.get(user) == token
+    def verify_token(self, user: str, token: str) -> bytes | None:
+        """A token's id here: its own bytes."""
+        return token.encode() if self.tokens is not None and self.tokens.get(user) == token else None
 
     def sessions_of(self, user: str) -> int:
         return self.sessions.get(user, 0)
@@ -50,17 +51,20 @@ def decide(path: str = "/alice", headers: list[tuple[str, str]] | None = None, l
 
 def test_the_shared_key_admits_a_native_session_with_its_resume_point() -> None:
     verdict = decide(headers=[("Authorization", KEY), (p.RESUME_AFTER_HEADER, "41"), (p.RECEIVE_HEADER, "none")])
-    assert verdict == Admitted("alice", authenticated=False, after=41, since_ts=None, receive=False)
+    assert verdict == Admitted("alice", token_id=None, after=41, since_ts=None, receive=False)
+    assert not verdict.authenticated
 
 
 def test_a_seed_app_needs_no_key_at_the_handshake_without_accounts() -> None:
-    assert decide(headers=[], legacy=True) == Admitted("alice", authenticated=False)
+    assert decide(headers=[], legacy=True) == Admitted("alice", token_id=None)
 
 
 def test_with_accounts_only_the_users_own_token_admits() -> None:
     state = State(tokens={"alice": "t-alice", "bob": "t-bob"})
-    assert decide(headers=[("Authorization", "Bearer t-alice")], state=state) == Admitted("alice", True)
-    assert decide("/alice?token=t-alice", [], legacy=True, state=state) == Admitted("alice", True)
+    # The verdict names the token proved: the server closes the session once it is no longer alice's.
+    native = decide(headers=[("Authorization", "Bearer t-alice")], state=state)
+    assert native == Admitted("alice", b"t-alice") and native.authenticated
+    assert decide("/alice?token=t-alice", [], legacy=True, state=state) == Admitted("alice", b"t-alice")
     wrong = decide(headers=[("Authorization", "Bearer t-bob")], state=state)
     assert isinstance(wrong, Refused) and wrong.status == HTTPStatus.FORBIDDEN and wrong.auth_failure
     missing = decide(headers=[], legacy=True, state=state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from chatcli import protocol as p
 from tests.support.credentials import add_user, issue_certificate
 from tests.support.flutter_app import encode_legacy_send
 from tests.support.processes import RunningServer, StartServer, metric, wait_until
-from tests.support.wsclients import RawClient, legacy, native, recv_frame, send_native
+from tests.support.wsclients import RawClient, is_open, legacy, native, recv_frame, send_native, server_close
 
 # -- accounts --------------------------------------------------------------------------
 
@@ -56,6 +57,71 @@ def test_rotating_a_token_locks_out_the_old_one(start_server: StartServer, tmp_p
         native(server.ws_url, "alice", key=old)
     assert refused.value.response.status_code == 403
     native(server.ws_url, "alice", key=new)[0].close()
+
+
+def user_command(db: Path, *args: str) -> str:
+    """``chatcli user ARGS --db DB`` as an operator runs it; its output (a new token)."""
+    return subprocess.run([sys.executable, "-m", "chatcli", "user", *args, "--db", str(db)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_rotating_a_token_closes_the_sessions_it_opened_and_only_those(start_server: StartServer,
+                                                                      tmp_path: Path) -> None:
+    db = tmp_path / "chatcli.db"
+    server = start_server()
+    shared_key, _ = native(server.ws_url, "carol")  # opened before any account existed
+    old, bob_token, dave_token = add_user(db, "alice"), add_user(db, "bob"), add_user(db, "dave")
+    old_native, _ = native(server.ws_url, "alice", key=old)
+    old_seed_app = legacy(server.ws_url, f"alice?token={old}")
+    bob, _ = native(server.ws_url, "bob", key=bob_token)
+    dave, _ = native(server.ws_url, "dave", key=dave_token)
+
+    rotated_at = time.monotonic()
+    new = user_command(db, "rotate", "alice")
+    assert server_close(old_native) == (1008, "token revoked")
+    assert server_close(old_seed_app) == (1008, "token revoked")
+    assert time.monotonic() - rotated_at < 3
+    new_native, _ = native(server.ws_url, "alice", key=new)
+    # Another change, and its effect: a check ran after the new session opened, and left it alone.
+    user_command(db, "rotate", "dave")
+    assert server_close(dave) == (1008, "token revoked")
+    assert all(is_open(ws) for ws in (new_native, bob, shared_key))
+    assert send_native(new_native, "bob", "still here").accepted
+    revoked = [json.loads(line) for line in server.log if '"event": "token-revoked"' in line]
+    assert [(line["user"], line["sessions"]) for line in revoked] == [("alice", 2), ("dave", 1)]
+    assert not any(token in line for line in server.log for token in (old, new, bob_token, dave_token))
+
+
+def test_removing_an_account_closes_its_sessions(start_server: StartServer, tmp_path: Path) -> None:
+    db = tmp_path / "chatcli.db"
+    alice_token, bob_token = add_user(db, "alice"), add_user(db, "bob")
+    server = start_server()
+    alice_native, _ = native(server.ws_url, "alice", key=alice_token)
+    alice_seed_app = legacy(server.ws_url, f"alice?token={alice_token}")
+    bob, _ = native(server.ws_url, "bob", key=bob_token)
+    subprocess.run([sys.executable, "-m", "chatcli", "user", "remove", "alice", "--db", str(db)], check=True,
+                   capture_output=True)
+    assert server_close(alice_native) == (1008, "token revoked")
+    assert server_close(alice_seed_app) == (1008, "token revoked")
+    assert is_open(bob)
+    assert server.wait_log('"event": "token-revoked"') and server.wait_log('"user": "alice"')
+
+
+def test_a_database_from_before_token_revocation_still_serves(start_server: StartServer, tmp_path: Path) -> None:
+    db = tmp_path / "chatcli.db"
+    alice_token, bob_token = add_user(db, "alice"), add_user(db, "bob")
+    with sqlite3.connect(db) as conn:  # as the release before the accounts' generation left the file
+        conn.execute("DROP TABLE account_generation")
+        conn.execute("UPDATE schema_versions SET version = 1 WHERE component = 'accounts'")
+    server = start_server()  # migrates it
+    alice, _ = native(server.ws_url, "alice", key=alice_token)
+    bob, _ = native(server.ws_url, "bob", key=bob_token)
+    assert send_native(alice, "bob", "after the upgrade").accepted
+    user_command(db, "rotate", "bob")
+    assert server_close(bob) == (1008, "token revoked")
+    with pytest.raises(InvalidStatus):
+        native(server.ws_url, "bob", key=bob_token)
+    assert is_open(alice)
 
 
 def test_accounts_added_while_running_turn_tokens_on(server: RunningServer, tmp_path: Path) -> None:

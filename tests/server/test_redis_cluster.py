@@ -24,7 +24,7 @@ from tests.support.flutter_app import decode_legacy_message, encode_legacy_send
 from tests.support.processes import Chatcli, RunningServer, kill_leftovers, metric, start_server_process, wait_until
 from tests.support.redis_server import RedisServer, redis_cli
 from tests.support.samples import NASTY_TEXTS
-from tests.support.wsclients import legacy, native, recv_frame, send_native
+from tests.support.wsclients import is_open, legacy, native, recv_frame, send_native, server_close
 
 #: ``start_node(redis, *args)`` starts one more node on ``redis``.
 StartNode = Callable[..., RunningServer]
@@ -297,6 +297,30 @@ def test_accounts_and_contacts_are_shared_by_every_node(redis: RedisServer, star
         native(two.ws_url, "alice", key="not the token")
     listed = chatcli("user", "list", "--redis", redis.url)
     assert listed.wait() == 0 and listed.out[0].startswith("alice\t")
+
+
+def test_a_token_rotated_from_anywhere_closes_its_sessions_on_every_node(redis: RedisServer, start_node: StartNode,
+                                                                         chatcli: Chatcli) -> None:
+    def user(*args: str) -> str:
+        command = chatcli("user", *args, "--redis", redis.url)
+        assert command.wait() == 0, command.err
+        return command.out[0] if command.out else ""
+
+    old, bob_token = user("add", "alice"), user("add", "bob")
+    one, two = start_node(redis), start_node(redis)
+    on_one, _ = native(one.ws_url, "alice", key=old)
+    seed_app_on_two = legacy(two.ws_url, f"alice?token={old}")
+    bob, _ = native(two.ws_url, "bob", key=bob_token)
+    new = user("rotate", "alice")
+    assert server_close(on_one) == (1008, "token revoked")
+    assert server_close(seed_app_on_two) == (1008, "token revoked")
+    alice, _ = native(one.ws_url, "alice", key=new)
+    user("remove", "bob")
+    assert server_close(bob) == (1008, "token revoked")
+    assert is_open(alice)
+    for node in (one, two):
+        assert node.wait_log('"event": "token-revoked"')
+        assert not any(old in line or new in line for line in node.log)
 
 
 def test_strict_durability_and_an_evicting_redis_refuse_to_start(tmp_path: Path) -> None:

@@ -6,17 +6,21 @@ What the Flutter app writes and reads is in ``tests/support/flutter_app.py``; he
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import socket
 import struct
+import time
 import uuid
 from typing import Any
 
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from chatcli import protocol as p
 
-__all__ = ["CHAT_EVENTS", "RawClient", "client_frame", "legacy", "native", "recv_frame", "request_head", "send_native"]
+__all__ = ["CHAT_EVENTS", "RawClient", "client_frame", "is_open", "legacy", "native", "recv_frame", "request_head",
+           "send_native", "server_close"]
 
 
 def native(url: str, user: str, key: str = p.DEFAULT_AUTH_KEY, headers: dict[str, str] | None = None,
@@ -47,6 +51,24 @@ def recv_frame(ws: ClientConnection, timeout: float = 5, *, events: bool = False
         frame = p.parse_server_frame(ws.recv(timeout=timeout))
         if events or not isinstance(frame, CHAT_EVENTS):
             return frame
+
+
+def server_close(ws: ClientConnection, timeout: float = 5) -> tuple[int | None, str | None]:
+    """Read (and drop) what ``ws`` receives until the server closes it: the close code and reason.
+    Raises TimeoutError if it is still open after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            ws.recv(timeout=max(0.0, deadline - time.monotonic()))
+    return ws.close_code, ws.close_reason
+
+
+def is_open(ws: ClientConnection, timeout: float = 5) -> bool:
+    """Whether the server still answers ``ws``'s ping."""
+    try:
+        return ws.ping().wait(timeout)
+    except ConnectionClosed:
+        return False
 
 
 def send_native(ws: ClientConnection, to: str, text: str, client_id: str | None = None) -> p.Ack:
