@@ -734,7 +734,8 @@ def user_add(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOp
 @user_app.command("rotate")
 def user_rotate(name: Annotated[str, typer.Argument(help="The user id.")], db: DbOption = None,
                 redis: RedisOption = None) -> None:
-    """Replace an account's token and print the new one (once); new sessions need it at once, open ones stay."""
+    """Replace an account's token and print the new one (once); sessions opened with the old one are closed
+    within seconds, on every running server."""
     with _accounts(db, redis) as accounts:
         _print_token(name, accounts.rotate(name))
 
@@ -745,7 +746,7 @@ def user_remove(name: Annotated[str, typer.Argument(help="The user id.")], db: D
                 allow_last: Annotated[bool, typer.Option(
                     "--allow-last", help="Remove the last account too, turning per-user tokens off "
                                          "(unless the server runs with --require-auth).")] = False) -> None:
-    """Delete an account; its sessions can no longer connect."""
+    """Delete an account; its open sessions are closed within seconds, and it can no longer connect."""
     from chatcli.errors import AccountError, UsageError
 
     with _accounts(db, redis) as accounts:
