@@ -323,6 +323,20 @@ def test_a_token_rotated_from_anywhere_closes_its_sessions_on_every_node(redis: 
         assert not any(old in line or new in line for line in node.log)
 
 
+def test_token_checks_with_redis_gone_say_so_once_and_keep_the_node_up(redis: RedisServer, start_node: StartNode,
+                                                                       chatcli: Chatcli) -> None:
+    add = chatcli("user", "add", "alice", "--redis", redis.url)
+    assert add.wait() == 0
+    node = start_node(redis)
+    # Send-only: no backlog read in flight, which a Redis gone would fail (1011) and so end the session.
+    alice, _ = native(node.ws_url, "alice", key=add.out[0], headers={p.RECEIVE_HEADER: "none"})
+    redis.kill()
+    assert node.wait_log("cannot check for revoked tokens")
+    assert node.proc.poll() is None and is_open(alice)
+    assert sum("cannot check for revoked tokens" in line for line in node.log) == 1  # not one a second
+    assert not any("Traceback" in line for line in node.log)
+
+
 def test_strict_durability_and_an_evicting_redis_refuse_to_start(tmp_path: Path) -> None:
     relaxed = RedisServer(tmp_path / "r", extra=["--appendfsync", "everysec", "--maxmemory-policy",
                                                  "allkeys-lru"]).start()
