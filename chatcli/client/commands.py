@@ -57,6 +57,7 @@ class _Outgoing:
     frame: Send
     sent_at: float = 0.0
     ack: Ack | None = None
+    refused_here: RefusedError | None = None  # refused before sending: its error names the server's limit
 
 
 class _Window:
@@ -268,6 +269,7 @@ async def _send_all(session: ClientSession, peer: str, source: _Lines, pending: 
         try:
             await session.send_frame(outgoing.frame)
         except RefusedError as exc:  # refused here (too large for this server): reported as the server's are
+            outgoing.refused_here = exc
             pending.acknowledged(Ack(outgoing.frame.id, Status.REFUSED, reason=exc.reason))
 
     try:
@@ -325,7 +327,7 @@ def _refused_lines(pending: _Window, peer: str, *, by_line: bool) -> RefusedErro
     first = refused[0].ack
     assert first is not None
     if not by_line:
-        return refusal(first, peer)
+        return refused[0].refused_here or refusal(first, peer)
     lines = sorted(refused, key=lambda o: o.line)
     shown = ", ".join(f"line {o.line}: {o.ack.reason if o.ack else 'refused'}" for o in lines[:20])
     more = f" and {len(lines) - 20} more" if len(lines) > 20 else ""

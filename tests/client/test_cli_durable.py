@@ -92,7 +92,7 @@ def test_cursor_file_resumes_exactly_after_the_last_printed_message(chatcli: Cha
     assert listen_once(chatcli, server, "bob", "--from", "alice", "--cursor-file", str(cursor)) == \
         list(zip(later, ["d", "e"], strict=True))
     assert listen_once(chatcli, server, "bob", "--from", "alice", "--cursor-file", str(cursor)) == []
-    assert not list(tmp_path.glob(".bob.cursor.*"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".bob.cursor.*.tmp"))  # no temporary file left behind (the .lock stays)
 
 
 def test_cursor_file_errors_exit_2(chatcli: Chatcli, server: RunningServer, tmp_path: Path) -> None:
