@@ -149,15 +149,22 @@ def test_control_sequences_in_messages_are_shown_not_executed(terminal: Callable
     assert "title␛]0;pwned␇ clear␛[2J bell␇ end" in chat.screen
 
 
+def _pending_while_the_server_is_gone(terminal: Callable[..., Terminal], server: RunningServer, me: str, peer: str,
+                                      text: str) -> Terminal:
+    """A chat whose server stopped after it connected, with ``text`` typed since: pending."""
+    chat = terminal(me, peer, "--url", server.ws_url)
+    chat.wait_for("connected")
+    server.stop()
+    chat.wait_for("reconnecting in")
+    chat.type(text + "\r")
+    chat.wait_for("1 pending")
+    return chat
+
+
 def test_typed_while_disconnected_waits_then_goes_out_on_reconnect(
         terminal: Callable[..., Terminal], start_server: StartServer) -> None:
-    first = start_server()
-    chat = terminal("alice", "alice", "--url", first.ws_url)  # to ourselves: our own session receives it
-    chat.wait_for("connected")
-    first.stop()
-    chat.wait_for("reconnecting in")
-    chat.type("typed offline\r")
-    chat.wait_for("1 pending")
+    first = start_server()  # to ourselves: our own session receives it
+    chat = _pending_while_the_server_is_gone(terminal, first, "alice", "alice", "typed offline")
     start_server("--ws-port", str(first.ws_port))
     chat.wait_for("✓ delivered", timeout=20)
     chat.wait_for("alice: typed offline", count=2)  # our line, and the message as it arrived
@@ -169,13 +176,7 @@ def test_typed_while_disconnected_waits_then_goes_out_on_reconnect(
 
 def test_leaving_with_messages_not_acknowledged_asks_twice_and_prints_them(
         terminal: Callable[..., Terminal], start_server: StartServer) -> None:
-    server = start_server()
-    chat = terminal("alice", "bob", "--url", server.ws_url)
-    chat.wait_for("connected")
-    server.stop()
-    chat.wait_for("reconnecting in")
-    chat.type("typed while the server is gone\r")
-    chat.wait_for("1 pending")
+    chat = _pending_while_the_server_is_gone(terminal, start_server(), "alice", "bob", "typed while the server is gone")
     chat.type("\x04")  # Ctrl-D: a warning, not a silent loss
     chat.wait_for("1 message(s) not acknowledged by the server yet: Ctrl-D or /quit again leaves without them")
     assert chat.proc.poll() is None
@@ -188,12 +189,7 @@ def test_leaving_with_messages_not_acknowledged_asks_twice_and_prints_them(
 def test_an_answer_for_another_conversation_names_its_recipient(
         terminal: Callable[..., Terminal], start_server: StartServer) -> None:
     first = start_server()
-    chat = terminal("alice", "bob", "--url", first.ws_url)
-    chat.wait_for("connected")
-    first.stop()
-    chat.wait_for("reconnecting in")
-    chat.type("for bob, typed offline\r")
-    chat.wait_for("1 pending")
+    chat = _pending_while_the_server_is_gone(terminal, first, "alice", "bob", "for bob, typed offline")
     chat.type("/open carol\r")
     chat.wait_for("conversation with carol")
     start_server("--ws-port", str(first.ws_port))
