@@ -111,8 +111,9 @@ HISTORY_LINES: Final = 20
 #: More are shown when more are unread, up to this many (older pages asked for as needed): beyond it,
 #: a notice points at `chatcli history`.
 UNREAD_SHOWN_MAX: Final = 500
-#: Messages for other conversations kept per peer, to show when it opens, from a server that keeps no history.
-KEPT_PER_PEER: Final = 1000
+#: Messages for other conversations kept to show when they open, from a server that keeps no history: the
+#: newest, within this many bytes of text (peers can send much; the chat's memory stays bounded).
+KEPT_BYTES_MAX: Final = 8 * 1024 * 1024
 #: The recall's file in the state directory; its name predates the distinction and is kept, so
 #: existing users keep what they typed.
 RECALL_FILE: Final = "history"
@@ -175,7 +176,8 @@ class ChatClient:
         self._history_asked = HISTORY_LINES  # the size of the page asked for
         self._history_floor: int | None = None  # the oldest message shown: older ones arriving are not shown
         #: Messages for other conversations, from a server without history: shown when their conversation opens.
-        self._kept: dict[str, deque[Message]] = {}
+        self._kept: deque[Message] = deque()  # oldest first, every conversation
+        self._kept_bytes = 0
         self._server_keeps_history = True  # as the last session said
         self.max_text_bytes = DEFAULT_MAX_TEXT_BYTES  # the server's, as its hello said: checked before sending
         # Unread: the server's count and newest id per peer (inbox), plus ids that arrived since.
@@ -307,7 +309,7 @@ class ChatClient:
         self._history_ids.clear()
         self._history_shown, self._history_floor = False, None
         self.notice(f"conversation with {peer}" + (f" ({n} unread)" if (n := self.unread(peer)) else ""))
-        kept = self._kept.pop(peer, ())
+        kept = self._take_kept(peer)
         if kept and not self._server_keeps_history:  # else its history shows them
             self.notice(f"{len(kept)} message(s) that came while it was closed")
             for message in kept:
@@ -524,10 +526,24 @@ class ChatClient:
         elif message.sender != self.me:  # ours from another session is not unread
             self._live_unread.setdefault(peer, set()).add(message.id)
             if not self._server_keeps_history:
-                self._kept.setdefault(peer, deque(maxlen=KEPT_PER_PEER)).append(message)
+                self._keep(message)
             self._alert(message)
         self.on_change()
         await session.acknowledge(message.id)
+
+    def _keep(self, message: Message) -> None:
+        self._kept.append(message)
+        self._kept_bytes += text_size(message.text)
+        while self._kept_bytes > KEPT_BYTES_MAX:
+            self._kept_bytes -= text_size(self._kept.popleft().text)
+
+    def _take_kept(self, peer: str) -> list[Message]:
+        """The kept messages of the conversation with ``peer``, in order; the others stay."""
+        taken = [m for m in self._kept if self._conversation_of(m) == peer]
+        if taken:
+            self._kept = deque(m for m in self._kept if self._conversation_of(m) != peer)
+            self._kept_bytes -= sum(text_size(m.text) for m in taken)
+        return taken
 
     async def _mark_read(self, session: ClientSession, peer: str, msg_id: int) -> None:
         """Shown on screen: read. The server keeps it for every session of ours and tells the peer."""

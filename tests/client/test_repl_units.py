@@ -89,3 +89,19 @@ def test_search_says_what_is_missing() -> None:
     asyncio.run(in_conversation.search_command("  "))
     assert shown == ["-- no conversation open: /open PEER first", "-- no conversation open: /open PEER first",
                      "-- /search TEXT: give the words to find"]
+
+
+def test_messages_kept_for_closed_conversations_stay_within_a_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server without history: the chat keeps what came for other conversations, but a flood from many
+    # peers cannot grow its memory without end. The newest stay, in order.
+    from chatcli.protocol import Message
+
+    monkeypatch.setattr(repl, "KEPT_BYTES_MAX", 10_000)
+    client = ChatClient(ClientSettings(url="ws://127.0.0.1:9"), "tom", "uma", colour=False, show=lambda line: None)
+    for n in range(1, 101):
+        client._keep(Message(n, "carol" if n % 2 else "dave", "tom", "x" * 999 + str(n % 10),
+                             "2026-01-01T00:00:00.000Z"))
+    carol, dave = client._take_kept("carol"), client._take_kept("dave")
+    assert sum(len(m.text) for m in carol + dave) <= 10_000
+    assert [m.id for m in carol] == [91, 93, 95, 97, 99] and [m.id for m in dave] == [92, 94, 96, 98, 100]
+    assert client._take_kept("carol") == []  # shown once
