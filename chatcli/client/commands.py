@@ -533,8 +533,11 @@ async def listen(settings: ClientSettings, me: str, options: ListenOptions,
         if cursor.sessions == 0:  # not "nothing came": nothing could have come
             raise ConnectError(f"could not connect to {settings.url} in {options.duration:g} s") from None
         if options.count is not None:
+            hooks = options.hooks
+            unhandled = (f"; the hooks of {hooks.unfinished} of them had not succeeded "
+                         f"({hooks.failures} failed attempt(s))" if hooks is not None and hooks.unfinished else "")
             raise TimedOutError(f"received {received} of {options.count} messages "
-                                f"in {options.duration:g} s") from None
+                                f"in {options.duration:g} s{unhandled}") from None
     except BrokenPipeError:
         return
     except asyncio.CancelledError:

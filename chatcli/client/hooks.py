@@ -117,6 +117,11 @@ class HookRunner:
         #: ids are no position in the new store, so they no longer move the cursor.
         self._store = 0
 
+    @property
+    def unfinished(self) -> int:
+        """Messages submitted whose hook has not yet succeeded (running, waiting or retrying)."""
+        return sum(1 for finished in self._open.values() if not finished)
+
     def store_changed(self) -> None:
         """The server came back with another store: forget the old store's ids (see ``_store``)."""
         self._store += 1

@@ -463,3 +463,12 @@ def test_two_listens_cannot_share_a_cursor_file(chatcli: Chatcli, shared: Runnin
     first.wait()
     third = chatcli("listen", me, "--url", shared.ws_url, "--cursor-file", str(cursor), "--timeout", "0.5")
     assert third.wait() == 0  # the lock went with the process
+
+
+def test_a_count_not_reached_because_hooks_keep_failing_says_so(chatcli: Chatcli, shared: RunningServer) -> None:
+    me = _user("failing")
+    _send_all(shared, _user("boss"), me, ["will not be handled"])
+    worker = chatcli("listen", me, "--url", shared.ws_url, "--count", "1", "--timeout", "2", "--exec", "exit 1")
+    assert worker.wait() == 6
+    # Not "received 1 of 1" alone, which reads like success: the message came, its hook never succeeded.
+    assert "received 1 of 1 messages in 2 s; the hooks of 1 of them had not succeeded (" in worker.err[-1]
