@@ -754,7 +754,7 @@ class Connection(asyncio.Protocol):
         for request in ws.events_received():  # the request, once its head is complete
             self._on_request(request)  # type: ignore[arg-type]
         if self.phase is Phase.HANDSHAKE and ws.eof_sent:
-            self.phase = Phase.REFUSED  # websockets refused a malformed request itself
+            self._refuse_malformed()
         return data[end:] if end >= 0 and self.phase is Phase.OPEN else b""
 
     def _head_end(self, data: bytes) -> int:
@@ -803,6 +803,19 @@ class Connection(asyncio.Protocol):
                                     f"refused a handshake from {self.peer_address}: {status} {reason}",
                                     status=status, peer=self.peer_address)
         self.ws.send_response(response)
+
+    def _refuse_malformed(self) -> None:
+        """websockets closes a request it cannot parse (a raw space in the path, say) without a word: answer
+        400 first, as the HTTP port does. Its own end of stream is still queued, so this goes before it."""
+        self.phase = Phase.REFUSED
+        # Not the request line itself: it may hold a token (a seed app's ?token=), or TLS bytes sent to a
+        # plain port.
+        reason = "malformed request: expected a WebSocket upgrade, GET /<your-id> HTTP/1.1"
+        self.server.metrics.handshakes_refused[HTTPStatus.BAD_REQUEST] += 1
+        self.server.refusal_log.bit("400", logging.INFO, f"refused a handshake from {self.peer_address}: 400 "
+                                    f"{reason}", status=400, peer=self.peer_address)
+        if self.transport is not None:
+            self.transport.write(self.ws.reject(HTTPStatus.BAD_REQUEST, reason + "\n").serialize())
 
     def _count_auth_failure(self) -> None:
         server = self.server

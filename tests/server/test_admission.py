@@ -175,6 +175,16 @@ def test_ambiguous_or_huge_headers_get_400_with_a_reason(server: RunningServer, 
     assert not any("Traceback" in line for line in server.log)
 
 
+@pytest.mark.parametrize("path", ["/bad id", "/alice?token=secret x"])
+def test_a_request_line_websockets_cannot_parse_gets_400_not_silence(server: RunningServer, path: str) -> None:
+    raw = RawClient(server.ws_port, path, NATIVE)  # a raw space: three words no more
+    assert raw.status == 400
+    assert "expected a WebSocket upgrade, GET /<your-id> HTTP/1.1" in raw.response_body()
+    assert server.wait_log("400 malformed request")
+    assert not any("secret" in line or "Traceback" in line for line in server.log)  # the line is not echoed
+    native(server.ws_url, "alice")[0].close()  # and the server serves on
+
+
 def test_repeated_wrong_tokens_from_one_address_are_throttled(
         accounts_server: tuple[RunningServer, dict[str, str], Path]) -> None:
     server, tokens, _ = accounts_server
