@@ -122,10 +122,6 @@ class AccountStore:
     def any_accounts(self) -> bool:
         return self._read("SELECT 1 FROM accounts LIMIT 1", ()).fetchone() is not None
 
-    def verify(self, name: str, token: str) -> bool:
-        """Whether ``token`` is ``name``'s current token; False for unknown or invalid names."""
-        return self.verified_token_id(name, token) is not None
-
     def verified_token_id(self, name: str, token: str) -> bytes | None:
         """The id of ``name``'s current token if ``token`` is it, else None (unknown or invalid names too).
 

@@ -19,6 +19,11 @@ from chatcli.server.engine.pages import HISTORY_ANSWER_BYTES, REPLAY_PAGE, REPLA
 from tests.server.fakes import ENGINES, RecordingListener, account_admin, make_engine
 
 
+def verifies(accounts: Any, name: str, token: str) -> bool:
+    """Whether ``token`` is ``name``'s current token, as a handshake asks it."""
+    return accounts.verified_token_id(name, token) is not None
+
+
 def outcome(start: Callable[[Callable[[Any], None]], None]) -> Any:
     """What an engine call handed its ``done`` callback (the test engines finish before returning)."""
     results: list[Any] = []
@@ -242,8 +247,8 @@ def test_accounts_exist_only_where_announced(engine: Engine, tmp_path: Path) -> 
     assert accounts is not None and not accounts.any_accounts()
     with account_admin(engine, tmp_path) as admin:  # `chatcli user add` from another process
         token = admin.add("alice")
-    assert accounts.any_accounts() and accounts.verify("alice", token)
-    assert not accounts.verify("alice", token + "x") and not accounts.verify("nobody", token)
+    assert accounts.any_accounts() and verifies(accounts, "alice", token)
+    assert not verifies(accounts, "alice", token + "x") and not verifies(accounts, "nobody", token)
 
 
 def test_accounts_say_when_a_token_changed_and_which_it_is(engine: Engine, tmp_path: Path) -> None:

@@ -167,10 +167,6 @@ class Accounts(Protocol):
     raises StorageError when the accounts cannot be read.
     """
 
-    def verify(self, name: str, token: str) -> bool:
-        """Whether ``token`` is ``name``'s current token."""
-        ...
-
     def verified_token_id(self, name: str, token: str) -> bytes | None:
         """The id of ``name``'s current token if ``token`` is it, else None: what a session proved."""
         ...

@@ -88,10 +88,6 @@ class RedisAccountStore:
                 raise
         return self._any
 
-    def verify(self, name: str, token: str) -> bool:
-        """Whether ``token`` is ``name``'s current token; a miss costs the same hash as a wrong token."""
-        return self.verified_token_id(name, token) is not None
-
     def verified_token_id(self, name: str, token: str) -> bytes | None:
         """The id (stored hash) of ``name``'s current token if ``token`` is it, else None."""
         if not isinstance(token, str):
