@@ -166,6 +166,9 @@ class Relay:
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.metrics = metrics
+        #: Storage failures come in floods (every batch while Redis or the disk is away): one line per
+        #: operation per 10 s, counting the rest.
+        self.storage_failures = LimitLog("storage-error")
         self.engine = engine
         engine.attach(self)
         self.schedule = schedule or (lambda callback: callback())
@@ -593,9 +596,14 @@ class Relay:
         else:
             self.engine.read_history(session.user, request, answer)
 
+    def _log_storage_failure(self, operation: str, what: str, exc: StorageError) -> None:
+        """The operator's line, at most one per ``operation`` ("store", "read") per interval; the engine
+        reports the failure in /healthz itself."""
+        self.storage_failures.bit(operation, logging.ERROR, f"{what}: {exc}")
+
     def _answer_history(self, session: Session, what: str, answer: str | StorageError) -> None:
         if isinstance(answer, StorageError):
-            _log_storage_failure("read", f"could not read {what} for {session.user}", answer)
+            self._log_storage_failure("read", f"could not read {what} for {session.user}", answer)
             session.send_text(p.encode(p.Error(p.ErrorCode.UNAVAILABLE,
                                                f"{what} is unavailable right now: the server's storage failed")))
         else:
@@ -674,7 +682,7 @@ class Relay:
         """Acknowledge and deliver a committed batch, in order; then send on what gathered meanwhile."""
         self.committing = False
         if isinstance(appended, StorageError):
-            _log_storage_failure("store", f"could not store {len(batch)} message(s)", appended)
+            self._log_storage_failure("store", f"could not store {len(batch)} message(s)", appended)
             reason = p.Reason.UNAVAILABLE if isinstance(appended, EngineUnavailable) else p.Reason.STORAGE_FAILED
             for session, client_id, _, _ in batch:
                 self.refuse(session, client_id, reason)
@@ -812,7 +820,7 @@ class Relay:
         if replay is None:  # closed meanwhile
             return
         if isinstance(page, StorageError):
-            _log_storage_failure("read", f"could not read stored messages for {session.user}", page)
+            self._log_storage_failure("read", f"could not read stored messages for {session.user}", page)
             del self.replays[session]
             session.close(CLOSE_STORAGE_FAILED, "cannot read your stored messages: storage failed; try again later")
             return
@@ -847,13 +855,3 @@ def _log_undeliverable(message: StoredMessage, exc: ChatcliError) -> None:
     """The operator's line for a stored message that cannot be encoded: it fails alone, the rest go on."""
     log.error("cannot deliver stored message %d: %s", message.id, exc,
               extra={"event": "bad-stored-message", "msg_id": message.id})
-
-
-#: Storage failures come in floods (every batch while Redis or the disk is away): one line per kind per 10 s.
-_STORAGE_FAILURES = LimitLog("storage-error")
-
-
-def _log_storage_failure(operation: str, what: str, exc: StorageError) -> None:
-    """The operator's line, at most one per ``operation`` ("store", "read") per interval, counting the
-    others; the engine reports the failure in /healthz itself."""
-    _STORAGE_FAILURES.bit(operation, logging.ERROR, f"{what}: {exc}")
